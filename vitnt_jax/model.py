@@ -1,0 +1,249 @@
+"""The face Vision Transformer in Flax Linen: one block class run under `nn.scan`.
+
+The model knows nothing about quality. Each scanned block hands its output tokens, after the
+model's final LayerNorm, and (when asked) its softmax attention to a *tap*: a small object with
+pure functions that either emits per-block outputs (stacked on axis 0 by the scan) or folds them
+into a running state kept in the scan carry. `vitnt_jax.stability` defines the taps that score.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vitnt_jax.config import ViTConfig
+
+Array = jax.Array
+PyTree = Any
+
+
+class Tap(Protocol):
+    """What a scanned block calls after it runs; see `vitnt_jax.stability` for the real ones."""
+
+    needs_attention: bool
+
+    def init(self, tokens: Array) -> PyTree:
+        """Returns the initial carry state, given the (B, N, D) tokens that enter block 0."""
+
+    def step(self, state: PyTree, index: Array, normed: Array, attention: Array | None):
+        """Returns (new state, per-block output) for block `index`.
+
+        normed: (B, N, D) float32, the block's output after the final LayerNorm.
+        attention: (B, heads, N_query, N_key) float32 softmax weights, or None.
+        """
+
+
+class NoTap:
+    """A tap that keeps and emits nothing: the plain forward pass."""
+
+    needs_attention = False
+
+    def init(self, tokens):
+        return ()
+
+    def step(self, state, index, normed, attention):
+        return state, None
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+    """Returns LayerNorm(x) over the last axis with PyTorch's biased two-pass variance, in float32."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    centred = x - mean
+    var = jnp.mean(centred * centred, -1, keepdims=True)
+    return centred * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+_ACTIVATIONS = {
+    "relu6": jax.nn.relu6,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (rows [q; k; v], heads major)."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, return_weights: bool) -> tuple[Array, Array | None]:
+        cfg = self.config
+        b, n, d = x.shape
+        dense = lambda features, bias, name: nn.Dense(  # noqa: E731
+            features, use_bias=bias, dtype=self.dtype, precision=self.precision, name=name
+        )
+        qkv = dense(3 * d, cfg.qkv_bias, "qkv")(x).reshape(b, n, 3, cfg.num_heads, cfg.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, precision=self.precision) * cfg.head_dim**-0.5
+        # Softmax in float32 even under bfloat16: the attention weights feed the score.
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        out = jnp.einsum("bhqk,bkhc->bqhc", weights.astype(self.dtype), v, precision=self.precision)
+        out = dense(d, True, "proj")(out.reshape(b, n, d))
+        return out, (weights if return_weights else None)
+
+
+class Mlp(nn.Module):
+    config: ViTConfig
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        x = nn.Dense(cfg.mlp_dim, dtype=self.dtype, precision=self.precision, name="fc1")(x)
+        x = _ACTIVATIONS[cfg.activation](x)
+        return nn.Dense(cfg.embed_dim, dtype=self.dtype, precision=self.precision, name="fc2")(x)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block; the same class runs in a Python loop or under nn.scan.
+
+    Call signature follows the scan contract: `(carry, index, final_scale, final_bias) ->
+    (carry, out)` with carry = (tokens, tap state) and out = whatever the tap emits.
+    """
+
+    config: ViTConfig
+    tap: Any = NoTap()
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, carry, index, final_scale, final_bias):
+        cfg = self.config
+        x, state = carry
+        norm = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name=name
+        )
+        y, attention = Attention(cfg, self.dtype, self.precision, name="attn")(
+            norm("norm1")(x), self.tap.needs_attention
+        )
+        x = x + y
+        x = x + Mlp(cfg, self.dtype, self.precision, name="mlp")(norm("norm2")(x))
+        normed = layer_norm(x, final_scale, final_bias, cfg.layer_norm_eps)
+        state, out = self.tap.step(state, index, normed, attention)
+        return (x, state), out
+
+
+class FinalNorm(nn.Module):
+    """Holds the final LayerNorm's parameters; every block's output is normalised with them."""
+
+    dim: int
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        return (
+            self.param("scale", nn.initializers.ones, (self.dim,)),
+            self.param("bias", nn.initializers.zeros, (self.dim,)),
+        )
+
+
+class FaceViT(nn.Module):
+    """Face ViT: patch embedding + position embedding, scanned blocks, optional embedding head."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(
+        self,
+        images: Array,
+        *,
+        tap: Any = None,
+        num_blocks: int | None = None,
+        embed: bool = False,
+    ) -> dict[str, Any]:
+        """Returns {'tap_state', 'per_block', 'tokens'} and, with embed=True, 'embedding'.
+
+        images: (B, H, W, C) float, already scaled (face ViTs: [-1, 1]) in the model's colour order.
+        num_blocks: run only blocks 0..num_blocks-1; the `blocks` params must then hold exactly
+          that many blocks on axis 0 (see `truncate_blocks`). Default: all blocks.
+        embed: also compute the face embedding (needs every block).
+        """
+        cfg = self.config
+        tap = NoTap() if tap is None else tap
+        num_blocks = cfg.depth if num_blocks is None else num_blocks
+        if embed and num_blocks != cfg.depth:
+            raise ValueError("the face embedding needs every block; do not truncate the model.")
+        if cfg.embedding_dim is None and embed:
+            raise ValueError(f"config {cfg.name!r} has no embedding head.")
+        b, h, w, c = images.shape
+        if (h, w, c) != (cfg.img_size, cfg.img_size, cfg.in_channels):
+            raise ValueError(
+                f"images are {h}x{w}x{c} but the model expects "
+                f"{cfg.img_size}x{cfg.img_size}x{cfg.in_channels}."
+            )
+        p = cfg.patch_size
+        x = nn.Conv(
+            cfg.embed_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            precision=self.precision,
+            name="patch_embed",
+        )(images.astype(self.dtype))
+        x = x.reshape(b, cfg.num_patches, cfg.embed_dim)  # row-major grid = torch flatten(2)
+        pos = self.param(
+            "pos_embed", nn.initializers.normal(0.02), (1, cfg.num_patches, cfg.embed_dim)
+        )
+        x = x + pos.astype(self.dtype)
+        final_scale, final_bias = FinalNorm(cfg.embed_dim, name="norm")()
+
+        scanned = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=num_blocks,
+        )
+        (x, state), per_block = scanned(cfg, tap, self.dtype, self.precision, name="blocks")(
+            (x, tap.init(x)), jnp.arange(num_blocks), final_scale, final_bias
+        )
+        result = {"tap_state": state, "per_block": per_block, "tokens": x}
+        if embed or (self.is_initializing() and cfg.embedding_dim is not None):
+            result["embedding"] = self._embedding_head(x, final_scale, final_bias)
+        return result
+
+    def _embedding_head(self, x: Array, final_scale: Array, final_bias: Array) -> Array:
+        cfg = self.config
+        flat = layer_norm(x, final_scale, final_bias, cfg.layer_norm_eps).reshape(x.shape[0], -1)
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, use_bias=False, precision=self.precision, name=name
+        )
+        batch_norm = lambda name: nn.BatchNorm(  # noqa: E731
+            use_running_average=True, epsilon=cfg.head_batch_norm_eps, name=name
+        )
+        e = batch_norm("feature_1")(dense(cfg.embed_dim, "feature_0")(flat))
+        return batch_norm("feature_3")(dense(cfg.embedding_dim, "feature_2")(e))
+
+
+def truncate_blocks(variables: PyTree, num_blocks: int) -> PyTree:
+    """Returns `variables` with only the first `num_blocks` scanned blocks (the rest never run)."""
+    params = dict(variables["params"])
+    params["blocks"] = jax.tree.map(lambda a: a[:num_blocks], params["blocks"])
+    return {**variables, "params": params}
+
+
+def init_variables(config: ViTConfig, seed: int = 0) -> PyTree:
+    """Returns randomly initialised variables ({'params', 'batch_stats'}) for `config`."""
+    images = jnp.zeros((1, config.img_size, config.img_size, config.in_channels), jnp.float32)
+    return FaceViT(config).init(jax.random.PRNGKey(seed), images)
+
+
+def variable_shapes(config: ViTConfig) -> PyTree:
+    """Returns the ShapeDtypeStruct tree of the variables of `config`, without allocating them."""
+    images = jax.ShapeDtypeStruct((1, config.img_size, config.img_size, config.in_channels), jnp.float32)
+    return jax.eval_shape(lambda x: FaceViT(config).init(jax.random.PRNGKey(0), x), images)
+
+
+def count_params(variables: PyTree) -> int:
+    """Returns the number of trainable parameters (the 'params' collection only)."""
+    return sum(int(a.size) for a in jax.tree.leaves(variables["params"]))
