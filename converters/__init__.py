@@ -1,0 +1,1 @@
+"""PyTorch -> Flax checkpoint converters, one module per source family."""

@@ -1,0 +1,195 @@
+"""Reading PyTorch checkpoints safely and mapping them strictly onto our Flax variables.
+
+Every converter is a table of (torch key, flax path, transform) rows applied by `apply_table`,
+never shape guessing; anything left over or missing is named in the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class ConversionError(Exception):
+    """A checkpoint that cannot be converted; the message names the problem and the fix."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Returns the raw object stored in a `.safetensors` file or a PyTorch file (tensors only).
+
+    PyTorch files are read with `torch.load(weights_only=True)`: a file that needs arbitrary
+    Python objects is refused rather than unpickled.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint {path} does not exist; check the path.")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"checkpoint {path} is empty; download it again.")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError:
+            raise ConversionError("reading .safetensors needs safetensors: pip install 'vitnt-jax[convert]'.") from None
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own error types
+            raise ConversionError(
+                f"could not read {path} as safetensors ({error}); the file is truncated or damaged, download it again."
+            ) from None
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("reading PyTorch checkpoints needs torch: pip install torch==2.13.0.") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        text = str(error)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            raise ConversionError(
+                f"{path} holds Python objects besides tensors, and we refuse to unpickle them; "
+                "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or safetensors."
+            ) from None
+        if isinstance(error, (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError)):
+            raise ConversionError(
+                f"could not read {path} ({type(error).__name__}): the file is truncated or not a "
+                "PyTorch checkpoint; download it again."
+            ) from None
+        raise
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """Returns a float32 numpy copy of a torch tensor or array (fp16/bf16 weights widen)."""
+    if hasattr(value, "detach"):
+        value = value.detach().to("cpu").float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def unwrap(obj: Any, wrappers: tuple[str, ...], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """Returns the flat state_dict inside `obj`: wrapper dicts opened, known key prefixes removed."""
+    seen = 0
+    while isinstance(obj, Mapping) and seen < 4:
+        inner = next((obj[w] for w in wrappers if isinstance(obj.get(w), Mapping)), None)
+        if inner is None:
+            break
+        obj, seen = inner, seen + 1
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"the checkpoint holds a {type(obj).__name__}, not a state_dict.")
+    out = {}
+    for key, value in obj.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        if hasattr(value, "shape"):
+            out[key] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One mapping: torch key -> flax path ('params/blocks/attn/qkv/kernel'), transform, block index."""
+
+    torch_key: str
+    flax_path: str
+    transform: Callable[[np.ndarray], np.ndarray]
+    block: int | None = None  # scanned block index: stacked on axis 0
+
+
+def identity(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def linear(a: np.ndarray) -> np.ndarray:
+    # torch Linear weight is (out, in); a Flax Dense kernel is (in, out).
+    return a.T
+
+
+def conv(a: np.ndarray) -> np.ndarray:
+    # torch Conv2d weight (out, in, kh, kw) -> Flax Conv kernel (kh, kw, in, out).
+    return a.transpose(2, 3, 1, 0)
+
+
+def apply_table(
+    state: Mapping[str, Any],
+    rows: list[Row],
+    ignored: Mapping[str, str],
+    want_shapes: Mapping[str, tuple[int, ...]],
+    what: str,
+) -> dict:
+    """Returns the nested Flax variables built from `state` by `rows`, checked strictly.
+
+    ignored: torch key suffix -> why it is dropped (e.g. 'mask_token': training only).
+    want_shapes: flax path -> shape of the full (stacked) variable.
+    Raises ConversionError naming every missing / unexpected key and every shape mismatch.
+    """
+    used = {r.torch_key for r in rows}
+    missing = [r.torch_key for r in rows if r.torch_key not in state]
+    unexpected = sorted(
+        k for k in state if k not in used and not any(k == s or k.endswith("." + s) for s in ignored)
+    )
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_clip(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_clip(unexpected)}")
+        raise ConversionError(f"{what}: {'; '.join(parts)}.")
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    flat: dict[str, np.ndarray] = {}
+    mismatched = []
+    for row in rows:
+        value = row.transform(to_numpy(state[row.torch_key]))
+        full = want_shapes[row.flax_path]
+        want = full[1:] if row.block is not None else full
+        if tuple(value.shape) != tuple(want):
+            mismatched.append(
+                f"{row.torch_key} has shape {tuple(to_numpy(state[row.torch_key]).shape)}, "
+                f"expected {_torch_shape(row.transform, want)}"
+            )
+            continue
+        if row.block is None:
+            flat[row.flax_path] = value
+        else:
+            stacks.setdefault(row.flax_path, {})[row.block] = value
+    if mismatched:
+        raise ConversionError(f"{what}: {'; '.join(mismatched)}.")
+    for path, blocks in stacks.items():
+        flat[path] = np.stack([blocks[i] for i in range(len(blocks))])
+    nested: dict = {}
+    for path, value in flat.items():
+        node = nested
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def _torch_shape(transform, flax_shape):
+    if transform is linear:
+        return tuple(reversed(flax_shape))
+    if transform is conv:
+        kh, kw, cin, cout = flax_shape
+        return (cout, cin, kh, kw)
+    return tuple(flax_shape)
+
+
+def _clip(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''}]"

@@ -1,0 +1,121 @@
+"""Self-describing converted checkpoints: a directory with config.json and Orbax variables.
+
+Layout of DIR:
+  config.json   {"format": "vitnt-jax", "version": 1, "config": {...ViTConfig...}, "source": {...}}
+  variables/    Orbax StandardCheckpointer tree {'params': ..., 'batch_stats': ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from vitnt_jax.config import ViTConfig
+from vitnt_jax.model import variable_shapes
+
+FORMAT = "vitnt-jax"
+VERSION = 1
+PyTree = Any
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be used; the message says what to do."""
+
+
+def _paths_and_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def check_variables(config: ViTConfig, variables: PyTree, what: str) -> None:
+    """Raises CheckpointError naming every missing, unexpected or mis-shaped variable."""
+    want = _paths_and_shapes(variable_shapes(config))
+    got = _paths_and_shapes(variables)
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    shapes = [f"{k} is {got[k]} but should be {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected}")
+    if shapes:
+        problems.append("; ".join(shapes))
+    if problems:
+        raise CheckpointError(f"{what} does not match config {config.name!r}: {'; '.join(problems)}.")
+
+
+def save(directory: str | os.PathLike, config: ViTConfig, variables: PyTree, source: dict | None = None,
+         *, overwrite: bool = False) -> Path:
+    """Writes `variables` and `config` to `directory` and returns its absolute path."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    check_variables(config, variables, "the converted variables")
+    if directory.exists():
+        if not overwrite:
+            raise CheckpointError(f"{directory} already exists; choose a new path or pass --overwrite.")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    arrays = jax.tree.map(np.asarray, variables)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "variables", arrays)
+    checkpointer.wait_until_finished()
+    meta = {"format": FORMAT, "version": VERSION, "config": json.loads(config.to_json()), "source": source or {}}
+    # config.json last: its presence marks a complete checkpoint.
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
+    """Returns (config, metadata) of the checkpoint in `directory`."""
+    directory = Path(directory)
+    meta_path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"model checkpoint {directory} does not exist; convert one with "
+            "`python -m converters.cvlface SRC DST` and pass DST to --model."
+        )
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{directory} is not a vitnt-jax checkpoint (no config.json); convert the PyTorch "
+            "weights with `python -m converters.cvlface SRC DST` first."
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{meta_path} is unreadable ({error}); convert the checkpoint again.") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(
+            f"{meta_path} is not a version-{VERSION} vitnt-jax checkpoint; convert the checkpoint again."
+        )
+    try:
+        config = ViTConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError, NotImplementedError) as error:
+        raise CheckpointError(f"{meta_path} holds an invalid config ({error}).") from None
+    return config, meta
+
+
+def load(directory: str | os.PathLike) -> tuple[ViTConfig, PyTree]:
+    """Returns (config, variables) of the checkpoint in `directory`, checked strictly."""
+    import orbax.checkpoint as ocp
+
+    config, _ = load_config(directory)
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), variable_shapes(config)
+    )
+    try:
+        variables = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "variables", target)
+    except Exception as error:  # Orbax raises many types for damaged trees.
+        raise CheckpointError(
+            f"could not read the variables of {directory} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); convert the checkpoint again."
+        ) from None
+    check_variables(config, variables, f"checkpoint {directory}")
+    return config, variables
