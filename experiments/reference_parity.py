@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = np.asarray(Scorer(config, variables, settings, precision="highest")(images)["quality"])
         diff = float(np.abs(ours - theirs).max())
         results["cases"][case] = {"max_abs_diff": diff, "reference": theirs.tolist(), "ours": ours.tolist()}
-        print(f"{case:15s} max |ours - reference| = {diff:.3e}   reference Q = {" ".join(f"{q:.5f}" for q in theirs)}")
+        print(f"{case:15s} max |ours - reference| = {diff:.3e}   reference Q = {' '.join(f'{q:.5f}' for q in theirs)}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
