@@ -140,9 +140,7 @@ def apply_table(
     """
     used = {r.torch_key for r in rows}
     missing = [r.torch_key for r in rows if r.torch_key not in state]
-    unexpected = sorted(
-        k for k in state if k not in used and not any(k == s or k.endswith("." + s) for s in ignored)
-    )
+    unexpected = sorted(k for k in state if k not in used and not any(k == s or k.endswith("." + s) for s in ignored))
     if missing or unexpected:
         parts = []
         if missing:

@@ -34,6 +34,7 @@ def _install_stand_ins() -> None:
     try:
         import timm.models.layers  # noqa: F401
     except Exception:
+
         class DropPath(nn.Module):
             def __init__(self, drop_prob=0.0):
                 super().__init__()
@@ -95,11 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     # The published constructor arguments of the two CVLface ViTs (evaluation/QualityModel.py).
     shapes = {"small": dict(depth=12, mlp_ratio=5, num_heads=8), "base": dict(depth=24, mlp_ratio=3, num_heads=16)}
     model = reference.VisionTransformer(
-        img_size=112, patch_size=8, num_classes=512, embed_dim=512, drop_path_rate=0.1,
-        norm_layer="ln", mask_ratio=0.0, **shapes[args.variant],
+        img_size=112,
+        patch_size=8,
+        num_classes=512,
+        embed_dim=512,
+        drop_path_rate=0.1,
+        norm_layer="ln",
+        mask_ratio=0.0,
+        **shapes[args.variant],
     ).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.02 if p.ndim > 1 else 0.05))
     config, variables, _ = cvlface.convert_state_dict(dict(model.state_dict()), args.variant)
     blocks = parse_blocks(args.blocks or config.default_blocks, config.depth)
@@ -108,8 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     images = rng.integers(0, 256, (args.images, 112, 112, 3), dtype=np.uint8)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
 
-    results = {"variant": args.variant, "blocks": list(blocks), "alpha": args.alpha, "images": args.images,
-               "torch": torch.__version__, "jax": jax.__version__, "cases": {}}
+    results = {
+        "variant": args.variant,
+        "blocks": list(blocks),
+        "alpha": args.alpha,
+        "images": args.images,
+        "torch": torch.__version__,
+        "jax": jax.__version__,
+        "cases": {},
+    }
     cases = {
         "mean": dict(use_attention_weights=False, last_block_attention_only=True),
         "attention_last": dict(use_attention_weights=True, last_block_attention_only=True),
@@ -118,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     for case, kwargs in cases.items():
         theirs = model.calculate_ntfiq(x, scaling=args.alpha, blocks_to_use=list(blocks), **kwargs).numpy()
         settings = ScoreSettings(
-            blocks, alpha=args.alpha,
+            blocks,
+            alpha=args.alpha,
             aggregation="mean" if case == "mean" else "attention",
             attention="all" if case == "attention_all" else "last",
         )

@@ -109,8 +109,9 @@ def randomize(model: FaceViT, seed: int) -> FaceViT:
 
 
 @torch.inference_mode()
-def oracle_score(model: FaceViT, images: torch.Tensor, blocks, alpha=8.0, aggregation="attention",
-                 attention="last") -> dict[str, torch.Tensor]:
+def oracle_score(
+    model: FaceViT, images: torch.Tensor, blocks, alpha=8.0, aggregation="attention", attention="last"
+) -> dict[str, torch.Tensor]:
     """Vectorised ViTNT-FIQA in PyTorch, written from DESIGN.md section 1 (true forward pass)."""
     outputs, attentions, _ = model.trace(images)
     z = torch.stack([nn.functional.normalize(model.norm(outputs[t]), dim=-1) for t in blocks], 1)

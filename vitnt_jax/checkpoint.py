@@ -51,8 +51,14 @@ def check_variables(config: ViTConfig, variables: PyTree, what: str) -> None:
         raise CheckpointError(f"{what} does not match config {config.name!r}: {'; '.join(problems)}.")
 
 
-def save(directory: str | os.PathLike, config: ViTConfig, variables: PyTree, source: dict | None = None,
-         *, overwrite: bool = False) -> Path:
+def save(
+    directory: str | os.PathLike,
+    config: ViTConfig,
+    variables: PyTree,
+    source: dict | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Writes `variables` and `config` to `directory` and returns its absolute path."""
     import orbax.checkpoint as ocp
 
@@ -107,9 +113,7 @@ def load(directory: str | os.PathLike) -> tuple[ViTConfig, PyTree]:
     import orbax.checkpoint as ocp
 
     config, _ = load_config(directory)
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), variable_shapes(config)
-    )
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), variable_shapes(config))
     try:
         variables = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "variables", target)
     except Exception as error:  # Orbax raises many types for damaged trees.

@@ -113,11 +113,15 @@ def batches(
         for row, d in enumerate(decoded):
             if d.image is not None:
                 images[row], valid[row] = d.image, True
-        return Batch([i for i, _ in chunk], images, valid, [d.error for d in decoded], [d.resized_from for d in decoded])
+        return Batch(
+            [i for i, _ in chunk], images, valid, [d.error for d in decoded], [d.resized_from for d in decoded]
+        )
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
-            concurrent.futures.ThreadPoolExecutor(1) as assembler:
-        pending = [assembler.submit(load, c) for c in chunks[: prefetch]]
+    with (
+        concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool,
+        concurrent.futures.ThreadPoolExecutor(1) as assembler,
+    ):
+        pending = [assembler.submit(load, c) for c in chunks[:prefetch]]
         for next_index in range(prefetch, len(chunks) + prefetch):
             batch = pending.pop(0).result()
             if next_index < len(chunks):

@@ -177,8 +177,7 @@ class FaceViT(nn.Module):
         b, h, w, c = images.shape
         if (h, w, c) != (cfg.img_size, cfg.img_size, cfg.in_channels):
             raise ValueError(
-                f"images are {h}x{w}x{c} but the model expects "
-                f"{cfg.img_size}x{cfg.img_size}x{cfg.in_channels}."
+                f"images are {h}x{w}x{c} but the model expects {cfg.img_size}x{cfg.img_size}x{cfg.in_channels}."
             )
         p = cfg.patch_size
         x = nn.Conv(
@@ -191,9 +190,7 @@ class FaceViT(nn.Module):
             name="patch_embed",
         )(images.astype(self.dtype))
         x = x.reshape(b, cfg.num_patches, cfg.embed_dim)  # row-major grid = torch flatten(2)
-        pos = self.param(
-            "pos_embed", nn.initializers.normal(0.02), (1, cfg.num_patches, cfg.embed_dim)
-        )
+        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, cfg.num_patches, cfg.embed_dim))
         x = x + pos.astype(self.dtype)
         final_scale, final_bias = FinalNorm(cfg.embed_dim, name="norm")()
 

@@ -34,28 +34,53 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--images", required=True, type=Path, help="folder of PNG/JPEG faces (searched recursively)")
-    p.add_argument("--model", required=True, type=Path,
-                   help="converted checkpoint directory (python -m converters.cvlface SRC DST)")
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="converted checkpoint directory (python -m converters.cvlface SRC DST)",
+    )
     p.add_argument("--out", type=Path, default=Path("scores.csv"), help="output CSV (default: scores.csv)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--blocks", default=None,
-                   help="blocks to track, 0-based: '0-19', '0,2,4', '-4:', 'all' "
-                        "(default: the model's published selection, ViT-B '0-19', ViT-S 'all')")
+    p.add_argument(
+        "--blocks",
+        default=None,
+        help="blocks to track, 0-based: '0-19', '0,2,4', '-4:', 'all' "
+        "(default: the model's published selection, ViT-B '0-19', ViT-S 'all')",
+    )
     p.add_argument("--alpha", type=float, default=8.0, help="q = 2/(1+exp(alpha*d)) (default: 8)")
-    p.add_argument("--aggregation", choices=["mean", "attention"], default="attention",
-                   help="patch -> image: uniform mean or attention-weighted (default: attention)")
-    p.add_argument("--attention", choices=["last", "all"], default="last",
-                   help="attention weights from the last selected block or averaged over all selected (default: last)")
-    p.add_argument("--metric", choices=sorted(METRICS), default="euclidean",
-                   help="distance between consecutive normalised tokens (default: euclidean, the method's)")
+    p.add_argument(
+        "--aggregation",
+        choices=["mean", "attention"],
+        default="attention",
+        help="patch -> image: uniform mean or attention-weighted (default: attention)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["last", "all"],
+        default="last",
+        help="attention weights from the last selected block or averaged over all selected (default: last)",
+    )
+    p.add_argument(
+        "--metric",
+        choices=sorted(METRICS),
+        default="euclidean",
+        help="distance between consecutive normalised tokens (default: euclidean, the method's)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per jitted call (default: 64)")
-    p.add_argument("--color", choices=["rgb", "bgr"], default="rgb",
-                   help="channel order the image files hold (default: rgb)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="decoding threads (default: min(8, cores))")
-    p.add_argument("--precision", choices=["highest", "default"], default="highest",
-                   help="matmul precision: 'highest' = exact fp32 (default); 'default' lets TPUs/GPUs use faster, "
-                        "less exact passes")
+    p.add_argument(
+        "--color", choices=["rgb", "bgr"], default="rgb", help="channel order the image files hold (default: rgb)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads (default: min(8, cores))"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["highest", "default"],
+        default="highest",
+        help="matmul precision: 'highest' = exact fp32 (default); 'default' lets TPUs/GPUs use faster, "
+        "less exact passes",
+    )
     return p
 
 
@@ -94,15 +119,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, variables = checkpoint.load(args.model)
         blocks = parse_blocks(args.blocks if args.blocks is not None else config.default_blocks, config.depth)
-        settings = ScoreSettings(blocks, alpha=args.alpha, metric=args.metric,
-                                 aggregation=args.aggregation, attention=args.attention)
+        settings = ScoreSettings(
+            blocks, alpha=args.alpha, metric=args.metric, aggregation=args.aggregation, attention=args.attention
+        )
     except (checkpoint.CheckpointError, ValueError) as error:
         raise UserError(str(error)) from None
     scorer = Scorer(config, variables, settings, precision=args.precision)
 
-    print(f"scoring {len(items)} images with {config.name}, blocks {_span(blocks)}, alpha {args.alpha:g}, "
-          f"{args.aggregation}{'/' + args.attention if args.aggregation == 'attention' else ''}, "
-          f"{args.metric}", file=sys.stderr)
+    print(
+        f"scoring {len(items)} images with {config.name}, blocks {_span(blocks)}, alpha {args.alpha:g}, "
+        f"{args.aggregation}{'/' + args.attention if args.aggregation == 'attention' else ''}, "
+        f"{args.metric}",
+        file=sys.stderr,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(items))
     scored = failed = 0
@@ -115,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
         for batch in batches(items, args.batch_size, config.img_size, args.color, args.workers):
             if not warned and any(batch.resized):
                 w, h = next(r for r in batch.resized if r)
-                print(f"warning: some images (e.g. {w}x{h}) are not {config.img_size}x{config.img_size}; "
-                      "resizing them bilinearly", file=sys.stderr)
+                print(
+                    f"warning: some images (e.g. {w}x{h}) are not {config.img_size}x{config.img_size}; "
+                    "resizing them bilinearly",
+                    file=sys.stderr,
+                )
                 warned = True
             result = scorer(batch.images)
             if pending is not None:

@@ -46,9 +46,9 @@ def compute_states(
     """
     run = settings.num_blocks_to_run
     tap = StatesTap(with_attention=settings.uses_attention)
-    out = FaceViT(config, precision=precision).apply(
-        truncate_blocks(variables, run), images, tap=tap, num_blocks=run
-    )["per_block"]
+    out = FaceViT(config, precision=precision).apply(truncate_blocks(variables, run), images, tap=tap, num_blocks=run)[
+        "per_block"
+    ]
     idx = jnp.asarray(settings.blocks)
     return {key: value[idx] for key, value in out.items()}
 

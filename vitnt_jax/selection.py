@@ -63,9 +63,7 @@ def _parse_part(part: str, depth: int, spec: str) -> list[int]:
             return list(range(lo, hi + 1))
         return [_resolve(_int(part), depth, spec)]
     except _Unreadable:
-        raise ValueError(
-            f"cannot read block selection {spec!r}; use e.g. '0-19', '0,2,4', '-4:' or 'all'."
-        ) from None
+        raise ValueError(f"cannot read block selection {spec!r}; use e.g. '0-19', '0,2,4', '-4:' or 'all'.") from None
 
 
 def _int(text: str) -> int:

@@ -95,9 +95,7 @@ class ScoreSettings:
 
     def __post_init__(self):
         if len(self.blocks) < 2:
-            raise ValueError(
-                f"select at least two blocks to measure token movement (got {list(self.blocks)})."
-            )
+            raise ValueError(f"select at least two blocks to measure token movement (got {list(self.blocks)}).")
         if list(self.blocks) != sorted(set(self.blocks)) or self.blocks[0] < 0:
             raise ValueError(f"blocks must be distinct, sorted and non-negative (got {list(self.blocks)}).")
         if self.metric not in METRICS:
@@ -127,9 +125,7 @@ def _finish(dist_sum: Array, received: Array | None, settings: ScoreSettings) ->
     return out
 
 
-def quality_from_states(
-    states: Array, received: Array | None, settings: ScoreSettings
-) -> dict[str, Array]:
+def quality_from_states(states: Array, received: Array | None, settings: ScoreSettings) -> dict[str, Array]:
     """Returns {'quality' (B,), 'patch_quality' (B, N), 'patch_distance' (B, N)[, 'patch_weight']}.
 
     states: (K, B, N, D) L2-normalised final-norm tokens of the K selected blocks, in order.
