@@ -28,10 +28,11 @@ class Tap(Protocol):
     def init(self, tokens: Array) -> PyTree:
         """Returns the initial carry state, given the (B, N, D) tokens that enter block 0."""
 
-    def step(self, state: PyTree, index: Array, normed: Array, attention: Array | None):
+    def step(self, state: PyTree, index: Array, tokens: Array, normed: Array, attention: Array | None):
         """Returns (new state, per-block output) for block `index`.
 
-        normed: (B, N, D) float32, the block's output after the final LayerNorm.
+        tokens: (B, N, D) the block's output (the residual stream after its MLP).
+        normed: (B, N, D) float32, the same tokens after the model's final LayerNorm.
         attention: (B, heads, N_query, N_key) float32 softmax weights, or None.
         """
 
@@ -44,8 +45,20 @@ class NoTap:
     def init(self, tokens):
         return ()
 
-    def step(self, state, index, normed, attention):
+    def step(self, state, index, tokens, normed, attention):
         return state, None
+
+
+class TraceTap:
+    """Emits every block's raw tokens, final-normed tokens and full attention (for inspection)."""
+
+    needs_attention = True
+
+    def init(self, tokens):
+        return ()
+
+    def step(self, state, index, tokens, normed, attention):
+        return state, {"tokens": tokens, "normed": normed, "attention": attention}
 
 
 def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
@@ -127,7 +140,7 @@ class Block(nn.Module):
         x = x + y
         x = x + Mlp(cfg, self.dtype, self.precision, name="mlp")(norm("norm2")(x))
         normed = layer_norm(x, final_scale, final_bias, cfg.layer_norm_eps)
-        state, out = self.tap.step(state, index, normed, attention)
+        state, out = self.tap.step(state, index, x, normed, attention)
         return (x, state), out
 
 

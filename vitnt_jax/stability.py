@@ -158,7 +158,7 @@ class StatesTap:
     def init(self, tokens: Array):
         return ()
 
-    def step(self, state, index, normed, attention):
+    def step(self, state, index, tokens, normed, attention):
         out = {"states": l2_normalize(normed)}
         if self.needs_attention:
             out["received"] = attention_received(attention)
@@ -187,10 +187,11 @@ class StreamingTap:
             "received": jnp.zeros((b, n), jnp.float32),
         }
 
-    def step(self, state, index, normed, attention):
+    def step(self, state, index, tokens, normed, attention):
         blocks = self.settings.blocks
-        mask = jnp.zeros(blocks[-1] + 1, bool).at[jnp.asarray(blocks)].set(True)
-        selected = mask[index]
+        # Membership test, not a lookup table: blocks past the last selected one may still run
+        # (when the embedding is wanted) and must not be counted.
+        selected = jnp.any(index == jnp.asarray(blocks))
         z = l2_normalize(normed)
         d = METRICS[self.settings.metric](state["previous"], z)
         counts = selected & (index != blocks[0])  # the first selected block has no predecessor

@@ -1,0 +1,167 @@
+"""The Flax model: pinned sizes, scan == loop, streaming == states, no retracing."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitnt_jax.config import PRESETS, ViTConfig, get_preset
+from vitnt_jax.model import Block, FaceViT, TraceTap, count_params, init_variables, truncate_blocks, variable_shapes
+from vitnt_jax.scorer import Scorer, compute_states, score_from_states, score_streaming
+from vitnt_jax.stability import METRICS, ScoreSettings
+
+# Trainable parameters (BatchNorm running statistics excluded), as the PyTorch modules count them.
+PINNED = {
+    "cvlface_vit_small": 95_952_384,
+    "cvlface_vit_base": 114_869_760,
+    "testing": 14_176,
+}
+
+
+def test_every_preset_is_pinned():
+    assert set(PRESETS) == set(PINNED)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_parameter_count(name):
+    assert count_params(variable_shapes(PRESETS[name])) == PINNED[name]
+
+
+def test_presets_carry_published_block_selection():
+    assert get_preset("cvlface_vit_base").default_blocks == "0-19"
+    assert get_preset("cvlface_vit_small").default_blocks == "all"
+    with pytest.raises(KeyError, match="unknown preset"):
+        get_preset("vit_huge")
+
+
+def test_config_json_round_trip():
+    cfg = PRESETS["cvlface_vit_base"]
+    assert ViTConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="unknown config fields"):
+        ViTConfig.from_dict({"name": "x", "wings": 2})
+
+
+@pytest.fixture(scope="module")
+def model_and_images(testing_config):
+    variables = init_variables(testing_config, seed=1)
+    images = jax.random.uniform(jax.random.PRNGKey(7), (3, 32, 32, 3), minval=-1, maxval=1)
+    return testing_config, variables, images
+
+
+def test_scan_equals_python_loop(model_and_images):
+    cfg, variables, images = model_and_images
+    scanned = FaceViT(cfg).apply(variables, images, tap=TraceTap(), embed=True)
+    # The same block class, run one block at a time with that block's slice of the parameters.
+    params = variables["params"]
+    x = FaceViT(cfg).apply(truncate_blocks(variables, 0), images, num_blocks=0, method=_embed_only)
+    for i in range(cfg.depth):
+        block_params = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
+        (x, _), out = Block(cfg, TraceTap()).apply(
+            {"params": block_params}, (x, ()), jnp.asarray(i), params["norm"]["scale"], params["norm"]["bias"]
+        )
+        for key in ("tokens", "normed", "attention"):
+            np.testing.assert_allclose(out[key], scanned["per_block"][key][i], atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(x, scanned["tokens"], atol=1e-6, rtol=1e-6)
+
+
+def _embed_only(module, images, num_blocks):
+    # Patch + position embedding only: a zero-block scan returns the tokens entering block 0.
+    return module(images, num_blocks=num_blocks)["tokens"]
+
+
+CASES = [
+    (blocks, aggregation, attention, "euclidean")
+    for blocks in [(0, 1, 2), (0, 2), (1, 2), (0, 1)]
+    for aggregation, attention in [("mean", "last"), ("attention", "last"), ("attention", "all")]
+] + [((0, 1, 2), "attention", "last", metric) for metric in sorted(METRICS) if metric != "euclidean"]
+
+
+@pytest.mark.parametrize("blocks, aggregation, attention, metric", CASES)
+def test_streaming_equals_states_path(model_and_images, blocks, aggregation, attention, metric):
+    cfg, variables, images = model_and_images
+    s = ScoreSettings(blocks, alpha=3.0, metric=metric, aggregation=aggregation, attention=attention)
+    via_states = score_from_states(cfg, variables, images, s)
+    streamed = score_streaming(cfg, truncate_blocks(variables, s.num_blocks_to_run), images, s)
+    for key in via_states:
+        np.testing.assert_allclose(streamed[key], via_states[key], atol=1e-6, rtol=0)
+
+
+def test_states_path_shapes(model_and_images):
+    cfg, variables, images = model_and_images
+    got = compute_states(cfg, variables, images, ScoreSettings((0, 2)))
+    assert got["states"].shape == (2, 3, cfg.num_patches, cfg.embed_dim)
+    assert got["received"].shape == (2, 3, cfg.num_patches)
+    np.testing.assert_allclose(jnp.linalg.norm(got["states"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_blocks_after_the_last_selected_are_not_run(model_and_images):
+    cfg, variables, images = model_and_images
+    s = ScoreSettings((0, 1))
+    scorer = Scorer(cfg, variables, s)
+    assert jax.tree.leaves(scorer.variables["params"]["blocks"])[0].shape[0] == 2
+    # Different weights in the unused block 2 change nothing.
+    changed = jax.tree.map(lambda a: a, variables)
+    changed["params"]["blocks"] = jax.tree.map(lambda a: a.at[2].add(5.0), variables["params"]["blocks"])
+    u8 = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (2, 32, 32, 3), 0, 256), np.uint8)
+    np.testing.assert_array_equal(scorer(u8)["quality"], Scorer(cfg, changed, s)(u8)["quality"])
+
+
+def test_embedding_runs_all_blocks_and_matches_plain_forward(model_and_images):
+    cfg, variables, images = model_and_images
+    s = ScoreSettings((0, 1))
+    u8 = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 32, 32, 3), 0, 256), np.uint8)
+    with_embedding = Scorer(cfg, variables, s, embed=True)(u8)
+    plain = Scorer(cfg, variables, s)(u8)
+    np.testing.assert_allclose(with_embedding["quality"], plain["quality"], atol=1e-6)
+    assert with_embedding["embedding"].shape == (2, cfg.embedding_dim)
+    with pytest.raises(ValueError, match="needs every block"):
+        FaceViT(cfg).apply(truncate_blocks(variables, 2), images, num_blocks=2, embed=True)
+
+
+def test_wrong_image_size_is_a_clear_error(model_and_images):
+    cfg, variables, _ = model_and_images
+    with pytest.raises(ValueError, match="model expects 32x32x3"):
+        FaceViT(cfg).apply(variables, jnp.zeros((1, 112, 112, 3)))
+
+
+def test_no_retracing_for_repeated_batch_shapes(model_and_images):
+    cfg, variables, _ = model_and_images
+    s = ScoreSettings((0, 1, 2))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def score(v, x):
+        return score_streaming(cfg, v, x, s)["quality"]
+
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        score(variables, jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)), jnp.float32))
+    chex.clear_trace_counter()
+
+
+def test_scorer_compiles_once_per_batch_shape(model_and_images):
+    cfg, variables, _ = model_and_images
+    scorer = Scorer(cfg, variables, ScoreSettings((0, 1, 2)))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        scorer(rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    assert scorer._fn._cache_size() == 1
+
+
+def test_bfloat16_scores_stay_close(model_and_images):
+    cfg, variables, images = model_and_images
+    s = ScoreSettings((0, 1, 2), alpha=3.0)
+    v = truncate_blocks(variables, 3)
+    exact = score_streaming(cfg, v, images, s)["quality"]
+    half = score_streaming(cfg, v, images, s, dtype=jnp.bfloat16)["quality"]
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(half, exact, atol=0.05)
+
+
+def test_scan_stacks_params_on_axis_zero(testing_config):
+    shapes = variable_shapes(testing_config)["params"]["blocks"]
+    for leaf in jax.tree.leaves(shapes):
+        assert leaf.shape[0] == testing_config.depth
+    assert isinstance(nn.scan, object)
