@@ -88,8 +88,22 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line."""
 
 
+def _join_negative_blocks(argv: list[str]) -> list[str]:
+    # argparse takes '-4:' for an option; glue it to its flag so `--blocks -4:` works as documented.
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--blocks" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--blocks={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_join_negative_blocks(argv))
     try:
         return run(args)
     except UserError as error:
