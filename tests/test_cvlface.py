@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 import torch
+import torch_reference as tr
 from safetensors.torch import save_file
 
-import torch_reference as tr
 from converters import cvlface
 from converters.state_dict import ConversionError, read_checkpoint, unwrap
 from vitnt_jax import checkpoint

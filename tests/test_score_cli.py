@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch_reference as tr
 from PIL import Image
 
-import torch_reference as tr
 from converters import cvlface
 from vitnt_jax import checkpoint, score
 from vitnt_jax.config import PRESETS
