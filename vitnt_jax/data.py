@@ -1,9 +1,10 @@
-"""Image sources and decoding: folders of aligned faces -> uint8 RGB arrays at the model's size."""
+"""Decoding and preprocessing of face images on the host, and fixed-size batches with a mask."""
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Iterator, Sequence
+import io
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,33 +15,24 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard);
 # aligned faces are 112x112, so even large photos stay far below it.
 MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own guard, for the formats it checks lazily
 
 
 class ImageError(Exception):
     """An input image that cannot be used; the message says why."""
 
 
-def list_images(root: str | Path) -> list[tuple[str, Path]]:
-    """Returns (id, path) of every PNG/JPEG under `root` (recursive), sorted by id.
-
-    id is the path relative to root with '/' separators.
-    """
-    root = Path(root)
-    found = []
-    for path in root.rglob("*"):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            found.append((path.relative_to(root).as_posix(), path))
-    found.sort(key=lambda item: item[0])
-    return found
-
-
 def to_rgb8(image: Image.Image) -> np.ndarray:
-    """Returns an (H, W, 3) uint8 RGB array from any PIL mode (grey, 16-bit, palette, RGBA, CMYK)."""
+    """Returns an (H, W, 3) uint8 RGB array from any PIL mode (grey, 16-bit, palette, RGBA, CMYK).
+
+    Alpha is dropped and 16-bit values keep their top 8 bits, as OpenCV's imread (which the
+    authors' evaluation uses) does.
+    """
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit grey: keep the top 8 bits rather than clipping at 255.
-        values = np.asarray(image, dtype=np.uint32)
+        values = np.asarray(image, dtype=np.int64)
         shift = 8 if values.max(initial=0) < 65536 else 24
-        image = Image.fromarray((values >> shift).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
         values = np.clip(np.asarray(image, dtype=np.float32), 0, 255)
         image = Image.fromarray(values.astype(np.uint8), "L")
@@ -49,81 +41,121 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def read_image(source: str | Path | bytes) -> np.ndarray:
+    """Returns the (H, W, 3) uint8 array of an image file or encoded bytes; raises ImageError."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            w, h = image.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
+            image.load()
+            return to_rgb8(image)
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"refused as a decompression bomb ({error})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageError(f"unreadable image ({error})") from None
+
+
+# Fixed face box for unaligned photos whose face a detector centred (LFW: 250x250 crops at 2.2x
+# the Viola-Jones box): a square of 0.45 x the short side, centred at (0.5 W, 0.48 H). For LFW this
+# is a 112-pixel box with the eyes near row 51, as in the ArcFace template.
+CENTER_BOX = (0.45, 0.5, 0.48)
+
+
+def center_crop(array: np.ndarray) -> np.ndarray:
+    """Returns the fixed centre face box of an unaligned photo (see CENTER_BOX)."""
+    h, w = array.shape[:2]
+    side_frac, cx_frac, cy_frac = CENTER_BOX
+    side = max(1, round(side_frac * min(h, w)))
+    x0 = min(max(0, round(cx_frac * w - side / 2)), w - side)
+    y0 = min(max(0, round(cy_frac * h - side / 2)), h - side)
+    return array[y0 : y0 + side, x0 : x0 + side]
+
+
 @dataclass
-class Decoded:
+class Prepared:
     image: np.ndarray | None
     error: str = ""
     resized_from: tuple[int, int] | None = None
 
 
-def decode(path: str | Path, size: int, color: str = "rgb") -> Decoded:
-    """Returns the image at `path` as (size, size, 3) uint8 RGB, or the reason it is unusable.
+def prepare(array: np.ndarray, size: int, color: str = "rgb", align: str = "none") -> Prepared:
+    """Returns a (size, size, 3) uint8 RGB image from a decoded array.
 
-    color: channel order the FILE holds; 'bgr' files (e.g. extracted from insightface .bin packs
-    by the usual scripts) are swapped to RGB. Other sizes are resized bilinearly.
+    color: channel order the SOURCE holds ('bgr' is swapped to RGB). align: 'none' (already
+    aligned; other sizes are resized bilinearly) or 'center' (the fixed CENTER_BOX crop first).
     """
-    try:
-        with Image.open(path) as image:
-            w, h = image.size
-            if w * h > MAX_PIXELS:
-                return Decoded(None, f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
-            image.load()
-            array = to_rgb8(image)
-    except FileNotFoundError:
-        return Decoded(None, "file not found")
-    except UnidentifiedImageError:
-        return Decoded(None, "not a readable image")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        return Decoded(None, f"unreadable image ({error})")
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or 0 in array.shape:
+        return Prepared(None, f"expected an (H, W, 3) uint8 image, got {array.shape} {array.dtype}")
+    if align == "center":
+        array = center_crop(array)
     resized = None
     if array.shape[:2] != (size, size):
         resized = (array.shape[1], array.shape[0])
         array = np.asarray(Image.fromarray(array).resize((size, size), Image.BILINEAR))
     if color == "bgr":
         array = array[..., ::-1]
-    return Decoded(np.ascontiguousarray(array), "", resized)
+    return Prepared(np.ascontiguousarray(array), "", None if align == "center" else resized)
 
 
 @dataclass
 class Batch:
-    """A fixed-size batch: `images` padded with zeros past `len(ids)`; `valid` marks real rows."""
+    """A fixed-size batch: `images` padded with zeros past `len(indices)`; `valid` marks usable rows."""
 
-    ids: list[str]
+    indices: list[int]
     images: np.ndarray  # (batch_size, size, size, 3) uint8
-    valid: np.ndarray  # (batch_size,) bool: decoded successfully
+    valid: np.ndarray  # (batch_size,) bool
     errors: list[str]
     resized: list[tuple[int, int] | None] = field(default_factory=list)
 
 
 def batches(
-    items: Sequence[tuple[str, Path]],
+    load: Callable[[int], np.ndarray],
+    indices: Sequence[int],
     batch_size: int,
     size: int,
+    *,
     color: str = "rgb",
+    align: str = "none",
     workers: int = 4,
     prefetch: int = 2,
 ) -> Iterator[Batch]:
-    """Yields fixed-size batches in input order, decoding on `workers` threads ahead of use."""
-    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    """Yields fixed-size batches of `indices` in order, decoding on `workers` threads ahead of use.
 
-    def load(chunk) -> Batch:
-        decoded = list(pool.map(lambda item: decode(item[1], size, color), chunk))
+    load(index) returns the decoded (H, W, 3) uint8 array or raises ImageError.
+    """
+    chunks = [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+
+    def one(index: int) -> Prepared:
+        try:
+            return prepare(load(index), size, color, align)
+        except ImageError as error:
+            return Prepared(None, str(error) or "unreadable image")
+
+    def assemble(chunk: list[int]) -> Batch:
+        done = list(pool.map(one, chunk))
         images = np.zeros((batch_size, size, size, 3), np.uint8)
         valid = np.zeros(batch_size, bool)
-        for row, d in enumerate(decoded):
-            if d.image is not None:
-                images[row], valid[row] = d.image, True
-        return Batch(
-            [i for i, _ in chunk], images, valid, [d.error for d in decoded], [d.resized_from for d in decoded]
-        )
+        for row, p in enumerate(done):
+            if p.image is not None:
+                images[row], valid[row] = p.image, True
+        return Batch(chunk, images, valid, [p.error for p in done], [p.resized_from for p in done])
 
     with (
         concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool,
         concurrent.futures.ThreadPoolExecutor(1) as assembler,
     ):
-        pending = [assembler.submit(load, c) for c in chunks[:prefetch]]
+        pending = [assembler.submit(assemble, c) for c in chunks[:prefetch]]
         for next_index in range(prefetch, len(chunks) + prefetch):
             batch = pending.pop(0).result()
             if next_index < len(chunks):
-                pending.append(assembler.submit(load, chunks[next_index]))
+                pending.append(assembler.submit(assemble, chunks[next_index]))
             yield batch

@@ -1,14 +1,15 @@
-"""Command line: score a folder of aligned faces with ViTNT-FIQA.
+"""Command line: score faces with ViTNT-FIQA, data-parallel over every device, resumable.
 
-    python -m vitnt_jax.score --images DIR --model CKPT --out scores.csv [flags]
+    python -m vitnt_jax.score (--images DIR | --list FILE | --bin FILE | --tfds NAME[:SPLIT])
+        --model CKPT --out scores.csv [flags]
 
-Writes one CSV row per image file, sorted by id (the path relative to DIR): id,quality,error.
+One row per input, in source order: id,quality[,label],error. See README for every flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import math
 import os
 import sys
 import time
@@ -19,67 +20,153 @@ import numpy as np
 from vitnt_jax.stability import METRICS
 
 EPILOG = """\
-Input contract: aligned 112x112 faces (5-point ArcFace template). Other sizes are resized
-bilinearly, which is only meaningful for faces that are already aligned. --color names the
-channel order the FILES hold: 'bgr' for packs extracted channel-swapped by the usual insightface
-scripts. Higher quality = better. A file that cannot be read gets an empty quality and an error.
+Input contract: faces aligned with the 5-point ArcFace template, 112x112 RGB. --align center
+crops a fixed face box from unaligned photos (the default for --tfds lfw). Other sizes are resized
+bilinearly. --color names the channel order the SOURCE holds: 'bgr' for files extracted
+channel-swapped from insightface packs. Higher quality = better. A file that cannot be read keeps
+its row, with an empty quality and the reason in the error column.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vitnt_jax.score",
-        description="Training-free face image quality (ViTNT-FIQA) for a folder of aligned faces.",
+        description="Training-free face image quality (ViTNT-FIQA) for large face collections.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--images", required=True, type=Path, help="folder of PNG/JPEG faces (searched recursively)")
-    p.add_argument(
+    src = p.add_argument_group("source (exactly one)")
+    one = src.add_mutually_exclusive_group(required=True)
+    one.add_argument("--images", type=Path, metavar="DIR", help="folder of PNG/JPEG faces, searched recursively")
+    one.add_argument(
+        "--list",
+        type=Path,
+        metavar="FILE",
+        help="text file, one image path per line (the authors' image_path_list.txt); id = the line",
+    )
+    one.add_argument("--bin", type=Path, metavar="FILE", help="insightface verification pack (lfw.bin, ...)")
+    one.add_argument("--tfds", metavar="NAME[:SPLIT]", help="TFDS dataset read with tfds.data_source, e.g. lfw")
+    src.add_argument("--root", type=Path, help="with --list: folder the listed paths are relative to")
+    src.add_argument("--data-dir", help="with --tfds: TFDS data directory (default: TFDS's own)")
+    src.add_argument("--image-key", default="image", help="with --tfds: image feature (default: image)")
+    src.add_argument("--id-key", default=None, help="with --tfds: feature used as id (default: NAME/SPLIT/INDEX)")
+    src.add_argument(
+        "--label-key",
+        default="label",
+        help="with --tfds: feature written to the label column when present (default: label)",
+    )
+
+    m = p.add_argument_group("model and method")
+    m.add_argument(
         "--model",
         required=True,
         type=Path,
         help="converted checkpoint directory (python -m converters.cvlface SRC DST)",
     )
-    p.add_argument("--out", type=Path, default=Path("scores.csv"), help="output CSV (default: scores.csv)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument(
+    m.add_argument(
         "--blocks",
         default=None,
         help="blocks to track, 0-based: '0-19', '0,2,4', '-4:', 'all' "
         "(default: the model's published selection, ViT-B '0-19', ViT-S 'all')",
     )
-    p.add_argument("--alpha", type=float, default=8.0, help="q = 2/(1+exp(alpha*d)) (default: 8)")
-    p.add_argument(
+    m.add_argument("--alpha", type=float, default=8.0, help="q = 2/(1+exp(alpha*d)) (default: 8)")
+    m.add_argument(
         "--aggregation",
         choices=["mean", "attention"],
         default="attention",
         help="patch -> image: uniform mean or attention-weighted (default: attention)",
     )
-    p.add_argument(
+    m.add_argument(
         "--attention",
         choices=["last", "all"],
         default="last",
-        help="attention weights from the last selected block or averaged over all selected (default: last)",
+        help="attention weights of the last selected block or averaged over all selected (default: last)",
     )
-    p.add_argument(
+    m.add_argument(
         "--metric",
         choices=sorted(METRICS),
         default="euclidean",
         help="distance between consecutive normalised tokens (default: euclidean, the method's)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per jitted call (default: 64)")
-    p.add_argument(
-        "--color", choices=["rgb", "bgr"], default="rgb", help="channel order the image files hold (default: rgb)"
+
+    i = p.add_argument_group("input")
+    i.add_argument(
+        "--color", choices=["rgb", "bgr"], default=None, help="channel order the source holds (default: rgb)"
     )
-    p.add_argument(
-        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads (default: min(8, cores))"
+    i.add_argument(
+        "--align",
+        choices=["none", "center"],
+        default=None,
+        help="'none': faces are aligned already; 'center': fixed face crop of unaligned photos "
+        "(default: center for --tfds lfw, none otherwise)",
     )
-    p.add_argument(
+    i.add_argument(
+        "--workers", type=int, default=min(16, os.cpu_count() or 1), help="decoding threads (default: min(16, cores))"
+    )
+
+    r = p.add_argument_group("execution")
+    r.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per step over all local devices, rounded up to a multiple of the device count (default: 64)",
+    )
+    r.add_argument(
+        "--parallel",
+        choices=["jit", "pmap"],
+        default="jit",
+        help="jit: jax.jit + NamedSharding on a 1-D 'data' mesh (default); pmap: jax.pmap",
+    )
+    r.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="transformer compute dtype; softmax and the score maths stay float32 (default: float32)",
+    )
+    r.add_argument(
         "--precision",
         choices=["highest", "default"],
         default="highest",
-        help="matmul precision: 'highest' = exact fp32 (default); 'default' lets TPUs/GPUs use faster, "
-        "less exact passes",
+        help="float32 matmul precision: 'highest' = exact (default); 'default' lets TPUs/GPUs use faster "
+        "reduced-precision passes",
+    )
+    r.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    r.add_argument("--process-id", type=int, help="multi-host: this process's index, 0..N-1")
+    r.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0")
+    r.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host with JAX's automatic cluster detection (TPU pods, SLURM, ...)",
+    )
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path("scores.csv"), help="result file (default: scores.csv)")
+    o.add_argument(
+        "--format",
+        choices=["csv", "reference"],
+        default="csv",
+        help="csv: id,quality[,label],error; reference: the authors' '<id> <score>' lines (default: csv)",
+    )
+    o.add_argument(
+        "--save-embeddings",
+        type=Path,
+        metavar="FILE.npy",
+        help="also save the face embedding of every row (float32, NaN rows for failed inputs)",
+    )
+    o.add_argument(
+        "--save-patch-quality",
+        type=Path,
+        metavar="FILE.npy",
+        help="also save every row's per-patch quality map (rows, grid, grid)",
+    )
+    w = o.add_mutually_exclusive_group()
+    w.add_argument("--resume", action="store_true", help="continue an interrupted run: skip ids already in --out")
+    w.add_argument("--overwrite", action="store_true", help="replace --out (and the .npy files) if they exist")
+    o.add_argument(
+        "--on-error",
+        choices=["record", "fail"],
+        default="record",
+        help="unreadable input: record it as a row with an error (default) or stop",
     )
     return p
 
@@ -90,14 +177,14 @@ class UserError(Exception):
 
 def _join_negative_blocks(argv: list[str]) -> list[str]:
     # argparse takes '-4:' for an option; glue it to its flag so `--blocks -4:` works as documented.
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--blocks" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
-            out.append(f"--blocks={argv[i + 1]}")
-            i += 2
+    out, k = [], 0
+    while k < len(argv):
+        if argv[k] == "--blocks" and k + 1 < len(argv) and argv[k + 1].startswith("-"):
+            out.append(f"--blocks={argv[k + 1]}")
+            k += 2
         else:
-            out.append(argv[i])
-            i += 1
+            out.append(argv[k])
+            k += 1
     return out
 
 
@@ -110,26 +197,80 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; rows written so far are in {args.out}", file=sys.stderr)
+        print(
+            f"interrupted; the rows written so far are kept: rerun with --resume to continue {args.out}",
+            file=sys.stderr,
+        )
         return 130
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size}).")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {args.workers}).")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise UserError(f"--alpha must be a positive number (got {args.alpha}).")
+    if args.root is not None and args.list is None:
+        raise UserError("--root only applies to --list; drop it or use --list.")
+    multi = [args.num_processes, args.process_id, args.coordinator]
+    if any(v is not None for v in multi) and not all(v is not None for v in multi):
+        raise UserError("multi-host runs need all of --num-processes, --process-id and --coordinator.")
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        raise UserError(f"--process-id must be in 0..{args.num_processes - 1} (got {args.process_id}).")
+    for flag, path in (("--save-embeddings", args.save_embeddings), ("--save-patch-quality", args.save_patch_quality)):
+        if path is not None and path.suffix != ".npy":
+            raise UserError(f"{flag} {path} must end in .npy.")
+    if args.save_embeddings is not None and args.save_embeddings == args.save_patch_quality:
+        raise UserError("--save-embeddings and --save-patch-quality must be different files.")
+
+
+def _init_distributed(args) -> tuple[int, int]:
+    import jax
+
+    if args.num_processes is not None:
+        if args.num_processes > 1:
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as error:
+            raise UserError(
+                f"--distributed found no cluster to join ({error}); pass --num-processes, "
+                "--process-id and --coordinator."
+            ) from None
+    return jax.process_index(), jax.process_count()
+
+
+def _open_source(args):
+    from vitnt_jax import sources
+
+    try:
+        if args.images is not None:
+            return sources.image_folder(args.images)
+        if args.list is not None:
+            return sources.path_list(args.list, args.root)
+        if args.bin is not None:
+            return sources.insightface_bin(args.bin)
+        return sources.tfds_source(args.tfds, args.data_dir, args.image_key, args.id_key, args.label_key)
+    except sources.SourceError as error:
+        raise UserError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     from vitnt_jax import checkpoint
-    from vitnt_jax.data import batches, list_images
+    from vitnt_jax.data import batches
+    from vitnt_jax.output import OutputError, ResultWriter, done_marker, merge_parts, part_path
     from vitnt_jax.scorer import Scorer
     from vitnt_jax.selection import parse_blocks
     from vitnt_jax.stability import ScoreSettings
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size}).")
-    if not args.images.is_dir():
-        raise UserError(f"--images {args.images} is not a folder; pass the folder that holds the face images.")
-    if args.out.exists() and not args.overwrite:
-        raise UserError(f"{args.out} already exists; pass --overwrite or choose another --out.")
-    items = list_images(args.images)
-    if not items:
-        raise UserError(f"no PNG or JPEG files under {args.images}; point --images at a folder of face images.")
+    _validate(args)
+    process, processes = _init_distributed(args)
+    source = _open_source(args)
+    color = args.color or source.color
+    align = args.align or source.align
+
     try:
         config, variables = checkpoint.load(args.model)
         blocks = parse_blocks(args.blocks if args.blocks is not None else config.default_blocks, config.depth)
@@ -138,24 +279,79 @@ def run(args: argparse.Namespace) -> int:
         )
     except (checkpoint.CheckpointError, ValueError) as error:
         raise UserError(str(error)) from None
-    scorer = Scorer(config, variables, settings, precision=args.precision)
+    embed = args.save_embeddings is not None
+    if embed and config.embedding_dim is None:
+        raise UserError(f"model {config.name} has no embedding head; drop --save-embeddings.")
+    outputs = (
+        ("quality",)
+        + (("embedding",) if embed else ())
+        + (("patch_quality",) if args.save_patch_quality is not None else ())
+    )
 
+    import jax.numpy as jnp
+
+    scorer = Scorer(
+        config,
+        variables,
+        settings,
+        embed=embed,
+        outputs=outputs,
+        precision=args.precision,
+        dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+        parallel=args.parallel,
+    )
+    batch_size = scorer.padded_size(args.batch_size)
+
+    # This process's contiguous share of the source; parts concatenate in source order.
+    lo, hi = len(source) * process // processes, len(source) * (process + 1) // processes
+    out = part_path(args.out, process, processes) if processes > 1 else args.out
+    arrays = {}
+    grid = config.grid_size
+    if embed:
+        arrays["embedding"] = (args.save_embeddings, (config.embedding_dim,))
+    if args.save_patch_quality is not None:
+        arrays["patch_quality"] = (args.save_patch_quality, (grid, grid))
+    if processes > 1:
+        arrays = {k: (part_path(p, process, processes), s) for k, (p, s) in arrays.items()}
+        if process == 0 and args.out.exists() and not (args.overwrite or args.resume):
+            raise UserError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+    if not args.resume and not args.overwrite:
+        for path, _ in arrays.values():
+            if path.exists():
+                raise UserError(f"{path} already exists; pass --overwrite or --resume, or choose another path.")
+    try:
+        writer = ResultWriter(
+            out,
+            fmt=args.format,
+            with_label=source.labels is not None,
+            arrays=arrays,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    except (OutputError, OSError) as error:
+        raise UserError(str(error)) from None
+    done = set(writer.done_ids)
+    todo = [k for k in range(lo, hi) if source.ids[k] not in done]
+
+    dev = f"{scorer.num_devices} {scorer.devices[0].platform} device{'s' * (scorer.num_devices > 1)}"
+    where = f" (process {process + 1}/{processes}: inputs {lo}..{hi - 1})" if processes > 1 else ""
     print(
-        f"scoring {len(items)} images with {config.name}, blocks {_span(blocks)}, alpha {args.alpha:g}, "
-        f"{args.aggregation}{'/' + args.attention if args.aggregation == 'attention' else ''}, "
-        f"{args.metric}",
+        f"scoring {len(todo)} of {len(source)} inputs from {source.name}{where} with {config.name} on {dev}, "
+        f"batch {batch_size}, blocks {_span(blocks)}, alpha {args.alpha:g}, {args.aggregation}"
+        f"{'/' + args.attention if args.aggregation == 'attention' else ''}, {args.metric}"
+        f"{', skipping ' + str(len(done)) + ' already written' if done else ''}",
         file=sys.stderr,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    progress = Progress(len(items))
+
+    progress = Progress(len(todo))
     scored = failed = 0
     warned = False
+    finished = False
     start = time.perf_counter()
-    with open(args.out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "quality", "error"])
-        pending = None  # (batch, device result): fetch it after dispatching the next batch
-        for batch in batches(items, args.batch_size, config.img_size, args.color, args.workers):
+    try:
+        pending = None
+        stream = batches(source.load, todo, batch_size, config.img_size, color=color, align=align, workers=args.workers)
+        for batch in stream:
             if not warned and any(batch.resized):
                 w, h = next(r for r in batch.resized if r)
                 print(
@@ -164,33 +360,81 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 warned = True
-            result = scorer(batch.images)
+            if args.on_error == "fail":
+                bad = next((k for k, e in enumerate(batch.errors) if e), None)
+                if bad is not None:
+                    raise UserError(
+                        f"{source.ids[batch.indices[bad]]}: {batch.errors[bad]} (--on-error fail); "
+                        f"rows before it are in {out}, rerun with --resume after fixing it."
+                    )
+            dispatched = (batch, scorer.dispatch(batch.images))
             if pending is not None:
-                s, e = _write(writer, *pending)
-                scored, failed = scored + s, failed + e
-                f.flush()
-                progress.update(len(pending[0].ids))
-            pending = (batch, result)
-        s, e = _write(writer, *pending)
-        scored, failed = scored + s, failed + e
-        progress.update(len(pending[0].ids))
-    progress.close()
+                s, f = _write(writer, source, scorer, *pending)
+                scored, failed = scored + s, failed + f
+                progress.update(s + f)
+            pending = dispatched
+        if pending is not None:
+            s, f = _write(writer, source, scorer, *pending)
+            scored, failed = scored + s, failed + f
+            progress.update(s + f)
+        finished = True
+    finally:
+        progress.close()
+        writer.close(finished)
     seconds = time.perf_counter() - start
-    print(f"scored {scored}, failed {failed}, {len(items) / seconds:.1f} images/s -> {args.out}", file=sys.stderr)
+    rate = (scored + failed) / seconds if seconds > 0 else 0.0
+    if processes > 1:
+        done_marker(args.out, process, processes).touch()
+        if process == 0:
+            _wait_for_parts(args.out, processes)
+            merge_parts(
+                args.out,
+                processes,
+                args.format,
+                [p for p in (args.save_embeddings, args.save_patch_quality) if p is not None],
+            )
+    target = args.out if process == 0 else out
+    print(f"scored {scored}, failed {failed}, {rate:.1f} images/s -> {target}", file=sys.stderr)
     return 0
 
 
-def _write(writer, batch, result) -> tuple[int, int]:
-    quality = np.asarray(result["quality"])
-    scored = failed = 0
-    for row, image_id in enumerate(batch.ids):
-        if batch.valid[row]:
-            writer.writerow([image_id, repr(float(quality[row])), ""])
-            scored += 1
+def _write(writer, source, scorer, batch, pending) -> tuple[int, int]:
+    from vitnt_jax.output import Row
+
+    result = scorer.fetch(pending)
+    n = len(batch.indices)
+    valid = batch.valid[:n]
+    rows, failed = [], 0
+    for row, index in enumerate(batch.indices):
+        label = source.labels[index] if source.labels is not None else None
+        if valid[row]:
+            rows.append(Row(source.ids[index], float(result["quality"][row]), label))
         else:
-            writer.writerow([image_id, "", batch.errors[row]])
+            rows.append(Row(source.ids[index], None, label, batch.errors[row]))
             failed += 1
-    return scored, failed
+    arrays = {}
+    for key in writer.sinks:
+        values = result[key][:n].astype(np.float32)
+        values[~valid] = np.nan  # failed inputs keep their row, filled with NaN
+        if key == "patch_quality":
+            values = values.reshape(n, *writer.sinks[key].row_shape)
+        arrays[key] = values
+    writer.write(rows, arrays)
+    return n - failed, failed
+
+
+def _wait_for_parts(out: Path, count: int) -> None:
+    from vitnt_jax.output import done_marker
+
+    last = time.perf_counter()
+    while True:
+        missing = [i for i in range(count) if not done_marker(out, i, count).exists()]
+        if not missing:
+            return
+        if time.perf_counter() - last > 60:
+            print(f"waiting for processes {missing} to finish their parts (shared filesystem needed)", file=sys.stderr)
+            last = time.perf_counter()
+        time.sleep(0.5)
 
 
 def _span(blocks: tuple[int, ...]) -> str:
@@ -200,19 +444,16 @@ def _span(blocks: tuple[int, ...]) -> str:
 
 
 class Progress:
-    """tqdm on a terminal; a plain line every 30 s otherwise (logs of batch jobs)."""
+    """tqdm on a terminal (images/s, ETA); a plain line every 30 s otherwise (batch-job logs)."""
 
     def __init__(self, total: int):
         self.total, self.done, self.start = total, 0, time.perf_counter()
         self.last = self.start
         self.bar = None
         if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
+            from tqdm import tqdm
 
-                self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
-            except ImportError:
-                pass
+            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         self.done += n
@@ -223,7 +464,8 @@ class Progress:
         if now - self.last >= 30:
             self.last = now
             rate = self.done / (now - self.start)
-            print(f"{self.done}/{self.total} images, {rate:.1f} images/s", file=sys.stderr, flush=True)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            print(f"{self.done}/{self.total} images, {rate:.1f} images/s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

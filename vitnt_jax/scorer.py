@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vitnt_jax.config import ViTConfig
 from vitnt_jax.model import FaceViT, truncate_blocks
@@ -93,11 +93,18 @@ def score_streaming(
     return result
 
 
-class Scorer:
-    """A compiled scorer for uint8 batches of one fixed shape: `scorer(images_uint8) -> dict`.
+OUTPUTS = ("quality", "patch_quality", "patch_distance", "patch_weight", "embedding")
 
-    Holds the parameters already truncated to the blocks that must run, so nothing after the
-    last selected block is ever computed (unless the embedding is asked for).
+
+class Scorer:
+    """Compiled, data-parallel scoring of uint8 batches: `scorer(images) -> dict of numpy arrays`.
+
+    The batch is split over `devices` (default: every local device) on a 1-D mesh axis 'data'
+    with the parameters replicated: `parallel='jit'` uses jax.jit with NamedSharding (the modern
+    form), `parallel='pmap'` a literal jax.pmap; both give the same numbers. Batches whose size
+    is not a multiple of the device count are padded with zeros and the padding dropped again.
+    Parameters are truncated to the blocks that must run: nothing after the last selected block
+    is computed unless the embedding is asked for. One compilation per batch shape.
     """
 
     def __init__(
@@ -107,34 +114,78 @@ class Scorer:
         settings: ScoreSettings,
         *,
         embed: bool = False,
+        outputs: tuple[str, ...] | None = None,
         precision: Any = "highest",
         dtype: Any = jnp.float32,
+        devices: list | None = None,
+        parallel: str = "jit",
     ):
         if settings.blocks[-1] >= config.depth:
             raise ValueError(f"block {settings.blocks[-1]} does not exist in a {config.depth}-block model.")
-        self.config = config
-        self.settings = settings
-        self.embed = embed
+        if parallel not in ("jit", "pmap"):
+            raise ValueError(f"unknown parallel mode {parallel!r}; choose jit or pmap.")
+        self.config, self.settings, self.embed, self.parallel = config, settings, embed, parallel
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        self.outputs = tuple(outputs) if outputs is not None else OUTPUTS
         run = config.depth if embed else settings.num_blocks_to_run
-        self.variables = jax.device_put(truncate_blocks(variables, run))
-        self._fn: Callable = jax.jit(
-            functools.partial(
-                _score_uint8,
-                config=config,
-                settings=settings,
-                embed=embed,
-                precision=precision,
-                dtype=dtype,
-            )
+        variables = truncate_blocks(variables, run)
+        fn = functools.partial(
+            _score_uint8,
+            config=config,
+            settings=settings,
+            embed=embed,
+            precision=precision,
+            dtype=dtype,
+            outputs=self.outputs,
         )
+        if parallel == "jit":
+            mesh = Mesh(np.asarray(self.devices), ("data",))
+            self._data = NamedSharding(mesh, PartitionSpec("data"))
+            replicated = NamedSharding(mesh, PartitionSpec())
+            self.variables = jax.device_put(variables, replicated)
+            self._fn = jax.jit(fn, in_shardings=(replicated, self._data), out_shardings=self._data)
+        else:
+            self.variables = jax.device_put_replicated(variables, self.devices)
+            self._fn = jax.pmap(fn, devices=self.devices)
 
-    def __call__(self, images: np.ndarray | Array) -> dict[str, Array]:
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def padded_size(self, batch: int) -> int:
+        """Returns the smallest multiple of the device count that holds `batch` images."""
+        n = self.num_devices
+        return -(-batch // n) * n
+
+    def dispatch(self, images: np.ndarray) -> tuple[int, dict[str, Array]]:
+        """Starts scoring (B, H, W, C) uint8 images; returns (B, device results) without waiting."""
+        b = images.shape[0]
+        size = self.padded_size(b)
+        if size != b:
+            images = np.concatenate([images, np.zeros((size - b, *images.shape[1:]), images.dtype)])
+        if self.parallel == "jit":
+            return b, self._fn(self.variables, jax.device_put(images, self._data))
+        shards = images.reshape(self.num_devices, size // self.num_devices, *images.shape[1:])
+        return b, self._fn(self.variables, shards)
+
+    def fetch(self, pending: tuple[int, dict[str, Array]]) -> dict[str, np.ndarray]:
+        """Waits for a `dispatch` result and returns it as numpy arrays without the padding."""
+        b, result = pending
+        out = {}
+        for key, value in result.items():
+            value = np.asarray(value)
+            if self.parallel == "pmap":
+                value = value.reshape(-1, *value.shape[2:])
+            out[key] = value[:b]
+        return out
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Returns the score dict for (B, H, W, C) uint8 RGB images at the model's input size."""
-        return self._fn(self.variables, images)
+        return self.fetch(self.dispatch(np.asarray(images)))
 
 
-def _score_uint8(variables, images, *, config, settings, embed, precision, dtype):
-    return score_streaming(
+def _score_uint8(variables, images, *, config, settings, embed, precision, dtype, outputs):
+    result = score_streaming(
         config,
         variables,
         preprocess(images, config),
@@ -143,3 +194,4 @@ def _score_uint8(variables, images, *, config, settings, embed, precision, dtype
         precision=precision,
         dtype=dtype,
     )
+    return {k: v for k, v in result.items() if k in outputs}
