@@ -142,7 +142,7 @@ class ResultWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not (exists and resume)
         self.file = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
-        self.csv = csv.writer(self.file) if fmt == "csv" else None
+        self.csv = csv.writer(self.file, lineterminator="\n") if fmt == "csv" else None
         if fresh and self.csv is not None:
             self.csv.writerow(self.header)
         self.sinks = {
