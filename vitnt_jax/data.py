@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard);
 # aligned faces are 112x112, so even large photos stay far below it.
 MAX_PIXELS = 64_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own guard, for the formats it checks lazily
+# PIL's own guard stays as a second line of defence (it errors at twice this); its warning is
+# silenced because read_image refuses such images itself with a clear error row.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(Exception):

@@ -84,6 +84,10 @@ def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
     return Source(f"list {list_file}", ids, None, lambda i: read_image(paths[i]))
 
 
+class _Refused(pickle.UnpicklingError):
+    """The pack asked for a Python object we do not load."""
+
+
 class _PackUnpickler(pickle.Unpickler):
     """Reads only plain containers, bytes, strings, bools and numbers: no class is ever looked up."""
 
@@ -95,7 +99,7 @@ class _PackUnpickler(pickle.Unpickler):
             import _codecs
 
             return _codecs.encode
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        raise _Refused(f"it asks for {module}.{name}")
 
 
 def insightface_bin(path: str | Path) -> Source:
@@ -111,11 +115,13 @@ def insightface_bin(path: str | Path) -> Source:
             content = _PackUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise SourceError(f"--bin {path} does not exist; check the path.") from None
-    except pickle.UnpicklingError as error:
+    except _Refused as error:
         raise SourceError(
             f"--bin {path} is not a plain insightface pack ({error}); refusing it, since loading it could run code."
         ) from None
-    except (OSError, EOFError, ValueError, TypeError, IndexError, MemoryError) as error:
+    except IsADirectoryError:
+        raise SourceError(f"--bin {path} is a folder; pass the .bin file itself.") from None
+    except Exception as error:  # any other failure to parse means a damaged or foreign file
         raise SourceError(
             f"--bin {path} is unreadable ({type(error).__name__}); it is truncated or not a .bin pack."
         ) from None
