@@ -360,14 +360,18 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 warned = True
-            if args.on_error == "fail":
-                bad = next((k for k, e in enumerate(batch.errors) if e), None)
-                if bad is not None:
-                    raise UserError(
-                        f"{source.ids[batch.indices[bad]]}: {batch.errors[bad]} (--on-error fail); "
-                        f"rows before it are in {out}, rerun with --resume after fixing it."
-                    )
             dispatched = (batch, scorer.dispatch(batch.images))
+            bad = next((k for k, e in enumerate(batch.errors) if e), None) if args.on_error == "fail" else None
+            if bad is not None:
+                # Keep every row before the bad input, then stop.
+                for job, upto in ((pending, None), (dispatched, bad)):
+                    if job is not None:
+                        s, f = _write(writer, source, scorer, *job, upto=upto)
+                        scored, failed = scored + s, failed + f
+                raise UserError(
+                    f"{source.ids[batch.indices[bad]]}: {batch.errors[bad]} (--on-error fail); "
+                    f"the rows before it are in {out}: rerun with --resume once it is fixed."
+                )
             if pending is not None:
                 s, f = _write(writer, source, scorer, *pending)
                 scored, failed = scored + s, failed + f
@@ -398,14 +402,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(writer, source, scorer, batch, pending) -> tuple[int, int]:
+def _write(writer, source, scorer, batch, pending, upto: int | None = None) -> tuple[int, int]:
+    """Writes the rows of one scored batch (the first `upto` only, when given); returns (scored, failed)."""
     from vitnt_jax.output import Row
 
     result = scorer.fetch(pending)
-    n = len(batch.indices)
+    n = len(batch.indices) if upto is None else upto
     valid = batch.valid[:n]
     rows, failed = [], 0
-    for row, index in enumerate(batch.indices):
+    for row, index in enumerate(batch.indices[:n]):
         label = source.labels[index] if source.labels is not None else None
         if valid[row]:
             rows.append(Row(source.ids[index], float(result["quality"][row]), label))

@@ -145,7 +145,11 @@ class Scorer:
             self.variables = jax.device_put(variables, replicated)
             self._fn = jax.jit(fn, in_shardings=(replicated, self._data), out_shardings=self._data)
         else:
-            self.variables = jax.device_put_replicated(variables, self.devices)
+            # One copy of the parameters per device, stacked on the mapped axis and placed once.
+            n = len(self.devices)
+            mesh = Mesh(np.asarray(self.devices), ("data",))
+            stacked = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (n, *np.shape(a))), variables)
+            self.variables = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("data")))
             self._fn = jax.pmap(fn, devices=self.devices)
 
     @property

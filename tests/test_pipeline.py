@@ -1,0 +1,373 @@
+"""The batch scorer at scale: devices, pmap, every source through main(argv), resume, multi-process."""
+
+import csv
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import smooth_faces
+from PIL import Image
+
+from vitnt_jax import checkpoint, score
+from vitnt_jax.data import center_crop
+from vitnt_jax.scorer import Scorer
+from vitnt_jax.stability import ScoreSettings
+
+SETTINGS = ScoreSettings((0, 1, 2))  # the testing preset's defaults: all blocks, attention/last, alpha 8
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def _scores(rows):
+    return {r[0]: (float(r[1]) if r[1] else None) for r in rows[1:]}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return checkpoint.load(tiny_checkpoint)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    root = tmp_path / "faces"
+    root.mkdir()
+    for i, face in enumerate(smooth_faces(13, seed=21)):
+        Image.fromarray(face).save(root / f"{i:02d}.png")
+    return root
+
+
+def _run(ckpt, *argv):
+    return score.main([*argv, "--model", str(ckpt)])
+
+
+def test_eight_devices_equal_one_device(model):
+    config, variables = model
+    assert jax.local_device_count() == 8
+    images = np.stack(smooth_faces(13, seed=3))
+    eight = Scorer(config, variables, SETTINGS)(images)
+    one = Scorer(config, variables, SETTINGS, devices=jax.local_devices()[:1])(images)
+    for key in ("quality", "patch_quality"):
+        np.testing.assert_allclose(eight[key], one[key], atol=1e-6, rtol=0)
+    # With the same per-device batch, the numbers are bit-identical.
+    same_shape_eight = Scorer(config, variables, SETTINGS)(images[:8])["quality"]  # 1 image per device
+    per_image = np.concatenate(
+        [
+            Scorer(config, variables, SETTINGS, devices=jax.local_devices()[:1])(images[i : i + 1])["quality"]
+            for i in range(8)
+        ]
+    )
+    np.testing.assert_array_equal(same_shape_eight, per_image)
+
+
+def test_pmap_equals_jit(model):
+    config, variables = model
+    images = np.stack(smooth_faces(11, seed=4))
+    jit = Scorer(config, variables, SETTINGS, embed=True)(images)
+    pmap = Scorer(config, variables, SETTINGS, embed=True, parallel="pmap")(images)
+    for key in jit:
+        assert pmap[key].shape == jit[key].shape
+        np.testing.assert_allclose(pmap[key], jit[key], atol=1e-6, rtol=0)
+
+
+def test_padding_is_dropped_and_never_changes_real_rows(model):
+    config, variables = model
+    images = np.stack(smooth_faces(9, seed=5))
+    scorer = Scorer(config, variables, SETTINGS)
+    full = scorer(images)["quality"]
+    assert full.shape == (9,)
+    for n in (1, 7):
+        np.testing.assert_allclose(scorer(images[:n])["quality"], full[:n], atol=1e-6, rtol=0)
+
+
+def test_no_recompilation_over_many_batches(model):
+    config, variables = model
+    scorer = Scorer(config, variables, SETTINGS)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        scorer(rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))  # padded to 16 every time
+    assert scorer._fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("batch", ["1", "7", "9"])
+def test_cli_batch_sizes_around_the_device_count(tiny_checkpoint, folder, tmp_path, model, batch):
+    out = tmp_path / "s.csv"
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--batch-size", batch) == 0
+    rows = _read(out)
+    assert [r[0] for r in rows[1:]] == [f"{i:02d}.png" for i in range(13)]
+    config, variables = model
+    want = Scorer(config, variables, SETTINGS)(np.stack(smooth_faces(13, seed=21)))["quality"]
+    np.testing.assert_allclose([float(r[1]) for r in rows[1:]], want, atol=1e-6, rtol=0)
+
+
+def test_cli_pmap_and_bfloat16(tiny_checkpoint, folder, tmp_path):
+    outs = {}
+    for name, extra in {"jit": [], "pmap": ["--parallel", "pmap"], "bf16": ["--dtype", "bfloat16"]}.items():
+        outs[name] = tmp_path / f"{name}.csv"
+        assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(outs[name]), *extra) == 0
+    jit, pmap, bf16 = (_scores(_read(outs[k])) for k in ("jit", "pmap", "bf16"))
+    assert jit.keys() == pmap.keys() == bf16.keys()
+    for k in jit:
+        assert abs(jit[k] - pmap[k]) <= 1e-6
+        assert abs(jit[k] - bf16[k]) <= 0.05
+
+
+def _bad_folder(root: Path) -> Path:
+    root.mkdir()
+    faces = smooth_faces(6, seed=8)
+    Image.fromarray(faces[0]).save(root / "a_good.png")
+    buffer = io.BytesIO()
+    Image.fromarray(faces[1]).save(buffer, format="JPEG")
+    (root / "b_truncated.jpg").write_bytes(buffer.getvalue()[:200])
+    (root / "c_empty.png").write_bytes(b"")
+    (root / "d_text.png").write_text("no pixels here")
+    Image.fromarray(faces[2]).convert("CMYK").save(root / "e_cmyk.jpg")
+    Image.fromarray(faces[3][..., 0].astype(np.uint16) * 257).save(root / "f_16bit.png")
+    Image.fromarray(faces[4]).resize((45, 37)).save(root / "g_odd_size.png")
+    Image.fromarray(faces[5]).convert("P").save(root / "h_palette.png")
+    return root
+
+
+def test_bad_inputs_keep_their_rows(tiny_checkpoint, tmp_path, capsys):
+    root = _bad_folder(tmp_path / "mixed")
+    out = tmp_path / "s.csv"
+    emb, pq = tmp_path / "e.npy", tmp_path / "pq.npy"
+    assert (
+        _run(
+            tiny_checkpoint,
+            "--images",
+            str(root),
+            "--out",
+            str(out),
+            "--batch-size",
+            "3",
+            "--save-embeddings",
+            str(emb),
+            "--save-patch-quality",
+            str(pq),
+        )
+        == 0
+    )
+    rows = _read(out)
+    assert rows[0] == ["id", "quality", "error"]
+    by_id = {r[0]: r for r in rows[1:]}
+    assert sorted(by_id) == sorted(p.name for p in root.iterdir()) and len(rows) == 9
+    bad = {"b_truncated.jpg", "c_empty.png", "d_text.png"}
+    for name, row in by_id.items():
+        assert (row[1] == "") == (name in bad) and bool(row[2]) == (name in bad), row
+    err = capsys.readouterr().err
+    assert "scored 5, failed 3" in err and err.count("warning:") == 1
+    embeddings, maps = np.load(emb), np.load(pq)
+    assert embeddings.shape == (8, 8) and maps.shape == (8, 4, 4)
+    failed = np.asarray([r[0] in bad for r in rows[1:]])
+    assert np.isnan(embeddings[failed]).all() and np.isfinite(embeddings[~failed]).all()
+    assert np.isnan(maps[failed]).all() and ((maps[~failed] > 0) & (maps[~failed] <= 1)).all()
+
+
+def test_on_error_fail_then_resume(tiny_checkpoint, folder, tmp_path, capsys):
+    reference, emb_ref = tmp_path / "ref.csv", tmp_path / "ref.npy"
+    assert (
+        _run(
+            tiny_checkpoint,
+            "--images",
+            str(folder),
+            "--out",
+            str(reference),
+            "--batch-size",
+            "2",
+            "--save-embeddings",
+            str(emb_ref),
+        )
+        == 0
+    )
+    good = (folder / "10.png").read_bytes()
+    (folder / "10.png").write_bytes(b"broken")
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    argv = ["--images", str(folder), "--out", str(out), "--batch-size", "8", "--save-embeddings", str(emb)]
+    assert _run(tiny_checkpoint, *argv, "--on-error", "fail") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 10.png: not a readable image") and "--resume" in err
+    partial = _read(out)
+    assert partial == _read(reference)[:11]  # header + every row before the bad input
+    assert not emb.exists() and (tmp_path / "e.npy.partial").exists()
+    assert _run(tiny_checkpoint, *argv) == 1  # exists: refuses without --resume or --overwrite
+    (folder / "10.png").write_bytes(good)
+    assert _run(tiny_checkpoint, *argv, "--resume") == 0
+    assert "skipping 10 already written" in capsys.readouterr().err
+    assert _read(out) == _read(reference)
+    np.testing.assert_array_equal(np.load(emb), np.load(emb_ref))
+    assert not (tmp_path / "e.npy.partial").exists()
+    assert _run(tiny_checkpoint, *argv, "--resume") == 0  # nothing left to do, nothing changes
+    assert _read(out) == _read(reference)
+    np.testing.assert_array_equal(np.load(emb), np.load(emb_ref))
+
+
+def test_resume_after_a_crash_mid_row(tiny_checkpoint, folder, tmp_path):
+    reference = tmp_path / "ref.csv"
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(reference)) == 0
+    out = tmp_path / "s.csv"
+    text = reference.read_text()
+    cut = text.index("05.png") + 8  # a crash left half of row 05 behind
+    out.write_text(text[:cut])
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--resume") == 0
+    assert out.read_text() == text
+
+
+def test_list_source_with_reference_format(tiny_checkpoint, folder, tmp_path):
+    listing = tmp_path / "image_path_list.txt"
+    listing.write_text("faces/03.png\nfaces/01.png\nfaces/absent.png\n")
+    out = tmp_path / "scores.txt"
+    assert (
+        _run(
+            tiny_checkpoint, "--list", str(listing), "--root", str(tmp_path), "--out", str(out), "--format", "reference"
+        )
+        == 0
+    )
+    lines = out.read_text().splitlines()
+    assert [line.rsplit(" ", 1)[0] for line in lines] == ["faces/03.png", "faces/01.png", "faces/absent.png"]
+    assert lines[2].endswith(" nan")
+    csv_out = tmp_path / "s.csv"
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(csv_out)) == 0
+    by_id = _scores(_read(csv_out))
+    assert abs(float(lines[0].split()[-1]) - by_id["03.png"]) < 1e-12
+
+
+def test_bin_source_scores_like_the_same_files(tiny_checkpoint, folder, tmp_path):
+    blobs = [(folder / f"{i:02d}.png").read_bytes() for i in range(4)]
+    pack = tmp_path / "lfw.bin"
+    pack.write_bytes(pickle.dumps((blobs, [True, False]), protocol=2))
+    out = tmp_path / "s.csv"
+    assert _run(tiny_checkpoint, "--bin", str(pack), "--out", str(out)) == 0
+    rows = _read(out)
+    assert rows[0] == ["id", "quality", "label", "error"]
+    assert [(r[0], r[2]) for r in rows[1:]] == [("0", "1"), ("1", "1"), ("2", "0"), ("3", "0")]
+    ref = tmp_path / "ref.csv"
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(ref)) == 0
+    by_id = _scores(_read(ref))
+    for i in range(4):
+        assert abs(float(rows[i + 1][1]) - by_id[f"{i:02d}.png"]) < 1e-12
+
+
+def test_crafted_bin_is_refused_by_the_cli(tiny_checkpoint, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    pack = tmp_path / "evil.bin"
+    pack.write_bytes(pickle.dumps(([b"x", Exploit()], [True])))
+    assert _run(tiny_checkpoint, "--bin", str(pack), "--out", str(tmp_path / "s.csv")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --bin") and "refusing it" in err and "\n" not in err
+    assert not marker.exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_tfds_lfw_end_to_end_with_mock_data(tiny_checkpoint, tmp_path, model):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    out = tmp_path / "lfw.csv"
+    with tfds.testing.mock_data(num_examples=5):
+        assert _run(tiny_checkpoint, "--tfds", "lfw", "--out", str(out), "--batch-size", "3") == 0
+        data = tfds.data_source("lfw", split="train")
+        photos = [data[i]["image"] for i in range(5)]
+        labels = [data[i]["label"] for i in range(5)]
+    rows = _read(out)
+    assert rows[0] == ["id", "quality", "label", "error"]
+    assert [r[0] for r in rows[1:]] == [f"lfw/train/{i}" for i in range(5)]
+    assert [r[2] for r in rows[1:]] == [x.decode() if isinstance(x, bytes) else x for x in labels]
+    # LFW is unaligned: the fixed centre face box, then a bilinear resize to the model's size.
+    config, variables = model
+    crops = np.stack([np.asarray(Image.fromarray(center_crop(p)).resize((32, 32), Image.BILINEAR)) for p in photos])
+    want = Scorer(config, variables, SETTINGS)(crops)["quality"]
+    np.testing.assert_allclose([float(r[1]) for r in rows[1:]], want, atol=1e-6, rtol=0)
+
+
+def test_embeddings_match_the_model(tiny_checkpoint, folder, tmp_path, model):
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--save-embeddings", str(emb)) == 0
+    config, variables = model
+    want = Scorer(config, variables, SETTINGS, embed=True)(np.stack(smooth_faces(13, seed=21)))["embedding"]
+    np.testing.assert_allclose(np.load(emb), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--alpha", "-1"], "--alpha must be a positive number"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--root", "."], "--root only applies to --list"),
+        (["--num-processes", "2"], "need all of --num-processes"),
+        (["--save-embeddings", "e.csv"], "must end in .npy"),
+    ],
+)
+def test_flag_errors_are_one_line(tiny_checkpoint, folder, tmp_path, capsys, argv, message):
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(tmp_path / "s.csv"), *argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_merge_to_the_single_process_result(tiny_checkpoint, folder, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    common = [
+        sys.executable,
+        "-m",
+        "vitnt_jax.score",
+        "--images",
+        str(folder),
+        "--model",
+        str(tiny_checkpoint),
+        "--batch-size",
+        "4",
+    ]
+    single = subprocess.run(
+        [*common, "--out", str(tmp_path / "single.csv"), "--save-embeddings", str(tmp_path / "single.npy")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "multi.csv"),
+                "--save-embeddings",
+                str(tmp_path / "multi.npy"),
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert (tmp_path / "multi.csv").read_bytes() == (tmp_path / "single.csv").read_bytes()
+    np.testing.assert_array_equal(np.load(tmp_path / "multi.npy"), np.load(tmp_path / "single.npy"))
+    assert sorted(p.name for p in tmp_path.iterdir() if "part" in p.name) == []
