@@ -101,7 +101,7 @@ def infer_variant(state: dict) -> str:
         width = int(state["pos_embed"].shape[-1])
         mlp = int(state["blocks.0.mlp.fc1.weight"].shape[0])
         patch = int(state["patch_embed.proj.weight"].shape[-1])
-    except (KeyError, ValueError, IndexError):
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
         raise ConversionError(
             "the checkpoint is not a CVLface ViT state_dict (no blocks.*, pos_embed, "
             "patch_embed.proj.weight keys); check that SRC is the ViT's model.pt or model.safetensors."
@@ -132,6 +132,8 @@ def convert_state_dict(state: dict, variant: str | None = None) -> tuple[ViTConf
 def convert(src: str | Path, dst: str | Path, variant: str | None = None, *, overwrite: bool = False) -> Path:
     """Converts the CVLface checkpoint `src` into a vitnt-jax checkpoint directory `dst`."""
     src = Path(src)
+    if Path(dst).resolve() in src.resolve().parents:
+        raise ConversionError(f"{dst} contains the source {src}; write the checkpoint somewhere else.")
     state = unwrap(read_checkpoint(src), WRAPPERS, PREFIXES)
     config, variables, variant = convert_state_dict(state, variant)
     source = {"family": "cvlface", "variant": variant, "file": src.name, "sha256": sha256(src)}

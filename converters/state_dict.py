@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import zipfile
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     Python objects is refused rather than unpickled.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ConversionError(f"checkpoint {path} is a folder; pass the .pt or .safetensors file inside it.")
+    if not path.exists():
         raise ConversionError(f"checkpoint {path} does not exist; check the path.")
+    if not os.access(path, os.R_OK):
+        raise ConversionError(f"checkpoint {path} is not readable (permission denied); fix its permissions.")
     if path.stat().st_size == 0:
         raise ConversionError(f"checkpoint {path} is empty; download it again.")
     if path.suffix == ".safetensors":
@@ -54,21 +58,27 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         import torch
     except ImportError:
         raise ConversionError("reading PyTorch checkpoints needs torch: pip install torch==2.13.0.") from None
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive ("PK..."); very old files are a bare pickle (protocol byte 0x80).
+    if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):
+        raise ConversionError(
+            f"could not read {path}: it is neither safetensors (by its name) nor a PyTorch checkpoint; "
+            "pass the model.pt or model.safetensors file."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except Exception as error:  # torch raises many types for foreign or damaged files
         text = str(error)
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        if "Unsupported global" in text or "Unsupported class" in text:
             raise ConversionError(
                 f"{path} holds Python objects besides tensors, and we refuse to unpickle them; "
                 "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or safetensors."
             ) from None
-        if isinstance(error, (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError)):
-            raise ConversionError(
-                f"could not read {path} ({type(error).__name__}): the file is truncated or not a "
-                "PyTorch checkpoint; download it again."
-            ) from None
-        raise
+        raise ConversionError(
+            f"could not read {path} ({type(error).__name__}): the file is truncated or not a "
+            "PyTorch checkpoint; download it again."
+        ) from None
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -88,16 +98,21 @@ def unwrap(obj: Any, wrappers: tuple[str, ...], prefixes: tuple[str, ...]) -> di
         obj, seen = inner, seen + 1
     if not isinstance(obj, Mapping):
         raise ConversionError(f"the checkpoint holds a {type(obj).__name__}, not a state_dict.")
-    out = {}
+    out: dict[str, Any] = {}
+    original: dict[str, str] = {}
     for key, value in obj.items():
-        stripped = True
+        name, stripped = str(key), True
         while stripped:
             stripped = False
             for prefix in prefixes:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
-        if hasattr(value, "shape"):
-            out[key] = value
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix) :], True
+        if name in out:
+            raise ConversionError(
+                f"keys {original[name]!r} and {key!r} both name {name!r} once prefixes are removed; "
+                "the checkpoint holds two models, extract the one you want."
+            )
+        out[name], original[name] = value, str(key)
     return out
 
 

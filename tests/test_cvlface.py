@@ -243,3 +243,69 @@ def test_pickled_objects_are_refused(tmp_path, capsys):
 def test_unwrap_rejects_non_dict():
     with pytest.raises(ConversionError, match="not a state_dict"):
         unwrap([1, 2], ("state_dict",), ("net.",))
+
+
+def test_overwrite_never_deletes_a_foreign_folder(torch_model, tmp_path):
+    src = tmp_path / "model.pt"
+    torch.save(torch_model.state_dict(), src)
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.txt").write_text("years of work")
+    with pytest.raises(ConversionError, match="not a vitnt-jax checkpoint; refusing to replace it"):
+        cvlface.convert(src, precious, overwrite=True)
+    assert (precious / "chapter1.txt").read_text() == "years of work"
+    inside = tmp_path / "ckpt"
+    inside.mkdir()
+    torch.save(torch_model.state_dict(), inside / "model.pt")
+    with pytest.raises(ConversionError, match="contains the source"):
+        cvlface.convert(inside / "model.pt", inside, overwrite=True)
+    assert (inside / "model.pt").exists()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConversionError, match="not a folder"):
+        cvlface.convert(src, tmp_path / "a_file", overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_text("id,quality\nnot a checkpoint\n"), "neither safetensors .* nor a PyTorch checkpoint"),
+        (lambda p: p.mkdir(), "is a folder; pass the .pt"),
+    ],
+)
+def test_foreign_sources_are_one_clear_error(tmp_path, make, message):
+    src = tmp_path / "model.pt"
+    make(src)
+    with pytest.raises(ConversionError, match=message):
+        read_checkpoint(src)
+
+
+def test_prefix_collisions_are_refused(torch_model):
+    state = {f"net.{k}": v for k, v in torch_model.state_dict().items()}
+    state["blocks.0.norm1.weight"] = torch.full((CFG.embed_dim,), 7.0)
+    with pytest.raises(ConversionError, match="both name 'blocks.0.norm1.weight'"):
+        unwrap(state, cvlface.WRAPPERS, cvlface.PREFIXES)
+
+
+def test_fp16_values_survive_widening(torch_model, converted, tmp_path):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in torch_model.state_dict().items()}
+    torch.save(half, tmp_path / "half.pt")
+    _, variables = checkpoint.load(cvlface.convert(tmp_path / "half.pt", tmp_path / "out"))
+    np.testing.assert_array_equal(variables["params"]["pos_embed"], half["pos_embed"].float().numpy())
+    np.testing.assert_allclose(variables["params"]["pos_embed"], converted[1]["params"]["pos_embed"], atol=1e-3)
+
+
+def test_damaged_checkpoint_metadata(converted, tmp_path):
+    import shutil
+
+    from vitnt_jax.config import PRESETS as presets
+
+    target = tmp_path / "ck"
+    checkpoint.save(target, presets["testing"], converted[1])
+    (target / "config.json").write_text("[]")
+    with pytest.raises(checkpoint.CheckpointError, match="not a version-1 vitnt-jax checkpoint"):
+        checkpoint.load(target)
+    shutil.rmtree(target)
+    (tmp_path / "model.pt").write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match="is a file; convert it first"):
+        checkpoint.load(tmp_path / "model.pt")

@@ -1,7 +1,6 @@
 """The Flax model: pinned sizes, scan == loop, streaming == states, no retracing."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,4 +163,3 @@ def test_scan_stacks_params_on_axis_zero(testing_config):
     shapes = variable_shapes(testing_config)["params"]["blocks"]
     for leaf in jax.tree.leaves(shapes):
         assert leaf.shape[0] == testing_config.depth
-    assert isinstance(nn.scan, object)

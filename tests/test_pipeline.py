@@ -371,3 +371,129 @@ def test_two_processes_merge_to_the_single_process_result(tiny_checkpoint, folde
     assert (tmp_path / "multi.csv").read_bytes() == (tmp_path / "single.csv").read_bytes()
     np.testing.assert_array_equal(np.load(tmp_path / "multi.npy"), np.load(tmp_path / "single.npy"))
     assert sorted(p.name for p in tmp_path.iterdir() if "part" in p.name) == []
+
+
+def test_distributed_without_a_cluster_is_one_line(tiny_checkpoint, folder, tmp_path, capsys):
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(tmp_path / "s.csv"), "--distributed") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --distributed found no cluster") and "\n" not in err
+
+
+def test_unprepared_tfds_dataset_says_what_is_missing(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from vitnt_jax import sources
+
+    def not_prepared(*args, **kwargs):
+        raise NotImplementedError("Random access data source for file format TFRECORD is not supported")
+
+    class Builder:
+        def download_and_prepare(self, **kwargs):
+            assert kwargs == {"file_format": "array_record"}
+            raise ModuleNotFoundError("No module named 'tensorflow'")
+
+    monkeypatch.setattr(tfds, "data_source", not_prepared)
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+    with pytest.raises(sources.SourceError, match="needs TensorFlow .*--file_format=array_record.*--data-dir"):
+        sources.tfds_source("lfw")
+
+
+def test_plain_progress_lines_when_not_on_a_terminal(monkeypatch, capsys):
+    clock = iter([0.0, 10.0, 31.0, 40.0])
+    monkeypatch.setattr(score.time, "perf_counter", lambda: next(clock))
+    progress = score.Progress(100)  # stderr is captured: not a terminal
+    progress.update(20)  # t = 10 s: too soon for a line
+    progress.update(42)  # t = 31 s: 62 images in 31 s
+    progress.update(10)  # t = 40 s: 9 s after the last line
+    progress.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["62/100 images, 2.0 images/s, ETA 19 s"]
+
+
+def test_padding_rows_never_change_real_rows_exactly(model):
+    config, variables = model
+    images = np.stack(smooth_faces(8, seed=6))
+    scorer = Scorer(config, variables, SETTINGS)
+    five = scorer(images[:5])  # padded with three zero images
+    noisy = images.copy()
+    noisy[5:] = 255 - noisy[5:]  # other content in the same three rows
+    eight = scorer(noisy)
+    for key in five:
+        np.testing.assert_array_equal(five[key], eight[key][:5])
+
+
+def test_one_compilation_for_a_whole_cli_run(tiny_checkpoint, folder, tmp_path, monkeypatch):
+    import vitnt_jax.scorer as scorer_module
+
+    made = []
+
+    class Recording(scorer_module.Scorer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(scorer_module, "Scorer", Recording)
+    out = tmp_path / "s.csv"
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--batch-size", "4") == 0
+    assert len(_read(out)) == 14  # 13 images over two batches of 8 (4 rounded up to the 8 devices)
+    assert len(made) == 1 and made[0]._fn._cache_size() == 1
+
+
+def test_batches_pad_the_tail_and_mark_it_invalid(folder):
+    from vitnt_jax.data import batches
+    from vitnt_jax.sources import image_folder
+
+    src = image_folder(folder)
+    got = list(batches(src.load, list(range(13)), 8, 32, workers=2))
+    assert [b.indices for b in got] == [list(range(8)), list(range(8, 13))]
+    assert got[1].images.shape == (8, 32, 32, 3)
+    assert got[1].valid.tolist() == [True] * 5 + [False] * 3
+    assert not got[1].images[5:].any()
+
+
+def test_scorer_refuses_float_input(model):
+    config, variables = model
+    with pytest.raises(ValueError, match="uint8 RGB images"):
+        Scorer(config, variables, SETTINGS)(np.zeros((2, 32, 32, 3), np.float32))
+
+
+def test_linked_folders_are_followed_once(tiny_checkpoint, folder, tmp_path):
+    root = tmp_path / "linked"
+    root.mkdir()
+    (root / "people").symlink_to(folder, target_is_directory=True)
+    (folder / "back").symlink_to(root, target_is_directory=True)  # a cycle through the link
+    out = tmp_path / "s.csv"
+    assert _run(tiny_checkpoint, "--images", str(root), "--out", str(out)) == 0
+    ids = [r[0] for r in _read(out)[1:]]
+    assert ids == [f"people/{i:02d}.png" for i in range(13)]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read any folder")
+def test_unlistable_folder_is_reported(tiny_checkpoint, folder, tmp_path, capsys):
+    locked = folder / "locked"
+    locked.mkdir()
+    Image.fromarray(smooth_faces(1)[0]).save(locked / "hidden.png")
+    locked.chmod(0)
+    try:
+        out = tmp_path / "s.csv"
+        assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out)) == 0
+        assert "warning: cannot list folder" in capsys.readouterr().err
+        assert (
+            _run(tiny_checkpoint, "--images", str(folder), "--out", str(tmp_path / "t.csv"), "--on-error", "fail") == 1
+        )
+    finally:
+        locked.chmod(0o755)
+
+
+def test_output_path_problems_are_caught_before_work(tiny_checkpoint, folder, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path, "is a folder"), (tmp_path / "afile" / "s.csv", "which is a file")):
+        assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out)) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_flag_errors_from_argparse_are_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        score.main(["--images", "x", "--model", "m", "--block", "-2:"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unrecognized arguments: --block") and "\n" not in err

@@ -140,6 +140,8 @@ def test_streaming_tap_equals_states_maths(blocks, aggregation, attention, metri
         (dict(blocks=(3,)), "at least two blocks"),
         (dict(blocks=(2, 1)), "sorted"),
         (dict(blocks=(0, 1), metric="chebyshev"), "unknown metric"),
+        (dict(blocks=(0, 1), alpha=-8.0), "alpha must be a positive number"),
+        (dict(blocks=(0, 1), alpha=float("nan")), "alpha must be a positive number"),
         (dict(blocks=(0, 1), aggregation="max"), "unknown aggregation"),
         (dict(blocks=(0, 1), attention="first"), "unknown attention"),
     ],

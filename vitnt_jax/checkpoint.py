@@ -59,30 +59,65 @@ def save(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Writes `variables` and `config` to `directory` and returns its absolute path."""
+    """Writes `variables` and `config` to `directory` and returns its absolute path.
+
+    The checkpoint is written into a temporary sibling and moved into place at the end, so an
+    interrupted save never leaves a half checkpoint. With `overwrite`, only an existing vitnt-jax
+    checkpoint (or an empty folder) is replaced: any other folder is refused, never deleted.
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     check_variables(config, variables, "the converted variables")
-    if directory.exists():
+    if directory.exists() or directory.is_symlink():
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory} exists and is not a folder; choose another output path.")
         if not overwrite:
             raise CheckpointError(f"{directory} already exists; choose a new path or pass --overwrite.")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    arrays = jax.tree.map(np.asarray, variables)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "variables", arrays)
-    checkpointer.wait_until_finished()
-    meta = {"format": FORMAT, "version": VERSION, "config": json.loads(config.to_json()), "source": source or {}}
-    # config.json last: its presence marks a complete checkpoint.
-    (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if any(directory.iterdir()) and not is_checkpoint(directory):
+            raise CheckpointError(
+                f"{directory} is a folder that is not a vitnt-jax checkpoint; refusing to replace it, "
+                "choose another output path."
+            )
+    temporary = directory.with_name(f".{directory.name}.writing-{os.getpid()}")
+    try:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        arrays = jax.tree.map(np.asarray, variables)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(temporary / "variables", arrays)
+        checkpointer.wait_until_finished()
+        meta = {"format": FORMAT, "version": VERSION, "config": json.loads(config.to_json()), "source": source or {}}
+        (temporary / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(temporary, directory)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise CheckpointError(
+            f"cannot write the checkpoint to {directory} ({error.strerror or error}); choose a writable output path."
+        ) from None
     return directory
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    """Returns whether `directory` holds a vitnt-jax checkpoint (by its config.json)."""
+    try:
+        meta = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
     """Returns (config, metadata) of the checkpoint in `directory`."""
     directory = Path(directory)
     meta_path = directory / "config.json"
+    if directory.is_file():
+        raise CheckpointError(
+            f"--model {directory} is a file; convert it first with `python -m converters.cvlface "
+            f"{directory} DST` and pass the folder DST to --model."
+        )
     if not directory.is_dir():
         raise CheckpointError(
             f"model checkpoint {directory} does not exist; convert one with "
@@ -97,7 +132,7 @@ def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{meta_path} is unreadable ({error}); convert the checkpoint again.") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(
             f"{meta_path} is not a version-{VERSION} vitnt-jax checkpoint; convert the checkpoint again."
         )

@@ -223,6 +223,8 @@ class FaceViT(nn.Module):
         return result
 
     def _embedding_head(self, x: Array, final_scale: Array, final_bias: Array) -> Array:
+        # CVLface's forward_features applies the final norm before flattening; the copy of vit.py
+        # in the authors' FIQA repository omits it there, but its quality score never uses the head.
         cfg = self.config
         flat = layer_norm(x, final_scale, final_bias, cfg.layer_norm_eps).reshape(x.shape[0], -1)
         dense = lambda features, name: nn.Dense(  # noqa: E731

@@ -28,9 +28,16 @@ its row, with an empty quality and the reason in the error column.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line instead of argparse's usage dump; exit status 2 as argparse's convention.
+        self.exit(2, f"error: {message}; see python -m vitnt_jax.score --help.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m vitnt_jax.score",
+        allow_abbrev=False,
         description="Training-free face image quality (ViTNT-FIQA) for large face collections.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -225,6 +232,19 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError("--save-embeddings and --save-patch-quality must be different files.")
 
 
+def _check_writable(flag: str, path: Path) -> None:
+    """Raises UserError unless a file can be created at `path` (checked before any work starts)."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file path.")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path} lies under {parent}, which is a file; choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path} is not writable (permission denied); choose another path.")
+
+
 def _init_distributed(args) -> tuple[int, int]:
     import jax
 
@@ -268,6 +288,17 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     process, processes = _init_distributed(args)
     source = _open_source(args)
+    for problem in source.problems:
+        if args.on_error == "fail":
+            raise UserError(f"{problem} (--on-error fail).")
+        print(f"warning: {problem}", file=sys.stderr)
+    for flag, path in (
+        ("--out", args.out),
+        ("--save-embeddings", args.save_embeddings),
+        ("--save-patch-quality", args.save_patch_quality),
+    ):
+        if path is not None:
+            _check_writable(flag, path)
     color = args.color or source.color
     align = args.align or source.align
 
@@ -328,8 +359,10 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
         )
-    except (OutputError, OSError) as error:
+    except OutputError as error:
         raise UserError(str(error)) from None
+    except OSError as error:
+        raise UserError(f"cannot write {error.filename or out} ({error.strerror}); choose a writable --out.") from None
     done = set(writer.done_ids)
     todo = [k for k in range(lo, hi) if source.ids[k] not in done]
 

@@ -163,6 +163,13 @@ class Scorer:
 
     def dispatch(self, images: np.ndarray) -> tuple[int, dict[str, Array]]:
         """Starts scoring (B, H, W, C) uint8 images; returns (B, device results) without waiting."""
+        images = np.asarray(images)
+        c = self.config
+        if images.dtype != np.uint8 or images.shape[1:] != (c.img_size, c.img_size, c.in_channels):
+            raise ValueError(
+                f"Scorer takes (B, {c.img_size}, {c.img_size}, {c.in_channels}) uint8 RGB images, got "
+                f"{images.shape} {images.dtype}; use score_streaming for float input."
+            )
         b = images.shape[0]
         size = self.padded_size(b)
         if size != b:

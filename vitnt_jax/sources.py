@@ -6,8 +6,9 @@ decoded (H, W, 3) uint8 array, raising `ImageError` for an unusable image. Ids a
 
 from __future__ import annotations
 
+import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ class Source:
     loader: Any  # callable index -> np.ndarray
     color: str = "rgb"
     align: str = "none"
+    problems: list[str] = field(default_factory=list)  # inputs that could not even be listed
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -47,15 +49,38 @@ def _check_unique(ids: list[str], what: str) -> None:
 
 
 def image_folder(root: str | Path) -> Source:
-    """Returns every PNG/JPEG under `root` (recursive); id = path relative to root, sorted."""
+    """Returns every PNG/JPEG under `root` (recursive, following folder links); id = relative path.
+
+    Ids are sorted. A sub-folder that cannot be listed is reported in `problems`, not skipped
+    silently; a folder link that leads back into the tree is visited once.
+    """
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"--images {root} is not a folder; pass the folder that holds the face images.")
-    found = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    problems: list[str] = []
+    found: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+
+    def unreadable(error: OSError) -> None:
+        problems.append(f"cannot list folder {error.filename} ({error.strerror}); its images are not scored")
+
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link cycle: this folder was listed already
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in files:
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                path = Path(folder) / name
+                found.append((path.relative_to(root).as_posix(), path))
+    found.sort(key=lambda item: item[0])
     if not found:
-        raise SourceError(f"no PNG or JPEG files under {root}; point --images at a folder of face images.")
+        extra = f" ({problems[0]})" if problems else ""
+        raise SourceError(f"no PNG or JPEG files under {root}{extra}; point --images at a folder of face images.")
     paths = [p for _, p in found]
-    return Source(f"folder {root}", [i for i, _ in found], None, lambda i: read_image(paths[i]))
+    return Source(f"folder {root}", [i for i, _ in found], None, lambda i: read_image(paths[i]), problems=problems)
 
 
 def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:

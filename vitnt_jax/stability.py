@@ -11,6 +11,7 @@ The method (Ozgur et al., arXiv 2601.05741), as the authors' published code comp
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -98,6 +99,8 @@ class ScoreSettings:
             raise ValueError(f"select at least two blocks to measure token movement (got {list(self.blocks)}).")
         if list(self.blocks) != sorted(set(self.blocks)) or self.blocks[0] < 0:
             raise ValueError(f"blocks must be distinct, sorted and non-negative (got {list(self.blocks)}).")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive number (got {self.alpha}).")
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}.")
         if self.aggregation not in ("mean", "attention"):
