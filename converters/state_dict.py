@@ -206,3 +206,48 @@ def _torch_shape(transform, flax_shape):
 def _clip(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return f"[{shown}{f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''}]"
+
+
+def save_converted(src: Path, dst: str | Path, config, variables, source: dict, overwrite: bool) -> Path:
+    """Writes the converted checkpoint `dst` (refusing a destination that holds the source)."""
+    from vitnt_jax import checkpoint
+
+    if Path(dst).resolve() in Path(src).resolve().parents:
+        raise ConversionError(f"{dst} contains the source {src}; write the checkpoint somewhere else.")
+    source = {**source, "file": Path(src).name, "sha256": sha256(Path(src))}
+    try:
+        return checkpoint.save(dst, config, variables, source, overwrite=overwrite)
+    except checkpoint.CheckpointError as error:
+        raise ConversionError(str(error)) from None
+
+
+def run_cli(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    src_help: str,
+    variants: list[str],
+    convert: Callable[..., Path],
+    add_arguments: Callable[[Any], None] | None = None,
+) -> int:
+    """The shared command line of the converters: SRC DST [--variant V] [--overwrite] [extra flags]."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    parser.add_argument("src", help=src_help)
+    parser.add_argument("dst", help="output checkpoint directory (pass it to the scorer's --model)")
+    if variants:
+        parser.add_argument("--variant", choices=variants, help="default: inferred from the shapes")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a vitnt-jax checkpoint")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    try:
+        out = convert(args.pop("src"), args.pop("dst"), **args)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0

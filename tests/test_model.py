@@ -12,9 +12,22 @@ from vitnt_jax.scorer import Scorer, compute_states, score_from_states, score_st
 from vitnt_jax.stability import METRICS, ScoreSettings
 
 # Trainable parameters (BatchNorm running statistics excluded), as the PyTorch modules count them.
+# insightface / TransFace numbers were counted on the published arcface_torch and TransFace
+# modules (mask_token excluded); CLIP ViT-B/16 visual: 86.19M; timm ViT-B/16 without its
+# 1000-class head (769,000 parameters): 86,567,656 - 769,000.
 PINNED = {
     "cvlface_vit_small": 95_952_384,
     "cvlface_vit_base": 114_869_760,
+    "insightface_vit_t": 19_137_536,
+    "insightface_vit_s": 76_022_784,
+    "insightface_vit_b": 113_832_960,
+    "insightface_vit_l": 255_683_584,
+    "transface_vit_t": 24_466_688,
+    "transface_vit_s": 86_660_352,
+    "transface_vit_b": 124_470_528,
+    "transface_vit_l": 271_629_568,
+    "clip_vit_b16": 86_192_640,
+    "timm_vit_base_patch16_224": 85_798_656,
     "testing": 14_176,
 }
 

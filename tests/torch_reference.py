@@ -123,3 +123,146 @@ def oracle_score(
     received = received[-1] if attention == "last" else received.mean(0)
     weights = received / received.sum(1, keepdim=True)
     return {"quality": (q * weights).sum(1), "patch_quality": q}
+
+
+class TransFaceViT(FaceViT):
+    """FaceViT plus TransFace's token gate on the final-normed tokens before the face head."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__(cfg, mask_token=True)
+        n, d = cfg.num_patches, cfg.embed_dim
+        self.senet = nn.Sequential(
+            nn.Linear(n * d, n, bias=False), nn.ReLU(), nn.Linear(n, n, bias=False), nn.Sigmoid()
+        )
+
+    @torch.inference_mode()
+    def trace(self, images):
+        outputs, attentions, _ = super().trace(images)
+        normed = self.norm(outputs[-1])
+        b = normed.shape[0]
+        gate = self.senet(normed.reshape(b, -1)).reshape(b, -1, 1)
+        return outputs, attentions, self.feature((normed * gate).reshape(b, -1))
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ClipBlock(nn.Module):
+    """CLIP ResidualAttentionBlock: ln_1, nn.MultiheadAttention (in_proj), ln_2, c_fc / c_proj."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.ln_1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.attn = nn.MultiheadAttention(d, cfg.num_heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        act = QuickGELU() if cfg.activation == "quick_gelu" else nn.GELU()
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(d, cfg.mlp_dim))
+        self.mlp.add_module("gelu", act)
+        self.mlp.add_module("c_proj", nn.Linear(cfg.mlp_dim, d))
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        out, weights = self.attn(y, y, y, need_weights=True, average_attn_weights=False)
+        x = x + out
+        return x + self.mlp(self.ln_2(x)), weights
+
+
+class ClipVisual(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.conv1 = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(d) * 0.02)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.num_tokens, d) * 0.02)
+        self.ln_pre = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList([ClipBlock(cfg) for _ in range(cfg.depth)])
+        self.ln_post = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.proj = nn.Parameter(torch.randn(d, cfg.embedding_dim) * d**-0.5)
+
+
+class Clip(nn.Module):
+    """The visual tower of CLIP (keys `visual.*`) next to a stand-in text tower we must ignore."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.visual = ClipVisual(cfg)
+        self.token_embedding = nn.Embedding(10, 8)  # text-tower stand-in
+        self.logit_scale = nn.Parameter(torch.ones([]))
+        self.norm = self.visual.ln_post  # the final norm, for oracle_score
+
+    def forward(self, images):
+        outputs, attentions, embedding = self.trace(images)
+        return embedding
+
+    def trace(self, images):
+        v = self.visual
+        x = v.conv1(images).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.expand(x.shape[0], 1, -1)
+        x = v.ln_pre(torch.cat([cls, x], 1) + v.positional_embedding)
+        outputs, attentions = [], []
+        for block in v.transformer.resblocks:
+            x, weights = block(x)
+            outputs.append(x)
+            attentions.append(weights)
+        return outputs, attentions, v.ln_post(x[:, 0]) @ v.proj
+
+
+class TimmBlock(Block):
+    """timm's Block: same names as the face layout, with qkv bias, GELU and eps 1e-6 from cfg."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__(cfg)
+        self.mlp.act = nn.GELU()
+
+
+class TimmViT(nn.Module):
+    def __init__(self, cfg: ViTConfig, num_classes: int = 10):
+        super().__init__()
+        d = cfg.embed_dim
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, d) * 0.02)
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList([TimmBlock(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(d, num_classes)
+
+    @torch.inference_mode()
+    def trace(self, images):
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        outputs, attentions = [], []
+        for block in self.blocks:
+            x, weights = block(x)
+            outputs.append(x)
+            attentions.append(weights)
+        return outputs, attentions, self.norm(x)[:, 0]
+
+
+def perturb(model: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
+    """Returns `model` in eval mode with every parameter moved randomly away from its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+@torch.inference_mode()
+def oracle_score_prefixed(model, images, blocks, alpha=8.0, aggregation="attention", attention="last", prefix=1):
+    """The vectorised oracle for class-token models: patch tokens only; attention to patch keys,
+    from every query (class token included), renormalised over the patches."""
+    outputs, attentions, _ = model.trace(images)
+    z = torch.stack([nn.functional.normalize(model.norm(outputs[t])[:, prefix:], dim=-1) for t in blocks], 1)
+    distance = (z[:, 1:] - z[:, :-1]).norm(dim=-1).mean(1)
+    q = 2.0 / (1.0 + torch.exp(alpha * distance))
+    if aggregation == "mean":
+        return {"quality": q.mean(1), "patch_quality": q}
+    received = torch.stack([attentions[t][..., prefix:].mean(1).sum(1) for t in blocks], 0)
+    received = received[-1] if attention == "last" else received.mean(0)
+    weights = received / received.sum(1, keepdim=True)
+    return {"quality": (q * weights).sum(1), "patch_quality": q}

@@ -7,6 +7,10 @@ import json
 from typing import Any, Literal
 
 Activation = Literal["relu6", "gelu", "gelu_tanh", "quick_gelu"]
+# Embedding heads: "face" = final norm -> flatten -> Dense -> BN -> Dense -> BN (CVLface,
+# insightface); "transface" = the same after TransFace's token gate (senet); "clip" = final norm
+# of the class token @ proj; "cls" = final norm of the class token (timm pre-logits); "none".
+Head = Literal["face", "transface", "clip", "cls", "none"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +33,10 @@ class ViTConfig:
     qkv_bias: bool = False
     layer_norm_eps: float = 1e-5
     class_token: bool = False
-    embedding_dim: int | None = 512  # None: no face-embedding head
+    patch_bias: bool = True  # CLIP's patch conv has no bias
+    ln_pre: bool = False  # CLIP: LayerNorm after the position embedding
+    head: Head = "face"
+    embedding_dim: int | None = 512  # output width of the head ("cls": embed_dim; "none": None)
     head_batch_norm_eps: float = 2e-5
     color: Literal["rgb", "bgr"] = "rgb"  # channel order the network expects
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -41,8 +48,10 @@ class ViTConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.")
         if self.img_size < self.patch_size:
             raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}.")
-        if self.class_token:
-            raise NotImplementedError("class-token ViTs are not supported yet; face ViTs have none.")
+        if self.head in ("clip", "cls") and not self.class_token:
+            raise ValueError(f"head {self.head!r} reads the class token; set class_token=True.")
+        if (self.head == "none") != (self.embedding_dim is None):
+            raise ValueError("embedding_dim must be None exactly when head is 'none'.")
 
     @property
     def grid_size(self) -> int:
@@ -52,6 +61,15 @@ class ViTConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches (the class token); scores use patch tokens only."""
+        return int(self.class_token)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
 
     @property
     def head_dim(self) -> int:
@@ -92,19 +110,78 @@ PRESETS: dict[str, ViTConfig] = {
     "cvlface_vit_base": ViTConfig(
         name="cvlface_vit_base", depth=24, num_heads=16, mlp_ratio=3.0, default_blocks="0-19"
     ),
-    # Tiny layout for tests: 4x4 grid of 8-px patches, 3 blocks.
-    "testing": ViTConfig(
-        name="testing",
-        img_size=32,
-        patch_size=8,
-        embed_dim=16,
-        depth=3,
-        num_heads=2,
-        mlp_ratio=2.0,
-        embedding_dim=8,
-        default_blocks="all",
-    ),
 }
+
+# insightface arcface_torch ViTs (also LVFace's releases) and TransFace (the same plus a token
+# gate): patch 9 on 112 px = a 12x12 grid (pixel rows/cols 108-111 are never read), 8 heads,
+# MLP 4x, ReLU6, no qkv bias. Without a published block selection for them we use the paper's
+# rule for CVLface: a 24-block model tracks blocks 0-19, a 12-block model all of them.
+_INSIGHTFACE = {"vit_t": (256, 12), "vit_s": (512, 12), "vit_b": (512, 24), "vit_l": (768, 24)}
+for _variant, (_width, _depth) in _INSIGHTFACE.items():
+    for _family, _head in (("insightface", "face"), ("transface", "transface")):
+        PRESETS[f"{_family}_{_variant}"] = ViTConfig(
+            name=f"{_family}_{_variant}",
+            patch_size=9,
+            embed_dim=_width,
+            depth=_depth,
+            num_heads=8,
+            mlp_ratio=4.0,
+            head=_head,
+            default_blocks="0-19" if _depth == 24 else "all",
+        )
+
+PRESETS.update(
+    {
+        # OpenAI CLIP ViT-B/16 visual tower (the paper's foundation-model ablation).
+        "clip_vit_b16": ViTConfig(
+            name="clip_vit_b16",
+            img_size=224,
+            patch_size=16,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            mlp_ratio=4.0,
+            activation="quick_gelu",
+            qkv_bias=True,
+            layer_norm_eps=1e-5,
+            class_token=True,
+            patch_bias=False,
+            ln_pre=True,
+            head="clip",
+            embedding_dim=512,
+            mean=(0.48145466, 0.4578275, 0.40821073),
+            std=(0.26862954, 0.26130258, 0.27577711),
+        ),
+        # timm vit_base_patch16_224 (generic ImageNet ViT-B/16).
+        "timm_vit_base_patch16_224": ViTConfig(
+            name="timm_vit_base_patch16_224",
+            img_size=224,
+            patch_size=16,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            mlp_ratio=4.0,
+            activation="gelu",
+            qkv_bias=True,
+            layer_norm_eps=1e-6,
+            class_token=True,
+            head="cls",
+            embedding_dim=768,
+        ),
+        # Tiny layout for tests: 4x4 grid of 8-px patches, 3 blocks.
+        "testing": ViTConfig(
+            name="testing",
+            img_size=32,
+            patch_size=8,
+            embed_dim=16,
+            depth=3,
+            num_heads=2,
+            mlp_ratio=2.0,
+            embedding_dim=8,
+            default_blocks="all",
+        ),
+    }
+)
 
 
 def get_preset(name: str) -> ViTConfig:

@@ -31,9 +31,11 @@ class Tap(Protocol):
     def step(self, state: PyTree, index: Array, tokens: Array, normed: Array, attention: Array | None):
         """Returns (new state, per-block output) for block `index`.
 
-        tokens: (B, N, D) the block's output (the residual stream after its MLP).
+        tokens: (B, N, D) the block's output (the residual stream after its MLP), patch tokens only.
         normed: (B, N, D) float32, the same tokens after the model's final LayerNorm.
-        attention: (B, heads, N_query, N_key) float32 softmax weights, or None.
+        attention: (B, heads, T_query, N_key) float32 softmax weights, or None: every query
+          token (class token included) but only the N patch-token keys. Class-token models thus
+          report the attention the PATCHES receive; its row sums are below 1.
         """
 
 
@@ -139,8 +141,13 @@ class Block(nn.Module):
         )
         x = x + y
         x = x + Mlp(cfg, self.dtype, self.precision, name="mlp")(norm("norm2")(x))
-        normed = layer_norm(x, final_scale, final_bias, cfg.layer_norm_eps)
-        state, out = self.tap.step(state, index, x, normed, attention)
+        # Scores use patch tokens only: drop the class token and its attention key column.
+        k = cfg.num_prefix_tokens
+        patches = x[:, k:]
+        normed = layer_norm(patches, final_scale, final_bias, cfg.layer_norm_eps)
+        if attention is not None:
+            attention = attention[..., k:]
+        state, out = self.tap.step(state, index, patches, normed, attention)
         return (x, state), out
 
 
@@ -185,7 +192,7 @@ class FaceViT(nn.Module):
         num_blocks = cfg.depth if num_blocks is None else num_blocks
         if embed and num_blocks != cfg.depth:
             raise ValueError("the face embedding needs every block; do not truncate the model.")
-        if cfg.embedding_dim is None and embed:
+        if cfg.head == "none" and embed:
             raise ValueError(f"config {cfg.name!r} has no embedding head.")
         b, h, w, c = images.shape
         if (h, w, c) != (cfg.img_size, cfg.img_size, cfg.in_channels):
@@ -198,13 +205,19 @@ class FaceViT(nn.Module):
             (p, p),
             strides=(p, p),
             padding="VALID",
+            use_bias=cfg.patch_bias,
             dtype=self.dtype,
             precision=self.precision,
             name="patch_embed",
         )(images.astype(self.dtype))
         x = x.reshape(b, cfg.num_patches, cfg.embed_dim)  # row-major grid = torch flatten(2)
-        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, cfg.num_patches, cfg.embed_dim))
+        if cfg.class_token:
+            cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.embed_dim))
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.embed_dim)), x], axis=1)
+        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.embed_dim))
         x = x + pos.astype(self.dtype)
+        if cfg.ln_pre:
+            x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name="ln_pre")(x)
         final_scale, final_bias = FinalNorm(cfg.embed_dim, name="norm")()
 
         scanned = nn.scan(
@@ -215,21 +228,34 @@ class FaceViT(nn.Module):
             length=num_blocks,
         )
         (x, state), per_block = scanned(cfg, tap, self.dtype, self.precision, name="blocks")(
-            (x, tap.init(x)), jnp.arange(num_blocks), final_scale, final_bias
+            (x, tap.init(x[:, cfg.num_prefix_tokens :])), jnp.arange(num_blocks), final_scale, final_bias
         )
         result = {"tap_state": state, "per_block": per_block, "tokens": x}
-        if embed or (self.is_initializing() and cfg.embedding_dim is not None):
+        if embed or (self.is_initializing() and cfg.head != "none"):
             result["embedding"] = self._embedding_head(x, final_scale, final_bias)
         return result
 
     def _embedding_head(self, x: Array, final_scale: Array, final_bias: Array) -> Array:
-        # CVLface's forward_features applies the final norm before flattening; the copy of vit.py
-        # in the authors' FIQA repository omits it there, but its quality score never uses the head.
         cfg = self.config
-        flat = layer_norm(x, final_scale, final_bias, cfg.layer_norm_eps).reshape(x.shape[0], -1)
-        dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, use_bias=False, precision=self.precision, name=name
+        # CVLface and insightface apply the final norm before flattening; the copy of vit.py in
+        # the authors' FIQA repository omits it there, but its quality score never uses the head.
+        normed = layer_norm(x, final_scale, final_bias, cfg.layer_norm_eps)
+        dense = lambda features, name, bias=False: nn.Dense(  # noqa: E731
+            features, use_bias=bias, precision=self.precision, name=name
         )
+        if cfg.head == "cls":
+            return normed[:, 0]
+        if cfg.head == "clip":
+            # CLIP multiplies by `proj` (width, out) with no transpose and no bias.
+            proj = self.param("proj", nn.initializers.normal(cfg.embed_dim**-0.5), (cfg.embed_dim, cfg.embedding_dim))
+            return jnp.dot(normed[:, 0], proj, precision=self.precision)
+        flat = normed.reshape(x.shape[0], -1)
+        if cfg.head == "transface":
+            # TransFace's token gate: Linear(N*D -> N), ReLU, Linear(N -> N), Sigmoid, one weight per
+            # token, multiplied onto the normed tokens before the face head (block tokens unchanged).
+            gate = jax.nn.relu(dense(cfg.num_patches, "senet_0")(flat))
+            gate = jax.nn.sigmoid(dense(cfg.num_patches, "senet_2")(gate))
+            flat = (normed * gate[:, :, None]).reshape(x.shape[0], -1)
         batch_norm = lambda name: nn.BatchNorm(  # noqa: E731
             use_running_average=True, epsilon=cfg.head_batch_norm_eps, name=name
         )

@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     except (checkpoint.CheckpointError, ValueError) as error:
         raise UserError(str(error)) from None
     embed = args.save_embeddings is not None
-    if embed and config.embedding_dim is None:
+    if embed and config.head == "none":
         raise UserError(f"model {config.name} has no embedding head; drop --save-embeddings.")
     outputs = (
         ("quality",)
