@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model and method")
     m.add_argument(
         "--model",
-        required=True,
-        type=Path,
-        help="converted checkpoint directory (python -m converters.cvlface SRC DST)",
+        default=None,
+        help="converted checkpoint folder, or a model name from `python -m vitnt_jax.models`, downloaded and "
+        "converted on first use (default: cvlface_vit_base_webface4m, the paper's backbone)",
     )
     m.add_argument(
         "--blocks",
@@ -302,8 +302,14 @@ def run(args: argparse.Namespace) -> int:
     color = args.color or source.color
     align = args.align or source.align
 
+    from vitnt_jax import models
+
     try:
-        config, variables = checkpoint.load(args.model)
+        model_dir = models.resolve(args.model or models.DEFAULT_MODEL)
+    except models.ModelError as error:
+        raise UserError(str(error)) from None
+    try:
+        config, variables = checkpoint.load(model_dir)
         blocks = parse_blocks(args.blocks if args.blocks is not None else config.default_blocks, config.depth)
         settings = ScoreSettings(
             blocks, alpha=args.alpha, metric=args.metric, aggregation=args.aggregation, attention=args.attention

@@ -1,0 +1,101 @@
+"""Named models: resolution, one-time conversion into the cache, and the offline error (no network)."""
+
+import csv
+
+import pytest
+import torch
+from conftest import smooth_faces
+from PIL import Image
+
+import torch_reference as tr
+from vitnt_jax import checkpoint, models, score
+from vitnt_jax.config import PRESETS
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture()
+def fake_hub(tmp_path, monkeypatch):
+    """Replaces the download with a local file of the CVLface layout (the tiny testing variant)."""
+    model = tr.randomize(tr.FaceViT(PRESETS["testing"]), seed=9)
+    local = tmp_path / "hub" / "model.pt"
+    local.parent.mkdir()
+    torch.save({f"net.{k}": v for k, v in model.state_dict().items()}, local)
+    calls = []
+
+    def download(repo_id, filename, target):
+        calls.append((repo_id, filename))
+        return local
+
+    monkeypatch.setattr(models, "hub_download", download)
+    return calls
+
+
+def test_paths_pass_through(tmp_path):
+    assert models.resolve(tmp_path) == tmp_path
+    assert models.resolve("./relative/ckpt").as_posix() == "relative/ckpt"
+
+
+def test_named_model_is_downloaded_and_converted_once(cache, fake_hub):
+    first = models.resolve("cvlface_vit_base_webface4m")
+    assert first == cache / "cvlface_vit_base_webface4m" and checkpoint.is_checkpoint(first)
+    assert fake_hub == [("minchul/cvlface_adaface_vit_base_webface4m", "pretrained_model/model.pt")]
+    assert models.resolve("cvlface_vit_base_webface4m") == first
+    assert len(fake_hub) == 1  # cached: no second download
+    assert checkpoint.load(first)[0].name == "testing"
+
+
+def test_offline_is_one_clear_sentence(cache, monkeypatch):
+    def offline(repo_id, filename, target):
+        raise ConnectionError("huggingface.co is unreachable")
+
+    monkeypatch.setattr(models, "hub_download", offline)
+    with pytest.raises(models.ModelError) as error:
+        models.resolve("timm_vit_base_patch16_224")
+    text = str(error.value)
+    assert "could not download model.safetensors" in text and "huggingface.co is unreachable" in text
+    assert "https://huggingface.co/timm/vit_base_patch16_224.augreg2_in21k_ft_in1k" in text
+    assert "python -m converters.timm FILE" in text and "\n" not in text
+
+
+def test_manual_and_unknown_names(cache):
+    with pytest.raises(
+        models.ModelError, match="not on the Hugging Face Hub: download model.pt .*converters.insightface"
+    ):
+        models.resolve("insightface_vit_b_webface42m")
+    with pytest.raises(models.ModelError, match="neither a converted checkpoint folder nor a known model name"):
+        models.resolve("resnet_50")
+
+
+def test_scorer_defaults_to_the_papers_backbone(cache, fake_hub, tmp_path):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i, face in enumerate(smooth_faces(3)):
+        Image.fromarray(face).save(faces / f"{i}.png")
+    out = tmp_path / "s.csv"
+    assert score.main(["--images", str(faces), "--out", str(out)]) == 0
+    assert fake_hub and fake_hub[0][0] == "minchul/cvlface_adaface_vit_base_webface4m"
+    with open(out, newline="") as f:
+        assert len(list(csv.reader(f))) == 4
+
+
+def test_scorer_offline_without_model_is_one_line(cache, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(models, "hub_download", lambda *a: (_ for _ in ()).throw(OSError("no network")))
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    Image.fromarray(smooth_faces(1)[0]).save(faces / "a.png")
+    assert score.main(["--images", str(faces), "--out", str(tmp_path / "s.csv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: could not download pretrained_model/model.pt") and "convert it with" in err
+
+
+def test_listing(capsys):
+    assert models.main([]) == 0
+    out = capsys.readouterr().out
+    for name, model in models.MODELS.items():
+        assert name in out and model.licence in out
+    assert "Default: cvlface_vit_base_webface4m" in out

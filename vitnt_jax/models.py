@@ -1,0 +1,182 @@
+"""Named models: `--model NAME` resolves to a known source, downloaded and converted once.
+
+    python -m vitnt_jax.models          # list the names, sources, licences and input contracts
+
+The converted checkpoint is cached in $VITNT_JAX_CACHE (default ~/.cache/vitnt_jax), one folder
+per name. Downloads use huggingface_hub with a bounded wait; offline, or for models that are not
+on the Hugging Face Hub, you get one sentence saying what to download and how to convert it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+CACHE_ENV = "VITNT_JAX_CACHE"
+DEFAULT_MODEL = "cvlface_vit_base_webface4m"
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ModelError(Exception):
+    """A model that cannot be resolved; the message says what to download and where to put it."""
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    family: str  # converter module: converters.<family>
+    description: str
+    repo_id: str | None  # Hugging Face Hub repository, or None when it must be fetched by hand
+    filename: str | None
+    licence: str
+    manual: str = ""  # where to get it when there is no hub repository
+    convert_args: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def input_contract(self) -> str:
+        if self.family == "clip":
+            return "224x224 RGB, CLIP mean/std (unaligned images are fine)"
+        if self.family == "timm":
+            return "224x224 RGB, mean/std 0.5"
+        return "112x112 RGB face aligned to the 5-point ArcFace template, [-1, 1]"
+
+
+MODELS: dict[str, NamedModel] = {
+    m.name: m
+    for m in [
+        NamedModel(
+            "cvlface_vit_base_webface4m",
+            "cvlface",
+            "AdaFace ViT-B trained on WebFace4M (CVLface); the paper's main backbone",
+            "minchul/cvlface_adaface_vit_base_webface4m",
+            "pretrained_model/model.pt",
+            "see the model card; trained on WebFace4M, whose terms allow non-commercial research only",
+        ),
+        NamedModel(
+            "clip_vit_b16_openai",
+            "clip",
+            "OpenAI CLIP ViT-B/16 visual tower (the paper's foundation-model ablation)",
+            "timm/vit_base_patch16_clip_224.openai",
+            "open_clip_model.safetensors",
+            "MIT (OpenAI CLIP)",
+            convert_args=(("activation", "quick_gelu"),),
+        ),
+        NamedModel(
+            "timm_vit_base_patch16_224",
+            "timm",
+            "timm ViT-B/16, ImageNet-21k pretrained, ImageNet-1k fine-tuned (augreg2)",
+            "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+            "model.safetensors",
+            "Apache-2.0",
+        ),
+        NamedModel(
+            "insightface_vit_b_webface42m",
+            "insightface",
+            "insightface arcface_torch ViT-B trained on WebFace42M (PartialFC)",
+            None,
+            None,
+            "see insightface's model zoo; WebFace42M terms allow non-commercial research only",
+            manual="download model.pt of the WebFace42M ViT-B from insightface's arcface_torch model zoo",
+        ),
+        NamedModel(
+            "transface_vit_b_glint360k",
+            "insightface",
+            "TransFace ViT-B trained on Glint360K",
+            None,
+            None,
+            "see the TransFace repository",
+            manual="download the ViT-B Glint360K model from github.com/DanJun6737/TransFace",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """Returns the folder converted named models are cached in."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vitnt_jax")
+
+
+def hub_download(repo_id: str, filename: str, target: Path) -> Path:
+    """Returns the local path of `filename` from the Hub repo, downloading it into `target`."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise ModelError("downloading named models needs huggingface_hub: pip install huggingface_hub.") from None
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if not constants.HF_HUB_OFFLINE:
+        try:  # fail within seconds when the hub is unreachable, instead of retrying for minutes
+            socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as error:
+            raise ConnectionError(f"{host} is unreachable ({error})") from None
+    huggingface_hub.utils.logging.set_verbosity_error()
+    return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=target, etag_timeout=10))
+
+
+def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] | None = None) -> Path:
+    """Returns the checkpoint folder for `spec`: a converted folder as given, or a named model.
+
+    A named model is converted once into cache_dir()/NAME; later calls reuse it.
+    """
+    from vitnt_jax import checkpoint
+
+    path = Path(spec)
+    if path.exists() or os.sep in str(spec) or str(spec).startswith("."):
+        return path
+    name = str(spec)
+    if name not in MODELS:
+        raise ModelError(
+            f"--model {name} is neither a converted checkpoint folder nor a known model name; "
+            f"known names: {', '.join(MODELS)} (python -m vitnt_jax.models lists them)."
+        )
+    model = MODELS[name]
+    target = cache_dir() / name
+    if checkpoint.is_checkpoint(target):
+        return target
+    how = f"`python -m converters.{model.family} FILE {target}`" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in model.convert_args
+    )
+    if model.repo_id is None:
+        raise ModelError(f"{name} is not on the Hugging Face Hub: {model.manual}, then convert it with {how}.")
+    print(f"{name}: downloading {model.filename} from {model.repo_id} (once) ...", file=sys.stderr)
+    download = download or hub_download
+    try:
+        source = download(model.repo_id, model.filename, cache_dir() / "downloads")
+    except ModelError:
+        raise
+    except Exception as error:
+        raise ModelError(
+            f"could not download {model.filename} of {model.repo_id} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it by hand from "
+            f"https://huggingface.co/{model.repo_id} and convert it with {how}."
+        ) from None
+    from converters.state_dict import ConversionError
+
+    module = __import__(f"converters.{model.family}", fromlist=["convert"])
+    try:
+        module.convert(source, target, **dict(model.convert_args))
+    except ConversionError as error:
+        raise ModelError(f"the downloaded {model.filename} of {name} did not convert: {error}") from None
+    print(f"{name}: converted into {target}", file=sys.stderr)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints the named models: name, source, licence, input contract."""
+    print(f"Named models (cache: {cache_dir()}; set ${CACHE_ENV} to move it). Default: {DEFAULT_MODEL}.\n")
+    for m in MODELS.values():
+        source = f"hf://{m.repo_id}/{m.filename}" if m.repo_id else f"by hand: {m.manual}"
+        print(
+            f"{m.name}\n  {m.description}\n  source:  {source}\n  convert: converters.{m.family}\n"
+            f"  licence: {m.licence}\n  input:   {m.input_contract}\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
