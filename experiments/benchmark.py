@@ -1,0 +1,325 @@
+"""Throughput, memory and FLOP utilisation of ViTNT-FIQA scoring, against a vectorised PyTorch
+implementation, our plain forward pass and the machine's own matmul peak, all in one run.
+
+    python -m experiments.benchmark [--models cvlface_vit_base,cvlface_vit_small] [--batch-sizes 8,32]
+        [--runs 3] [--input] [--out experiments/results/benchmark_cpu.json]
+
+Every measurement runs in its own subprocess (so peak RSS belongs to it alone): after one warm-up
+call (compilation), the median of --runs timed calls. Implementations:
+  stream   our scorer as the CLI runs it (uint8 in, streaming scan carry, jit)
+  states   our states path: every block's normalised states stacked, then scored
+  forward  our plain forward pass up to the last selected block, no score (the cost floor)
+  torch    experiments/torch_vitnt.py: vectorised PyTorch, eager, inference_mode, same threads
+  matmul   fp32 square matmul (n=2048) in JAX and in PyTorch: the machine's measured peak
+FLOPs per image are analytic (multiply-add = 2): patch embedding + for each run block
+2N(3D^2) qkv + 4N^2 D attention + 2N D^2 projection + 4N D M MLP; LayerNorm, softmax and the
+score maths are not counted. Utilisation = achieved FLOP/s / the better measured matmul peak.
+Memory: peak process RSS (all implementations) and, for JAX, the compiled program's temporary
+buffers (XLA memory analysis), which is what grows with the work the program keeps alive.
+--input adds decoding throughput per thread count and the end-to-end CLI on a folder of JPEGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def flops_per_image(config, blocks_run: int) -> float:
+    """Returns the analytic FLOPs of one image through patch embedding and `blocks_run` blocks."""
+    n, d, m, p = config.num_tokens, config.embed_dim, config.mlp_dim, config.patch_size
+    patch = 2 * config.num_patches * (p * p * config.in_channels) * d
+    block = 2 * n * d * 3 * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * m
+    return float(patch + blocks_run * block)
+
+
+def _timed(fn, runs: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    fn()  # warm-up: compilation / allocator
+    warm = time.perf_counter() - start
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), warm
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def worker(spec: dict) -> dict:
+    """Runs one measurement (in its own process) and returns its figures."""
+    kind, runs = spec["kind"], spec["runs"]
+    threads = spec["threads"]
+    if kind == "matmul_torch" or kind == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    if kind.startswith("matmul"):
+        n = 2048
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        if kind == "matmul_jax":
+            import jax
+            import jax.numpy as jnp
+
+            x = jax.device_put(a)
+            f = jax.jit(lambda x: jnp.dot(x, x, precision="highest"))
+            seconds, _ = _timed(lambda: f(x).block_until_ready(), max(runs, 5))
+        else:
+            import torch
+
+            x = torch.from_numpy(a)
+            seconds, _ = _timed(lambda: torch.mm(x, x), max(runs, 5))
+        return {"flops_per_s": 2 * n**3 / seconds, "seconds": seconds}
+
+    from vitnt_jax.config import PRESETS
+    from vitnt_jax.selection import parse_blocks
+    from vitnt_jax.stability import ScoreSettings
+
+    config = PRESETS[spec["model"]]
+    blocks = parse_blocks(spec.get("blocks") or config.default_blocks, config.depth)
+    settings = ScoreSettings(blocks)
+    batch = spec["batch"]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, config.img_size, config.img_size, 3), dtype=np.uint8)
+    out = {"blocks_run": settings.num_blocks_to_run}
+    if kind == "torch":
+        import torch
+
+        from experiments.torch_vitnt import TorchViTNT
+
+        model = TorchViTNT(config).eval()
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
+        seconds, warm = _timed(lambda: model(x, blocks), runs)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from vitnt_jax.model import FaceViT, init_variables, truncate_blocks
+        from vitnt_jax.scorer import Scorer, preprocess, score_from_states
+
+        variables = init_variables(config, seed=0)
+        dtype = jnp.bfloat16 if spec.get("dtype") == "bfloat16" else jnp.float32
+        if kind == "stream":
+            scorer = Scorer(
+                config,
+                variables,
+                settings,
+                outputs=("quality",),
+                precision=None,
+                dtype=dtype,
+                devices=jax.local_devices()[:1],
+            )
+            seconds, warm = _timed(lambda: scorer(images), runs)
+            compiled = scorer._fn.lower(scorer.variables, jax.device_put(images)).compile()
+        else:
+            run = settings.num_blocks_to_run
+            v = jax.device_put(truncate_blocks(variables, run))
+            if kind == "states":
+                fn = jax.jit(lambda v, x: score_from_states(config, v, preprocess(x, config), settings)["quality"])
+            else:
+                fn = jax.jit(
+                    lambda v, x: FaceViT(config, dtype=dtype).apply(v, preprocess(x, config), num_blocks=run)["tokens"]
+                )
+            x = jax.device_put(images)
+            seconds, warm = _timed(lambda: fn(v, x).block_until_ready(), runs)
+            compiled = fn.lower(v, x).compile()
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            out["xla_temp_mb"] = memory.temp_size_in_bytes / 2**20
+    out.update(seconds=seconds, warmup_s=warm, images_per_s=batch / seconds, peak_rss_mb=_peak_rss_mb())
+    out["flops_per_s"] = flops_per_image(config, settings.num_blocks_to_run) * batch / seconds
+    return out
+
+
+def _spawn(spec: dict) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "")}
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def input_side(threads_list: list[int], count: int = 256) -> dict:
+    """Decode+preprocess images/s per thread count, and the end-to-end CLI on the same JPEGs."""
+    from PIL import Image
+
+    from vitnt_jax import checkpoint, score
+    from vitnt_jax.config import PRESETS
+    from vitnt_jax.data import batches
+    from vitnt_jax.model import init_variables
+    from vitnt_jax.sources import image_folder
+
+    results: dict = {"images": count, "decode_images_per_s": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "faces"
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(count):
+            small = rng.integers(0, 256, (14, 14, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((112, 112), Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=90)
+        source = image_folder(folder)
+        for threads in threads_list:
+            start = time.perf_counter()
+            for _ in batches(source.load, list(range(count)), 64, 112, workers=threads):
+                pass
+            results["decode_images_per_s"][threads] = count / (time.perf_counter() - start)
+        config = PRESETS["cvlface_vit_small"]
+        ckpt = checkpoint.save(Path(tmp) / "ckpt", config, init_variables(config))
+        out = Path(tmp) / "scores.csv"
+        start = time.perf_counter()
+        assert (
+            score.main(
+                [
+                    "--images",
+                    str(folder),
+                    "--model",
+                    str(ckpt),
+                    "--out",
+                    str(out),
+                    "--batch-size",
+                    "64",
+                    "--precision",
+                    "default",
+                ]
+            )
+            == 0
+        )
+        results["cli_vit_s_images_per_s_including_compile"] = count / (time.perf_counter() - start)
+    return results
+
+
+def machine() -> dict:
+    import jax
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "jax_devices": [str(d) for d in jax.devices()],
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="cvlface_vit_base,cvlface_vit_small")
+    parser.add_argument("--batch-sizes", default="8,32")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads (JAX uses all)")
+    parser.add_argument("--impls", default="stream,states,forward,torch")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--input", action="store_true", help="also measure decoding and the end-to-end CLI")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    from vitnt_jax.config import PRESETS
+
+    report: dict = {"machine": machine(), "runs": args.runs, "threads": args.threads, "dtype": args.dtype}
+    peaks = {k: _spawn({"kind": k, "runs": args.runs, "threads": args.threads}) for k in ("matmul_jax", "matmul_torch")}
+    peak = max(p["flops_per_s"] for p in peaks.values())
+    report["matmul_peak"] = {k: v["flops_per_s"] for k, v in peaks.items()}
+    print(
+        f"matmul peak (fp32, n=2048): JAX {peaks['matmul_jax']['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+        f"PyTorch {peaks['matmul_torch']['flops_per_s'] / 1e9:.1f} GFLOP/s"
+    )
+    rows = []
+    header = (
+        f"{'model':18s} {'batch':>5s} {'impl':8s} {'img/s':>8s} {'GFLOP/s':>8s} {'util':>6s} "
+        f"{'RSS MB':>8s} {'XLA tmp MB':>10s}"
+    )
+    print(header)
+    for model in args.models.split(","):
+        for batch in map(int, args.batch_sizes.split(",")):
+            for impl in args.impls.split(","):
+                spec = {
+                    "kind": impl,
+                    "model": model,
+                    "batch": batch,
+                    "runs": args.runs,
+                    "threads": args.threads,
+                    "dtype": args.dtype,
+                }
+                got = _spawn(spec)
+                got.update(
+                    model=model,
+                    batch=batch,
+                    impl=impl,
+                    utilisation=got["flops_per_s"] / peak,
+                    gflops_per_image=flops_per_image(PRESETS[model], got["blocks_run"]) / 1e9,
+                )
+                rows.append(got)
+                print(
+                    f"{model:18s} {batch:5d} {impl:8s} {got['images_per_s']:8.2f} {got['flops_per_s'] / 1e9:8.1f} "
+                    f"{got['utilisation']:6.1%} {got['peak_rss_mb']:8.0f} {got.get('xla_temp_mb', float('nan')):10.1f}",
+                    flush=True,
+                )
+    report["rows"] = rows
+    # Memory against the number of selected blocks, at the same depth run (ViT-B: blocks 0..19).
+    model = args.models.split(",")[0]
+    from vitnt_jax.selection import parse_blocks
+
+    last = parse_blocks(PRESETS[model].default_blocks, PRESETS[model].depth)[-1]
+    flat = {}
+    for blocks in (f"{last - 1}-{last}", f"{last // 2}-{last}", f"0-{last}"):
+        for impl in ("stream", "states"):
+            got = _spawn(
+                {
+                    "kind": impl,
+                    "model": model,
+                    "batch": 8,
+                    "runs": 1,
+                    "threads": args.threads,
+                    "blocks": blocks,
+                    "dtype": args.dtype,
+                }
+            )
+            flat[f"{impl} {blocks}"] = got.get("xla_temp_mb")
+    report["memory_vs_selected_blocks_xla_temp_mb"] = flat
+    print("XLA temporary memory (MB) by selected blocks, batch 8:", ", ".join(f"{k}: {v:.1f}" for k, v in flat.items()))
+    if args.input:
+        report["input"] = input_side([1, 2, 4, 8])
+        print("input side:", json.dumps(report["input"]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
