@@ -10,15 +10,8 @@ from vitnt_jax.config import ViTConfig
 from vitnt_jax.model import variable_shapes
 
 
-def table(config: ViTConfig) -> list[Row]:
-    """Returns the explicit torch-key -> flax-path rows of the CVLface / insightface ViT layout."""
-    rows = [
-        Row("patch_embed.proj.weight", "params/patch_embed/kernel", conv),
-        Row("patch_embed.proj.bias", "params/patch_embed/bias", identity),
-        Row("pos_embed", "params/pos_embed", identity),
-        Row("norm.weight", "params/norm/scale", identity),
-        Row("norm.bias", "params/norm/bias", identity),
-    ]
+def block_rows(config: ViTConfig) -> list[Row]:
+    """Returns the rows of the transformer blocks (`blocks.{i}.*`), shared with timm's ViT."""
     per_block = [
         ("norm1.weight", "norm1/scale", identity),
         ("norm1.bias", "norm1/bias", identity),
@@ -34,8 +27,21 @@ def table(config: ViTConfig) -> list[Row]:
     ]
     if config.qkv_bias:
         per_block.append(("attn.qkv.bias", "attn/qkv/bias", identity))
-    for i in range(config.depth):
-        rows += [Row(f"blocks.{i}.{t}", f"params/blocks/{f}", fn, block=i) for t, f, fn in per_block]
+    return [
+        Row(f"blocks.{i}.{t}", f"params/blocks/{f}", fn, block=i) for i in range(config.depth) for t, f, fn in per_block
+    ]
+
+
+def table(config: ViTConfig) -> list[Row]:
+    """Returns the explicit torch-key -> flax-path rows of the CVLface / insightface ViT layout."""
+    rows = [
+        Row("patch_embed.proj.weight", "params/patch_embed/kernel", conv),
+        Row("patch_embed.proj.bias", "params/patch_embed/bias", identity),
+        Row("pos_embed", "params/pos_embed", identity),
+        Row("norm.weight", "params/norm/scale", identity),
+        Row("norm.bias", "params/norm/bias", identity),
+    ]
+    rows += block_rows(config)
     if config.head in ("face", "transface"):
         # feature = Linear(N*D -> D) -> BatchNorm1d -> Linear(D -> E) -> BatchNorm1d.
         for i in (0, 2):

@@ -13,14 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from converters.face_layout import flax_shapes
+from converters.face_layout import block_rows, flax_shapes
 from converters.state_dict import (
     ConversionError,
     Row,
     apply_table,
     conv,
     identity,
-    linear,
     read_checkpoint,
     run_cli,
     save_converted,
@@ -48,23 +47,7 @@ def table(config: ViTConfig) -> list[Row]:
         Row("norm.weight", "params/norm/scale", identity),
         Row("norm.bias", "params/norm/bias", identity),
     ]
-    per_block = [
-        ("norm1.weight", "norm1/scale", identity),
-        ("norm1.bias", "norm1/bias", identity),
-        ("attn.qkv.weight", "attn/qkv/kernel", linear),
-        ("attn.qkv.bias", "attn/qkv/bias", identity),
-        ("attn.proj.weight", "attn/proj/kernel", linear),
-        ("attn.proj.bias", "attn/proj/bias", identity),
-        ("norm2.weight", "norm2/scale", identity),
-        ("norm2.bias", "norm2/bias", identity),
-        ("mlp.fc1.weight", "mlp/fc1/kernel", linear),
-        ("mlp.fc1.bias", "mlp/fc1/bias", identity),
-        ("mlp.fc2.weight", "mlp/fc2/kernel", linear),
-        ("mlp.fc2.bias", "mlp/fc2/bias", identity),
-    ]
-    for i in range(config.depth):
-        rows += [Row(f"blocks.{i}.{t}", f"params/blocks/{f}", fn, block=i) for t, f, fn in per_block]
-    return rows
+    return rows + block_rows(config)
 
 
 def convert_state_dict(state: dict, config: ViTConfig | None = None) -> tuple[ViTConfig, dict]:

@@ -22,10 +22,11 @@ def testing_config():
 def tiny_checkpoint(tmp_path_factory):
     """A converted checkpoint of the 'testing' layout with random weights (via the CVLface converter)."""
     import torch
-    import torch_reference as tr
 
     from converters import cvlface
     from vitnt_jax.config import PRESETS
+
+    import torch_reference as tr
 
     root = tmp_path_factory.mktemp("tiny_model")
     model = tr.randomize(tr.FaceViT(PRESETS["testing"]), seed=11)

@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-import torch_reference as tr
 from safetensors.torch import save_file
 
 from converters import cvlface
@@ -16,6 +15,8 @@ from vitnt_jax.config import PRESETS
 from vitnt_jax.model import FaceViT, TraceTap
 from vitnt_jax.scorer import Scorer
 from vitnt_jax.stability import ScoreSettings
+
+import torch_reference as tr
 
 CFG = PRESETS["testing"]
 

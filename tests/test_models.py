@@ -4,12 +4,13 @@ import csv
 
 import pytest
 import torch
-from conftest import smooth_faces
 from PIL import Image
 
-import torch_reference as tr
 from vitnt_jax import checkpoint, models, score
 from vitnt_jax.config import PRESETS
+
+import torch_reference as tr
+from conftest import smooth_faces
 
 
 @pytest.fixture()

@@ -12,13 +12,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import smooth_faces
 from PIL import Image
 
 from vitnt_jax import checkpoint, score
 from vitnt_jax.data import center_crop
 from vitnt_jax.scorer import Scorer
 from vitnt_jax.stability import ScoreSettings
+
+from conftest import smooth_faces
 
 SETTINGS = ScoreSettings((0, 1, 2))  # the testing preset's defaults: all blocks, attention/last, alpha 8
 

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch_reference as tr
 from PIL import Image
 
 from converters import cvlface
@@ -15,6 +14,8 @@ from vitnt_jax import checkpoint, score
 from vitnt_jax.config import PRESETS
 from vitnt_jax.scorer import Scorer
 from vitnt_jax.stability import ScoreSettings
+
+import torch_reference as tr
 
 CFG = PRESETS["testing"]
 

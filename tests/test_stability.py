@@ -113,7 +113,7 @@ def test_zero_vectors_give_no_nan(metric):
 def _run_tap(tap, normed, attention, blocks_run):
     state = tap.init(normed[0])
     for i in range(blocks_run):
-        state, _ = tap.step(state, jnp.asarray(i), normed[i], normed[i], attention[i])
+        state, _ = tap.step(state, jnp.asarray(i), normed[i], normed[i], st.attention_received(attention[i]))
     return tap.finish(state)
 
 

@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-import torch_reference as tr
 
 from converters import clip, insightface
 from converters import timm as timm_converter
@@ -18,6 +17,8 @@ from vitnt_jax.config import PRESETS
 from vitnt_jax.model import FaceViT, TraceTap, truncate_blocks
 from vitnt_jax.scorer import score_streaming
 from vitnt_jax.stability import ScoreSettings
+
+import torch_reference as tr
 
 TOL = 1e-5
 

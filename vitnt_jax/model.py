@@ -23,7 +23,10 @@ PyTree = Any
 class Tap(Protocol):
     """What a scanned block calls after it runs; see `vitnt_jax.stability` for the real ones."""
 
-    needs_attention: bool
+    # What the tap needs of each block's attention: None, "received" (the (B, N) attention each
+    # patch receives: softmax weights averaged over heads and summed over queries, computed right
+    # after the softmax so the weights need not outlive it), or "weights" (the full softmax).
+    attention: str | None
 
     def init(self, tokens: Array) -> PyTree:
         """Returns the initial carry state, given the (B, N, D) tokens that enter block 0."""
@@ -33,16 +36,17 @@ class Tap(Protocol):
 
         tokens: (B, N, D) the block's output (the residual stream after its MLP), patch tokens only.
         normed: (B, N, D) float32, the same tokens after the model's final LayerNorm.
-        attention: (B, heads, T_query, N_key) float32 softmax weights, or None: every query
-          token (class token included) but only the N patch-token keys. Class-token models thus
-          report the attention the PATCHES receive; its row sums are below 1.
+        attention: per `attention`: None; "received": (B, N) float32; "weights": (B, heads,
+          T_query, N_key) float32 softmax weights. Both use every query token (class token
+          included) but only the N patch-token keys: class-token models report the attention the
+          PATCHES receive (the weights' row sums are then below 1).
         """
 
 
 class NoTap:
     """A tap that keeps and emits nothing: the plain forward pass."""
 
-    needs_attention = False
+    attention = None
 
     def init(self, tokens):
         return ()
@@ -54,7 +58,7 @@ class NoTap:
 class TraceTap:
     """Emits every block's raw tokens, final-normed tokens and full attention (for inspection)."""
 
-    needs_attention = True
+    attention = "weights"
 
     def init(self, tokens):
         return ()
@@ -88,20 +92,24 @@ class Attention(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: Array, return_weights: bool) -> tuple[Array, Array | None]:
+    def __call__(self, x: Array, output: str | None) -> tuple[Array, Array | None]:
+        """Returns (attention output, None | "received" (B, T_key) | "weights" (B, H, T, T))."""
         cfg = self.config
         b, n, d = x.shape
         dense = lambda features, bias, name: nn.Dense(  # noqa: E731
             features, use_bias=bias, dtype=self.dtype, precision=self.precision, name=name
         )
         qkv = dense(3 * d, cfg.qkv_bias, "qkv")(x).reshape(b, n, 3, cfg.num_heads, cfg.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k, precision=self.precision) * cfg.head_dim**-0.5
+        # (B, heads, N, head_dim) operands: batched matmuls in the layout XLA's GEMM wants.
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        logits = jnp.matmul(q, k.transpose(0, 1, 3, 2), precision=self.precision) * cfg.head_dim**-0.5
         # Softmax in float32 even under bfloat16: the attention weights feed the score.
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        out = jnp.einsum("bhqk,bkhc->bqhc", weights.astype(self.dtype), v, precision=self.precision)
+        out = jnp.matmul(weights.astype(self.dtype), v, precision=self.precision).transpose(0, 2, 1, 3)
         out = dense(d, True, "proj")(out.reshape(b, n, d))
-        return out, (weights if return_weights else None)
+        if output == "received":
+            return out, weights.mean(axis=1).sum(axis=1)
+        return out, (weights if output == "weights" else None)
 
 
 class Mlp(nn.Module):
@@ -136,9 +144,7 @@ class Block(nn.Module):
         norm = lambda name: nn.LayerNorm(  # noqa: E731
             epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name=name
         )
-        y, attention = Attention(cfg, self.dtype, self.precision, name="attn")(
-            norm("norm1")(x), self.tap.needs_attention
-        )
+        y, attention = Attention(cfg, self.dtype, self.precision, name="attn")(norm("norm1")(x), self.tap.attention)
         x = x + y
         x = x + Mlp(cfg, self.dtype, self.precision, name="mlp")(norm("norm2")(x))
         # Scores use patch tokens only: drop the class token and its attention key column.

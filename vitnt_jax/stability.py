@@ -150,21 +150,22 @@ class StatesTap:
     """Emits every run block's L2-normalised final-norm tokens (and attention received)."""
 
     def __init__(self, with_attention: bool):
-        self.needs_attention = with_attention
+        self.attention = "received" if with_attention else None
 
     def __hash__(self):
-        return hash((StatesTap, self.needs_attention))
+        return hash((StatesTap, self.attention))
 
     def __eq__(self, other):
-        return isinstance(other, StatesTap) and other.needs_attention == self.needs_attention
+        return isinstance(other, StatesTap) and other.attention == self.attention
 
     def init(self, tokens: Array):
         return ()
 
     def step(self, state, index, tokens, normed, attention):
+        # attention: the (B, N) attention each patch receives (see vitnt_jax.model.Tap).
         out = {"states": l2_normalize(normed)}
-        if self.needs_attention:
-            out["received"] = attention_received(attention)
+        if self.attention:
+            out["received"] = attention
         return state, out
 
 
@@ -179,8 +180,8 @@ class StreamingTap:
     settings: ScoreSettings
 
     @property
-    def needs_attention(self) -> bool:
-        return self.settings.uses_attention
+    def attention(self) -> str | None:
+        return "received" if self.settings.uses_attention else None
 
     def init(self, tokens: Array):
         b, n, d = tokens.shape
@@ -203,8 +204,8 @@ class StreamingTap:
             "dist_sum": state["dist_sum"] + jnp.where(counts, d, 0.0),
             "received": state["received"],
         }
-        if self.needs_attention:
-            got = attention_received(attention)
+        if self.attention:
+            got = attention
             if self.settings.attention == "last":
                 new["received"] = jnp.where(selected, got, state["received"])
             else:
@@ -214,7 +215,7 @@ class StreamingTap:
     def finish(self, state) -> dict[str, Array]:
         """Returns the same dict as `quality_from_states` from the final carry."""
         received = None
-        if self.needs_attention:
+        if self.attention:
             received = state["received"]
             if self.settings.attention == "all":
                 received = received / len(self.settings.blocks)
