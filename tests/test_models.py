@@ -100,3 +100,31 @@ def test_listing(capsys):
     for name, model in models.MODELS.items():
         assert name in out and model.licence in out
     assert "Default: cvlface_vit_base_webface4m" in out
+
+
+def test_hub_download_calls_huggingface_hub_with_a_bounded_wait(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    calls = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # skip the reachability check: no network in tests
+    monkeypatch.setattr(
+        huggingface_hub,
+        "hf_hub_download",
+        lambda repo, name, **kw: calls.append((repo, name, kw)) or str(tmp_path / "f.pt"),
+    )
+    assert models.hub_download("a/b", "c.pt", tmp_path) == tmp_path / "f.pt"
+    assert calls[0][:2] == ("a/b", "c.pt") and calls[0][2]["etag_timeout"] == 10
+
+
+def test_concurrent_first_use_reuses_the_other_conversion(cache, fake_hub, monkeypatch):
+    from converters import cvlface
+
+    real = cvlface.convert
+
+    def racing(src, dst, **kwargs):  # another process finishes first, then ours finds DST taken
+        real(src, dst, **kwargs)
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(cvlface, "convert", racing)
+    assert checkpoint.is_checkpoint(models.resolve("cvlface_vit_base_webface4m"))

@@ -498,3 +498,133 @@ def test_flag_errors_from_argparse_are_one_line(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unrecognized arguments: --block") and "\n" not in err
+
+
+def test_resume_never_changes_a_foreign_file(tiny_checkpoint, folder, tmp_path, capsys):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 10 + b"no newline at the end")
+    text = tmp_path / "notes.csv"
+    text.write_text("name,age\nada,36\nalan,41")
+    for path in (binary, text):
+        before = path.read_bytes()
+        assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(path), "--resume") == 1
+        assert path.read_bytes() == before
+        assert "choose a new --out" in capsys.readouterr().err
+
+
+def test_reference_resume_refuses_a_csv(tiny_checkpoint, folder, tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out)) == 0
+    before = out.read_bytes()
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--format", "reference", "--resume") == 1
+    assert "is a CSV, not a --format reference file" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_output_and_array_paths_must_differ(tiny_checkpoint, folder, tmp_path, capsys):
+    same = tmp_path / "x.npy"
+    assert (
+        _run(
+            tiny_checkpoint,
+            "--images",
+            str(folder),
+            "--out",
+            str(same),
+            "--save-embeddings",
+            str(tmp_path / "." / "x.npy"),
+        )
+        == 1
+    )
+    assert "three different files" in capsys.readouterr().err and not same.exists()
+
+
+def test_resume_of_an_empty_or_headerless_file_starts_afresh(tiny_checkpoint, folder, tmp_path):
+    reference = tmp_path / "ref.csv"
+    assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(reference)) == 0
+    for content in (b"", b"id,qual"):
+        out = tmp_path / "s.csv"
+        out.write_bytes(content)
+        assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--resume") == 0
+        assert out.read_bytes() == reference.read_bytes()
+
+
+def test_array_files_in_new_folders_are_created(tiny_checkpoint, folder, tmp_path):
+    emb = tmp_path / "new" / "deeper" / "e.npy"
+    assert (
+        _run(tiny_checkpoint, "--images", str(folder), "--out", str(tmp_path / "s.csv"), "--save-embeddings", str(emb))
+        == 0
+    )
+    assert np.load(emb).shape == (13, 8)
+
+
+def test_list_with_a_byte_order_mark(tiny_checkpoint, folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\ufeff00.png\n01.png\n".encode())
+    out = tmp_path / "s.csv"
+    assert _run(tiny_checkpoint, "--list", str(listing), "--root", str(folder), "--out", str(out)) == 0
+    rows = _read(out)
+    assert [r[0] for r in rows[1:]] == ["00.png", "01.png"] and all(r[1] for r in rows[1:])
+
+
+def test_grey_and_alpha_arrays_become_rgb():
+    from vitnt_jax.data import prepare
+
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    for array in (grey, grey[..., None]):
+        out = prepare(array, 8).image
+        assert out.shape == (8, 8, 3) and np.array_equal(out[..., 0], grey) and np.array_equal(out[..., 2], grey)
+    rgba = np.dstack([np.stack([grey] * 3, -1), np.zeros((8, 8), np.uint8)])
+    assert np.array_equal(prepare(rgba, 8).image, np.stack([grey] * 3, -1))
+
+
+def _multi(tmp_path, folder, ckpt, out, extra_per_process=None, *extra):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        argv = [
+            sys.executable,
+            "-m",
+            "vitnt_jax.score",
+            "--images",
+            str(folder),
+            "--model",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            *extra,
+            *((extra_per_process or {}).get(i, [])),
+        ]
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+
+
+def test_a_failing_process_stops_the_merge_with_one_line(tiny_checkpoint, folder, tmp_path):
+    (folder / "12.png").write_bytes(b"broken")  # in process 1's share
+    out = tmp_path / "m.csv"
+    (rc0, err0), (rc1, err1) = _multi(tmp_path, folder, tiny_checkpoint, out, None, "--on-error", "fail")
+    assert rc1 == 1 and "12.png: not a readable image" in err1
+    assert rc0 == 1 and "process 1 failed: 12.png" in err0.strip().splitlines()[-1]
+    assert not out.exists()  # nothing merged; the parts are kept for --resume
+    assert sorted(p.name for p in tmp_path.iterdir() if "part" in p.name) == [
+        "m.csv.part00000-of-00002",
+        "m.csv.part00001-of-00002",
+    ]
+
+
+def test_resume_of_a_finished_multi_process_run_changes_nothing(tiny_checkpoint, folder, tmp_path):
+    out = tmp_path / "m.csv"
+    results = _multi(tmp_path, folder, tiny_checkpoint, out)
+    assert all(rc == 0 for rc, _ in results), results
+    before = out.read_bytes()
+    results = _multi(tmp_path, folder, tiny_checkpoint, out, None, "--resume")
+    assert all(rc == 0 for rc, _ in results), results
+    assert out.read_bytes() == before and len(_read(out)) == 14

@@ -79,7 +79,8 @@ def test_prepare_swaps_resizes_and_rejects_bad_arrays():
     np.testing.assert_array_equal(prepare(face, 32, "bgr").image, face[..., ::-1])
     resized = prepare(face, 16)
     assert resized.image.shape == (16, 16, 3) and resized.resized_from == (32, 32)
-    assert prepare(np.zeros((4, 4), np.uint8), 16).error
+    assert prepare(np.zeros((4, 4, 2), np.uint8), 16).error
+    assert prepare(np.zeros((4, 4, 3), np.float32), 16).error
     assert prepare(face, 16, align="center").image.shape == (16, 16, 3)
 
 

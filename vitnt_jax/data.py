@@ -97,6 +97,13 @@ def prepare(array: np.ndarray, size: int, color: str = "rgb", align: str = "none
     color: channel order the SOURCE holds ('bgr' is swapped to RGB). align: 'none' (already
     aligned; other sizes are resized bilinearly) or 'center' (the fixed CENTER_BOX crop first).
     """
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 4)):
+        # Grey (H, W) / (H, W, 1) arrays from array sources become RGB; a 4th (alpha) channel is dropped.
+        array = (
+            np.repeat(array.reshape(*array.shape[:2], 1), 3, axis=2)
+            if array.ndim == 2 or array.shape[2] == 1
+            else array[..., :3]
+        )
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or 0 in array.shape:
         return Prepared(None, f"expected an (H, W, 3) uint8 image, got {array.shape} {array.dtype}")
     if align == "center":

@@ -114,7 +114,9 @@ def hub_download(repo_id: str, filename: str, target: Path) -> Path:
             socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as error:
             raise ConnectionError(f"{host} is unreachable ({error})") from None
-    huggingface_hub.utils.logging.set_verbosity_error()
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # no retry chatter: failures become one sentence here
     return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=target, etag_timeout=10))
 
 
@@ -161,6 +163,8 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
     try:
         module.convert(source, target, **dict(model.convert_args))
     except ConversionError as error:
+        if checkpoint.is_checkpoint(target):  # another process converted it at the same time
+            return target
         raise ModelError(f"the downloaded {model.filename} of {name} did not convert: {error}") from None
     print(f"{name}: converted into {target}", file=sys.stderr)
     return target

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,19 +43,37 @@ def _truncate_torn_tail(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
+_REFERENCE_LINE = re.compile(r"^.+ (nan|[-+0-9.eE]+)$")
+
+
 def read_ids(path: Path, fmt: str, header: list[str]) -> list[str]:
-    """Returns the ids already written to `path` (after dropping a torn last line)."""
-    _truncate_torn_tail(path)
-    text = path.read_text(encoding="utf-8")
+    """Returns the ids already written to `path` (after dropping a torn last line).
+
+    The file is checked to be one of ours, of the same format and columns, BEFORE anything in it
+    is changed; a file with no complete line yet counts as empty.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise OutputError(f"{path} is not a text file written by this tool; choose a new --out.") from None
+    complete = text[: text.rfind("\n") + 1]
+    lines = complete.splitlines()
     if fmt == "reference":
-        return [line.rsplit(" ", 1)[0] for line in text.splitlines() if line]
-    rows = list(csv.reader(io.StringIO(text)))
-    if not rows:
-        return []
-    if rows[0] != header:
-        raise OutputError(
-            f"{path} has columns {rows[0]}, not {header}; it comes from another kind of run, so choose a new --out."
-        )
+        if lines and lines[0].split(",")[:2] == ["id", "quality"]:
+            raise OutputError(f"{path} is a CSV, not a --format reference file; choose a new --out.")
+        bad = next((line for line in lines if not _REFERENCE_LINE.match(line)), None)
+        if bad is not None:
+            raise OutputError(f"{path} has a line that is not '<id> <score>' ({bad[:60]!r}); choose a new --out.")
+    elif lines:
+        first = next(csv.reader([lines[0]]))
+        if first != header:
+            raise OutputError(
+                f"{path} has columns {first}, not {header}; it comes from another kind of run, so choose a new --out."
+            )
+    _truncate_torn_tail(path)
+    if fmt == "reference":
+        return [line.rsplit(" ", 1)[0] for line in lines]
+    rows = list(csv.reader(io.StringIO(complete)))
     return [r[0] for r in rows[1:]]
 
 
@@ -64,6 +83,7 @@ class ArraySink:
     def __init__(self, path: Path, row_shape: tuple[int, ...], rows_done: int, resume: bool):
         self.path, self.row_shape = path, tuple(row_shape)
         self.partial = path.with_name(path.name + ".partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.row_bytes = int(np.prod(self.row_shape)) * 4
         if resume:
             if not self.partial.exists() and path.exists():
@@ -140,11 +160,13 @@ class ResultWriter:
         if len(set(self.done_ids)) != len(self.done_ids):
             raise OutputError(f"{path} already holds an id twice; it was not written by this tool, choose a new --out.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not (exists and resume)
+        # A file cut off before its header was complete holds nothing: start it afresh.
+        fresh = not (exists and resume) or (fmt == "csv" and path.stat().st_size == 0)
         self.file = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
         self.csv = csv.writer(self.file, lineterminator="\n") if fmt == "csv" else None
         if fresh and self.csv is not None:
             self.csv.writerow(self.header)
+            self.file.flush()  # before the first batch (and its compilation) can be interrupted
         self.sinks = {
             name: ArraySink(p, shape, len(self.done_ids), not fresh) for name, (p, shape) in (arrays or {}).items()
         }
@@ -175,18 +197,38 @@ def part_path(path: Path, index: int, count: int) -> Path:
     return path.with_name(f"{path.name}.part{index:05d}-of-{count:05d}")
 
 
-def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path]) -> None:
-    """Concatenates the finished parts of `count` processes into `out` (and each array file)."""
+def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, append: bool = False) -> int:
+    """Concatenates the parts of `count` processes into `out` (and each array file); returns the rows.
+
+    append: keep what `out` (and each array file) already holds and add the parts after it
+    (a --resume of a finished multi-process run). Refuses parts whose table and arrays disagree.
+    """
+    texts, counts = [], []
+    for i in range(count):
+        text = part_path(out, i, count).read_text(encoding="utf-8")
+        if fmt == "csv":
+            text = text.split("\n", 1)[1] if "\n" in text else ""
+        texts.append(text)
+        counts.append(len(text.splitlines()))
+    for path in arrays:
+        for i in range(count):
+            rows = np.load(part_path(path, i, count), mmap_mode="r").shape[0]
+            if rows != counts[i]:
+                raise OutputError(
+                    f"part {i} of {path} holds {rows} rows but its table {counts[i]}; rerun that process with --resume."
+                )
     tmp = out.with_name(out.name + ".merging")
     with open(tmp, "w", encoding="utf-8", newline="") as merged:
-        for i in range(count):
-            text = part_path(out, i, count).read_text(encoding="utf-8")
-            if fmt == "csv" and i > 0:
-                text = text.split("\n", 1)[1] if "\n" in text else ""
+        if append and out.exists():
+            merged.write(out.read_text(encoding="utf-8"))
+        elif fmt == "csv":
+            merged.write(part_path(out, 0, count).read_text(encoding="utf-8").split("\n", 1)[0] + "\n")
+        for text in texts:
             merged.write(text)
-    os.replace(tmp, out)
     for path in arrays:
         parts = [np.load(part_path(path, i, count), mmap_mode="r") for i in range(count)]
+        if append and path.exists():
+            parts.insert(0, np.load(path, mmap_mode="r"))
         total = sum(p.shape[0] for p in parts)
         tmp_npy = path.with_name(path.name + ".merging.npy")
         result = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(total, *parts[0].shape[1:]))
@@ -197,11 +239,8 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path]) -> None
         result.flush()
         del result, parts
         os.replace(tmp_npy, path)
+    os.replace(tmp, out)
     for i in range(count):
         for path in (out, *arrays):
             part_path(path, i, count).unlink(missing_ok=True)
-        done_marker(out, i, count).unlink(missing_ok=True)
-
-
-def done_marker(out: Path, index: int, count: int) -> Path:
-    return part_path(out, index, count).with_name(part_path(out, index, count).name + ".done")
+    return sum(counts)

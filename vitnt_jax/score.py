@@ -278,15 +278,69 @@ def _open_source(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    _validate(args)
+    process, processes = _init_distributed(args)
+    if processes == 1:
+        return _run(args, 0, 1)
+    # Multi-process: every process reports success or its error to the JAX coordination service,
+    # so process 0 merges only finished parts and stops with one line if another process failed.
+    try:
+        code = _run(args, process, processes)
+    except BaseException as error:
+        _report(process, f"failed: {error}" if isinstance(error, UserError) else f"failed: {type(error).__name__}")
+        raise
+    _report(process, "ok")
+    if process == 0:
+        _merge(args, processes)
+    return code
+
+
+def _client():
+    from jax._src import distributed  # the coordination service's key-value store
+
+    return distributed.global_state.client
+
+
+def _report(process: int, status: str) -> None:
+    client = _client()
+    if client is not None:
+        client.key_value_set(f"vitnt_jax/status/{process}", status)
+
+
+def _merge(args: argparse.Namespace, processes: int) -> None:
+    from vitnt_jax.output import OutputError, merge_parts
+
+    client = _client()
+    for i in range(1, processes):
+        waited = 0
+        while True:
+            try:
+                status = client.blocking_key_value_get(f"vitnt_jax/status/{i}", 60_000)
+                break
+            except Exception:  # not there yet: the process is still scoring
+                waited += 1
+                print(f"waiting for process {i} to finish its part ({waited} min)", file=sys.stderr)
+        if status != "ok":
+            raise UserError(
+                f"process {i} {status}; nothing was merged and every part is kept: fix it and rerun all processes "
+                "with --resume."
+            )
+    arrays = [p for p in (args.save_embeddings, args.save_patch_quality) if p is not None]
+    try:
+        rows = merge_parts(args.out, processes, args.format, arrays, append=args.resume and args.out.exists())
+    except OutputError as error:
+        raise UserError(str(error)) from None
+    print(f"merged {processes} parts ({rows} new rows) into {args.out}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, process: int, processes: int) -> int:
     from vitnt_jax import checkpoint
     from vitnt_jax.data import batches
-    from vitnt_jax.output import OutputError, ResultWriter, done_marker, merge_parts, part_path
+    from vitnt_jax.output import OutputError, ResultWriter, columns, part_path, read_ids
     from vitnt_jax.scorer import Scorer
     from vitnt_jax.selection import parse_blocks
     from vitnt_jax.stability import ScoreSettings
 
-    _validate(args)
-    process, processes = _init_distributed(args)
     source = _open_source(args)
     for problem in source.problems:
         if args.on_error == "fail":
@@ -348,14 +402,15 @@ def run(args: argparse.Namespace) -> int:
         arrays["embedding"] = (args.save_embeddings, (config.embedding_dim,))
     if args.save_patch_quality is not None:
         arrays["patch_quality"] = (args.save_patch_quality, (grid, grid))
-    if processes > 1:
-        arrays = {k: (part_path(p, process, processes), s) for k, (p, s) in arrays.items()}
-        if process == 0 and args.out.exists() and not (args.overwrite or args.resume):
-            raise UserError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+    finals = [args.out] + [p for p, _ in arrays.values()]
+    if len({p.resolve() for p in finals}) != len(finals):
+        raise UserError("--out, --save-embeddings and --save-patch-quality must be three different files.")
     if not args.resume and not args.overwrite:
-        for path, _ in arrays.values():
+        for path in finals[1:] + ([args.out] if processes > 1 else []):
             if path.exists():
                 raise UserError(f"{path} already exists; pass --overwrite or --resume, or choose another path.")
+    if processes > 1:
+        arrays = {k: (part_path(p, process, processes), s) for k, (p, s) in arrays.items()}
     try:
         writer = ResultWriter(
             out,
@@ -368,8 +423,14 @@ def run(args: argparse.Namespace) -> int:
     except OutputError as error:
         raise UserError(str(error)) from None
     except OSError as error:
-        raise UserError(f"cannot write {error.filename or out} ({error.strerror}); choose a writable --out.") from None
+        raise UserError(f"cannot write {error.filename or out} ({error.strerror}); choose a writable path.") from None
     done = set(writer.done_ids)
+    if processes > 1 and args.resume and args.out.exists():
+        # A finished multi-process run: its merged rows count as written; new rows are appended.
+        try:
+            done |= set(read_ids(args.out, args.format, columns(source.labels is not None)))
+        except OutputError as error:
+            raise UserError(str(error)) from None
     todo = [k for k in range(lo, hi) if source.ids[k] not in done]
 
     dev = f"{scorer.num_devices} {scorer.devices[0].platform} device{'s' * (scorer.num_devices > 1)}"
@@ -426,18 +487,7 @@ def run(args: argparse.Namespace) -> int:
         writer.close(finished)
     seconds = time.perf_counter() - start
     rate = (scored + failed) / seconds if seconds > 0 else 0.0
-    if processes > 1:
-        done_marker(args.out, process, processes).touch()
-        if process == 0:
-            _wait_for_parts(args.out, processes)
-            merge_parts(
-                args.out,
-                processes,
-                args.format,
-                [p for p in (args.save_embeddings, args.save_patch_quality) if p is not None],
-            )
-    target = args.out if process == 0 else out
-    print(f"scored {scored}, failed {failed}, {rate:.1f} images/s -> {target}", file=sys.stderr)
+    print(f"scored {scored}, failed {failed}, {rate:.1f} images/s -> {out}", file=sys.stderr)
     return 0
 
 
@@ -465,20 +515,6 @@ def _write(writer, source, scorer, batch, pending, upto: int | None = None) -> t
         arrays[key] = values
     writer.write(rows, arrays)
     return n - failed, failed
-
-
-def _wait_for_parts(out: Path, count: int) -> None:
-    from vitnt_jax.output import done_marker
-
-    last = time.perf_counter()
-    while True:
-        missing = [i for i in range(count) if not done_marker(out, i, count).exists()]
-        if not missing:
-            return
-        if time.perf_counter() - last > 60:
-            print(f"waiting for processes {missing} to finish their parts (shared filesystem needed)", file=sys.stderr)
-            last = time.perf_counter()
-        time.sleep(0.5)
 
 
 def _span(blocks: tuple[int, ...]) -> str:

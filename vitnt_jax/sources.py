@@ -91,7 +91,7 @@ def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
     """
     list_file = Path(list_file)
     try:
-        text = list_file.read_text(encoding="utf-8")
+        text = list_file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first path
     except FileNotFoundError:
         raise SourceError(f"--list {list_file} does not exist; check the path.") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -189,7 +189,12 @@ def tfds_source(
         data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except tfds.core.DatasetNotFoundError:
         raise SourceError(f"TFDS has no dataset {name!r}; check the name (tfds.list_builders()).") from None
-    except Exception as first:  # not prepared yet (or prepared as TFRecord)
+    except Exception as first:  # not prepared yet (or prepared as TFRecord), or no such split
+        splits = _known_splits(tfds, name, data_dir)
+        if splits and split.split("[")[0] not in splits:
+            raise SourceError(
+                f"TFDS {name} has no split {split!r}; choose one of {', '.join(sorted(splits))}."
+            ) from None
         if not prepare:
             raise SourceError(f"TFDS dataset {name} is not prepared in {data_dir or 'the default data dir'}.") from None
         data = _prepare_and_open(tfds, name, split, data_dir, first)
@@ -228,6 +233,13 @@ def tfds_source(
 
     aligned = name != "lfw"
     return Source(f"tfds {name}:{split}", ids, labels, load, "rgb", "none" if aligned else "center")
+
+
+def _known_splits(tfds, name: str, data_dir: str | None) -> list[str]:
+    try:
+        return list(tfds.builder(name, data_dir=data_dir).info.splits)
+    except Exception:  # no metadata yet: the dataset is simply not prepared
+        return []
 
 
 def _prepare_and_open(tfds, name, split, data_dir, first_error):
