@@ -1,0 +1,234 @@
+"""Ablations of ViTNT-FIQA from ONE forward pass per image: number of blocks, alpha, aggregation, metric.
+
+    python -m experiments.ablations --model cvlface_vit_base --bin data/lfw.bin --out ablations/lfw
+    python -m experiments.ablations ... --benchmark lfw=bin:data/lfw.bin --embeddings ArcFace=emb/lfw.npy
+
+Every variant's quality is computed from the same per-block states (the first `max(depths)` blocks and the
+attention each patch receives in each of them), so a sweep costs one forward pass, not one per variant. Each
+variant is written as a score CSV (``<out>/<variant>.csv``, the format of ``python -m vitnt_jax.score``), so any
+variant can be evaluated like any other quality file; with ``--benchmark`` and ``--embeddings`` the EDC tables
+and figures are produced as well (``<out>/edc/``, via ``experiments.evaluate``).
+
+The default sweep changes one factor at a time around the paper's setting (blocks 0..19 of 24, alpha 8,
+last-block attention, Euclidean distance); ``--grid full`` crosses every factor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+AGGREGATIONS = {
+    "mean": ("mean", "last"),
+    "attention-last": ("attention", "last"),
+    "attention-all": ("attention", "all"),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Returns nothing: one scoring setting; `name` is its file stem."""
+
+    depth: int
+    alpha: float
+    aggregation: str
+    metric: str
+
+    @property
+    def name(self) -> str:
+        """Returns the variant's label, e.g. `blocks20_alpha8_attention-last_euclidean`."""
+        return f"blocks{self.depth}_alpha{self.alpha:g}_{self.aggregation}_{self.metric}"
+
+    def settings(self):
+        """Returns the ScoreSettings of this variant (blocks 0..depth-1)."""
+        from vitnt_jax.stability import ScoreSettings
+
+        aggregation, attention = AGGREGATIONS[self.aggregation]
+        return ScoreSettings(tuple(range(self.depth)), self.alpha, self.metric, aggregation, attention)
+
+
+def variants(
+    depths: list[int],
+    alphas: list[float],
+    aggregations: list[str],
+    metrics: list[str],
+    *,
+    base: Variant,
+    grid: str = "one-at-a-time",
+) -> list[Variant]:
+    """Returns the sweep: every factor changed alone around `base`, or (grid='full') every combination."""
+    if grid == "full":
+        combos = itertools.product(depths, alphas, aggregations, metrics)
+        return [Variant(*c) for c in combos]
+    out = [base]
+    out += [Variant(d, base.alpha, base.aggregation, base.metric) for d in depths]
+    out += [Variant(base.depth, a, base.aggregation, base.metric) for a in alphas]
+    out += [Variant(base.depth, base.alpha, g, base.metric) for g in aggregations]
+    out += [Variant(base.depth, base.alpha, base.aggregation, m) for m in metrics]
+    return list(dict.fromkeys(out))
+
+
+def sweep_fn(config, variables, sweep: list[Variant], precision="highest"):
+    """Returns a jitted `uint8 images (B,H,W,3) -> {variant name: (B,) quality}` over one forward pass."""
+    import jax
+
+    from vitnt_jax.scorer import compute_states, preprocess
+    from vitnt_jax.stability import ScoreSettings, quality_from_states
+
+    deepest = max(v.depth for v in sweep)
+    states_settings = ScoreSettings(tuple(range(deepest)), aggregation="attention", attention="all")
+
+    @jax.jit
+    def run(images):
+        got = compute_states(config, variables, preprocess(images, config), states_settings, precision=precision)
+        out = {}
+        for v in sweep:
+            s = v.settings()
+            received = got["received"][: v.depth] if s.uses_attention else None
+            out[v.name] = quality_from_states(got["states"][: v.depth], received, s)["quality"]
+        return out
+
+    return run
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the command-line parser."""
+    p = _Parser(prog="python -m experiments.ablations", description=__doc__.split("\n\n")[0])
+    one = p.add_mutually_exclusive_group(required=True)
+    one.add_argument("--images", type=Path, metavar="DIR", help="folder of aligned PNG/JPEG faces (recursive)")
+    one.add_argument("--list", type=Path, metavar="FILE", help="text file of image paths, one per line")
+    one.add_argument("--bin", type=Path, metavar="FILE", help="insightface verification pack (lfw.bin, ...)")
+    p.add_argument("--root", type=Path, help="with --list: folder the listed paths are relative to")
+    p.add_argument("--model", default=None, help="named model or converted checkpoint folder (default: the paper's)")
+    p.add_argument("--color", choices=["rgb", "bgr"], help="channel order of the stored images (default: rgb)")
+    p.add_argument("--depths", type=_list(int), help="numbers of blocks 0..k-1 (default: 4, 8, ... up to depth)")
+    p.add_argument("--alphas", type=_list(float), default=[2.0, 4.0, 8.0, 16.0], help="alphas (default: 2,4,8,16)")
+    p.add_argument(
+        "--aggregations",
+        type=lambda t: t.split(","),
+        default=list(AGGREGATIONS),
+        help="subset of mean,attention-last,attention-all (default: all three)",
+    )
+    p.add_argument(
+        "--metrics",
+        type=lambda t: t.split(","),
+        default=["euclidean", "cosine", "angular", "l1"],
+        help="subset of euclidean,cosine,angular,l1 (default: all four)",
+    )
+    p.add_argument("--grid", choices=["one-at-a-time", "full"], default="one-at-a-time", help="sweep layout")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
+    p.add_argument("--benchmark", action="append", metavar="NAME=KIND:PATH", help="evaluate on this protocol too")
+    p.add_argument("--embeddings", action="append", metavar="MODEL=PATTERN", help="with --benchmark: FR embeddings")
+    p.add_argument("--fmr", type=float, action="append", help="with --benchmark: FMR (default: 1e-3 and 1e-4)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (one <variant>.csv per variant)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 ok, 1 user error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ValueError as error:  # ProtocolError, EvaluationError and setting errors: one sentence each
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vitnt_jax import checkpoint, models, sources
+    from vitnt_jax.data import batches
+    from vitnt_jax.selection import parse_blocks
+    from vitnt_jax.stability import METRICS
+
+    if bool(args.benchmark) != bool(args.embeddings):
+        raise ValueError("--benchmark and --embeddings go together; give both or neither.")
+    if args.benchmark and len(args.benchmark) > 1:
+        raise ValueError("--benchmark names the one protocol of the scored images; run one ablation per benchmark.")
+    for g in args.aggregations:
+        if g not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {g!r}; choose from {', '.join(AGGREGATIONS)}.")
+    for m in args.metrics:
+        if m not in METRICS:
+            raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}.")
+    try:
+        if args.images is not None:
+            source = sources.image_folder(args.images)
+        elif args.list is not None:
+            source = sources.path_list(args.list, args.root)
+        else:
+            source = sources.insightface_bin(args.bin)
+        config, variables = checkpoint.load(models.resolve(args.model or models.DEFAULT_MODEL))
+    except (sources.SourceError, models.ModelError, checkpoint.CheckpointError) as error:
+        raise ValueError(str(error)) from None
+    depths = args.depths or list(range(4, config.depth + 1, 4))
+    bad = [d for d in depths if not 2 <= d <= config.depth]
+    if bad:
+        raise ValueError(f"--depths {bad} must lie between 2 and the model's {config.depth} blocks.")
+    default = parse_blocks(config.default_blocks, config.depth)
+    # The paper's selections are contiguous runs from block 0; anything else is swept from the full depth.
+    base_depth = len(default) if default == tuple(range(len(default))) else config.depth
+    base = Variant(base_depth, 8.0, "attention-last", "euclidean")
+    sweep = variants(depths, args.alphas, args.aggregations, args.metrics, base=base, grid=args.grid)
+    for v in sweep:
+        v.settings()  # validates alpha and the rest before any work
+    run = sweep_fn(config, variables, sweep)
+    qualities = {v.name: np.full(len(source), np.nan) for v in sweep}
+    errors = [""] * len(source)
+    done = 0
+    for batch in batches(source.load, range(len(source)), args.batch_size, config.img_size, color=args.color or "rgb"):
+        got = run(batch.images)
+        n = len(batch.indices)
+        for name, values in got.items():
+            values = np.asarray(values)[:n]
+            qualities[name][batch.indices] = np.where(batch.valid[:n], values, np.nan)
+        for row, i in enumerate(batch.indices):
+            errors[i] = batch.errors[row]
+        done += n
+        print(f"ablations: {done}/{len(source)} images", file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for v in sweep:
+        with open(args.out / f"{v.name}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "quality", "error"])
+            for key, q, e in zip(source.ids, qualities[v.name], errors, strict=True):
+                writer.writerow([key, "" if e else repr(float(q)), e])
+    (args.out / "variants.json").write_text(
+        json.dumps([dict(name=v.name, **v.__dict__) for v in sweep], indent=1) + "\n", encoding="utf-8"
+    )
+    print(f"wrote {len(sweep)} variants to {args.out}")
+    if args.benchmark:
+        from experiments import evaluate
+
+        argv = [f"--benchmark={b}" for b in args.benchmark]
+        argv += [f"--quality={v.name}={args.out / (v.name + '.csv')}" for v in sweep]
+        argv += [f"--embeddings={e}" for e in args.embeddings]
+        argv += [f"--fmr={f}" for f in (args.fmr or [])]
+        argv += ["--out", str(args.out / "edc")]
+        return evaluate.main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Face embeddings from a converted backbone, for the comparison scores of an EDC evaluation.
+
+    python -m experiments.embeddings --bin data/lfw.bin --flip --out emb/lfw.npy
+
+writes ``emb/lfw.npy`` (n, E) float32, rows in source order, and ``emb/lfw.ids.txt`` (one id per line), the
+pair that ``python -m experiments.evaluate --embeddings NAME=emb/{benchmark}.npy`` reads. With ``--flip`` the
+embedding of the horizontally flipped image is concatenated to the original's (n, 2E), as the paper's
+evaluation does. An image that cannot be read gets a row of NaN, so rows never shift; the evaluation counts
+such an image as a failure to compare (a non-match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the command-line parser."""
+    p = _Parser(prog="python -m experiments.embeddings", description=__doc__.split("\n\n")[0])
+    one = p.add_mutually_exclusive_group(required=True)
+    one.add_argument("--images", type=Path, metavar="DIR", help="folder of aligned PNG/JPEG faces (recursive)")
+    one.add_argument("--list", type=Path, metavar="FILE", help="text file of image paths, one per line")
+    one.add_argument("--bin", type=Path, metavar="FILE", help="insightface verification pack (lfw.bin, ...)")
+    p.add_argument("--root", type=Path, help="with --list: folder the listed paths are relative to")
+    p.add_argument("--model", default=None, help="named model or converted checkpoint folder (default: the paper's)")
+    p.add_argument("--flip", action="store_true", help="concatenate the horizontally flipped image's embedding")
+    p.add_argument("--color", choices=["rgb", "bgr"], help="channel order of the stored images (default: rgb)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    p.add_argument("--workers", type=int, default=4, help="decoding threads (default: 4)")
+    p.add_argument("--out", type=Path, required=True, help="embedding file (.npy); ids go to <out>.ids.txt")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def ids_path(out: Path) -> Path:
+    """Returns the ids file written next to an embedding file: `x.npy` -> `x.ids.txt`."""
+    return out.with_suffix(".ids.txt")
+
+
+def embed_batches(scorer, batches, flip: bool, total: int) -> np.ndarray:
+    """Returns (total, E or 2E) float32 embeddings for the rows of `batches`; NaN rows for unreadable images."""
+    rows = None
+    for batch in batches:
+        got = scorer(batch.images)["embedding"]
+        if flip:
+            got = np.concatenate([got, scorer(np.ascontiguousarray(batch.images[:, :, ::-1]))["embedding"]], axis=1)
+        if rows is None:
+            rows = np.full((total, got.shape[1]), np.nan, np.float32)
+        n = len(batch.indices)
+        keep = batch.valid[:n]
+        rows[np.asarray(batch.indices)[keep]] = got[:n][keep]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 ok, 1 user error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except _UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+class _UserError(Exception):
+    pass
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vitnt_jax import checkpoint, models, sources
+    from vitnt_jax.data import batches
+    from vitnt_jax.scorer import Scorer
+    from vitnt_jax.stability import ScoreSettings
+
+    if args.out.suffix != ".npy":
+        raise _UserError(f"--out {args.out} must end in .npy.")
+    if args.batch_size < 1:
+        raise _UserError("--batch-size must be at least 1.")
+    for path in (args.out, ids_path(args.out)):
+        if path.exists() and not args.overwrite:
+            raise _UserError(f"{path} exists; pass --overwrite to replace it or choose another --out.")
+    try:
+        if args.images is not None:
+            source = sources.image_folder(args.images)
+        elif args.list is not None:
+            source = sources.path_list(args.list, args.root)
+        else:
+            source = sources.insightface_bin(args.bin)
+        config, variables = checkpoint.load(models.resolve(args.model or models.DEFAULT_MODEL))
+    except (sources.SourceError, models.ModelError, checkpoint.CheckpointError) as error:
+        raise _UserError(str(error)) from None
+    if config.head == "none":
+        raise _UserError(f"model {config.name} has no embedding head; choose a face recognition model.")
+    settings = ScoreSettings(blocks=(0, 1))  # unused: only the embedding is read
+    scorer = Scorer(config, variables, settings, embed=True, outputs=("embedding",))
+    size = config.img_size
+    stream = batches(
+        source.load,
+        range(len(source)),
+        args.batch_size,
+        size,
+        color=args.color or source.color,
+        workers=args.workers,
+    )
+    rows = embed_batches(scorer, stream, args.flip, len(source))
+    failed = int(np.isnan(rows).any(axis=1).sum())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, rows)
+    ids_path(args.out).write_text("".join(f"{i}\n" for i in source.ids), encoding="utf-8")
+    print(f"wrote {rows.shape[0]} embeddings of width {rows.shape[1]} to {args.out} ({failed} unreadable: NaN rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

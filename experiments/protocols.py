@@ -1,0 +1,401 @@
+"""Face verification benchmarks as comparison protocols: which images are compared, which pairs are genuine.
+
+Four kinds, each read from the files the benchmark is distributed as (numpy only, no images decoded):
+
+- ``bin``: an insightface verification pack (``lfw.bin``, ``agedb_30.bin``, ``cfp_fp.bin``, ``calfw.bin``,
+  ``cplfw.bin``; XQLFW once converted to the same form). Image 2k is compared with image 2k+1; the pack's
+  issame flags say which pairs are genuine. Image ids are the positions "0", "1", ... exactly as
+  ``python -m vitnt_jax.score --bin`` writes them.
+- ``pairs``: an image list (one id per line, e.g. CR-FIQA's ``image_path_list.txt``) and a pair list
+  (``a b label`` per line, label 1 = genuine, 0 = impostor; CR-FIQA's ``pair_list.txt``). ``a`` and ``b`` name
+  images by id, by file name, by file stem, or by number (``00012`` is the image whose stem is 12).
+- ``identities``: an identity list (``id identity`` per line). Every image is compared with every other one,
+  genuine when the identities match: the Adience protocol.
+- ``ijbc``: IJB-C 1:1 verification from its meta files ``ijbc_face_tid_mid.txt`` (image, template, media) and
+  ``ijbc_template_pair_label.txt`` (template, template, label). A template's embedding is the mean of its
+  images' embeddings within each media, summed over its media and L2-normalised; its quality is the minimum
+  over its images.
+
+`compare` turns a protocol, per-image embeddings and per-image qualities into the three arrays an EDC needs:
+cosine similarity, the genuine mask and the pair quality (the minimum of the two sides).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+KINDS = ("bin", "pairs", "identities", "ijbc")
+
+# A pair whose embedding could not be computed is a non-match: it takes a similarity below every cosine.
+FAILED_SIMILARITY = -2.0
+
+
+class ProtocolError(ValueError):
+    """A benchmark file is missing or malformed; the message is one sentence naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Templates:
+    """Images grouped into templates (IJB-C): `template[i]`, `media[i]` for image i; `names[t]` per template."""
+
+    template: np.ndarray
+    media: np.ndarray
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Returns nothing: a benchmark's images and comparisons.
+
+    ids: the image ids quality and embedding files are matched against (see `match_ids`).
+    left, right, genuine: the compared units (images, or templates when `templates` is set) and the truth;
+      empty when `identities` is set, which means every image against every other (i < j).
+    """
+
+    name: str
+    kind: str
+    ids: tuple[str, ...]
+    left: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    right: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    genuine: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    identities: np.ndarray | None = None
+    templates: Templates | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        """Returns the number of comparisons."""
+        if self.identities is not None:
+            n = len(self.identities)
+            return n * (n - 1) // 2
+        return len(self.left)
+
+
+# ----------------------------------------------------------------------------------------------------- loaders
+
+
+class _FlagsOnly(pickle.Unpickler):
+    """Reads an insightface pack without running code: only builtins containers are allowed."""
+
+    def find_class(self, module: str, name: str):
+        raise ProtocolError(f"refusing to load {module}.{name}")
+
+
+def _read_text(path: Path, what: str) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ProtocolError(f"{what} {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise ProtocolError(f"{what} {path} is a folder; pass the file itself.") from None
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} {path} is not UTF-8 text; pass the text file.") from None
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise ProtocolError(f"{what} {path} is empty; it must list at least one entry.")
+    return lines
+
+
+def load_bin(path: str | Path, name: str | None = None) -> Protocol:
+    """Returns the protocol of an insightface `.bin` pack: image 2k vs 2k+1, genuine where issame is true."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            content = _FlagsOnly(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise ProtocolError(f"{path} does not exist; check the path to the .bin pack.") from None
+    except ProtocolError as error:
+        raise ProtocolError(f"{path} is not a plain insightface pack ({error}); refusing it.") from None
+    except Exception as error:  # any other parse failure: truncated or foreign file
+        kind = type(error).__name__
+        raise ProtocolError(f"{path} is unreadable ({kind}); it is not an insightface .bin pack.") from None
+    if not (isinstance(content, (tuple, list)) and len(content) == 2):
+        raise ProtocolError(f"{path} is not an (images, issame) pair; it is not an insightface .bin pack.")
+    images, issame = content
+    flags = list(issame) if isinstance(issame, (list, tuple, np.ndarray)) else None
+    if flags is None or len(images) != 2 * len(flags) or not flags:
+        raise ProtocolError(f"{path} does not hold two images per issame flag; it is not a verification pack.")
+    n = len(flags)
+    return Protocol(
+        name=name or path.stem,
+        kind="bin",
+        ids=tuple(str(i) for i in range(2 * n)),
+        left=np.arange(0, 2 * n, 2),
+        right=np.arange(1, 2 * n, 2),
+        genuine=np.asarray([bool(f) for f in flags]),
+    )
+
+
+def _label(token: str, path: Path, line: int) -> bool:
+    if token not in ("0", "1"):
+        raise ProtocolError(f"{path} line {line}: the label {token!r} must be 1 (genuine) or 0 (impostor).")
+    return token == "1"
+
+
+def load_pairs(image_list: str | Path, pair_list: str | Path, name: str | None = None) -> Protocol:
+    """Returns the protocol of an image list plus a pair list (`a b label` per line, 1 = genuine)."""
+    image_list, pair_list = Path(image_list), Path(pair_list)
+    ids = tuple(_read_text(image_list, "image list"))
+    if len(set(ids)) != len(ids):
+        raise ProtocolError(f"image list {image_list} names an image twice; each line must be unique.")
+    lookup = IdLookup(ids)
+    left, right, genuine = [], [], []
+    for number, line in enumerate(_read_text(pair_list, "pair list"), 1):
+        parts = line.replace(",", " ").split()
+        if len(parts) != 3:
+            raise ProtocolError(f"{pair_list} line {number} must read 'a b label', not {line!r}.")
+        for token, out in ((parts[0], left), (parts[1], right)):
+            index = lookup.find(token)
+            if index is None:
+                raise ProtocolError(
+                    f"{pair_list} line {number}: {token!r} matches no single image of {image_list}; "
+                    "name images by their id, file name or number."
+                )
+            out.append(index)
+        genuine.append(_label(parts[2], pair_list, number))
+    return Protocol(
+        name=name or pair_list.parent.name or pair_list.stem,
+        kind="pairs",
+        ids=ids,
+        left=np.asarray(left, np.int64),
+        right=np.asarray(right, np.int64),
+        genuine=np.asarray(genuine),
+    )
+
+
+def load_identities(identity_list: str | Path, name: str | None = None) -> Protocol:
+    """Returns the all-vs-all protocol of an identity list (`id identity` per line): the Adience protocol."""
+    identity_list = Path(identity_list)
+    ids, who = [], []
+    for number, line in enumerate(_read_text(identity_list, "identity list"), 1):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise ProtocolError(f"{identity_list} line {number} must read 'id identity', not {line!r}.")
+        ids.append(parts[0])
+        who.append(parts[1])
+    if len(set(ids)) != len(ids):
+        raise ProtocolError(f"identity list {identity_list} names an image twice; each id must be unique.")
+    if len(ids) < 2:
+        raise ProtocolError(f"identity list {identity_list} has one image; all-vs-all needs at least two.")
+    _, codes = np.unique(np.asarray(who), return_inverse=True)
+    return Protocol(name=name or identity_list.stem, kind="identities", ids=tuple(ids), identities=codes)
+
+
+def adience_identity_list(folder: str | Path) -> list[str]:
+    """Returns `id identity` lines for Adience face crops under `folder` (identity = the face id in the name).
+
+    Adience names crops ``<prefix>.<face_id>.<original>.jpg`` (e.g. ``coarse_tilt_aligned_face.2.x.jpg``);
+    the face id (the second dot-separated field) identifies the person, as in CR-FIQA's Adience extraction.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ProtocolError(f"Adience folder {folder} does not exist; pass the folder of face crops.")
+    lines = []
+    for path in sorted(folder.rglob("*.jpg")):
+        parts = path.name.split(".")
+        if len(parts) < 3:
+            raise ProtocolError(f"{path.name} does not follow Adience's '<prefix>.<face_id>.<name>.jpg' naming.")
+        lines.append(f"{path.relative_to(folder).as_posix()} {parts[1]}")
+    if not lines:
+        raise ProtocolError(f"Adience folder {folder} holds no .jpg files.")
+    return lines
+
+
+def load_ijbc(meta: str | Path, name: str | None = None) -> Protocol:
+    """Returns the IJB-C 1:1 protocol from its meta folder (or the two meta files' common prefix folder)."""
+    meta = Path(meta)
+    faces = next(iter(sorted(meta.glob("*face_tid_mid.txt"))), None) if meta.is_dir() else None
+    pairs = next(iter(sorted(meta.glob("*template_pair_label.txt"))), None) if meta.is_dir() else None
+    if faces is None or pairs is None:
+        raise ProtocolError(
+            f"IJB-C meta folder {meta} must hold ijbc_face_tid_mid.txt and ijbc_template_pair_label.txt; "
+            "pass the 'meta' folder of the IJB-C release."
+        )
+    ids, template_names, media = [], [], []
+    for number, line in enumerate(_read_text(faces, "IJB-C face list"), 1):
+        parts = line.split()
+        if len(parts) < 3:
+            raise ProtocolError(f"{faces} line {number} must read 'image template media', not {line!r}.")
+        ids.append(parts[0])
+        template_names.append(parts[1])
+        media.append(parts[2])
+    names, template = np.unique(np.asarray(template_names), return_inverse=True)
+    _, media_codes = np.unique(np.asarray(media), return_inverse=True)
+    index = {t: i for i, t in enumerate(names.tolist())}
+    left, right, genuine = [], [], []
+    for number, line in enumerate(_read_text(pairs, "IJB-C pair list"), 1):
+        parts = line.split()
+        if len(parts) < 3:
+            raise ProtocolError(f"{pairs} line {number} must read 'template template label', not {line!r}.")
+        for token, out in ((parts[0], left), (parts[1], right)):
+            if token not in index:
+                raise ProtocolError(f"{pairs} line {number}: template {token} has no image in {faces}.")
+            out.append(index[token])
+        genuine.append(_label(parts[2], pairs, number))
+    if len(set(ids)) != len(ids):
+        raise ProtocolError(f"{faces} names an image twice; each image must be listed once.")
+    return Protocol(
+        name=name or "ijbc",
+        kind="ijbc",
+        ids=tuple(ids),
+        left=np.asarray(left, np.int64),
+        right=np.asarray(right, np.int64),
+        genuine=np.asarray(genuine),
+        templates=Templates(template=template, media=media_codes, names=tuple(names.tolist())),
+    )
+
+
+def load(spec: str) -> Protocol:
+    """Returns the protocol named by a `NAME=KIND:PATH[,PATH]` spec (see the module docstring for KIND)."""
+    name, sep, rest = spec.partition("=")
+    kind, colon, paths = rest.partition(":")
+    if not (sep and colon and name and paths):
+        raise ProtocolError(f"benchmark {spec!r} must read NAME=KIND:PATH, e.g. lfw=bin:data/lfw.bin.")
+    parts = paths.split(",")
+    expected = {"bin": 1, "pairs": 2, "identities": 1, "ijbc": 1}
+    if kind not in expected:
+        raise ProtocolError(f"benchmark {name}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}.")
+    if len(parts) != expected[kind]:
+        what = "IMAGE_LIST,PAIR_LIST" if kind == "pairs" else "one PATH"
+        raise ProtocolError(f"benchmark {name}: kind {kind} takes {what}, not {paths!r}.")
+    if kind == "bin":
+        return load_bin(parts[0], name)
+    if kind == "pairs":
+        return load_pairs(parts[0], parts[1], name)
+    if kind == "identities":
+        return load_identities(parts[0], name)
+    return load_ijbc(parts[0], name)
+
+
+# ------------------------------------------------------------------------------------------------ id matching
+
+
+def _variants(key: str) -> Iterator[str]:
+    """Yields the ways a file may name an image, most specific first: id, file name, stem, number."""
+    yield "id:" + key
+    base = re.split(r"[\\/]", key)[-1]
+    yield "name:" + base
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    yield "stem:" + stem
+    if stem.isdigit():
+        yield "number:" + str(int(stem))
+
+
+class IdLookup:
+    """Finds a protocol image from how another file names it; a name shared by two images matches neither."""
+
+    def __init__(self, ids: Sequence[str]):
+        table: dict[str, int] = {}
+        shared: set[str] = set()
+        for i, key in enumerate(ids):
+            for variant in _variants(key):
+                if variant in table and table[variant] != i:
+                    shared.add(variant)
+                table.setdefault(variant, i)
+        self._table = {k: v for k, v in table.items() if k not in shared}
+
+    def find(self, key: str) -> int | None:
+        """Returns the index of the image `key` names, or None."""
+        for variant in _variants(key):
+            if variant in self._table:
+                return self._table[variant]
+        return None
+
+
+def match_ids(protocol: Protocol, keys: Sequence[str]) -> np.ndarray:
+    """Returns, for every key of a file, the protocol image it names (-1 where it names none)."""
+    lookup = IdLookup(protocol.ids)
+    return np.asarray([(-1 if (i := lookup.find(k)) is None else i) for k in keys], np.int64)
+
+
+# ------------------------------------------------------------------------------------------------- comparison
+
+
+@dataclass(frozen=True)
+class Comparisons:
+    """Returns nothing: per-comparison arrays for an EDC, plus how many inputs were missing."""
+
+    similarity: np.ndarray
+    genuine: np.ndarray
+    pair_quality: np.ndarray
+    missing_quality: int
+    missing_embedding: int
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return x / norm
+
+
+def _templates(templates: Templates, embeddings: np.ndarray, quality: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns template embeddings (media means summed, L2-normalised) and template qualities (minimum)."""
+    count = len(templates.names)
+    # One row per (template, media): average the images within each media first.
+    key = templates.template.astype(np.int64) * (int(templates.media.max()) + 1) + templates.media
+    groups, group_of = np.unique(key, return_inverse=True)
+    sums = np.zeros((len(groups), embeddings.shape[1]), np.float64)
+    np.add.at(sums, group_of, embeddings)
+    sizes = np.bincount(group_of, minlength=len(groups))[:, None]
+    media_mean = sums / sizes
+    pooled = np.zeros((count, embeddings.shape[1]), np.float64)
+    np.add.at(pooled, groups // (int(templates.media.max()) + 1), media_mean)
+    tq = np.full(count, np.inf)
+    np.minimum.at(tq, templates.template, quality)
+    return _normalize(pooled), tq
+
+
+def compare(protocol: Protocol, embeddings: np.ndarray, quality: np.ndarray, *, block: int = 2048) -> Comparisons:
+    """Returns cosine similarities, the genuine mask and pair qualities (min of both sides) for a protocol.
+
+    embeddings: (n_images, E), rows in `protocol.ids` order; a row with NaN (a failed image) makes every
+    comparison it takes part in a non-match (similarity FAILED_SIMILARITY).
+    quality: (n_images,), higher = better; NaN (a failed image) counts as the lowest quality, so its
+    comparisons are discarded first (ISO/IEC 29794-1 treats a failure to assess that way).
+    """
+    n = len(protocol.ids)
+    embeddings = np.asarray(embeddings, np.float64)
+    quality = np.asarray(quality, np.float64)
+    if embeddings.ndim != 2 or embeddings.shape[0] != n:
+        raise ProtocolError(f"{protocol.name}: embeddings have shape {embeddings.shape}, not ({n}, E).")
+    if quality.shape != (n,):
+        raise ProtocolError(f"{protocol.name}: qualities have shape {quality.shape}, not ({n},).")
+    bad_embedding = ~np.isfinite(embeddings).all(axis=1)
+    bad_quality = ~np.isfinite(quality)
+    quality = np.where(bad_quality, -np.inf, quality)
+    units = _normalize(np.where(bad_embedding[:, None], np.nan, embeddings))
+    unit_quality = quality
+    if protocol.templates is not None:
+        units, unit_quality = _templates(protocol.templates, np.nan_to_num(units, nan=0.0), quality)
+        broken = np.zeros(len(protocol.templates.names), bool)
+        np.logical_or.at(broken, protocol.templates.template, bad_embedding)
+        units[broken] = np.nan
+    if protocol.identities is None:
+        sim = np.einsum("pe,pe->p", units[protocol.left], units[protocol.right])
+        pair_quality = np.minimum(unit_quality[protocol.left], unit_quality[protocol.right])
+        genuine = protocol.genuine
+    else:
+        sims, quals, truth = [], [], []
+        ident = protocol.identities
+        for start in range(0, n - 1, block):
+            stop = min(start + block, n - 1)
+            rows = units[start:stop] @ units[start:].T  # (r, n - start); keep j > i only
+            for r, i in enumerate(range(start, stop)):
+                sims.append(rows[r, i - start + 1 :])
+                quals.append(np.minimum(unit_quality[i], unit_quality[i + 1 :]))
+                truth.append(ident[i] == ident[i + 1 :])
+        sim, pair_quality, genuine = np.concatenate(sims), np.concatenate(quals), np.concatenate(truth)
+    sim = np.where(np.isnan(sim), FAILED_SIMILARITY, np.clip(sim, -1.0, 1.0))
+    return Comparisons(
+        similarity=sim,
+        genuine=np.asarray(genuine, bool),
+        pair_quality=pair_quality,
+        missing_quality=int(bad_quality.sum()),
+        missing_embedding=int(bad_embedding.sum()),
+    )

@@ -1,0 +1,143 @@
+"""The embedding extractor and the ablation sweep: same numbers as the library's own scorer and CLI."""
+
+import csv
+import io
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import ablations, embeddings
+from vitnt_jax import checkpoint, score
+from vitnt_jax.scorer import Scorer
+from vitnt_jax.stability import ScoreSettings
+
+from conftest import smooth_faces
+
+
+def _png(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return smooth_faces(6, size=32, seed=5)
+
+
+@pytest.fixture
+def pack(tmp_path, faces):
+    blobs = [_png(f) for f in faces]
+    blobs[3] = b"not an image"
+    path = tmp_path / "tiny.bin"
+    with open(path, "wb") as f:
+        pickle.dump((blobs, [True, False, True]), f)
+    return path
+
+
+def test_embeddings_rows_flip_and_failures(tiny_checkpoint, pack, faces, tmp_path):
+    out = tmp_path / "emb" / "tiny.npy"
+    args = ["--bin", str(pack), "--model", str(tiny_checkpoint), "--batch-size", "4", "--out", str(out)]
+    assert embeddings.main([*args, "--flip"]) == 0
+    got = np.load(out)
+    assert embeddings.ids_path(out).read_text().split() == [str(i) for i in range(6)]
+    config, variables = checkpoint.load(tiny_checkpoint)
+    scorer = Scorer(config, variables, ScoreSettings((0, 1)), embed=True, outputs=("embedding",))
+    good = [0, 1, 2, 4, 5]
+    stack = np.stack([faces[i] for i in good])
+    plain = scorer(stack)["embedding"]
+    flipped = scorer(np.ascontiguousarray(stack[:, :, ::-1]))["embedding"]
+    width = plain.shape[1]
+    assert got.shape == (6, 2 * width)
+    np.testing.assert_allclose(got[good, :width], plain, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[good, width:], flipped, rtol=1e-5, atol=1e-5)
+    assert np.isnan(got[3]).all()  # the unreadable image keeps its row
+    assert not np.allclose(got[good, :width], got[good, width:])  # flipping changes the embedding
+
+
+def test_embeddings_refuse_to_overwrite(tiny_checkpoint, pack, tmp_path, capsys):
+    out = tmp_path / "e.npy"
+    out.write_bytes(b"")
+    assert embeddings.main(["--bin", str(pack), "--model", str(tiny_checkpoint), "--out", str(out)]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def test_ablation_variants_equal_the_scoring_cli(tiny_checkpoint, tmp_path, faces):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, f in enumerate(faces):
+        Image.fromarray(f).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"nope")
+    out = tmp_path / "abl"
+    code = ablations.main(
+        [
+            "--images",
+            str(folder),
+            "--model",
+            str(tiny_checkpoint),
+            "--depths",
+            "2,3",
+            "--alphas",
+            "4,8",
+            "--metrics",
+            "euclidean,cosine",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    names = {p.stem for p in out.glob("*.csv")}
+    # One factor at a time around blocks 3 (testing preset: all), alpha 8, attention-last, euclidean.
+    assert names == {
+        "blocks3_alpha8_attention-last_euclidean",
+        "blocks2_alpha8_attention-last_euclidean",
+        "blocks3_alpha4_attention-last_euclidean",
+        "blocks3_alpha8_mean_euclidean",
+        "blocks3_alpha8_attention-all_euclidean",
+        "blocks3_alpha8_attention-last_cosine",
+    }
+    for name, flags in (
+        ("blocks2_alpha8_attention-last_euclidean", ["--blocks", "0-1"]),
+        ("blocks3_alpha4_attention-last_euclidean", ["--alpha", "4"]),
+        ("blocks3_alpha8_attention-all_euclidean", ["--attention", "all"]),
+        ("blocks3_alpha8_mean_euclidean", ["--aggregation", "mean"]),
+        ("blocks3_alpha8_attention-last_cosine", ["--metric", "cosine"]),
+    ):
+        ref = tmp_path / f"{name}.csv"
+        argv = ["--images", str(folder), "--model", str(tiny_checkpoint), "--out", str(ref), *flags]
+        assert score.main(argv) == 0
+        want, got = _read(ref), _read(out / f"{name}.csv")
+        assert set(want) == set(got) and len(got) == 7
+        for key, row in want.items():
+            if row["error"]:
+                assert got[key]["error"] and got[key]["quality"] == ""
+            else:
+                assert float(got[key]["quality"]) == pytest.approx(float(row["quality"]), abs=2e-6)
+
+
+def test_ablation_sweeps_differ_and_full_grid_crosses_factors():
+    base = ablations.Variant(3, 8.0, "attention-last", "euclidean")
+    full = ablations.variants([2, 3], [4.0, 8.0], ["mean"], ["l1", "cosine"], base=base, grid="full")
+    assert len(full) == 8 and len(set(full)) == 8
+    single = ablations.variants([2, 3], [4.0, 8.0], ["mean"], ["l1", "cosine"], base=base)
+    assert len(single) == 1 + 1 + 1 + 1 + 2  # base, depth 2, alpha 4, mean, l1, cosine
+
+
+def test_ablation_bad_flags_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "i"
+    folder.mkdir()
+    Image.fromarray(smooth_faces(1)[0]).save(folder / "a.png")
+    base = ["--images", str(folder), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o")]
+    assert ablations.main([*base, "--depths", "1,9"]) == 1
+    assert "--depths [1, 9] must lie between 2 and the model's 3 blocks" in capsys.readouterr().err
+    assert ablations.main([*base, "--metrics", "hamming"]) == 1
+    assert "unknown metric 'hamming'" in capsys.readouterr().err
