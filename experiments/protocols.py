@@ -399,3 +399,77 @@ def compare(protocol: Protocol, embeddings: np.ndarray, quality: np.ndarray, *, 
         missing_quality=int(bad_quality.sum()),
         missing_embedding=int(bad_embedding.sum()),
     )
+
+
+# ------------------------------------------------------------------------------------ LFW-format pairs -> .bin
+
+
+def read_lfw_pairs(pairs_txt: str | Path) -> list[tuple[str, str, bool]]:
+    """Returns (relative image a, relative image b, genuine) from an LFW-format pairs file (LFW, XQLFW).
+
+    Lines read ``name i j`` (genuine: images i and j of one person) or ``name1 i name2 j`` (impostor); the
+    image of person ``name`` number ``i`` is ``name/name_000i.jpg``. A first line of one or two counts (LFW's
+    ``10 300``) is skipped.
+    """
+    pairs_txt = Path(pairs_txt)
+    out = []
+    for number, line in enumerate(_read_text(pairs_txt, "pairs file"), 1):
+        parts = line.split()
+        if number == 1 and all(p.isdigit() for p in parts) and len(parts) <= 2:
+            continue
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            a, b, genuine = (parts[0], int(parts[1])), (parts[0], int(parts[2])), True
+        elif len(parts) == 4 and parts[1].isdigit() and parts[3].isdigit():
+            a, b, genuine = (parts[0], int(parts[1])), (parts[2], int(parts[3])), False
+        else:
+            raise ProtocolError(f"{pairs_txt} line {number} must read 'name i j' or 'name1 i name2 j', not {line!r}.")
+        out.append(tuple(f"{n}/{n}_{i:04d}.jpg" for n, i in (a, b)) + (genuine,))
+    if not out:
+        raise ProtocolError(f"pairs file {pairs_txt} lists no pairs.")
+    return out
+
+
+def write_bin(pairs: list[tuple[str, str, bool]], image_root: str | Path, out: str | Path) -> int:
+    """Returns the number of pairs written to an insightface-style `.bin` pack (image bytes kept as stored)."""
+    image_root, out = Path(image_root), Path(out)
+    blobs: list[bytes] = []
+    for a, b, _ in pairs:
+        for rel in (a, b):
+            try:
+                blobs.append((image_root / rel).read_bytes())
+            except FileNotFoundError:
+                missing = image_root / rel
+                raise ProtocolError(f"image {missing} does not exist; pass the folder of the pairs' images.") from None
+    tmp = out.with_name(out.name + ".partial")
+    with open(tmp, "wb") as f:
+        pickle.dump((blobs, [bool(g) for _, _, g in pairs]), f, protocol=4)
+    tmp.replace(out)
+    return len(pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Converts an LFW-format benchmark (e.g. XQLFW) into a `.bin` pack; returns the exit status."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.protocols",
+        description="Pack an LFW-format benchmark (XQLFW's xqlfw_pairs.txt and its image folder) as a .bin.",
+    )
+    p.add_argument("--pairs", type=Path, required=True, help="LFW-format pairs file (e.g. xqlfw_pairs.txt)")
+    p.add_argument("--images", type=Path, required=True, help="folder holding name/name_0001.jpg images")
+    p.add_argument("--out", type=Path, required=True, help="the .bin pack to write")
+    args = p.parse_args(argv)
+    try:
+        if args.out.exists():
+            raise ProtocolError(f"{args.out} exists; remove it or choose another --out.")
+        count = write_bin(read_lfw_pairs(args.pairs), args.images, args.out)
+    except ProtocolError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {count} pairs ({2 * count} images) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

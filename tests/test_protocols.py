@@ -162,3 +162,21 @@ def test_shape_mismatch_is_named(tmp_path):
     p = protocols.load_bin(write_pack(tmp_path / "x.bin", 1, [True]))
     with pytest.raises(ProtocolError, match=r"embeddings have shape \(3, 2\)"):
         protocols.compare(p, np.ones((3, 2)), np.ones(2))
+
+
+def test_lfw_format_pairs_become_a_pack_that_scores_and_evaluates(tmp_path):
+    from vitnt_jax import sources
+
+    for rel in ("Ann/Ann_0001.jpg", "Ann/Ann_0002.jpg", "Bob/Bob_0001.jpg"):
+        (tmp_path / "img" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "img" / rel).write_bytes(rel.encode())
+    pairs = tmp_path / "xqlfw_pairs.txt"
+    pairs.write_text("1 2\nAnn 1 2\nAnn 2 Bob 1\n")
+    out = tmp_path / "xqlfw.bin"
+    assert protocols.main(["--pairs", str(pairs), "--images", str(tmp_path / "img"), "--out", str(out)]) == 0
+    p = protocols.load_bin(out)
+    assert p.genuine.tolist() == [True, False] and p.ids == ("0", "1", "2", "3")
+    source = sources.insightface_bin(out)  # the scorer reads the same pack, image by image
+    assert len(source) == 4 and source.labels == ["1", "1", "0", "0"]
+    pairs.write_text("Ann 1 Bob\n")
+    assert protocols.main(["--pairs", str(pairs), "--images", str(tmp_path / "img"), "--out", str(tmp_path / "b")]) == 1
