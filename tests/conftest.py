@@ -11,6 +11,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Keeps every test's model and MTCNN-weight cache out of the user's ~/.cache."""
+    old = os.environ.get("VITNT_JAX_CACHE")
+    os.environ["VITNT_JAX_CACHE"] = str(tmp_path_factory.mktemp("vitnt_cache"))
+    yield
+    if old is None:
+        os.environ.pop("VITNT_JAX_CACHE", None)
+    else:
+        os.environ["VITNT_JAX_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def testing_config():
     from vitnt_jax.config import PRESETS

@@ -277,7 +277,8 @@ def test_tfds_lfw_end_to_end_with_mock_data(tiny_checkpoint, tmp_path, model):
     tfds = pytest.importorskip("tensorflow_datasets")
     out = tmp_path / "lfw.csv"
     with tfds.testing.mock_data(num_examples=5):
-        assert _run(tiny_checkpoint, "--tfds", "lfw", "--out", str(out), "--batch-size", "3") == 0
+        argv = ["--tfds", "lfw", "--align", "center", "--out", str(out), "--batch-size", "3"]
+        assert _run(tiny_checkpoint, *argv) == 0
         data = tfds.data_source("lfw", split="train")
         photos = [data[i]["image"] for i in range(5)]
         labels = [data[i]["label"] for i in range(5)]
@@ -285,7 +286,7 @@ def test_tfds_lfw_end_to_end_with_mock_data(tiny_checkpoint, tmp_path, model):
     assert rows[0] == ["id", "quality", "label", "error"]
     assert [r[0] for r in rows[1:]] == [f"lfw/train/{i}" for i in range(5)]
     assert [r[2] for r in rows[1:]] == [x.decode() if isinstance(x, bytes) else x for x in labels]
-    # LFW is unaligned: the fixed centre face box, then a bilinear resize to the model's size.
+    # --align center: the fixed centre face box, then a bilinear resize to the model's size.
     config, variables = model
     crops = np.stack([np.asarray(Image.fromarray(center_crop(p)).resize((32, 32), Image.BILINEAR)) for p in photos])
     want = Scorer(config, variables, SETTINGS)(crops)["quality"]

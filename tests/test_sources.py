@@ -172,7 +172,7 @@ def test_tfds_lfw_under_mock_data():
         src = sources.tfds_source("lfw")
         assert len(src) == 6 and src.ids[0] == "lfw/train/0"
         assert src.labels is not None and all(isinstance(x, str) for x in src.labels)
-        assert src.align == "center"  # LFW photos are not aligned
+        assert src.align == "mtcnn"  # LFW photos are not aligned: detect and align the face
         assert src.load(0).shape == (250, 250, 3)
         with pytest.raises(sources.SourceError, match="no feature 'img'"):
             sources.tfds_source("lfw", image_key="img")

@@ -84,6 +84,10 @@ def center_crop(array: np.ndarray) -> np.ndarray:
     return array[y0 : y0 + side, x0 : x0 + side]
 
 
+ALIGNS = ("none", "center", "mtcnn")
+NO_FACE = "no face found"
+
+
 @dataclass
 class Prepared:
     image: np.ndarray | None
@@ -91,29 +95,49 @@ class Prepared:
     resized_from: tuple[int, int] | None = None
 
 
-def prepare(array: np.ndarray, size: int, color: str = "rgb", align: str = "none") -> Prepared:
-    """Returns a (size, size, 3) uint8 RGB image from a decoded array.
+def to_rgb(array: np.ndarray, color: str = "rgb") -> np.ndarray:
+    """Returns the (H, W, 3) uint8 RGB form of a decoded array; raises ImageError for other arrays.
 
-    color: channel order the SOURCE holds ('bgr' is swapped to RGB). align: 'none' (already
-    aligned; other sizes are resized bilinearly) or 'center' (the fixed CENTER_BOX crop first).
+    Grey (H, W) / (H, W, 1) arrays become RGB, a 4th (alpha) channel is dropped, and 'bgr'
+    sources are swapped to RGB.
     """
     if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 4)):
-        # Grey (H, W) / (H, W, 1) arrays from array sources become RGB; a 4th (alpha) channel is dropped.
         array = (
             np.repeat(array.reshape(*array.shape[:2], 1), 3, axis=2)
             if array.ndim == 2 or array.shape[2] == 1
             else array[..., :3]
         )
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or 0 in array.shape:
-        return Prepared(None, f"expected an (H, W, 3) uint8 image, got {array.shape} {array.dtype}")
+        raise ImageError(f"expected an (H, W, 3) uint8 image, got {array.shape} {array.dtype}")
+    return array[..., ::-1] if color == "bgr" else array
+
+
+def prepare(
+    array: np.ndarray, size: int, color: str = "rgb", align: str = "none", landmarks: np.ndarray | None = None
+) -> Prepared:
+    """Returns a (size, size, 3) uint8 RGB image from a decoded array.
+
+    color: channel order the SOURCE holds ('bgr' is swapped to RGB). align: 'none' (already
+    aligned; other sizes are resized bilinearly), 'center' (the fixed CENTER_BOX crop first) or
+    'mtcnn' (warped by the face's (5, 2) `landmarks` onto the ArcFace template scaled to `size`;
+    no landmarks = no face found).
+    """
+    try:
+        array = to_rgb(array, color)
+    except ImageError as error:
+        return Prepared(None, str(error))
+    if align == "mtcnn":
+        from vitnt_jax.align import estimate, warp
+
+        if landmarks is None:
+            return Prepared(None, NO_FACE)
+        return Prepared(warp(array, estimate(landmarks, size), size))
     if align == "center":
         array = center_crop(array)
     resized = None
     if array.shape[:2] != (size, size):
         resized = (array.shape[1], array.shape[0])
-        array = np.asarray(Image.fromarray(array).resize((size, size), Image.BILINEAR))
-    if color == "bgr":
-        array = array[..., ::-1]
+        array = np.asarray(Image.fromarray(np.ascontiguousarray(array)).resize((size, size), Image.BILINEAR))
     return Prepared(np.ascontiguousarray(array), "", None if align == "center" else resized)
 
 
@@ -138,11 +162,20 @@ def batches(
     align: str = "none",
     workers: int = 4,
     prefetch: int = 2,
+    detector=None,
 ) -> Iterator[Batch]:
     """Yields fixed-size batches of `indices` in order, decoding on `workers` threads ahead of use.
 
-    load(index) returns the decoded (H, W, 3) uint8 array or raises ImageError.
+    load(index) returns the decoded (H, W, 3) uint8 array or raises ImageError. With align
+    'mtcnn', `detector` (a vitnt_jax.mtcnn.Detector) finds the faces of each batch in one batched
+    call on the batch-assembling thread, ahead of use like the decoding; the face kept per image
+    follows vitnt_jax.mtcnn.select_face, and an image without a face keeps its row with the error
+    NO_FACE.
     """
+    if align not in ALIGNS:
+        raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
+    if align == "mtcnn" and detector is None:
+        raise ValueError("align 'mtcnn' needs a detector")
     chunks = [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
 
     def one(index: int) -> Prepared:
@@ -151,8 +184,35 @@ def batches(
         except ImageError as error:
             return Prepared(None, str(error) or "unreadable image")
 
+    def decode(index: int) -> np.ndarray | str:
+        try:
+            return np.ascontiguousarray(to_rgb(load(index), color))
+        except ImageError as error:
+            return str(error) or "unreadable image"
+
+    def detect_and_align(chunk: list[int]) -> list[Prepared]:
+        from vitnt_jax.mtcnn import select_face
+
+        decoded = list(pool.map(decode, chunk))
+        photos = [d for d in decoded if not isinstance(d, str)]
+        found = iter(detector.detect_batch(photos))
+        marks: list = []
+        for d in decoded:
+            if isinstance(d, str):
+                marks.append(None)
+                continue
+            faces = next(found)
+            pick = select_face(faces, d.shape[0], d.shape[1])
+            marks.append(None if pick is None else faces.landmarks[pick])
+
+        def warp(k: int) -> Prepared:
+            d = decoded[k]
+            return Prepared(None, d) if isinstance(d, str) else prepare(d, size, "rgb", "mtcnn", marks[k])
+
+        return list(pool.map(warp, range(len(chunk))))
+
     def assemble(chunk: list[int]) -> Batch:
-        done = list(pool.map(one, chunk))
+        done = detect_and_align(chunk) if align == "mtcnn" else list(pool.map(one, chunk))
         images = np.zeros((batch_size, size, size, 3), np.uint8)
         valid = np.zeros(batch_size, bool)
         for row, p in enumerate(done):

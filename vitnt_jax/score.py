@@ -20,11 +20,14 @@ import numpy as np
 from vitnt_jax.stability import METRICS
 
 EPILOG = """\
-Input contract: faces aligned with the 5-point ArcFace template, 112x112 RGB. --align center
-crops a fixed face box from unaligned photos (the default for --tfds lfw). Other sizes are resized
-bilinearly. --color names the channel order the SOURCE holds: 'bgr' for files extracted
-channel-swapped from insightface packs. Higher quality = better. A file that cannot be read keeps
-its row, with an empty quality and the reason in the error column.
+Input contract: faces aligned with the 5-point ArcFace template, 112x112 RGB. For unaligned photos,
+--align mtcnn (the default for --tfds lfw) finds the face with MTCNN and warps its 5 landmarks onto
+the template; of several faces it keeps the largest whose box contains the image centre, else the
+largest; a photo without a face keeps its row with the error "no face found". --align center crops a
+fixed face box instead. Other sizes are resized bilinearly. --color names the channel order the
+SOURCE holds: 'bgr' for files extracted channel-swapped from insightface packs. Higher quality =
+better. A file that cannot be read keeps its row, with an empty quality and the reason in the error
+column.
 """
 
 
@@ -102,10 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument(
         "--align",
-        choices=["none", "center"],
+        choices=["none", "mtcnn", "center"],
         default=None,
-        help="'none': faces are aligned already; 'center': fixed face crop of unaligned photos "
-        "(default: center for --tfds lfw, none otherwise)",
+        help="'none': faces are aligned already; 'mtcnn': detect the face (MTCNN) and align its 5 landmarks "
+        "to the ArcFace template, keeping the largest face whose box contains the image centre, else the "
+        "largest; 'center': fixed face crop of unaligned photos (default: mtcnn for --tfds lfw, none otherwise)",
+    )
+    i.add_argument(
+        "--mtcnn-weights",
+        type=Path,
+        metavar="FILE.npz",
+        help="with --align mtcnn: converted MTCNN weights (python -m converters.mtcnn); default: facenet-pytorch's, "
+        "converted once into $VITNT_JAX_CACHE",
+    )
+    i.add_argument(
+        "--min-face-size",
+        type=float,
+        metavar="PIXELS",
+        help="with --align mtcnn: smallest face searched for, in pixels (default: 20); larger is faster",
     )
     i.add_argument(
         "--workers", type=int, default=min(16, os.cpu_count() or 1), help="decoding threads (default: min(16, cores))"
@@ -165,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE.npy",
         help="also save every row's per-patch quality map (rows, grid, grid)",
+    )
+    o.add_argument(
+        "--save-aligned",
+        type=Path,
+        metavar="DIR",
+        help="also write every scored row's model input (the aligned crop) as DIR/<index>_<id>.png, "
+        "index = position in the source (8+ digits), id made file-safe",
     )
     w = o.add_mutually_exclusive_group()
     w.add_argument("--resume", action="store_true", help="continue an interrupted run: skip ids already in --out")
@@ -228,6 +252,8 @@ def _validate(args: argparse.Namespace) -> None:
     for flag, path in (("--save-embeddings", args.save_embeddings), ("--save-patch-quality", args.save_patch_quality)):
         if path is not None and path.suffix != ".npy":
             raise UserError(f"{flag} {path} must end in .npy.")
+    if args.min_face_size is not None and not (math.isfinite(args.min_face_size) and args.min_face_size >= 1):
+        raise UserError(f"--min-face-size must be at least 1 pixel (got {args.min_face_size:g}).")
     if args.save_embeddings is not None and args.save_embeddings == args.save_patch_quality:
         raise UserError("--save-embeddings and --save-patch-quality must be different files.")
 
@@ -355,6 +381,7 @@ def _run(args: argparse.Namespace, process: int, processes: int) -> int:
             _check_writable(flag, path)
     color = args.color or source.color
     align = args.align or source.align
+    detector = _detector(args, align)
 
     from vitnt_jax import models
 
@@ -411,6 +438,8 @@ def _run(args: argparse.Namespace, process: int, processes: int) -> int:
                 raise UserError(f"{path} already exists; pass --overwrite or --resume, or choose another path.")
     if processes > 1:
         arrays = {k: (part_path(p, process, processes), s) for k, (p, s) in arrays.items()}
+    if args.save_aligned is not None:
+        _make_folder("--save-aligned", args.save_aligned)
     try:
         writer = ResultWriter(
             out,
@@ -438,7 +467,7 @@ def _run(args: argparse.Namespace, process: int, processes: int) -> int:
     print(
         f"scoring {len(todo)} of {len(source)} inputs from {source.name}{where} with {config.name} on {dev}, "
         f"batch {batch_size}, blocks {_span(blocks)}, alpha {args.alpha:g}, {args.aggregation}"
-        f"{'/' + args.attention if args.aggregation == 'attention' else ''}, {args.metric}"
+        f"{'/' + args.attention if args.aggregation == 'attention' else ''}, {args.metric}, align {align}"
         f"{', skipping ' + str(len(done)) + ' already written' if done else ''}",
         file=sys.stderr,
     )
@@ -450,7 +479,16 @@ def _run(args: argparse.Namespace, process: int, processes: int) -> int:
     start = time.perf_counter()
     try:
         pending = None
-        stream = batches(source.load, todo, batch_size, config.img_size, color=color, align=align, workers=args.workers)
+        stream = batches(
+            source.load,
+            todo,
+            batch_size,
+            config.img_size,
+            color=color,
+            align=align,
+            workers=args.workers,
+            detector=detector,
+        )
         for batch in stream:
             if not warned and any(batch.resized):
                 w, h = next(r for r in batch.resized if r)
@@ -466,19 +504,19 @@ def _run(args: argparse.Namespace, process: int, processes: int) -> int:
                 # Keep every row before the bad input, then stop.
                 for job, upto in ((pending, None), (dispatched, bad)):
                     if job is not None:
-                        s, f = _write(writer, source, scorer, *job, upto=upto)
+                        s, f = _write(writer, source, scorer, *job, upto=upto, crops=args.save_aligned)
                         scored, failed = scored + s, failed + f
                 raise UserError(
                     f"{source.ids[batch.indices[bad]]}: {batch.errors[bad]} (--on-error fail); "
                     f"the rows before it are in {out}: rerun with --resume once it is fixed."
                 )
             if pending is not None:
-                s, f = _write(writer, source, scorer, *pending)
+                s, f = _write(writer, source, scorer, *pending, crops=args.save_aligned)
                 scored, failed = scored + s, failed + f
                 progress.update(s + f)
             pending = dispatched
         if pending is not None:
-            s, f = _write(writer, source, scorer, *pending)
+            s, f = _write(writer, source, scorer, *pending, crops=args.save_aligned)
             scored, failed = scored + s, failed + f
             progress.update(s + f)
         finished = True
@@ -491,13 +529,21 @@ def _run(args: argparse.Namespace, process: int, processes: int) -> int:
     return 0
 
 
-def _write(writer, source, scorer, batch, pending, upto: int | None = None) -> tuple[int, int]:
-    """Writes the rows of one scored batch (the first `upto` only, when given); returns (scored, failed)."""
+def _write(
+    writer, source, scorer, batch, pending, upto: int | None = None, crops: Path | None = None
+) -> tuple[int, int]:
+    """Writes the rows of one scored batch (the first `upto` only, when given); returns (scored, failed).
+
+    With `crops`, the model inputs of the valid rows are saved there first, so a row is only ever
+    written after its crop (a resumed run redoes any row whose crop failed to save).
+    """
     from vitnt_jax.output import Row
 
     result = scorer.fetch(pending)
     n = len(batch.indices) if upto is None else upto
     valid = batch.valid[:n]
+    if crops is not None:
+        _save_crops(crops, source, batch, n)
     rows, failed = [], 0
     for row, index in enumerate(batch.indices[:n]):
         label = source.labels[index] if source.labels is not None else None
@@ -515,6 +561,62 @@ def _write(writer, source, scorer, batch, pending, upto: int | None = None) -> t
         arrays[key] = values
     writer.write(rows, arrays)
     return n - failed, failed
+
+
+def _detector(args: argparse.Namespace, align: str):
+    """Returns the MTCNN detector for --align mtcnn (None otherwise); flag errors become UserError."""
+    if align != "mtcnn":
+        for flag, value in (("--mtcnn-weights", args.mtcnn_weights), ("--min-face-size", args.min_face_size)):
+            if value is not None:
+                raise UserError(f"{flag} only applies to --align mtcnn, but this run uses --align {align}.")
+        return None
+    from vitnt_jax import mtcnn
+
+    size = args.min_face_size if args.min_face_size is not None else mtcnn.DEFAULT_MIN_FACE
+    try:
+        return mtcnn.Detector.load(args.mtcnn_weights, min_face_size=size)
+    except mtcnn.MTCNNError as error:
+        raise UserError(str(error)) from None
+
+
+def _make_folder(flag: str, folder: Path) -> None:
+    """Creates `folder` (and its parents) or raises UserError naming the problem."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file; give a folder path.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {flag} {folder} ({error.strerror}); choose another folder.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} is not writable (permission denied); choose another folder.")
+
+
+def crop_name(index: int, image_id: str) -> str:
+    """Returns the file name of a saved crop: '<index, 8+ digits>_<file-safe id>.png'.
+
+    The source index makes names unique (the first '_' ends it); the id part keeps letters,
+    digits, '.', '-' and '_' (anything else becomes '_'), drops an image suffix, and is cut at 100
+    characters.
+    """
+    import re
+
+    stem = image_id[: image_id.rfind(".")] if image_id.lower().endswith((".png", ".jpg", ".jpeg")) else image_id
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "image"
+    return f"{index:08d}_{safe}.png"
+
+
+def _save_crops(folder: Path, source, batch, n: int) -> None:
+    from PIL import Image
+
+    for row, index in enumerate(batch.indices[:n]):
+        if batch.valid[row]:
+            path = folder / crop_name(index, source.ids[index])
+            try:
+                Image.fromarray(batch.images[row]).save(path)
+            except OSError as error:
+                raise UserError(
+                    f"cannot write {path} ({error.strerror or error}); free space or choose another --save-aligned."
+                ) from None
 
 
 def _span(blocks: tuple[int, ...]) -> str:

@@ -23,7 +23,10 @@ class SourceError(Exception):
 
 @dataclass
 class Source:
-    """A random-access face source. `color`/`align`: defaults for what its images hold."""
+    """A random-access face source. `color`/`align`: defaults for what its images hold.
+
+    align: 'none' (aligned faces), 'center' (fixed face box) or 'mtcnn' (detect and align).
+    """
 
     name: str
     ids: list[str]
@@ -231,8 +234,9 @@ def tfds_source(
             return read_image(value)
         return np.asarray(value)
 
+    # LFW holds unaligned 250x250 photos: detect and align the face (--align overrides it).
     aligned = name != "lfw"
-    return Source(f"tfds {name}:{split}", ids, labels, load, "rgb", "none" if aligned else "center")
+    return Source(f"tfds {name}:{split}", ids, labels, load, "rgb", "none" if aligned else "mtcnn")
 
 
 def _known_splits(tfds, name: str, data_dir: str | None) -> list[str]:

@@ -1,0 +1,122 @@
+"""facenet-pytorch's MTCNN (pnet.pt, rnet.pt, onet.pt) -> one vitnt-jax weights file (.npz).
+
+    python -m converters.mtcnn [SRC] DST.npz [--overwrite]
+
+SRC: the folder holding pnet.pt, rnet.pt and onet.pt (facenet_pytorch/data); default: the
+installed facenet-pytorch package (`pip install --no-deps facenet-pytorch==2.6.0`; its weights are
+read as data, its code is never imported). The files are plain state_dicts read with
+`torch.load(weights_only=True)`. Mapping is strict: every missing or unexpected key is named.
+The weights are facenet-pytorch's (MIT licence), ported from the original MTCNN Caffe models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from converters.state_dict import ConversionError, Row, apply_table, conv, identity, linear, read_checkpoint, sha256
+
+# (module name, kind) in each net, in the order of the published modules.
+LAYERS = {
+    "pnet": [("conv1", "conv"), ("prelu1", "prelu"), ("conv2", "conv"), ("prelu2", "prelu"), ("conv3", "conv"),
+             ("prelu3", "prelu"), ("conv4_1", "conv"), ("conv4_2", "conv")],
+    "rnet": [("conv1", "conv"), ("prelu1", "prelu"), ("conv2", "conv"), ("prelu2", "prelu"), ("conv3", "conv"),
+             ("prelu3", "prelu"), ("dense4", "dense"), ("prelu4", "prelu"), ("dense5_1", "dense"),
+             ("dense5_2", "dense")],
+    "onet": [("conv1", "conv"), ("prelu1", "prelu"), ("conv2", "conv"), ("prelu2", "prelu"), ("conv3", "conv"),
+             ("prelu3", "prelu"), ("conv4", "conv"), ("prelu4", "prelu"), ("dense5", "dense"), ("prelu5", "prelu"),
+             ("dense6_1", "dense"), ("dense6_2", "dense"), ("dense6_3", "dense")],
+}  # fmt: skip
+
+
+def table(net: str) -> list[Row]:
+    """Returns the (torch key, flax path, transform) rows of one net."""
+    rows = []
+    for name, kind in LAYERS[net]:
+        if kind == "prelu":
+            rows.append(Row(f"{name}.weight", f"params/{name}/negative_slope", identity))
+        else:
+            rows.append(Row(f"{name}.weight", f"params/{name}/kernel", conv if kind == "conv" else linear))
+            rows.append(Row(f"{name}.bias", f"params/{name}/bias", identity))
+    return rows
+
+
+def _shapes(net: str) -> dict[str, tuple[int, ...]]:
+    from vitnt_jax.mtcnn import _flat, variable_shapes
+
+    return {k: tuple(v.shape) for k, v in _flat(variable_shapes()[net]).items()}
+
+
+def convert_state_dicts(states: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """Returns {'pnet'|'rnet'|'onet': {'params': ...}} from the three state_dicts, checked strictly."""
+    missing = [n for n in LAYERS if n not in states]
+    if missing:
+        raise ConversionError(f"no state_dict for {', '.join(missing)}; pass all of pnet, rnet and onet.")
+    return {
+        net: apply_table(states[net], table(net), {}, _shapes(net), f"{net}.pt does not match MTCNN's {net}")
+        for net in LAYERS
+    }
+
+
+def convert(src: str | Path | None, dst: str | Path, *, overwrite: bool = False) -> Path:
+    """Converts the folder `src` (pnet.pt, rnet.pt, onet.pt; None = installed facenet-pytorch) into `dst`."""
+    from vitnt_jax.mtcnn import installed_facenet_weights, save_variables
+
+    if src is None:
+        src = installed_facenet_weights()
+        if src is None:
+            raise ConversionError(
+                "facenet-pytorch is not installed; `pip install --no-deps facenet-pytorch==2.6.0`, or pass the "
+                "folder holding pnet.pt, rnet.pt and onet.pt."
+            )
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConversionError(f"{src} is not a folder; pass the folder holding pnet.pt, rnet.pt and onet.pt.")
+    if dst.is_dir():
+        raise ConversionError(f"{dst} is a folder; give the path of the .npz file to write.")
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} already exists; pass --overwrite or choose another path.")
+    files = {net: src / f"{net}.pt" for net in LAYERS}
+    states = {}
+    for net, path in files.items():
+        state = read_checkpoint(path)
+        if not isinstance(state, Mapping):
+            raise ConversionError(f"{path} holds a {type(state).__name__}, not a state_dict.")
+        states[net] = state
+    variables = convert_state_dicts(states)
+    origin = ", ".join(f"{p.name} sha256 {sha256(p)[:16]}" for p in files.values())
+    return save_variables(dst, variables, source=f"facenet-pytorch MTCNN ({origin})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Converts from the command line; prints one line on error."""
+    parser = argparse.ArgumentParser(
+        prog="python -m converters.mtcnn",
+        usage="%(prog)s [SRC] DST [--overwrite]",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="[SRC] DST",
+        help="SRC: folder with pnet.pt, rnet.pt, onet.pt (default: installed facenet-pytorch); DST: .npz to write",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    args = parser.parse_args(argv)
+    if len(args.paths) > 2:
+        parser.error("pass at most SRC and DST")
+    src, dst = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    try:
+        out = convert(src, dst, overwrite=args.overwrite)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Example figure for the README: photo with MTCNN box and landmarks -> aligned crop -> patch-quality map.
+
+    python -m experiments.aligned_example [--model NAME|DIR] [--photo FILE]
+        [--out experiments/results/aligned_example.png]
+
+The photo (default: scikit-image's astronaut.png, shipped inside the package) goes through the
+real CLI, `python -m vitnt_jax.score --align mtcnn --save-aligned DIR --save-patch-quality FILE`,
+and the figure is drawn from what the CLI wrote. The heat map needs real face-ViT weights
+(--model, default the paper's backbone, used when it resolves: downloaded or cached). When no
+real model can be had (offline), the tiny 'testing' preset with RANDOM weights is used instead,
+and the figure says so: its map shows the layout only and measures nothing.
+Needs facenet-pytorch's weight files (pip install --no-deps facenet-pytorch==2.6.0), torch and matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import io
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _model(spec: str | None, tmp: Path) -> tuple[Path, bool]:
+    """Returns (checkpoint folder, real weights?): the named/given model, else a random 'testing' model."""
+    from vitnt_jax import checkpoint, models
+    from vitnt_jax.config import PRESETS
+    from vitnt_jax.model import init_variables
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return models.resolve(spec or models.DEFAULT_MODEL), True
+    except models.ModelError as error:
+        print(f"no real model ({error}); using the random-weight testing preset", file=sys.stderr)
+    config = PRESETS["testing"]
+    folder = checkpoint.save(tmp / "testing", config, init_variables(config, seed=0), {"family": "random"})
+    return folder, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Draws the figure; returns 0 on success."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="converted checkpoint folder or model name (default: the paper's backbone)")
+    p.add_argument("--photo", type=Path, help="photo to align (default: scikit-image's astronaut.png)")
+    p.add_argument("--out", type=Path, default=Path("experiments/results/aligned_example.png"))
+    args = p.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitnt_jax import mtcnn, score
+    from vitnt_jax.align import ARCFACE_TEMPLATE, align
+
+    photo_path = args.photo or Path(
+        importlib.metadata.distribution("scikit-image").locate_file("skimage/data/astronaut.png")
+    )
+    photo = np.asarray(Image.open(photo_path).convert("RGB"))
+    detector = mtcnn.Detector.load()
+    faces = detector.detect(photo)
+    pick = mtcnn.select_face(faces, *photo.shape[:2])
+    if pick is None:
+        print(f"error: no face found in {photo_path}", file=sys.stderr)
+        return 1
+    crop = align(photo, faces.landmarks[pick])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "in").mkdir()
+        Image.fromarray(photo).save(tmp / "in" / "photo.png")
+        model_dir, real = _model(args.model, tmp)
+        code = score.main(
+            [
+                "--images",
+                str(tmp / "in"),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp / "scores.csv"),
+                "--align",
+                "mtcnn",
+                "--save-aligned",
+                str(tmp / "crops"),
+                "--save-patch-quality",
+                str(tmp / "patches.npy"),
+            ]
+        )
+        if code != 0:
+            return code
+        quality = float((tmp / "scores.csv").read_text().splitlines()[1].split(",")[1])
+        patches = np.load(tmp / "patches.npy")[0]
+        model_input = np.asarray(Image.open(next((tmp / "crops").iterdir())))
+        from vitnt_jax import checkpoint
+
+        model_name = checkpoint.load_config(model_dir)[0].name
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    ax = axes[0]
+    ax.imshow(photo)
+    for k, (x1, y1, x2, y2) in enumerate(faces.boxes):
+        width = 2.5 if k == pick else 1
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", lw=width))
+    ax.scatter(*faces.landmarks[pick].T, c=["red", "red", "lime", "cyan", "cyan"], s=18)
+    ax.set_title(f"MTCNN: box and 5 landmarks (p = {faces.scores[pick]:.4f})")
+    ax = axes[1]
+    ax.imshow(crop)
+    ax.scatter(*ARCFACE_TEMPLATE.T, marker="+", c="white", s=60)
+    ax.set_title("aligned 112x112 (+ = ArcFace template)")
+    ax = axes[2]
+    size = model_input.shape[0]
+    ax.imshow(model_input, extent=(0, size, size, 0))
+    # Real weights: the method's (0, 1] scale. Random weights: the data's own range, to show the layout.
+    low, high = (0.0, 1.0) if real else (float(patches.min()), float(patches.max()))
+    shown = ax.imshow(patches, cmap="magma", alpha=0.6, extent=(0, size, size, 0), vmin=low, vmax=high)
+    for k in range(1, patches.shape[0]):
+        ax.axhline(k * size / patches.shape[0], color="white", lw=0.4)
+        ax.axvline(k * size / patches.shape[1], color="white", lw=0.4)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="patch quality q_p")
+    ax.set_title(f"--save-patch-quality, {model_name}: Q = {quality:.3f}")
+    for ax in axes:
+        ax.axis("off")
+    caption = (
+        f"Model: {model_name} (real weights)."
+        if real
+        else f"Model: '{model_name}' preset with RANDOM weights ({size}x{size} input, {patches.shape[0]}x"
+        f"{patches.shape[1]} patches): the map shows the output layout only and measures nothing."
+    )
+    text = f"{photo_path.name} through python -m vitnt_jax.score --align mtcnn. {caption}"
+    fig.text(0.5, 0.015, textwrap.fill(text, 150), ha="center", va="bottom")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""MTCNN in JAX: network parity with PyTorch on facenet-pytorch's weights, strict conversion, detection
+and landmarks on real photos against the reference procedure, face selection, host maths."""
+
+import importlib.metadata
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from converters import mtcnn as converter
+from converters.state_dict import ConversionError
+from vitnt_jax import mtcnn
+
+import torch_mtcnn as tm
+
+DATA = tm.facenet_data()
+needs_facenet = pytest.mark.skipif(DATA is None, reason="facenet-pytorch (data only) is not installed")
+
+
+def _photo(package: str, path: str) -> np.ndarray:
+    try:
+        file = importlib.metadata.distribution(package).locate_file(path)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{package} is not installed")
+    return np.asarray(Image.open(file).convert("RGB"))
+
+
+PHOTOS = {
+    "astronaut": ("scikit-image", "skimage/data/astronaut.png"),
+    "group": ("insightface", "insightface/data/images/t1.jpg"),
+    "aligned": ("insightface", "insightface/data/images/Tom_Hanks_54745.png"),
+}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    if DATA is None:
+        pytest.skip("facenet-pytorch (data only) is not installed")
+    return converter.convert(DATA, tmp_path_factory.mktemp("mtcnn") / "mtcnn.npz")
+
+
+@pytest.fixture(scope="module")
+def detector(weights):
+    return mtcnn.Detector.load(weights)
+
+
+@pytest.fixture(scope="module")
+def torch_nets():
+    if DATA is None:
+        pytest.skip("facenet-pytorch (data only) is not installed")
+    return tm.load_nets(DATA)
+
+
+# ------------------------------------------------------------------------------------------ networks
+
+
+def _nchw(x):
+    return torch.as_tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+
+@needs_facenet
+def test_networks_match_pytorch_on_the_real_weights(detector, torch_nets):
+    pnet, rnet, onet = torch_nets
+    rng = np.random.default_rng(0)
+    v = detector.variables
+    worst = {}
+    with torch.no_grad():
+        x = rng.uniform(-1, 1, (2, 37, 46, 3)).astype(np.float32)  # odd sides: the ceil-mode pool's last window
+        got, want = detector.pnet(v["pnet"], x), pnet(_nchw(x))
+        for g, w in zip(got, want, strict=True):
+            worst[f"pnet{tuple(w.shape)}"] = np.abs(np.asarray(g) - w.numpy().transpose(0, 2, 3, 1)).max()
+        for name, net, apply, size in (("rnet", rnet, detector.rnet, 24), ("onet", onet, detector.onet, 48)):
+            x = rng.uniform(-1, 1, (5, size, size, 3)).astype(np.float32)
+            got, want = apply(v[name], x), net(_nchw(x))
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                worst[f"{name}{tuple(w.shape)}"] = np.abs(np.asarray(g) - w.numpy()).max()
+    assert len(worst) == 7 and max(worst.values()) <= 1e-5, worst
+
+
+@needs_facenet
+def test_padded_pnet_inputs_give_the_unpadded_outputs(detector):
+    rng = np.random.default_rng(1)
+    v = detector.variables["pnet"]
+    a = rng.uniform(-1, 1, (1, 29, 35, 3)).astype(np.float32)
+    b = rng.uniform(-1, 1, (1, 20, 17, 3)).astype(np.float32)
+    # Both in one zero-padded canvas, b at an even offset beside a, as the pyramid mosaic does.
+    canvas = np.zeros((1, 40, 64, 3), np.float32)
+    valid = np.zeros((1, 40, 64), bool)
+    canvas[0, :29, :35], valid[0, :27, :33] = a[0], True
+    canvas[0, 10:30, 36:53], valid[0, 10:28, 36:51] = b[0], True
+    reg, prob = detector.pnet(v, canvas, valid)  # the detector's jitted PNet().apply
+    for img, (oy, ox) in ((a, (0, 0)), (b, (10, 36))):
+        want_reg, want_prob = detector.pnet(v, img)
+        h, w = want_prob.shape[1:3]
+        np.testing.assert_allclose(reg[0, oy // 2 : oy // 2 + h, ox // 2 : ox // 2 + w], want_reg[0], atol=1e-6)
+        np.testing.assert_allclose(prob[0, oy // 2 : oy // 2 + h, ox // 2 : ox // 2 + w], want_prob[0], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ conversion
+
+
+def _states():
+    return {n: torch.load(DATA / f"{n}.pt", weights_only=True) for n in mtcnn.NETS}
+
+
+@needs_facenet
+def test_converter_names_missing_unexpected_and_misshaped_keys(tmp_path):
+    states = _states()
+    del states["rnet"]["dense4.bias"]
+    states["onet"]["conv9.weight"] = torch.zeros(1)
+    with pytest.raises(ConversionError) as missing:
+        converter.convert_state_dicts({**_states(), "rnet": states["rnet"]})
+    assert "rnet.pt" in str(missing.value) and "missing keys [dense4.bias]" in str(missing.value)
+    with pytest.raises(ConversionError, match=r"onet.pt .*unexpected keys \[conv9.weight\]"):
+        converter.convert_state_dicts({**_states(), "onet": states["onet"]})
+    bad = _states()
+    bad["pnet"]["prelu2.weight"] = torch.zeros(17)
+    with pytest.raises(ConversionError, match=r"prelu2.weight has shape \(17,\), expected \(16,\)"):
+        converter.convert_state_dicts(bad)
+    with pytest.raises(ConversionError, match="no state_dict for onet"):
+        converter.convert_state_dicts({"pnet": states["pnet"], "rnet": _states()["rnet"]})
+    # Through files: a folder without onet.pt, and an existing destination.
+    for n in ("pnet", "rnet"):
+        torch.save(_states()[n], tmp_path / f"{n}.pt")
+    with pytest.raises(ConversionError, match="onet.pt does not exist"):
+        converter.convert(tmp_path, tmp_path / "out.npz")
+    (tmp_path / "taken.npz").write_bytes(b"x")
+    with pytest.raises(ConversionError, match="already exists"):
+        converter.convert(DATA, tmp_path / "taken.npz")
+
+
+@needs_facenet
+def test_converted_file_round_trips_and_is_loaded_strictly(weights, tmp_path):
+    variables = mtcnn.load_variables(weights)
+    want = converter.convert_state_dicts(_states())
+    for net in mtcnn.NETS:
+        got, expected = (jax.tree_util.tree_leaves_with_path(v[net]) for v in (variables, want))
+        assert len(got) == len(expected) > 0
+        for (path, a), (_, b) in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=str(path))
+    with np.load(weights) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays.pop("onet/params/dense6_3/bias")
+    np.savez(tmp_path / "short.npz", **arrays)
+    with pytest.raises(mtcnn.MTCNNError, match=r"missing \['onet/params/dense6_3/bias'\]"):
+        mtcnn.load_variables(tmp_path / "short.npz")
+    np.savez(tmp_path / "foreign.npz", x=np.zeros(3))
+    with pytest.raises(mtcnn.MTCNNError, match="not an MTCNN weights file"):
+        mtcnn.load_variables(tmp_path / "foreign.npz")
+    with pytest.raises(mtcnn.MTCNNError, match="do not exist"):
+        mtcnn.load_variables(tmp_path / "absent.npz")
+    assert converter.main([str(DATA), str(tmp_path / "cli.npz")]) == 0 and (tmp_path / "cli.npz").is_file()
+
+
+# ------------------------------------------------------------------------------------------ detection
+
+
+@needs_facenet
+@pytest.mark.parametrize("name, faces", [("astronaut", 1), ("group", 8), ("aligned", 1)])
+def test_detection_matches_the_reference_procedure(detector, torch_nets, name, faces):
+    image = _photo(*PHOTOS[name])
+    boxes, scores, landmarks = tm.detect(image, torch_nets)
+    got = detector.detect(image)
+    assert len(scores) == faces and len(got) == faces
+    np.testing.assert_allclose(got.landmarks, landmarks, atol=0.05)  # pixels
+    np.testing.assert_allclose(got.boxes, boxes, atol=0.05)
+    np.testing.assert_allclose(got.scores, scores, atol=1e-4)
+    # Anatomy: eyes above the nose above the mouth; the left eye (as seen) left of the right eye.
+    for (le, re, nose, lm, rm), box in zip(got.landmarks, got.boxes, strict=True):
+        assert le[0] < re[0] and lm[0] < rm[0]
+        assert max(le[1], re[1]) < nose[1] < min(lm[1], rm[1])
+        assert box[0] <= nose[0] <= box[2] and box[1] <= nose[1] <= box[3]
+
+
+@needs_facenet
+def test_landmarks_of_an_aligned_face_are_near_the_template(detector):
+    from vitnt_jax.align import estimate
+
+    got = detector.detect(_photo(*PHOTOS["aligned"]))
+    # A face aligned already (by another detector, in a slight 3/4 pose) needs almost no transform.
+    m = estimate(got.landmarks[0])
+    scale, angle = np.hypot(*m[:, 0]), np.degrees(np.arctan2(m[1, 0], m[0, 0]))
+    assert 0.85 < scale < 1.15 and abs(angle) < 5 and np.abs(m[:, 2]).max() < 12
+
+
+@needs_facenet
+def test_grey_and_noise_have_no_face(detector):
+    rng = np.random.default_rng(0)
+    grey = np.full((160, 200, 3), 128, np.uint8)
+    noise = rng.integers(0, 256, (160, 200, 3), dtype=np.uint8)
+    tiny = np.full((8, 8, 3), 200, np.uint8)  # below the smallest pyramid level
+    assert [len(f) for f in detector.detect_batch([grey, noise, tiny])] == [0, 0, 0]
+    assert mtcnn.select_face(detector.detect(grey), 160, 200) is None
+
+
+@needs_facenet
+def test_a_batch_of_mixed_sizes_equals_one_image_at_a_time(detector):
+    astronaut = _photo(*PHOTOS["astronaut"])
+    small = np.asarray(Image.fromarray(astronaut).resize((300, 260), Image.BILINEAR))
+    grey = np.full((120, 90, 3), 90, np.uint8)
+    images = [small, grey, astronaut, small[:, ::-1].copy()]  # the mirror has the face too
+    together = detector.detect_batch(images)
+    for image, got in zip(images, together, strict=True):
+        alone = detector.detect(image)
+        np.testing.assert_allclose(got.landmarks, alone.landmarks, atol=1e-4)
+        np.testing.assert_allclose(got.scores, alone.scores, atol=1e-6)
+    assert [len(f) for f in together] == [1, 0, 1, 1]
+
+
+@needs_facenet
+def test_compilations_are_bounded_by_buckets(detector):
+    rng = np.random.default_rng(3)
+    detector.detect_batch([rng.integers(0, 256, (203, 229, 3), dtype=np.uint8) for _ in range(3)])
+    counts = [f._cache_size() for f in (detector.pnet, detector.rnet, detector.onet)]
+    # More images of that size, and of a size in the same buckets; 3 and 4 images pad alike.
+    sizes = [(203, 229), (203, 229), (203, 229), (203, 229), (202, 230), (201, 231), (200, 229)]
+    for k in range(0, len(sizes), 4):
+        detector.detect_batch([rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in sizes[k : k + 4]])
+    assert detector.pnet._cache_size() == counts[0]
+    assert detector.rnet._cache_size() <= counts[1] + 2 and detector.onet._cache_size() <= counts[2] + 2
+    detector.detect_batch([rng.integers(0, 256, (203, 229, 3), dtype=np.uint8) for _ in range(5)])
+    assert detector.pnet._cache_size() == counts[0] + 1  # 5 images pad to 8: a new shape, so this can fail
+
+
+def test_mosaic_shapes_come_from_a_fixed_grid():
+    grid = {mtcnn.bucket(n) for n in range(1, 5000)}
+    assert len([g for g in grid if 256 <= g < 512]) == 8  # 8 sizes per octave
+    rng = np.random.default_rng(0)
+    for h, w in rng.integers(12, 3000, (40, 2)):
+        sizes = tuple((int(h * s + 1), int(w * s + 1)) for s in mtcnn.pyramid_scales(h, w, 20, 0.709))
+        if sizes:
+            ch, cw = mtcnn.pack_levels(sizes)[1]
+            assert ch in grid and cw in grid
+
+
+@needs_facenet
+def test_bad_inputs_and_settings_are_refused(weights):
+    variables = mtcnn.load_variables(weights)
+    with pytest.raises(ValueError, match="min_face_size"):
+        mtcnn.Detector(variables, min_face_size=0)
+    with pytest.raises(ValueError, match="thresholds"):
+        mtcnn.Detector(variables, thresholds=(0.6, 0.7))
+    with pytest.raises(mtcnn.MTCNNError, match="missing"):
+        mtcnn.Detector({"pnet": variables["pnet"]})
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        mtcnn.Detector(variables).detect(np.zeros((20, 20), np.uint8))
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+def _faces(boxes):
+    boxes = np.asarray(boxes, np.float32)
+    return mtcnn.Faces(boxes, np.ones(len(boxes), np.float32), np.zeros((len(boxes), 5, 2), np.float32))
+
+
+def test_select_face_prefers_the_largest_face_on_the_centre():
+    # 200x100 image, centre (99.5, 49.5): a big bystander at the edge, a smaller face on the centre.
+    faces = _faces([[0, 0, 60, 90], [80, 30, 120, 70], [90, 40, 110, 60]])
+    assert mtcnn.select_face(faces, 100, 200) == 1
+    assert mtcnn.select_face(_faces([[0, 0, 60, 90], [140, 0, 160, 20]]), 100, 200) == 0  # none central
+    assert mtcnn.select_face(_faces(np.zeros((0, 4))), 100, 200) is None
+
+
+# ------------------------------------------------------------------------------------------ host maths
+
+
+def test_nms_keeps_the_best_of_each_cluster():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10]], np.float32)
+    scores = np.array([0.8, 0.9, 0.7, 0.9], np.float32)
+    assert list(mtcnn.nms(boxes, scores, 0.5)) == [1, 2]  # 3 ties with 1 but overlaps it (IoU 0.68)
+    assert list(mtcnn.nms(boxes, scores, 0.7)) == [1, 3, 2]
+    # 'Min': a box inside a bigger one overlaps it fully, whatever the IoU.
+    nested = np.array([[0, 0, 99, 99], [10, 10, 29, 29]], np.float32)
+    assert list(mtcnn.nms(nested, np.array([0.5, 0.9], np.float32), 0.7, min_area=True)) == [1]
+    assert list(mtcnn.nms(nested, np.array([0.5, 0.9], np.float32), 0.7)) == [1, 0]
+
+
+@pytest.mark.parametrize("size", [(7, 5), (24, 24), (31, 60), (100, 3)])
+def test_area_resize_matches_torch_interpolate_area(size):
+    rng = np.random.default_rng(sum(size))
+    image = rng.integers(0, 256, (45, 38, 3), dtype=np.uint8)
+    sat = mtcnn.integral_image(image)
+    got = mtcnn.area_resize(sat, [3, 0], [40, 45], [5, 0], [20, 38], *size)
+    for k, (y0, y1, x0, x1) in enumerate([(3, 40, 5, 20), (0, 45, 0, 38)]):
+        crop = torch.as_tensor(image[y0:y1, x0:x1].transpose(2, 0, 1)[None].astype(np.float32))
+        want = F.interpolate(crop, size=size, mode="area")[0].numpy().transpose(1, 2, 0)
+        np.testing.assert_allclose(got[k], want, atol=1e-4)
+
+
+def test_pyramid_mosaic_never_overlaps_and_keeps_even_offsets():
+    for h, w in [(250, 250), (886, 1280), (112, 112), (1000, 300), (61, 700)]:
+        scales = mtcnn.pyramid_scales(h, w, 20, 0.709)
+        sizes = tuple((int(h * s + 1), int(w * s + 1)) for s in scales)
+        offsets, (ch, cw) = mtcnn.pack_levels(sizes)
+        used = np.zeros((ch, cw), int)
+        for (lh, lw), (y, x) in zip(sizes, offsets, strict=True):
+            assert y % 2 == 0 and x % 2 == 0
+            used[y : y + lh, x : x + lw] += 1
+        assert used.max() == 1 and used.sum() == sum(a * b for a, b in sizes)
+        assert used.mean() > 0.6, (h, w)  # the mosaic is not mostly padding
+    assert mtcnn.pyramid_scales(250, 250, 20, 0.709)[:2] == pytest.approx([0.6, 0.6 * 0.709])
+    assert mtcnn.pyramid_scales(11, 11, 20, 0.709) == []
