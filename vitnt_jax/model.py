@@ -25,7 +25,8 @@ class Tap(Protocol):
 
     # What the tap needs of each block's attention: None, "received" (the (B, N) attention each
     # patch receives: softmax weights averaged over heads and summed over queries, computed right
-    # after the softmax so the weights need not outlive it), or "weights" (the full softmax).
+    # after the softmax so the weights need not outlive it), "weights" (the full softmax), or
+    # "logits" (the pre-softmax scores q.k * head_dim^-0.5; ATTN-FIQA reads these).
     attention: str | None
 
     def init(self, tokens: Array) -> PyTree:
@@ -36,10 +37,10 @@ class Tap(Protocol):
 
         tokens: (B, N, D) the block's output (the residual stream after its MLP), patch tokens only.
         normed: (B, N, D) float32, the same tokens after the model's final LayerNorm.
-        attention: per `attention`: None; "received": (B, N) float32; "weights": (B, heads,
-          T_query, N_key) float32 softmax weights. Both use every query token (class token
-          included) but only the N patch-token keys: class-token models report the attention the
-          PATCHES receive (the weights' row sums are then below 1).
+        attention: per `attention`: None; "received": (B, N) float32; "weights" / "logits": (B,
+          heads, T_query, N_key) float32 softmax weights / pre-softmax scores. All use every query
+          token (class token included) but only the N patch-token keys: class-token models report
+          the attention the PATCHES receive (the weights' row sums are then below 1).
         """
 
 
@@ -93,7 +94,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, output: str | None) -> tuple[Array, Array | None]:
-        """Returns (attention output, None | "received" (B, T_key) | "weights" (B, H, T, T))."""
+        """Returns (attention output, None | "received" (B, T_key) | "weights" | "logits" (B, H, T, T))."""
         cfg = self.config
         b, n, d = x.shape
         dense = lambda features, bias, name: nn.Dense(  # noqa: E731
@@ -109,6 +110,8 @@ class Attention(nn.Module):
         out = dense(d, True, "proj")(out.reshape(b, n, d))
         if output == "received":
             return out, weights.mean(axis=1).sum(axis=1)
+        if output == "logits":
+            return out, logits.astype(jnp.float32)
         return out, (weights if output == "weights" else None)
 
 
@@ -180,11 +183,13 @@ class FaceViT(nn.Module):
     @nn.compact
     def __call__(
         self,
-        images: Array,
+        images: Array | None,
         *,
         tap: Any = None,
         num_blocks: int | None = None,
         embed: bool = False,
+        head_input: Array | None = None,
+        head_dropout: float = 0.0,
     ) -> dict[str, Any]:
         """Returns {'tap_state', 'per_block', 'tokens'} and, with embed=True, 'embedding'.
 
@@ -192,8 +197,18 @@ class FaceViT(nn.Module):
         num_blocks: run only blocks 0..num_blocks-1; the `blocks` params must then hold exactly
           that many blocks on axis 0 (see `truncate_blocks`). Default: all blocks.
         embed: also compute the face embedding (needs every block).
+        head_input: (B, T, D) final residual-stream tokens (the 'tokens' output). When given, only
+          the embedding head runs, on them, and only {'embedding'} is returned (`images` is
+          ignored): repeated stochastic head passes (SER-FIQ) reuse one backbone pass.
+        head_dropout: dropout rate on the input of the head's first Linear (feature_0), with the
+          'dropout' rng; 0 (default) is the deterministic model. Face heads only.
+        The head also sows its two BatchNorm inputs into the 'intermediates' collection
+        ('feature_1_input', 'feature_3_input') when that collection is mutable (GraFIQs).
         """
         cfg = self.config
+        if head_input is not None:
+            final_scale, final_bias = FinalNorm(cfg.embed_dim, name="norm")()
+            return {"embedding": self._embedding_head(head_input, final_scale, final_bias, head_dropout)}
         tap = NoTap() if tap is None else tap
         num_blocks = cfg.depth if num_blocks is None else num_blocks
         if embed and num_blocks != cfg.depth:
@@ -238,11 +253,13 @@ class FaceViT(nn.Module):
         )
         result = {"tap_state": state, "per_block": per_block, "tokens": x}
         if embed or (self.is_initializing() and cfg.head != "none"):
-            result["embedding"] = self._embedding_head(x, final_scale, final_bias)
+            result["embedding"] = self._embedding_head(x, final_scale, final_bias, head_dropout)
         return result
 
-    def _embedding_head(self, x: Array, final_scale: Array, final_bias: Array) -> Array:
+    def _embedding_head(self, x: Array, final_scale: Array, final_bias: Array, dropout: float = 0.0) -> Array:
         cfg = self.config
+        if dropout and cfg.head not in ("face", "transface"):
+            raise ValueError(f"head dropout needs a face embedding head; config {cfg.name!r} has head {cfg.head!r}.")
         # CVLface and insightface apply the final norm before flattening; the copy of vit.py in
         # the authors' FIQA repository omits it there, but its quality score never uses the head.
         normed = layer_norm(x, final_scale, final_bias, cfg.layer_norm_eps)
@@ -265,8 +282,15 @@ class FaceViT(nn.Module):
         batch_norm = lambda name: nn.BatchNorm(  # noqa: E731
             use_running_average=True, epsilon=cfg.head_batch_norm_eps, name=name
         )
-        e = batch_norm("feature_1")(dense(cfg.embed_dim, "feature_0")(flat))
-        return batch_norm("feature_3")(dense(cfg.embedding_dim, "feature_2")(e))
+        if dropout:
+            # Where insightface's iresnet and SER-FIQ's ArcFace put it: on the embedding Linear's input.
+            flat = nn.Dropout(dropout, deterministic=False, name="head_dropout")(flat)
+        h = dense(cfg.embed_dim, "feature_0")(flat)
+        # sow is a no-op unless 'intermediates' is mutable: GraFIQs reads the BatchNorm inputs.
+        self.sow("intermediates", "feature_1_input", h)
+        h = dense(cfg.embedding_dim, "feature_2")(batch_norm("feature_1")(h))
+        self.sow("intermediates", "feature_3_input", h)
+        return batch_norm("feature_3")(h)
 
 
 def truncate_blocks(variables: PyTree, num_blocks: int) -> PyTree:
