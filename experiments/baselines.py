@@ -281,3 +281,95 @@ def score(
         key = jax.random.PRNGKey(0) if key is None else key
         return baseline.fn(variables, config, images, key, **options)
     return baseline.fn(variables, config, images, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: quality files for experiments.evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Writes one baseline's qualities as a score CSV (id, quality, error); returns the exit status.
+
+    python -m experiments.baselines serfiq --bin data/lfw.bin --out scores/serfiq_lfw.csv
+    """
+    import argparse
+    import csv
+    import sys
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.baselines",
+        description="Score images with a training-free FIQA baseline on a converted face ViT.",
+    )
+    parser.add_argument("method", choices=sorted(BASELINES), help="the baseline")
+    one = parser.add_mutually_exclusive_group(required=True)
+    one.add_argument("--images", type=Path, metavar="DIR", help="folder of aligned PNG/JPEG faces (recursive)")
+    one.add_argument("--list", type=Path, metavar="FILE", help="text file of image paths, one per line")
+    one.add_argument("--bin", type=Path, metavar="FILE", help="insightface verification pack (lfw.bin, ...)")
+    parser.add_argument("--root", type=Path, help="with --list: folder the listed paths are relative to")
+    parser.add_argument("--model", default=None, help="named model or converted checkpoint (default: the paper's)")
+    parser.add_argument("--color", choices=["rgb", "bgr"], help="channel order of the stored images (default: rgb)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
+    parser.add_argument("--passes", type=int, default=SERFIQ_PASSES, help="serfiq: stochastic passes (default: 100)")
+    parser.add_argument("--seed", type=int, default=0, help="serfiq: dropout seed; image i uses fold_in(seed, i)")
+    parser.add_argument("--out", type=Path, required=True, help="score CSV to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+
+    from vitnt_jax import checkpoint, models, sources
+    from vitnt_jax.data import batches
+
+    try:
+        if args.out.exists() and not args.overwrite:
+            raise ValueError(f"{args.out} exists; pass --overwrite or choose another --out.")
+        if args.batch_size < 1 or args.passes < 2:
+            raise ValueError("--batch-size must be at least 1 and --passes at least 2.")
+        if args.images is not None:
+            source = sources.image_folder(args.images)
+        elif args.list is not None:
+            source = sources.path_list(args.list, args.root)
+        else:
+            source = sources.insightface_bin(args.bin)
+        config, variables = checkpoint.load(models.resolve(args.model or models.DEFAULT_MODEL))
+        if config.head not in ("face", "transface") and args.method in ("serfiq", "grafiqs"):
+            raise ValueError(f"{args.method} needs a face-recognition head; model {config.name} has {config.head!r}.")
+    except (ValueError, sources.SourceError, models.ModelError, checkpoint.CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    base_key = jax.random.PRNGKey(args.seed)
+    options = {"passes": args.passes} if args.method == "serfiq" else {}
+    quality = np.full(len(source), np.nan)
+    errors = [""] * len(source)
+    start, done = time.perf_counter(), 0
+    stream = batches(source.load, range(len(source)), args.batch_size, config.img_size, color=args.color or "rgb")
+    for batch in stream:
+        rows = np.arange(len(batch.valid))
+        index = np.asarray(batch.indices + [0] * (len(rows) - len(batch.indices)))
+        key = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(index) if BASELINES[args.method].needs_key else None
+        got = np.asarray(score(args.method, variables, config, batch.images, key, **options))
+        n = len(batch.indices)
+        for row, i in enumerate(batch.indices):
+            quality[i], errors[i] = (got[row], "") if batch.valid[row] else (np.nan, batch.errors[row])
+        done += n
+        print(
+            f"{args.method}: {done}/{len(source)} images, {done / (time.perf_counter() - start):.1f} img/s",
+            file=sys.stderr,
+            flush=True,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".partial")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "quality", "error"])
+        for key_id, q, e in zip(source.ids, quality, errors, strict=True):
+            writer.writerow([key_id, "" if e else repr(float(q)), e])
+    tmp.replace(args.out)
+    print(f"wrote {len(source)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -141,3 +141,31 @@ def test_ablation_bad_flags_are_one_line(tiny_checkpoint, tmp_path, capsys):
     assert "--depths [1, 9] must lie between 2 and the model's 3 blocks" in capsys.readouterr().err
     assert ablations.main([*base, "--metrics", "hamming"]) == 1
     assert "unknown metric 'hamming'" in capsys.readouterr().err
+
+
+def test_baseline_cli_writes_every_row_with_the_library_values(tiny_checkpoint, tmp_path, faces):
+    import jax
+
+    from experiments import baselines
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, f in enumerate(faces[:3]):
+        Image.fromarray(f).save(folder / f"{i}.png")
+    (folder / "3_broken.png").write_bytes(b"nope")
+    config, variables = checkpoint.load(tiny_checkpoint)
+    for method in ("serfiq", "embedding_norm"):
+        out = tmp_path / f"{method}.csv"
+        argv = [method, "--images", str(folder), "--model", str(tiny_checkpoint), "--out", str(out)]
+        assert baselines.main([*argv, "--passes", "4", "--seed", "7", "--batch-size", "2"]) == 0
+        rows = _read(out)
+        assert list(rows) == ["0.png", "1.png", "2.png", "3_broken.png"]
+        assert rows["3_broken.png"]["quality"] == "" and rows["3_broken.png"]["error"]
+        stack = np.stack(faces[:3])
+        if method == "serfiq":  # image i's dropout key is fold_in(seed, i), whatever the batching
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(7), i))(np.arange(3))
+            want = baselines.serfiq(variables, config, stack, keys, passes=4)
+        else:
+            want = baselines.embedding_norm(variables, config, stack)
+        got = [float(rows[f"{i}.png"]["quality"]) for i in range(3)]
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
