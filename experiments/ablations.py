@@ -164,6 +164,17 @@ def _run(args: argparse.Namespace) -> int:
 
     if bool(args.benchmark) != bool(args.embeddings):
         raise ValueError("--benchmark and --embeddings go together; give both or neither.")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1.")
+    for f in args.fmr or []:
+        if not 0 < f < 1:
+            raise ValueError(f"--fmr {f:g} must lie strictly between 0 and 1.")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out {args.out} is a file; pass a folder for the variants.") from None
+    except OSError as error:
+        raise ValueError(f"cannot create --out {args.out} ({error.strerror}); choose another folder.") from None
     if args.benchmark and len(args.benchmark) > 1:
         raise ValueError("--benchmark names the one protocol of the scored images; run one ablation per benchmark.")
     for g in args.aggregations:
@@ -186,6 +197,10 @@ def _run(args: argparse.Namespace) -> int:
     bad = [d for d in depths if not 2 <= d <= config.depth]
     if bad:
         raise ValueError(f"--depths {bad} must lie between 2 and the model's {config.depth} blocks.")
+    if args.benchmark:  # read the protocol now: a wrong spec must not cost a whole sweep
+        from experiments import protocols
+
+        protocols.load(args.benchmark[0])
     default = parse_blocks(config.default_blocks, config.depth)
     # The paper's selections are contiguous runs from block 0; anything else is swept from the full depth.
     base_depth = len(default) if default == tuple(range(len(default))) else config.depth
@@ -207,7 +222,6 @@ def _run(args: argparse.Namespace) -> int:
             errors[i] = batch.errors[row]
         done += n
         print(f"ablations: {done}/{len(source)} images", file=sys.stderr, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     for v in sweep:
         with open(args.out / f"{v.name}.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)

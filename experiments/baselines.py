@@ -315,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
     parser.add_argument("--passes", type=int, default=SERFIQ_PASSES, help="serfiq: stochastic passes (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="serfiq: dropout seed; image i uses fold_in(seed, i)")
+    parser.add_argument(
+        "--precision",
+        choices=["highest", "default"],
+        default="highest",
+        help="matmul precision: 'highest' = exact fp32, as the ViTNT-FIQA scorer (default: highest)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="score CSV to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
@@ -327,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.out} exists; pass --overwrite or choose another --out.")
         if args.batch_size < 1 or args.passes < 2:
             raise ValueError("--batch-size must be at least 1 and --passes at least 2.")
+        if args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a folder; pass a .csv file path.")
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot create the folder of --out {args.out} ({error.strerror}).") from None
         if args.images is not None:
             source = sources.image_folder(args.images)
         elif args.list is not None:
@@ -341,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     base_key = jax.random.PRNGKey(args.seed)
     options = {"passes": args.passes} if args.method == "serfiq" else {}
+    options["precision"] = None if args.precision == "default" else args.precision
     quality = np.full(len(source), np.nan)
     errors = [""] * len(source)
     start, done = time.perf_counter(), 0
@@ -359,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".partial")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

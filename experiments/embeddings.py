@@ -4,8 +4,9 @@
 
 writes ``emb/lfw.npy`` (n, E) float32, rows in source order, and ``emb/lfw.ids.txt`` (one id per line), the
 pair that ``python -m experiments.evaluate --embeddings NAME=emb/{benchmark}.npy`` reads. With ``--flip`` the
-embedding of the horizontally flipped image is concatenated to the original's (n, 2E), as the paper's
-evaluation does. An image that cannot be read gets a row of NaN, so rows never shift; the evaluation counts
+embedding of the horizontally flipped image is concatenated to the original's (n, 2E), each half L2-normalised
+first, as the evaluation scripts of CR-FIQA (which the paper's protocol follows) do; without it the raw
+embedding is written. An image that cannot be read gets a row of NaN, so rows never shift; the evaluation counts
 such an image as a failure to compare (a non-match).
 """
 
@@ -46,13 +47,19 @@ def ids_path(out: Path) -> Path:
     return out.with_suffix(".ids.txt")
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def embed_batches(scorer, batches, flip: bool, total: int) -> np.ndarray:
     """Returns (total, E or 2E) float32 embeddings for the rows of `batches`; NaN rows for unreadable images."""
     rows = None
     for batch in batches:
         got = scorer(batch.images)["embedding"]
         if flip:
-            got = np.concatenate([got, scorer(np.ascontiguousarray(batch.images[:, :, ::-1]))["embedding"]], axis=1)
+            # Each half L2-normalised before joining, as CR-FIQA's extract_emb.py does (FaceModel normalises).
+            other = scorer(np.ascontiguousarray(batch.images[:, :, ::-1]))["embedding"]
+            got = np.concatenate([_unit(got), _unit(other)], axis=1)
         if rows is None:
             rows = np.full((total, got.shape[1]), np.nan, np.float32)
         n = len(batch.indices)
@@ -75,6 +82,18 @@ class _UserError(Exception):
     pass
 
 
+def _make_parent(path: Path) -> None:
+    """Creates the output's folder before any work, so a bad --out costs nothing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _UserError(
+            f"cannot create the folder of --out {path} ({error.strerror}); choose another --out."
+        ) from None
+    if path.is_dir():
+        raise _UserError(f"--out {path} is a folder; pass a .npy file path.")
+
+
 def _run(args: argparse.Namespace) -> int:
     from vitnt_jax import checkpoint, models, sources
     from vitnt_jax.data import batches
@@ -88,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     for path in (args.out, ids_path(args.out)):
         if path.exists() and not args.overwrite:
             raise _UserError(f"{path} exists; pass --overwrite to replace it or choose another --out.")
+    _make_parent(args.out)
     try:
         if args.images is not None:
             source = sources.image_folder(args.images)
@@ -113,7 +133,6 @@ def _run(args: argparse.Namespace) -> int:
     )
     rows = embed_batches(scorer, stream, args.flip, len(source))
     failed = int(np.isnan(rows).any(axis=1).sum())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, rows)
     ids_path(args.out).write_text("".join(f"{i}\n" for i in source.ids), encoding="utf-8")
     print(f"wrote {rows.shape[0]} embeddings of width {rows.shape[1]} to {args.out} ({failed} unreadable: NaN rows)")

@@ -63,10 +63,13 @@ def read_quality(path: str | Path) -> tuple[list[str], np.ndarray]:
     values: list[float] = []
     if text.startswith("id,quality"):
         reader = csv.DictReader(text.splitlines())
-        for row in reader:
+        for number, row in enumerate(reader, 2):
             keys.append(row["id"])
             cell = (row.get("quality") or "").strip()
-            values.append(float(cell) if cell else math.nan)
+            try:
+                values.append(float(cell) if cell else math.nan)
+            except ValueError:
+                raise EvaluationError(f"quality file {path} line {number}: quality {cell!r} is not a number.") from None
     else:
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -107,54 +110,73 @@ def _read_ids(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise EvaluationError(f"ids file {path} does not exist; check the @IDS part of --embeddings.") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise EvaluationError(f"ids file {path} is not a text file; pass a list of ids or our score CSV.") from None
     if text.startswith("id,quality"):
         return [row["id"] for row in csv.DictReader(text.splitlines())]
     return [line.rstrip("\r") for line in text.split("\n") if line.rstrip("\r")]
 
 
-def read_embeddings(spec: str, protocol: Protocol) -> np.ndarray:
-    """Returns (n_images, E) float embeddings in protocol order (NaN rows where an image has none).
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise EvaluationError(f"embedding file {path} does not exist; check the --embeddings pattern.") from None
+    except (ValueError, EOFError, OSError):
+        raise EvaluationError(f"embedding file {path} is not a plain .npy array; save it with numpy.save.") from None
 
-    spec: `FILE.npy`, `FILE.npy@IDS` or a folder of `<stem>.npy` files (see the module docstring).
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Returns nothing: (n_images, E) embeddings in protocol order (NaN rows where missing), rows matching nothing."""
+
+    array: np.ndarray
+    unmatched_rows: int
+
+
+def _place(protocol: Protocol, keys: list[str], rows: np.ndarray, what: str) -> Embeddings:
+    where = protocols.match_ids(protocol, keys)
+    hit = where >= 0
+    if not hit.any():
+        raise EvaluationError(f"{what} names none of the images of benchmark {protocol.name}; check its ids.")
+    if len(np.unique(where[hit])) != hit.sum():
+        raise EvaluationError(f"{what} names some image of benchmark {protocol.name} twice (under different names).")
+    out = np.full((len(protocol.ids), rows.shape[1]), np.nan)
+    out[where[hit]] = rows[hit]
+    return Embeddings(out, int((~hit).sum()))
+
+
+def read_embeddings(spec: str, protocol: Protocol) -> Embeddings:
+    """Returns the embeddings of `spec` in protocol order (NaN rows where an image has none).
+
+    spec: `FILE.npy`, `FILE.npy@IDS` or a folder of `<name>.npy` files, matched like ids (see the module
+    docstring).
     """
     path_text, _, ids_text = spec.partition("@")
     path = Path(path_text)
     if path.is_dir():
-        rows = []
-        for key in protocol.ids:
-            stem = key.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-            file = path / f"{stem}.npy"
-            rows.append(np.load(file, allow_pickle=False).reshape(-1) if file.exists() else None)
-        width = next((len(r) for r in rows if r is not None), None)
-        if width is None:
-            raise EvaluationError(f"embedding folder {path} holds no <image stem>.npy for benchmark {protocol.name}.")
-        return np.stack([r if r is not None else np.full(width, np.nan) for r in rows])
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise EvaluationError(f"embedding file {path} does not exist; check the --embeddings pattern.") from None
-    except ValueError:
-        raise EvaluationError(f"embedding file {path} is not a plain .npy array; save it with numpy.save.") from None
-    if array.ndim != 2:
+        files = sorted(path.glob("*.npy"))
+        if not files:
+            raise EvaluationError(f"embedding folder {path} holds no .npy files.")
+        rows = [_load_npy(f).reshape(-1) for f in files]
+        if len({len(r) for r in rows}) != 1:
+            raise EvaluationError(f"embedding folder {path} mixes embedding widths; one model per folder.")
+        return _place(protocol, [f.stem for f in files], np.stack(rows).astype(np.float64), f"embedding folder {path}")
+    array = _load_npy(path)
+    if array.ndim != 2 or array.shape[0] == 0:
         raise EvaluationError(f"embedding file {path} has shape {array.shape}; it must be (images, width).")
     ids_file = Path(ids_text) if ids_text else path.with_suffix(".ids.txt")
     if ids_file.exists() or ids_text:
         keys = _read_ids(ids_file)
         if len(keys) != len(array):
             raise EvaluationError(f"{ids_file} lists {len(keys)} ids but {path} has {len(array)} rows; pair them up.")
-        where = protocols.match_ids(protocol, keys)
-        hit = where >= 0
-        if not hit.any():
-            raise EvaluationError(f"{ids_file} names none of the images of benchmark {protocol.name}.")
-        out = np.full((len(protocol.ids), array.shape[1]), np.nan)
-        out[where[hit]] = array[hit]
-        return out
+        return _place(protocol, keys, array.astype(np.float64), f"ids file {ids_file}")
     if len(array) != len(protocol.ids):
         raise EvaluationError(
             f"embedding file {path} has {len(array)} rows but benchmark {protocol.name} has {len(protocol.ids)} "
             f"images; add ids as {path}@IDS or {ids_file.name}."
         )
-    return array.astype(np.float64)
+    return Embeddings(array.astype(np.float64), 0)
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
@@ -172,12 +194,14 @@ class Curve:
     discard: np.ndarray
     fnmr: np.ndarray
     threshold: np.ndarray
+    threshold_fmr: np.ndarray
     pauc: dict[float, float]
     pairs: int
     genuine: int
     missing_quality: int
     missing_embedding: int
     unmatched_quality_rows: int
+    unmatched_embedding_rows: int
 
     def row(self) -> dict:
         """Returns the table row (no curve arrays)."""
@@ -187,6 +211,7 @@ class Curve:
             "method": self.method,
             "protocol": self.protocol,
             "fmr": self.fmr,
+            "threshold_fmr_at_0": float(self.threshold_fmr[0]),
             "fnmr_at_0": float(self.fnmr[0]),
         }
         out.update({f"pauc_{limit:g}": value for limit, value in self.pauc.items()})
@@ -196,6 +221,7 @@ class Curve:
             missing_quality=self.missing_quality,
             missing_embedding=self.missing_embedding,
             unmatched_quality_rows=self.unmatched_quality_rows,
+            unmatched_embedding_rows=self.unmatched_embedding_rows,
         )
         return out
 
@@ -208,9 +234,12 @@ def evaluate_one(
     edc_protocols: tuple[str, ...],
     limits: tuple[float, ...],
     pauc_method: str = "step",
-    unmatched: int = 0,
+    unmatched: tuple[int, int] = (0, 0),
 ) -> list[Curve]:
-    """Returns one Curve per EDC protocol and FMR for one (benchmark, model, method) combination."""
+    """Returns one Curve per EDC protocol and FMR for one (benchmark, model, method) combination.
+
+    unmatched: (quality-file rows, embedding rows) that named no image of the benchmark, for the table.
+    """
     curves = []
     for edc_protocol in edc_protocols:
         for fmr in fmrs:
@@ -229,12 +258,14 @@ def evaluate_one(
                     discard=np.asarray(got.discard),
                     fnmr=np.asarray(got.fnmr),
                     threshold=np.broadcast_to(np.asarray(got.threshold, np.float64), np.shape(got.discard)),
+                    threshold_fmr=np.broadcast_to(np.asarray(got.threshold_fmr, np.float64), np.shape(got.discard)),
                     pauc={limit: float(edc.pauc(got.discard, got.fnmr, limit, method=pauc_method)) for limit in limits},
                     pairs=len(comparisons.similarity),
                     genuine=int(comparisons.genuine.sum()),
                     missing_quality=comparisons.missing_quality,
                     missing_embedding=comparisons.missing_embedding,
-                    unmatched_quality_rows=unmatched,
+                    unmatched_quality_rows=unmatched[0],
+                    unmatched_embedding_rows=unmatched[1],
                 )
             )
     return curves
@@ -256,13 +287,38 @@ def _fill(pattern: str, benchmark: str) -> str:
     return pattern.replace("{benchmark}", benchmark)
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _check_missing(what: str, missing: int, unmatched: int, total: int, limit: float) -> None:
+    """Warns about images without a value and rows naming nothing; stops when too many images lack one."""
+    if missing:
+        _warn(f"{what}: {missing} of {total} images have no value ({missing / total:.1%}).")
+    if unmatched:
+        _warn(f"{what}: {unmatched} rows name no image of the benchmark and were ignored.")
+    if missing > limit * total:
+        raise EvaluationError(
+            f"{what} lacks {missing} of {total} images, more than --max-missing {limit:g} allows; "
+            "it is probably for another benchmark or incomplete (raise --max-missing to accept it)."
+        )
+
+
 def run(args: argparse.Namespace) -> list[Curve]:
     """Returns every curve the arguments ask for, after writing the tables and figures to `args.out`."""
+    if args.out.exists() and not args.out.is_dir():
+        raise EvaluationError(f"--out {args.out} is a file; pass a folder for the tables and figures.")
     benches = [protocols.load(spec) for spec in args.benchmark]
     if len({b.name for b in benches}) != len(benches):
         raise EvaluationError("two --benchmark specs share a name; give each benchmark its own NAME.")
     methods = _named(args.quality, "--quality")
     models = _named(args.embeddings, "--embeddings")
+    if len(benches) > 1:
+        for flag, named in (("--quality", methods), ("--embeddings", models)):
+            for name, pattern in named.items():
+                if "{benchmark}" not in pattern:
+                    _warn(f"{flag} {name} has no {{benchmark}} in its path: every benchmark reads the same file.")
+    args.out.mkdir(parents=True, exist_ok=True)
     curves: list[Curve] = []
     skipped: list[str] = []
     for bench in benches:
@@ -272,6 +328,18 @@ def run(args: argparse.Namespace) -> list[Curve]:
                 skipped.append(f"{bench.name}/{model}")
                 continue
             embeddings = read_embeddings(espec, bench)
+            where = f"benchmark {bench.name}, embeddings {model}"
+            missing = int((~np.isfinite(embeddings.array).all(axis=1)).sum())
+            _check_missing(where, missing, embeddings.unmatched_rows, len(bench.ids), args.max_missing)
+            _progress(f"{bench.name} / {model}: {bench.num_pairs} comparisons")
+            sims = protocols.similarities(bench, embeddings.array)  # once per benchmark and FR model
+            impostors = int((~sims.genuine).sum())
+            for fmr in args.fmr:
+                if impostors and fmr * impostors < 1:
+                    _warn(
+                        f"{where}: FMR {fmr:g} is below 1/{impostors} impostor comparisons; the threshold "
+                        "cannot resolve it (see threshold_fmr in the table)."
+                    )
             for method, qpattern in methods.items():
                 qpath = Path(_fill(qpattern, bench.name))
                 if args.skip_missing and not qpath.exists():
@@ -279,8 +347,17 @@ def run(args: argparse.Namespace) -> list[Curve]:
                     continue
                 keys, values = read_quality(qpath)
                 quality, unmatched = align_quality(bench, keys, values, f"quality file {qpath}")
-                comparisons = protocols.compare(bench, embeddings, quality)
-                _progress(f"{bench.name} / {model} / {method}: {bench.num_pairs} comparisons")
+                _check_missing(
+                    f"benchmark {bench.name}, quality {method}",
+                    int(np.isnan(quality).sum()),
+                    unmatched,
+                    len(bench.ids),
+                    args.max_missing,
+                )
+                pair_quality, missing_quality = protocols.pair_qualities(bench, quality)
+                comparisons = protocols.Comparisons(
+                    sims.similarity, sims.genuine, pair_quality, missing_quality, sims.missing_embedding
+                )
                 curves += evaluate_one(
                     comparisons,
                     labels={"benchmark": bench.name, "model": model, "method": method},
@@ -288,10 +365,10 @@ def run(args: argparse.Namespace) -> list[Curve]:
                     edc_protocols=tuple(args.protocol),
                     limits=tuple(args.pauc_limit),
                     pauc_method=args.pauc_method,
-                    unmatched=unmatched,
+                    unmatched=(unmatched, embeddings.unmatched_rows),
                 )
     for item in skipped:
-        print(f"warning: skipped {item}: its file does not exist (--skip-missing)", file=sys.stderr)
+        _warn(f"skipped {item}: its file does not exist (--skip-missing)")
     if not curves:
         raise EvaluationError("no benchmark had both an embedding file and a quality file; nothing to evaluate.")
     write(curves, args.out, figure_limit=args.figure_limit, settings=_settings(args))
@@ -307,11 +384,22 @@ def _settings(args: argparse.Namespace) -> dict:
         "protocols": list(args.protocol),
         "pauc_limits": list(args.pauc_limit),
         "pauc_method": args.pauc_method,
+        "max_missing": args.max_missing,
     }
 
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def write(curves: list[Curve], out: Path, *, figure_limit: float, settings: dict) -> None:
@@ -321,11 +409,19 @@ def write(curves: list[Curve], out: Path, *, figure_limit: float, settings: dict
     payload = {
         "settings": settings,
         "results": [
-            dict(row, discard=c.discard.tolist(), fnmr=c.fnmr.tolist(), threshold=c.threshold.tolist())
+            dict(
+                row,
+                discard=c.discard.tolist(),
+                fnmr=c.fnmr.tolist(),
+                threshold=c.threshold.tolist(),
+                threshold_fmr=c.threshold_fmr.tolist(),
+            )
             for row, c in zip(rows, curves, strict=True)
         ],
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    # Strict JSON: a recomputed point without genuine or impostor pairs is NaN; write it as null.
+    text = json.dumps(_nan_to_none(payload), indent=1, allow_nan=False)
+    (out / "results.json").write_text(text + "\n", encoding="utf-8")
     fields = list(dict.fromkeys(k for row in rows for k in row))
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -407,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--figure-limit", type=_limit, default=0.25, help="pAUC shown in the figures' legends (default: 0.25)"
     )
     p.add_argument("--skip-missing", action="store_true", help="skip combinations whose file does not exist")
+    p.add_argument(
+        "--max-missing",
+        type=float,
+        default=0.05,
+        help="largest share of a benchmark's images allowed to lack a quality or an embedding (default: 0.05)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder for results.json/csv and figures")
     return p
 

@@ -44,7 +44,11 @@ def edc_figures(curves: Sequence, out: Path, *, limit: float = 0.25) -> list[Pat
                 value = c.pauc.get(limit)
                 if value is None:
                     value = float(edc.pauc(c.discard, c.fnmr, limit))
-                style = {"color": colours[k % len(colours)], "label": f"{method} ({value:.4f})"}
+                style = {
+                    "color": colours[k % len(colours)],
+                    "linestyle": ("-", "--", ":", "-.")[(k // len(colours)) % 4],  # colours repeat after 10
+                    "label": f"{method} ({value:.4f})",
+                }
                 if protocol == "fixed":  # one point per quality level: a step function
                     ax.step(c.discard, c.fnmr, where="post", **style)
                 else:  # points at 0, 0.05, ...: drawn as lines, like the ERC figures of CR-FIQA and the paper

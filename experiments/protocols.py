@@ -191,17 +191,26 @@ def adience_identity_list(folder: str | Path) -> list[str]:
     """Returns `id identity` lines for Adience face crops under `folder` (identity = the face id in the name).
 
     Adience names crops ``<prefix>.<face_id>.<original>.jpg`` (e.g. ``coarse_tilt_aligned_face.2.x.jpg``);
-    the face id (the second dot-separated field) identifies the person, as in CR-FIQA's Adience extraction.
+    the face id (the second dot-separated field) identifies the person, as in CR-FIQA's Adience extraction,
+    which renames its aligned crops ``p_<face_id>_img_<n>.jpg`` (also read here).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ProtocolError(f"Adience folder {folder} does not exist; pass the folder of face crops.")
     lines = []
     for path in sorted(folder.rglob("*.jpg")):
+        renamed = re.fullmatch(r"p_([^_]+)_img_\d+\.jpg", path.name)
         parts = path.name.split(".")
-        if len(parts) < 3:
-            raise ProtocolError(f"{path.name} does not follow Adience's '<prefix>.<face_id>.<name>.jpg' naming.")
-        lines.append(f"{path.relative_to(folder).as_posix()} {parts[1]}")
+        if renamed:
+            person = renamed.group(1)
+        elif len(parts) >= 3:
+            person = parts[1]
+        else:
+            raise ProtocolError(
+                f"{path.name} follows neither Adience's '<prefix>.<face_id>.<name>.jpg' nor CR-FIQA's "
+                "'p_<face_id>_img_<n>.jpg' naming; write the identity list yourself."
+            )
+        lines.append(f"{path.relative_to(folder).as_posix()} {person}")
     if not lines:
         raise ProtocolError(f"Adience folder {folder} holds no .jpg files.")
     return lines
@@ -318,6 +327,15 @@ def match_ids(protocol: Protocol, keys: Sequence[str]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Similarities:
+    """Returns nothing: per-comparison cosine similarity and truth, and how many images lacked an embedding."""
+
+    similarity: np.ndarray
+    genuine: np.ndarray
+    missing_embedding: int
+
+
+@dataclass(frozen=True)
 class Comparisons:
     """Returns nothing: per-comparison arrays for an EDC, plus how many inputs were missing."""
 
@@ -334,70 +352,125 @@ def _normalize(x: np.ndarray) -> np.ndarray:
         return x / norm
 
 
-def _templates(templates: Templates, embeddings: np.ndarray, quality: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Returns template embeddings (media means summed, L2-normalised) and template qualities (minimum)."""
-    count = len(templates.names)
-    # One row per (template, media): average the images within each media first.
-    key = templates.template.astype(np.int64) * (int(templates.media.max()) + 1) + templates.media
+def _media_groups(templates: Templates) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (template of each (template, media) group, group of each image, number of groups)."""
+    stride = int(templates.media.max()) + 1
+    key = templates.template.astype(np.int64) * stride + templates.media
     groups, group_of = np.unique(key, return_inverse=True)
-    sums = np.zeros((len(groups), embeddings.shape[1]), np.float64)
-    np.add.at(sums, group_of, embeddings)
-    sizes = np.bincount(group_of, minlength=len(groups))[:, None]
-    media_mean = sums / sizes
-    pooled = np.zeros((count, embeddings.shape[1]), np.float64)
-    np.add.at(pooled, groups // (int(templates.media.max()) + 1), media_mean)
-    tq = np.full(count, np.inf)
-    np.minimum.at(tq, templates.template, quality)
-    return _normalize(pooled), tq
+    return groups // stride, group_of, len(groups)
 
 
-def compare(protocol: Protocol, embeddings: np.ndarray, quality: np.ndarray, *, block: int = 2048) -> Comparisons:
-    """Returns cosine similarities, the genuine mask and pair qualities (min of both sides) for a protocol.
+def template_embeddings(templates: Templates, embeddings: np.ndarray) -> np.ndarray:
+    """Returns (templates, E) embeddings: the mean within each media, summed over media, L2-normalised.
+
+    Images without an embedding (NaN rows) are left out of their media and template; a template with no
+    image left is NaN, so its comparisons become failed comparisons.
+    """
+    valid = np.isfinite(embeddings).all(axis=1)
+    group_template, group_of, count = _media_groups(templates)
+    sums = np.zeros((count, embeddings.shape[1]), np.float64)
+    np.add.at(sums, group_of[valid], embeddings[valid])
+    sizes = np.bincount(group_of[valid], minlength=count)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        media_mean = np.where(sizes > 0, sums / np.maximum(sizes, 1), 0.0)
+    pooled = np.zeros((len(templates.names), embeddings.shape[1]), np.float64)
+    np.add.at(pooled, group_template, media_mean)
+    alive = np.bincount(templates.template[valid], minlength=len(templates.names)) > 0
+    pooled[~alive] = np.nan
+    return _normalize(pooled)
+
+
+def template_quality(templates: Templates, quality: np.ndarray) -> np.ndarray:
+    """Returns each template's quality: the minimum over its images that have one (-inf when none has)."""
+    tq = np.full(len(templates.names), np.inf)
+    valid = np.isfinite(quality)
+    np.minimum.at(tq, templates.template[valid], quality[valid])
+    tq[np.isinf(tq) & (tq > 0)] = -np.inf  # no quality at all: the lowest, discarded first
+    return tq
+
+
+def _check(protocol: Protocol, array: np.ndarray, ndim: int, what: str) -> np.ndarray:
+    n = len(protocol.ids)
+    array = np.asarray(array, np.float64)
+    if array.ndim != ndim or array.shape[0] != n:
+        want = f"({n}, E)" if ndim == 2 else f"({n},)"
+        raise ProtocolError(f"{protocol.name}: {what} have shape {array.shape}, not {want}.")
+    return array
+
+
+def similarities(protocol: Protocol, embeddings: np.ndarray, *, chunk: int = 1 << 18) -> Similarities:
+    """Returns the cosine similarity and truth of every comparison of a protocol (memory bounded by `chunk`).
 
     embeddings: (n_images, E), rows in `protocol.ids` order; a row with NaN (a failed image) makes every
-    comparison it takes part in a non-match (similarity FAILED_SIMILARITY).
+    comparison it takes part in a non-match (similarity FAILED_SIMILARITY). IJB-C templates pool the images
+    they have (see `template_embeddings`).
+    """
+    embeddings = _check(protocol, embeddings, 2, "embeddings")
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    units = _normalize(np.where(bad[:, None], np.nan, embeddings))
+    if protocol.templates is not None:
+        units = template_embeddings(protocol.templates, units)
+    if protocol.identities is None:
+        sim = np.empty(len(protocol.left), np.float64)
+        for c in range(0, len(sim), chunk):  # gathered rows cost pairs x E: chunk them (IJB-C has 1.5e7 pairs)
+            a, b = units[protocol.left[c : c + chunk]], units[protocol.right[c : c + chunk]]
+            sim[c : c + chunk] = np.einsum("pe,pe->p", a, b)
+        genuine = np.asarray(protocol.genuine, bool)
+    else:
+        n, ident = len(units), protocol.identities
+        sim = np.empty(n * (n - 1) // 2, np.float64)
+        genuine = np.empty(len(sim), bool)
+        offset = 0
+        rows_per_block = max(1, chunk // max(n, 1))
+        for first in range(0, n - 1, rows_per_block):
+            last = min(first + rows_per_block, n - 1)
+            rows = units[first:last] @ units[first:].T  # (r, n - first); keep j > i only
+            for r, i in enumerate(range(first, last)):
+                width = n - 1 - i
+                sim[offset : offset + width] = rows[r, i - first + 1 :]
+                genuine[offset : offset + width] = ident[i] == ident[i + 1 :]
+                offset += width
+    np.clip(sim, -1.0, 1.0, out=sim)
+    sim[np.isnan(sim)] = FAILED_SIMILARITY
+    return Similarities(similarity=sim, genuine=genuine, missing_embedding=int(bad.sum()))
+
+
+def pair_qualities(protocol: Protocol, quality: np.ndarray) -> tuple[np.ndarray, int]:
+    """Returns (the quality of every comparison: the minimum of its two sides, number of images without one).
+
     quality: (n_images,), higher = better; NaN (a failed image) counts as the lowest quality, so its
     comparisons are discarded first (ISO/IEC 29794-1 treats a failure to assess that way).
     """
-    n = len(protocol.ids)
-    embeddings = np.asarray(embeddings, np.float64)
-    quality = np.asarray(quality, np.float64)
-    if embeddings.ndim != 2 or embeddings.shape[0] != n:
-        raise ProtocolError(f"{protocol.name}: embeddings have shape {embeddings.shape}, not ({n}, E).")
-    if quality.shape != (n,):
-        raise ProtocolError(f"{protocol.name}: qualities have shape {quality.shape}, not ({n},).")
-    bad_embedding = ~np.isfinite(embeddings).all(axis=1)
-    bad_quality = ~np.isfinite(quality)
-    quality = np.where(bad_quality, -np.inf, quality)
-    units = _normalize(np.where(bad_embedding[:, None], np.nan, embeddings))
-    unit_quality = quality
+    quality = _check(protocol, quality, 1, "qualities")
+    bad = ~np.isfinite(quality)
+    quality = np.where(bad, -np.inf, quality)
     if protocol.templates is not None:
-        units, unit_quality = _templates(protocol.templates, np.nan_to_num(units, nan=0.0), quality)
-        broken = np.zeros(len(protocol.templates.names), bool)
-        np.logical_or.at(broken, protocol.templates.template, bad_embedding)
-        units[broken] = np.nan
+        quality = template_quality(protocol.templates, np.where(bad, np.nan, quality))
     if protocol.identities is None:
-        sim = np.einsum("pe,pe->p", units[protocol.left], units[protocol.right])
-        pair_quality = np.minimum(unit_quality[protocol.left], unit_quality[protocol.right])
-        genuine = protocol.genuine
-    else:
-        sims, quals, truth = [], [], []
-        ident = protocol.identities
-        for start in range(0, n - 1, block):
-            stop = min(start + block, n - 1)
-            rows = units[start:stop] @ units[start:].T  # (r, n - start); keep j > i only
-            for r, i in enumerate(range(start, stop)):
-                sims.append(rows[r, i - start + 1 :])
-                quals.append(np.minimum(unit_quality[i], unit_quality[i + 1 :]))
-                truth.append(ident[i] == ident[i + 1 :])
-        sim, pair_quality, genuine = np.concatenate(sims), np.concatenate(quals), np.concatenate(truth)
-    sim = np.where(np.isnan(sim), FAILED_SIMILARITY, np.clip(sim, -1.0, 1.0))
+        return np.minimum(quality[protocol.left], quality[protocol.right]), int(bad.sum())
+    n = len(quality)
+    out = np.empty(n * (n - 1) // 2, np.float64)
+    offset = 0
+    for i in range(n - 1):
+        np.minimum(quality[i], quality[i + 1 :], out=out[offset : offset + n - 1 - i])
+        offset += n - 1 - i
+    return out, int(bad.sum())
+
+
+def compare(protocol: Protocol, embeddings: np.ndarray, quality: np.ndarray) -> Comparisons:
+    """Returns cosine similarities, the genuine mask and pair qualities (min of both sides) for a protocol.
+
+    See `similarities` and `pair_qualities` for how failed images count. The evaluation driver computes the
+    similarities once per benchmark and FR model and only the pair qualities per quality method.
+    """
+    sims = similarities(protocol, embeddings)
+    pair_quality, missing_quality = pair_qualities(protocol, quality)
     return Comparisons(
-        similarity=sim,
-        genuine=np.asarray(genuine, bool),
+        similarity=sims.similarity,
+        genuine=sims.genuine,
         pair_quality=pair_quality,
-        missing_quality=int(bad_quality.sum()),
-        missing_embedding=int(bad_embedding.sum()),
+        missing_quality=missing_quality,
+        missing_embedding=sims.missing_embedding,
     )
 
 

@@ -120,19 +120,61 @@ def test_embedding_ids_come_from_a_sidecar_a_csv_or_a_folder(tmp_path):
     rows = np.arange(8.0).reshape(4, 2)
     np.save(tmp_path / "e.npy", rows[::-1])
     (tmp_path / "e.ids.txt").write_text("3\n2\n1\n0\n")
-    np.testing.assert_array_equal(evaluate.read_embeddings(str(tmp_path / "e.npy"), p), rows)
+    np.testing.assert_array_equal(evaluate.read_embeddings(str(tmp_path / "e.npy"), p).array, rows)
     (tmp_path / "scores.csv").write_text("id,quality,error\n3,1,\n2,1,\n1,1,\n0,1,\n")
-    np.testing.assert_array_equal(evaluate.read_embeddings(f"{tmp_path / 'e.npy'}@{tmp_path / 'scores.csv'}", p), rows)
+    got = evaluate.read_embeddings(f"{tmp_path / 'e.npy'}@{tmp_path / 'scores.csv'}", p)
+    np.testing.assert_array_equal(got.array, rows)
+    # CR-FIQA's folder layout: one <name>.npy per image, named like the extracted images (00000.npy ...).
     folder = tmp_path / "b_ArcFaceModel"
     folder.mkdir()
     for i in (0, 1, 3):  # image 2 has no file: a NaN row, never a shifted one
-        np.save(folder / f"{i}.npy", rows[i])
+        np.save(folder / f"{i:05d}.npy", rows[i])
+    np.save(folder / "99999.npy", rows[0])  # names no image of the benchmark: counted, ignored
     got = evaluate.read_embeddings(str(folder), p)
-    np.testing.assert_array_equal(got[[0, 1, 3]], rows[[0, 1, 3]])
-    assert np.isnan(got[2]).all()
+    np.testing.assert_array_equal(got.array[[0, 1, 3]], rows[[0, 1, 3]])
+    assert np.isnan(got.array[2]).all() and got.unmatched_rows == 1
     np.save(tmp_path / "short.npy", rows[:3])
     with pytest.raises(EvaluationError, match="has 3 rows but benchmark b has 4 images"):
         evaluate.read_embeddings(str(tmp_path / "short.npy"), p)
+
+
+def test_embedding_files_that_name_an_image_twice_or_are_not_arrays_are_refused(tmp_path):
+    p = protocols.load_bin(_pack(tmp_path / "b.bin", [True]))
+    np.save(tmp_path / "e.npy", np.ones((2, 3)))
+    (tmp_path / "e.ids.txt").write_text("0\n00000\n")
+    with pytest.raises(EvaluationError, match="twice"):
+        evaluate.read_embeddings(str(tmp_path / "e.npy"), p)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(EvaluationError, match="not a plain .npy array"):
+        evaluate.read_embeddings(str(tmp_path / "empty.npy"), p)
+    with pytest.raises(EvaluationError, match="not a text file"):
+        evaluate.read_embeddings(f"{tmp_path / 'e.npy'}@{tmp_path}", p)
+
+
+def test_incomplete_files_warn_and_stop_beyond_max_missing(bench, capsys):
+    d = bench["dir"]
+    lines = (d / "bad_synth.txt").read_text().splitlines()
+    (d / "part_synth.txt").write_text("\n".join(lines[:570]) + "\n")  # 30 of 600 images without a quality
+    argv = ["--quality", f"part={d}/part_{{benchmark}}.txt", "--fmr", "0.01"]
+    base = ["--benchmark", f"synth=bin:{bench['bin']}", "--embeddings", f"arc={d}/{{benchmark}}_arc.npy"]
+    assert evaluate.main([*base, *argv, "--out", str(d / "o1")]) == 0  # 5% is allowed by default
+    assert "30 of 600 images have no value" in capsys.readouterr().err
+    (d / "part_synth.txt").write_text("\n".join(lines[:300]) + "\n")
+    assert evaluate.main([*base, *argv, "--out", str(d / "o2")]) == 1
+    err = capsys.readouterr().err
+    assert "more than --max-missing 0.05 allows" in err and "Traceback" not in err
+    assert evaluate.main([*base, *argv, "--max-missing", "0.6", "--out", str(d / "o3")]) == 0
+    rows = list(csv.DictReader(open(d / "o3" / "results.csv")))
+    assert rows[0]["missing_quality"] == "300"
+
+
+def test_results_json_is_strict_and_records_the_reached_fmr(bench):
+    assert _run(bench, "--fmr", "1e-4", "--protocol", "fixed") == 0
+    text = (bench["dir"] / "out" / "results.json").read_text()
+    assert "NaN" not in text
+    results = json.loads(text)["results"]
+    # 200 impostors cannot resolve FMR 1e-4: the reached FMR is 0 (threshold above every impostor).
+    assert all(r["threshold_fmr_at_0"] == 0.0 for r in results)
 
 
 def test_user_errors_are_one_line(bench, capsys):
@@ -151,9 +193,27 @@ def test_user_errors_are_one_line(bench, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert code == 1 and "names none of the 600 images" in err and len(err.strip().splitlines()) == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "names none of the 600 images" in errors[0] and "Traceback" not in err
     assert _run(bench, "--quality", f"good={d}/x.csv") == 1
     assert "names 'good' twice" in capsys.readouterr().err
+    (d / "file").write_text("")
+    assert (
+        evaluate.main(
+            [
+                "--benchmark",
+                f"synth=bin:{bench['bin']}",
+                "--quality",
+                "a=x",
+                "--embeddings",
+                "b=y",
+                "--out",
+                str(d / "file"),
+            ]
+        )
+        == 1
+    )
+    assert "is a file; pass a folder" in capsys.readouterr().err
 
 
 def test_skip_missing_skips_and_says_so(bench, capsys):

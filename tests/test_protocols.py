@@ -91,18 +91,24 @@ def test_identities_all_vs_all_by_hand(tmp_path):
     assert got.genuine.tolist() == [True, False, False, False, False, True]
     np.testing.assert_allclose(got.similarity, [e[i] @ e[j] for i, j in order], atol=1e-12)
     np.testing.assert_allclose(got.pair_quality, [min(q[i], q[j]) for i, j in order])
-    small = protocols.compare(p, e, q, block=1)
-    np.testing.assert_array_equal(small.similarity, got.similarity)
+    small = protocols.similarities(p, e, chunk=1)  # one row per block: the block bookkeeping must not matter
+    np.testing.assert_allclose(small.similarity, got.similarity, atol=1e-15)
     np.testing.assert_array_equal(small.genuine, got.genuine)
 
 
 def test_adience_identity_list_reads_the_face_id(tmp_path):
-    for name in ("coarse_tilt_aligned_face.2.a.jpg", "coarse_tilt_aligned_face.7.b.jpg", "sub/x.2.c.jpg"):
+    for name in (
+        "coarse_tilt_aligned_face.2.a.jpg",
+        "coarse_tilt_aligned_face.7.b.jpg",
+        "sub/x.2.c.jpg",
+        "p_7_img_3.jpg",
+    ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     assert protocols.adience_identity_list(tmp_path) == [
         "coarse_tilt_aligned_face.2.a.jpg 2",
         "coarse_tilt_aligned_face.7.b.jpg 7",
+        "p_7_img_3.jpg 7",
         "sub/x.2.c.jpg 2",
     ]
 
@@ -123,6 +129,30 @@ def test_ijbc_templates_pool_media_then_sum(tmp_path):
     np.testing.assert_allclose(got.similarity, [t10 @ n[3], n[3] @ n[4]], atol=1e-12)
     np.testing.assert_allclose(got.pair_quality, [0.3, 0.1])
     assert got.genuine.tolist() == [True, False]
+    # A failed image leaves its template, which pools the images it has; a template with none fails.
+    e[1] = np.nan
+    q[0] = np.nan
+    got = protocols.compare(p, e, q)
+    t10 = n[0] + n[2]
+    t10 /= np.linalg.norm(t10)
+    np.testing.assert_allclose(got.similarity, [t10 @ n[3], n[3] @ n[4]], atol=1e-12)
+    np.testing.assert_allclose(got.pair_quality, [0.3, 0.1])  # min over the images that have a quality
+    e[4] = np.nan
+    assert protocols.compare(p, e, q).similarity[1] == protocols.FAILED_SIMILARITY
+    # Chunked gathering gives the same similarities.
+    np.testing.assert_allclose(protocols.similarities(p, e, chunk=1).similarity, protocols.compare(p, e, q).similarity)
+
+
+def test_ijbc_media_ids_shared_across_templates_stay_apart(tmp_path):
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    # Media 5 appears in both templates: pooling is per (template, media), never across templates.
+    (meta / "ijbc_face_tid_mid.txt").write_text("1.jpg 10 5\n2.jpg 10 6\n3.jpg 20 5\n")
+    (meta / "ijbc_template_pair_label.txt").write_text("10 20 0\n")
+    p = protocols.load_ijbc(meta)
+    e = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    got = protocols.compare(p, e, np.ones(3))
+    np.testing.assert_allclose(got.similarity, [np.sqrt(0.5)], atol=1e-12)
 
 
 def test_ijbc_errors(tmp_path):
