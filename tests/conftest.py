@@ -10,6 +10,13 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+try:  # pytest-xdist already runs one worker per core: torch's own threads would only oversubscribe them
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):

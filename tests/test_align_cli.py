@@ -91,6 +91,9 @@ def test_mtcnn_rows_errors_and_scores(tiny_checkpoint, weights, detector, photos
     assert sorted(p.name for p in crops.iterdir()) == ["00000000_astronaut.png", "00000004_people_group.png"]
     np.testing.assert_array_equal(np.asarray(Image.open(crops / "00000000_astronaut.png")), want["astronaut.png"])
     np.testing.assert_array_equal(np.asarray(Image.open(crops / "00000004_people_group.png")), want["people/group.jpg"])
+    # Existing crops are never replaced silently: a second run into the same folder needs --overwrite.
+    again = [*argv[:3], str(tmp_path / "t.csv"), *argv[4:], "--save-aligned", str(crops)]
+    assert _run(tiny_checkpoint, *again) == 1
 
 
 def test_bgr_sources_are_swapped_before_detection(tiny_checkpoint, weights, photos, tmp_path):
@@ -153,7 +156,7 @@ def test_missing_facenet_is_one_sentence(tiny_checkpoint, photos, tmp_path, monk
         (["--align", "mtcnn", "--mtcnn-weights", "absent.npz"], "MTCNN weights absent.npz do not exist"),
         (["--mtcnn-weights", "w.npz"], "--mtcnn-weights only applies to --align mtcnn"),
         (["--align", "center", "--min-face-size", "40"], "--min-face-size only applies to --align mtcnn"),
-        (["--align", "mtcnn", "--min-face-size", "0"], "--min-face-size must be at least 1 pixel"),
+        (["--align", "mtcnn", "--min-face-size", "0"], "--min-face-size must be at least 12 pixels"),
     ],
 )
 def test_align_flag_errors_are_one_sentence(tiny_checkpoint, photos, tmp_path, capsys, argv, message):

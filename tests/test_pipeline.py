@@ -629,3 +629,17 @@ def test_resume_of_a_finished_multi_process_run_changes_nothing(tiny_checkpoint,
     results = _multi(tmp_path, folder, tiny_checkpoint, out, None, "--resume")
     assert all(rc == 0 for rc, _ in results), results
     assert out.read_bytes() == before and len(_read(out)) == 14
+
+
+def test_exif_orientation_is_applied_like_opencv(tmp_path):
+    from vitnt_jax.data import read_image
+
+    upright = smooth_faces(1, size=32, seed=8)[0][:, :24]  # 32 rows x 24 columns
+    # Stored rotated, with Orientation=6 ("rotate 90 CW to view"): viewers and OpenCV show it upright.
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.png", exif=exif)
+    got = read_image(tmp_path / "phone.png")
+    assert got.shape == upright.shape
+    np.testing.assert_array_equal(got, upright)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard);
@@ -45,6 +45,14 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """Returns the image turned as its EXIF orientation says (phone photos), as OpenCV's imread does."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a damaged EXIF block must not cost the image: OpenCV ignores it too
+        return image
+
+
 def read_image(source: str | Path | bytes) -> np.ndarray:
     """Returns the (H, W, 3) uint8 array of an image file or encoded bytes; raises ImageError."""
     try:
@@ -53,7 +61,7 @@ def read_image(source: str | Path | bytes) -> np.ndarray:
             if w * h > MAX_PIXELS:
                 raise ImageError(f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
             image.load()
-            return to_rgb8(image)
+            return to_rgb8(_upright(image))
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except IsADirectoryError:

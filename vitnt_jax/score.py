@@ -192,12 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w = o.add_mutually_exclusive_group()
     w.add_argument("--resume", action="store_true", help="continue an interrupted run: skip ids already in --out")
-    w.add_argument("--overwrite", action="store_true", help="replace --out (and the .npy files) if they exist")
+    w.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out (and the .npy files and --save-aligned crops) if they exist",
+    )
     o.add_argument(
         "--on-error",
         choices=["record", "fail"],
         default="record",
-        help="unreadable input: record it as a row with an error (default) or stop",
+        help="unreadable input or (with --align mtcnn) no face found: record it as a row with an error "
+        "(default) or stop",
     )
     return p
 
@@ -252,8 +257,9 @@ def _validate(args: argparse.Namespace) -> None:
     for flag, path in (("--save-embeddings", args.save_embeddings), ("--save-patch-quality", args.save_patch_quality)):
         if path is not None and path.suffix != ".npy":
             raise UserError(f"{flag} {path} must end in .npy.")
-    if args.min_face_size is not None and not (math.isfinite(args.min_face_size) and args.min_face_size >= 1):
-        raise UserError(f"--min-face-size must be at least 1 pixel (got {args.min_face_size:g}).")
+    # MTCNN's smallest window is 12 px: a smaller face size upsamples every photo (12/size)^2-fold.
+    if args.min_face_size is not None and not (math.isfinite(args.min_face_size) and args.min_face_size >= 12):
+        raise UserError(f"--min-face-size must be at least 12 pixels, MTCNN's window (got {args.min_face_size:g}).")
     if args.save_embeddings is not None and args.save_embeddings == args.save_patch_quality:
         raise UserError("--save-embeddings and --save-patch-quality must be different files.")
 
@@ -440,6 +446,11 @@ def _run(args: argparse.Namespace, process: int, processes: int) -> int:
         arrays = {k: (part_path(p, process, processes), s) for k, (p, s) in arrays.items()}
     if args.save_aligned is not None:
         _make_folder("--save-aligned", args.save_aligned)
+        if not (args.resume or args.overwrite) and any(args.save_aligned.glob("*.png")):
+            raise UserError(
+                f"--save-aligned {args.save_aligned} already holds crops; pass --overwrite or --resume, "
+                "or choose an empty folder."
+            )
     try:
         writer = ResultWriter(
             out,
