@@ -1,10 +1,13 @@
 """The digits sanity demonstration (experiments/demo_digits.py): a real trained ViT, real claims.
 
-One training run (seed 0, about half a minute on 2 free CPU cores) is shared by the tests. They
-assert the forms of the claims that held for every seed we ran (0-4, see demo_digits.json): for
-every degradation the heaviest level scores below clean and the level/quality rank correlation is
-<= -0.7; the EDC falls and stays below random discard. The strict every-step decrease held in 12
-of 20 (degradation, seed) cases (all four at seed 0); it is reported by the demo, not asserted.
+One training run (seed 0: 1,200 steps, single-threaded XLA:CPU, ~40 s on a free core) is shared
+by the tests. They assert the forms of the claims that held for every seed we ran (0-4, see
+experiments/results/demo_digits.json): for every degradation the heaviest level scores below
+clean and the level/quality rank correlation is <= -0.7; the EDC falls and stays below random
+discard. The strict every-step decrease held in 12 of 20 (degradation, seed) cases; it is
+reported by the demo, not asserted. conftest's 8 fake CPU devices change XLA:CPU rounding
+(~1e-5 in a gradient) and training amplifies it, so this run is not bit-identical to the JSON's
+seed 0 (it is one more sample; at the time of writing: 93.7% clean accuracy, all four strict).
 """
 
 import json
