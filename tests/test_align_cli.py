@@ -1,4 +1,5 @@
-"""`--align mtcnn` through `python -m vitnt_jax.score`: rows, errors, saved crops, resume, TFDS LFW."""
+"""`--align mtcnn` through `python -m vitnt_jax.score`: rows, errors, saved crops, resume, TFDS LFW,
+detection in pixel groups, damaged weights."""
 
 import csv
 import importlib.metadata
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 from converters import mtcnn as converter
-from vitnt_jax import checkpoint, mtcnn, score
+from vitnt_jax import checkpoint, data, mtcnn, score
 from vitnt_jax.align import align
 from vitnt_jax.scorer import Scorer
 from vitnt_jax.stability import ScoreSettings
@@ -36,9 +37,9 @@ def detector(weights):
     return mtcnn.Detector.load(weights)
 
 
-@pytest.fixture()
-def photos(tmp_path):
-    root = tmp_path / "photos"
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
     (root / "people").mkdir(parents=True)
     astronaut = _photo("scikit-image", "skimage/data/astronaut.png")
     Image.fromarray(astronaut[:400, 50:450]).save(root / "astronaut.png")
@@ -70,10 +71,28 @@ def _expected_crops(detector, root, ids, size=32):
     return crops
 
 
-def test_mtcnn_rows_errors_and_scores(tiny_checkpoint, weights, detector, photos, tmp_path):
-    out, crops = tmp_path / "s.csv", tmp_path / "crops"
-    argv = ["--images", str(photos), "--out", str(out), "--align", "mtcnn", "--mtcnn-weights", str(weights)]
+def _mtcnn_argv(photos, weights, out):
+    return ["--images", str(photos), "--out", str(out), "--align", "mtcnn", "--mtcnn-weights", str(weights)]
+
+
+@pytest.fixture(scope="module")
+def mtcnn_run(tiny_checkpoint, weights, photos, tmp_path_factory):
+    """One `--align mtcnn --save-aligned` run over the photos: (its CSV, its crops folder); tests only read them."""
+    root = tmp_path_factory.mktemp("mtcnn_run")
+    out, crops = root / "s.csv", root / "crops"
+    argv = _mtcnn_argv(photos, weights, out)
     assert _run(tiny_checkpoint, *argv, "--batch-size", "2", "--save-aligned", str(crops)) == 0
+    return out, crops
+
+
+@pytest.fixture(scope="module")
+def face_crops(detector, photos):
+    """The crops that the library's detector and alignment give for the two photos with faces."""
+    return _expected_crops(detector, photos, ["astronaut.png", "people/group.jpg"])
+
+
+def test_mtcnn_rows_errors_and_scores(tiny_checkpoint, weights, photos, mtcnn_run, face_crops, tmp_path):
+    out, crops = mtcnn_run
     rows = _read(out)
     assert rows[0] == ["id", "quality", "error"]
     by_id = {r[0]: r for r in rows[1:]}
@@ -82,7 +101,7 @@ def test_mtcnn_rows_errors_and_scores(tiny_checkpoint, weights, detector, photos
     assert by_id["grey.png"][1:] == ["", "no face found"] and by_id["noise.png"][1:] == ["", "no face found"]
     assert by_id["broken.jpg"][1] == "" and by_id["broken.jpg"][2] not in ("", "no face found")
     # Faces are scored on the crops that detection + alignment give directly (the group photo: one face).
-    want = _expected_crops(detector, photos, ["astronaut.png", "people/group.jpg"])
+    want = face_crops
     config, variables = checkpoint.load(tiny_checkpoint)
     quality = Scorer(config, variables, SETTINGS)(np.stack(list(want.values())))["quality"]
     got = [float(by_id[i][1]) for i in want]
@@ -92,52 +111,75 @@ def test_mtcnn_rows_errors_and_scores(tiny_checkpoint, weights, detector, photos
     np.testing.assert_array_equal(np.asarray(Image.open(crops / "00000000_astronaut.png")), want["astronaut.png"])
     np.testing.assert_array_equal(np.asarray(Image.open(crops / "00000004_people_group.png")), want["people/group.jpg"])
     # Existing crops are never replaced silently: a second run into the same folder needs --overwrite.
-    again = [*argv[:3], str(tmp_path / "t.csv"), *argv[4:], "--save-aligned", str(crops)]
+    again = [*_mtcnn_argv(photos, weights, tmp_path / "t.csv"), "--save-aligned", str(crops)]
     assert _run(tiny_checkpoint, *again) == 1
+    assert sorted(p.name for p in crops.iterdir()) == ["00000000_astronaut.png", "00000004_people_group.png"]
 
 
-def test_bgr_sources_are_swapped_before_detection(tiny_checkpoint, weights, photos, tmp_path):
+def test_batches_detect_photos_in_pixel_groups_with_the_same_crops(weights, photos, face_crops):
+    ids = ["astronaut.png", "broken.jpg", "grey.png", "noise.png", "people/group.jpg"]
+    # 150,000 pixels: the 400x400 astronaut alone, grey (150x120) with noise (90x100), the group alone.
+    small = mtcnn.Detector.load(weights, group_pixels=150_000)
+    calls = []
+    detect_batch = small.detect_batch
+    small.detect_batch = lambda images: calls.append(len(images)) or detect_batch(images)
+    (batch,) = data.batches(lambda i: data.read_image(photos / ids[i]), range(5), 5, 32, align="mtcnn", detector=small)
+    assert calls == [1, 2, 1]
+    assert batch.valid.tolist() == [True, False, False, False, True]
+    assert batch.errors[0] == batch.errors[4] == "" and batch.errors[2:4] == [data.NO_FACE, data.NO_FACE]
+    assert batch.errors[1] not in ("", data.NO_FACE)
+    np.testing.assert_array_equal(batch.images[0], face_crops["astronaut.png"])
+    np.testing.assert_array_equal(batch.images[4], face_crops["people/group.jpg"])
+
+
+def test_bgr_sources_are_swapped_before_detection(tiny_checkpoint, weights, photos, mtcnn_run, tmp_path):
     swapped = tmp_path / "swapped"
     swapped.mkdir()
     rgb = np.asarray(Image.open(photos / "astronaut.png"))
     Image.fromarray(rgb[..., ::-1].copy()).save(swapped / "astronaut.png")
-    common = ["--align", "mtcnn", "--mtcnn-weights", str(weights)]
-    assert _run(tiny_checkpoint, "--images", str(photos), "--out", str(tmp_path / "a.csv"), *common) == 0
-    b_out = str(tmp_path / "b.csv")
-    assert _run(tiny_checkpoint, "--images", str(swapped), "--out", b_out, "--color", "bgr", *common) == 0
-    a = {r[0]: r[1] for r in _read(tmp_path / "a.csv")[1:]}
-    b = {r[0]: r[1] for r in _read(tmp_path / "b.csv")[1:]}
+    b_out = tmp_path / "b.csv"
+    assert _run(tiny_checkpoint, *_mtcnn_argv(swapped, weights, b_out), "--color", "bgr") == 0
+    a = {r[0]: r[1] for r in _read(mtcnn_run[0])[1:]}
+    b = {r[0]: r[1] for r in _read(b_out)[1:]}
     assert b["astronaut.png"] != "" and float(b["astronaut.png"]) == pytest.approx(float(a["astronaut.png"]), abs=1e-6)
 
 
-def test_resume_with_mtcnn_neither_loses_nor_duplicates_rows(tiny_checkpoint, weights, photos, tmp_path):
+def test_resume_with_mtcnn_neither_loses_nor_duplicates_rows(tiny_checkpoint, weights, photos, mtcnn_run, tmp_path):
+    full = _read(mtcnn_run[0])
     out = tmp_path / "s.csv"
-    argv = ["--images", str(photos), "--out", str(out), "--align", "mtcnn", "--mtcnn-weights", str(weights)]
-    assert _run(tiny_checkpoint, *argv, "--batch-size", "2") == 0
-    full = _read(out)
     with open(out, "w", newline="") as f:  # as if interrupted after two rows
         csv.writer(f, lineterminator="\n").writerows(full[:3])
-    assert _run(tiny_checkpoint, *argv, "--batch-size", "2", "--resume") == 0
+    assert _run(tiny_checkpoint, *_mtcnn_argv(photos, weights, out), "--batch-size", "2", "--resume") == 0
     assert _read(out) == full
 
 
-def test_tfds_lfw_defaults_to_mtcnn_and_converts_weights_once(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+def test_tfds_lfw_defaults_to_mtcnn_and_converts_weights_once(tiny_checkpoint, detector, tmp_path, monkeypatch, capsys):
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.setenv("VITNT_JAX_CACHE", str(tmp_path / "cache"))
+    astronaut = _photo("scikit-image", "skimage/data/astronaut.png")
+    face = np.asarray(Image.fromarray(astronaut[0:300, 80:380]).resize((250, 250), Image.BILINEAR))  # LFW framing
+    noise = np.random.default_rng(1).integers(0, 256, (250, 250, 3), dtype=np.uint8)
+    examples = [{"image": face, "label": b"Eileen_Collins"}, {"image": noise, "label": b"Nobody"}]
     out = tmp_path / "lfw.csv"
-    with tfds.testing.mock_data(num_examples=5):
+    with tfds.testing.mock_data(as_data_source_fn=lambda builder, *args, **kwargs: examples):
         assert _run(tiny_checkpoint, "--tfds", "lfw", "--out", str(out), "--batch-size", "3") == 0
     err = capsys.readouterr().err
     assert "align mtcnn" in err and "converting facenet-pytorch's MTCNN weights" in err
-    assert (tmp_path / "cache" / mtcnn.WEIGHTS_NAME).is_file()
+    cached = tmp_path / "cache" / mtcnn.WEIGHTS_NAME
+    assert cached.is_file()
     rows = _read(out)
     assert rows[0] == ["id", "quality", "label", "error"]
-    assert [r[0] for r in rows[1:]] == [f"lfw/train/{i}" for i in range(5)]
-    for r in rows[1:]:  # mock images are noise: each row has a score or says why not
-        assert (r[1] != "" and r[3] == "") or (r[1] == "" and r[3] == "no face found")
-    with tfds.testing.mock_data(num_examples=5):  # the cached conversion is reused
-        assert _run(tiny_checkpoint, "--tfds", "lfw", "--out", str(tmp_path / "again.csv")) == 0
-    assert "converting" not in capsys.readouterr().err
+    assert rows[2] == ["lfw/train/1", "", "Nobody", "no face found"]
+    # The face row holds the score of the crop that the library's detector and alignment give.
+    assert rows[1][0] == "lfw/train/0" and rows[1][2:] == ["Eileen_Collins", ""]
+    faces = detector.detect(face)
+    crop = align(face, faces.landmarks[mtcnn.select_face(faces, 250, 250)], 32)
+    config, variables = checkpoint.load(tiny_checkpoint)
+    quality = Scorer(config, variables, SETTINGS)(crop[None])["quality"]
+    np.testing.assert_allclose(float(rows[1][1]), quality[0], atol=1e-6, rtol=0)
+    # Converted once: the next resolution reuses the cached file without converting again.
+    monkeypatch.setattr(converter, "convert", lambda *a, **k: pytest.fail("converted a second time"))
+    assert mtcnn.resolve_weights() == cached
 
 
 def test_missing_facenet_is_one_sentence(tiny_checkpoint, photos, tmp_path, monkeypatch, capsys):
@@ -163,6 +205,33 @@ def test_align_flag_errors_are_one_sentence(tiny_checkpoint, photos, tmp_path, c
     assert _run(tiny_checkpoint, "--images", str(photos), "--out", str(tmp_path / "s.csv"), *argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_damaged_weights_are_one_line_in_the_cli(tiny_checkpoint, weights, photos, tmp_path, monkeypatch, capsys):
+    half = tmp_path / "half.npz"
+    half.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert _run(tiny_checkpoint, *_mtcnn_argv(photos, half, tmp_path / "s.csv")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: MTCNN weights {half} are damaged or unreadable (BadZipFile); "
+        "convert them again with `python -m converters.mtcnn`."
+    )
+    # A damaged cached conversion (NaN weights would otherwise find no face anywhere): delete it.
+    monkeypatch.setenv("VITNT_JAX_CACHE", str(tmp_path / "cache"))
+    with np.load(weights) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["pnet/params/conv1/kernel"][0, 0, 0, 0] = np.nan
+    cached = tmp_path / "cache" / mtcnn.WEIGHTS_NAME
+    cached.parent.mkdir()
+    with open(cached, "wb") as f:
+        np.savez(f, **arrays)
+    argv = ["--images", str(photos), "--out", str(tmp_path / "s.csv"), "--align", "mtcnn"]
+    assert _run(tiny_checkpoint, *argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: the weights in {cached} are not MTCNN weights: pnet/params/conv1/kernel holds NaN")
+    assert "\n" not in err
+    assert err.endswith(f"; delete {cached} so that it is converted again on the next run.")
     assert not (tmp_path / "s.csv").exists()
 
 

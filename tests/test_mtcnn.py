@@ -1,8 +1,10 @@
-"""MTCNN in JAX: network parity with PyTorch on facenet-pytorch's weights, strict conversion, detection
-and landmarks on real photos against the reference procedure, face selection, host maths."""
+"""MTCNN in JAX: network parity with PyTorch on facenet-pytorch's weights, tiled P-Net, strict conversion
+and damaged weights, detection and landmarks on real photos against the reference procedure, grouping
+and bounded compilation, face selection, host maths."""
 
 import importlib.metadata
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -100,6 +102,22 @@ def test_padded_pnet_inputs_give_the_unpadded_outputs(detector):
         np.testing.assert_allclose(prob[0, oy // 2 : oy // 2 + h, ox // 2 : ox // 2 + w], want_prob[0], atol=1e-6)
 
 
+@needs_facenet
+def test_tiled_pnet_equals_untiled_on_odd_sizes(detector):
+    rng = np.random.default_rng(2)
+    v = detector.variables["pnet"]
+    # The smallest level; a level just over 1 and 2 tiles (last pieces 11 pixels: one partial cell);
+    # odd sides throughout (the ceil-mode pool's last window); a thin strip.
+    sizes = [(12, 12), (mtcnn.TILE + 1, 2 * mtcnn.TILE_STEP + 11), (333, 47), (2 * mtcnn.TILE + 9, 13)]
+    levels = [rng.uniform(-1, 1, (*size, 3)).astype(np.float32) for size in sizes]
+    assert [len(mtcnn.split_level(*size)) for size in sizes] == [1, 6, 2, 3]
+    for level, (reg, prob) in zip(levels, detector.pnet_maps(levels), strict=True):
+        want_reg, want_prob = detector.pnet(v, level[None])  # the whole level in one call
+        assert reg.shape == want_reg.shape[1:] and prob.shape == want_prob.shape[1:3]
+        np.testing.assert_allclose(reg, want_reg[0], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(prob, want_prob[0, ..., 1], atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------ conversion
 
 
@@ -131,6 +149,12 @@ def test_converter_names_missing_unexpected_and_misshaped_keys(tmp_path):
     (tmp_path / "taken.npz").write_bytes(b"x")
     with pytest.raises(ConversionError, match="already exists"):
         converter.convert(DATA, tmp_path / "taken.npz")
+    nan = _states()["onet"]
+    nan["dense6_1.weight"][1, 7] = float("nan")
+    torch.save(nan, tmp_path / "onet.pt")
+    with pytest.raises(ConversionError, match=r"onet/params/dense6_1/kernel holds NaN or infinite values; install"):
+        converter.convert(tmp_path, tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
 
 
 @needs_facenet
@@ -154,6 +178,55 @@ def test_converted_file_round_trips_and_is_loaded_strictly(weights, tmp_path):
     with pytest.raises(mtcnn.MTCNNError, match="do not exist"):
         mtcnn.load_variables(tmp_path / "absent.npz")
     assert converter.main([str(DATA), str(tmp_path / "cli.npz")]) == 0 and (tmp_path / "cli.npz").is_file()
+
+
+def _damaged(weights, path, kind):
+    raw = weights.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+        return path
+    if kind == "flipped byte":  # the middle of the file is array data: the zip CRC catches it
+        damaged = bytearray(raw)
+        damaged[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        return path
+    with np.load(weights) as data:
+        arrays = {k: data[k] for k in data.files}
+    if kind == "meta not an object":
+        arrays["__meta__"] = np.array(f'["{mtcnn.WEIGHTS_FORMAT}"]')
+    elif kind == "strings":
+        arrays["pnet/params/conv1/bias"] = np.full(10, "x")
+    elif kind == "NaN":
+        arrays["onet/params/dense6_1/kernel"][3, 1] = np.nan
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+DAMAGE = {
+    "truncated": r"are damaged or unreadable \(BadZipFile\)",
+    "flipped byte": r"are damaged or unreadable \(BadZipFile\)",
+    "meta not an object": "is not an MTCNN weights file",
+    "strings": r"pnet/params/conv1/bias holds <U1 values, not floats",
+    "NaN": "onet/params/dense6_1/kernel holds NaN or infinite values",
+}
+
+
+@needs_facenet
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_weights_are_one_sentence_naming_the_file_and_the_fix(weights, tmp_path, monkeypatch, kind):
+    path = _damaged(weights, tmp_path / "mtcnn.npz", kind)
+    with pytest.raises(mtcnn.MTCNNError, match=DAMAGE[kind]) as error:
+        mtcnn.load_variables(path)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message
+    assert message.endswith("; convert them again with `python -m converters.mtcnn`.")
+    # The cached conversion: deleting it is the fix (it is converted again on the next run).
+    monkeypatch.setenv("VITNT_JAX_CACHE", str(tmp_path))
+    cached = _damaged(weights, tmp_path / mtcnn.WEIGHTS_NAME, kind)
+    with pytest.raises(mtcnn.MTCNNError, match=DAMAGE[kind]) as error:
+        mtcnn.Detector.load()
+    assert str(error.value).endswith(f"; delete {cached} so that it is converted again on the next run.")
 
 
 # ------------------------------------------------------------------------------------------ detection
@@ -198,50 +271,55 @@ def test_grey_and_noise_have_no_face(detector):
 
 
 @needs_facenet
-def test_a_batch_of_mixed_sizes_equals_one_image_at_a_time(detector):
+def test_batches_and_groups_of_mixed_sizes_equal_one_image_at_a_time(detector, weights):
     astronaut = _photo(*PHOTOS["astronaut"])
+    face = np.asarray(Image.fromarray(astronaut).resize((256, 256), Image.BILINEAR))
     small = np.asarray(Image.fromarray(astronaut).resize((300, 260), Image.BILINEAR))
     grey = np.full((120, 90, 3), 90, np.uint8)
-    images = [small, grey, astronaut, small[:, ::-1].copy()]  # the mirror has the face too
+    images = [small, grey, face, small[:, ::-1].copy()]  # the mirror has the face too
     together = detector.detect_batch(images)
-    for image, got in zip(images, together, strict=True):
+    # A small pixel budget splits the batch (tables, tiles, R-/O-Net batches): the same results.
+    split = mtcnn.Detector.load(weights, group_pixels=100_000)
+    assert split.groups([i.shape for i in images]) == [[0, 1], [2], [3]]
+    grouped = split.detect_batch(images)
+    for image, got, other in zip(images, together, grouped, strict=True):
         alone = detector.detect(image)
-        np.testing.assert_allclose(got.landmarks, alone.landmarks, atol=1e-4)
-        np.testing.assert_allclose(got.scores, alone.scores, atol=1e-6)
+        for faces in (got, other):
+            assert len(faces) == len(alone)
+            np.testing.assert_allclose(faces.landmarks, alone.landmarks, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(faces.boxes, alone.boxes, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(faces.scores, alone.scores, atol=1e-6, rtol=0)
     assert [len(f) for f in together] == [1, 0, 1, 1]
 
 
 @needs_facenet
-def test_compilations_are_bounded_by_buckets(detector):
+def test_pnet_compilations_are_bounded_whatever_the_photo_sizes(weights):
+    detector = mtcnn.Detector.load(weights)
+    shapes = []
+
+    def apply(variables, x, valid):
+        shapes.append(x.shape)  # runs once per trace, i.e. once per compilation
+        return mtcnn.PNet().apply(variables, x, valid)
+
+    bound = mtcnn.MAX_TILES.bit_length()  # calls of 1, 2, 4, ..., MAX_TILES tiles
+    detector.pnet_tiles = jax.jit(chex.assert_max_traces(apply, n=bound))
     rng = np.random.default_rng(3)
-    detector.detect_batch([rng.integers(0, 256, (203, 229, 3), dtype=np.uint8) for _ in range(3)])
-    counts = [f._cache_size() for f in (detector.pnet, detector.rnet, detector.onet)]
-    # More images of that size, and of a size in the same buckets; 3 and 4 images pad alike.
-    sizes = [(203, 229), (203, 229), (203, 229), (203, 229), (202, 230), (201, 231), (200, 229)]
-    for k in range(0, len(sizes), 4):
-        detector.detect_batch([rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in sizes[k : k + 4]])
-    assert detector.pnet._cache_size() == counts[0]
-    assert detector.rnet._cache_size() <= counts[1] + 2 and detector.onet._cache_size() <= counts[2] + 2
-    detector.detect_batch([rng.integers(0, 256, (203, 229, 3), dtype=np.uint8) for _ in range(5)])
-    assert detector.pnet._cache_size() == counts[0] + 1  # 5 images pad to 8: a new shape, so this can fail
-
-
-def test_mosaic_shapes_come_from_a_fixed_grid():
-    grid = {mtcnn.bucket(n) for n in range(1, 5000)}
-    assert len([g for g in grid if 256 <= g < 512]) == 8  # 8 sizes per octave
-    rng = np.random.default_rng(0)
-    for h, w in rng.integers(12, 3000, (40, 2)):
-        sizes = tuple((int(h * s + 1), int(w * s + 1)) for s in mtcnn.pyramid_scales(h, w, 20, 0.709))
-        if sizes:
-            ch, cw = mtcnn.pack_levels(sizes)[1]
-            assert ch in grid and cw in grid
+    sizes = [tuple(hw) for hw in rng.integers(16, 480, (24, 2))]
+    assert len(set(sizes)) == 24
+    for lo, n in ((0, 1), (1, 2), (3, 3), (6, 4), (10, 6), (16, 8)):
+        detector.detect_batch([rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in sizes[lo : lo + n]])
+    assert len(shapes) == len(set(shapes)) <= bound
+    assert {s[1:] for s in shapes} == {(mtcnn.TILE, mtcnn.TILE, 3)} and all(s[0] & (s[0] - 1) == 0 for s in shapes)
+    assert len(shapes) >= 3  # these sizes needed several tile counts, so the bound was tested
 
 
 @needs_facenet
 def test_bad_inputs_and_settings_are_refused(weights):
     variables = mtcnn.load_variables(weights)
-    with pytest.raises(ValueError, match="min_face_size"):
-        mtcnn.Detector(variables, min_face_size=0)
+    with pytest.raises(ValueError, match="min_face_size must be at least 12 pixels"):
+        mtcnn.Detector(variables, min_face_size=11.5)
+    with pytest.raises(ValueError, match="group_pixels"):
+        mtcnn.Detector(variables, group_pixels=0)
     with pytest.raises(ValueError, match="thresholds"):
         mtcnn.Detector(variables, thresholds=(0.6, 0.7))
     with pytest.raises(mtcnn.MTCNNError, match="missing"):
@@ -292,16 +370,43 @@ def test_area_resize_matches_torch_interpolate_area(size):
         np.testing.assert_allclose(got[k], want, atol=1e-4)
 
 
-def test_pyramid_mosaic_never_overlaps_and_keeps_even_offsets():
-    for h, w in [(250, 250), (886, 1280), (112, 112), (1000, 300), (61, 700)]:
-        scales = mtcnn.pyramid_scales(h, w, 20, 0.709)
-        sizes = tuple((int(h * s + 1), int(w * s + 1)) for s in scales)
-        offsets, (ch, cw) = mtcnn.pack_levels(sizes)
-        used = np.zeros((ch, cw), int)
-        for (lh, lw), (y, x) in zip(sizes, offsets, strict=True):
-            assert y % 2 == 0 and x % 2 == 0
-            used[y : y + lh, x : x + lw] += 1
-        assert used.max() == 1 and used.sum() == sum(a * b for a, b in sizes)
-        assert used.mean() > 0.6, (h, w)  # the mosaic is not mostly padding
+def test_level_pieces_partition_the_cells_and_tiles_never_overlap():
+    rng = np.random.default_rng(0)
+    shapes = (
+        [(250, 250)] * 8 + [(112, 112), (886, 1280), (61, 700)] + [tuple(s) for s in rng.integers(12, 1500, (12, 2))]
+    )
+    sizes = [s for h, w in shapes for s in mtcnn.pyramid_sizes(h, w, 20, 0.709)]
+    pieces = []
+    for h, w in sizes:
+        cells = np.zeros((mtcnn._pnet_out(h), mtcnn._pnet_out(w)), int)
+        for y, x, ph, pw in mtcnn.split_level(h, w):
+            assert y % 2 == 0 and x % 2 == 0 and ph <= mtcnn.TILE and pw <= mtcnn.TILE
+            assert y + ph <= h and x + pw <= w
+            cells[y // 2 : y // 2 + mtcnn._pnet_out(ph), x // 2 : x // 2 + mtcnn._pnet_out(pw)] += 1
+            pieces.append((ph, pw))
+        assert (cells == 1).all(), (h, w)  # every cell computed exactly once
+    spots, count = mtcnn.pack_tiles(pieces)
+    used = np.zeros((count, mtcnn.TILE, mtcnn.TILE), int)
+    for (h, w), (tile, y, x) in zip(pieces, spots, strict=True):
+        assert y % 2 == 0 and x % 2 == 0  # P-Net's stride-2 grid
+        used[tile, y : y + h + h % 2, x : x + w + w % 2] += 1  # with the masked row/column of odd sides
+    assert used.max() == 1 and used.sum() == sum((h + h % 2) * (w + w % 2) for h, w in pieces)
+    assert used.shape[1:] == (mtcnn.TILE, mtcnn.TILE) and used.mean() > 0.8  # tiles are not mostly padding
+    lfw = [p for s in mtcnn.pyramid_sizes(250, 250, 20, 0.709) for p in mtcnn.split_level(*s)] * 64
+    assert mtcnn.pack_tiles([p[2:] for p in lfw])[1] <= 34  # LFW pyramids: 87% of the tile pixels
+    for n in (0, 1, 5, mtcnn.MAX_TILES, 3 * mtcnn.MAX_TILES + 7):
+        calls = mtcnn.tile_calls(n)
+        assert sum(calls) == n and all(c & (c - 1) == 0 and c <= mtcnn.MAX_TILES for c in calls)
     assert mtcnn.pyramid_scales(250, 250, 20, 0.709)[:2] == pytest.approx([0.6, 0.6 * 0.709])
     assert mtcnn.pyramid_scales(11, 11, 20, 0.709) == []
+
+
+def test_integral_image_and_level_parts_are_exact():
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (300, 530, 3), dtype=np.uint8)  # wider and taller than one band
+    sat = mtcnn.integral_image(image)
+    want = np.zeros((301, 531, 3), np.int64)
+    want[1:, 1:] = image.astype(np.int64).cumsum(0).cumsum(1)
+    np.testing.assert_array_equal(sat, want)
+    whole = mtcnn.area_resize(sat, 0, 300, 0, 530, 181, 319)[0]
+    np.testing.assert_array_equal(mtcnn.area_level(sat, 181, 319, (17, 180), (3, 250)), whole[17:180, 3:250])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import io
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -175,10 +177,12 @@ def batches(
     """Yields fixed-size batches of `indices` in order, decoding on `workers` threads ahead of use.
 
     load(index) returns the decoded (H, W, 3) uint8 array or raises ImageError. With align
-    'mtcnn', `detector` (a vitnt_jax.mtcnn.Detector) finds the faces of each batch in one batched
-    call on the batch-assembling thread, ahead of use like the decoding; the face kept per image
-    follows vitnt_jax.mtcnn.select_face, and an image without a face keeps its row with the error
-    NO_FACE.
+    'mtcnn', `detector` (a vitnt_jax.mtcnn.Detector) finds the faces on the batch-assembling
+    thread, ahead of use like the decoding, a group of at most `detector.group_pixels` pixels at a
+    time (a larger photo alone): photos are decoded at most `workers` ahead of their group and
+    dropped once aligned, so host memory does not grow with the batch size. The face kept per
+    image follows vitnt_jax.mtcnn.select_face, and an image without a face keeps its row with the
+    error NO_FACE.
     """
     if align not in ALIGNS:
         raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
@@ -198,26 +202,49 @@ def batches(
         except ImageError as error:
             return str(error) or "unreadable image"
 
+    def decoded_ahead(chunk: list[int]) -> Iterator[np.ndarray | str]:
+        """Yields each image of `chunk` decoded (or its error), keeping at most `workers` decodes ahead."""
+        ahead: collections.deque = collections.deque()
+        rest = iter(chunk)
+        for index in itertools.islice(rest, max(1, workers)):
+            ahead.append(pool.submit(decode, index))
+        while ahead:
+            done = ahead.popleft().result()
+            for index in itertools.islice(rest, 1):
+                ahead.append(pool.submit(decode, index))
+            yield done
+
     def detect_and_align(chunk: list[int]) -> list[Prepared]:
         from vitnt_jax.mtcnn import select_face
 
-        decoded = list(pool.map(decode, chunk))
-        photos = [d for d in decoded if not isinstance(d, str)]
-        found = iter(detector.detect_batch(photos))
-        marks: list = []
-        for d in decoded:
-            if isinstance(d, str):
-                marks.append(None)
+        out: list[Prepared | None] = [None] * len(chunk)
+        group: list[tuple[int, np.ndarray]] = []
+
+        def align_group() -> None:
+            found = detector.detect_batch([photo for _, photo in group])
+
+            def warp(item: tuple[tuple[int, np.ndarray], object]) -> None:
+                (k, photo), faces = item
+                pick = select_face(faces, photo.shape[0], photo.shape[1])
+                out[k] = prepare(photo, size, "rgb", "mtcnn", None if pick is None else faces.landmarks[pick])
+
+            list(pool.map(warp, zip(group, found, strict=True)))
+            group.clear()  # the photos go: only their aligned crops are kept
+
+        pixels = 0
+        for k, photo in enumerate(decoded_ahead(chunk)):
+            if isinstance(photo, str):
+                out[k] = Prepared(None, photo)
                 continue
-            faces = next(found)
-            pick = select_face(faces, d.shape[0], d.shape[1])
-            marks.append(None if pick is None else faces.landmarks[pick])
-
-        def warp(k: int) -> Prepared:
-            d = decoded[k]
-            return Prepared(None, d) if isinstance(d, str) else prepare(d, size, "rgb", "mtcnn", marks[k])
-
-        return list(pool.map(warp, range(len(chunk))))
+            # The detector's own grouping rule, applied before decoding further photos.
+            if group and pixels + photo.shape[0] * photo.shape[1] > detector.group_pixels:
+                align_group()
+                pixels = 0
+            group.append((k, photo))
+            pixels += photo.shape[0] * photo.shape[1]
+        if group:
+            align_group()
+        return out
 
     def assemble(chunk: list[int]) -> Batch:
         done = detect_and_align(chunk) if align == "mtcnn" else list(pool.map(one, chunk))

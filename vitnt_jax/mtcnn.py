@@ -22,22 +22,29 @@ Deliberate differences, both on rare edge cases: NMS ties in score keep the earl
 (torchvision's stable order; facenet's last, numpy-based NMS has no defined tie order), and a box
 lying wholly outside the image is dropped (facenet would shift its crops against its boxes).
 
-How it runs: the networks are jitted. An image's whole pyramid is packed into one mosaic (skyline
-packing, even offsets) whose sides are rounded up to one of 8 sizes per octave; P-Net runs once on
-the mosaic and masks what lies outside each level before its ceil-mode pool, so packing and padding
-never change a real output. Mosaics of the same shape from several images run as one batch (batch
-sizes are powers of two, at most PIXEL_BUDGET pixels a call). R-Net and O-Net take the candidates
-of every image of a batch at once, padded to one of 4 sizes per octave. Compilations are therefore
-bounded by these buckets, not by image sizes: a collection of same-size photos compiles P-Net once
-per batch size. Resampling (exact integer integral images), box bookkeeping and NMS run on the
-host in numpy: they are cheap, and their output sizes depend on the data.
+How it runs: the networks are jitted. P-Net sees only fixed TILE x TILE inputs: each pyramid level
+is cut into pieces of at most TILE x TILE pixels that overlap by 10 pixels (P-Net's 12-pixel window
+less its 2-pixel stride, so every output cell is computed wholly inside one piece and the pieces'
+cells abut), and the pieces of all levels of all images of a group are packed into tiles (skyline
+packing, even offsets). P-Net masks what lies outside each piece before its ceil-mode pool, so
+tiling and packing never change a real output. Tiles run MAX_TILES at a time and the rest in
+powers of two, so P-Net compiles at most log2(MAX_TILES) + 1 times whatever the photo sizes. R-Net
+and O-Net take the candidates of every image of a group at once, padded to one of 4 sizes per
+octave. Images are detected in groups of at most GROUP_PIXELS pixels (a larger image alone), so
+host memory is bounded by the group, not by the batch. Resampling (exact integer integral images),
+box bookkeeping and NMS run on the host in numpy: they are cheap, and their output sizes depend on
+the data.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
+import json
 import os
+import struct
 import sys
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +61,16 @@ WEIGHTS_NAME = "mtcnn_facenet_pytorch.npz"
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)
 DEFAULT_FACTOR = 0.709
 DEFAULT_MIN_FACE = 20
-# P-Net inputs of one call hold at most this many pixels (its first activation is 10 floats a
-# pixel, so ~170 MB); a single larger level runs alone.
-PIXEL_BUDGET = 1 << 22
+# Side of every P-Net input. 320 packs LFW's 250x250 pyramids (151 + 107 + 54 pixels a row) into 87% of
+# the tiles, and other photos into 85-95%.
+TILE = 320
+# Pieces of a level overlap by 10 pixels (P-Net's 12-pixel window less its 2-pixel stride): every
+# output cell's window lies wholly inside one piece, and consecutive pieces' cells abut exactly.
+TILE_STEP = TILE - 10
+MAX_TILES = 16  # tiles per P-Net call (1.6 MP, ~65 MB of first activations); fewer go in powers of two
+# Pixels of the images detected together: their int64 summed-area tables (24 bytes a pixel) are the
+# bulk of the host memory, ~400 MB at this budget; a larger image is detected alone.
+GROUP_PIXELS = 1 << 24
 MAX_CANDIDATES = 1024  # R-Net / O-Net rows per call (a bucket size)
 _MASKED = -1e30  # below any real activation; finite, so masked cells never turn into NaN
 
@@ -185,7 +199,6 @@ def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def save_variables(path: str | os.PathLike, variables: Mapping, source: str = "") -> Path:
     """Writes the three nets' variables to one .npz file (atomically) and returns its path."""
-    import json
     import secrets
 
     path = Path(path)
@@ -204,49 +217,86 @@ def save_variables(path: str | os.PathLike, variables: Mapping, source: str = ""
     return path
 
 
-def check_variables(variables: Mapping, what: str) -> None:
-    """Raises MTCNNError naming every missing, unexpected or mis-shaped MTCNN variable."""
+def check_variables(variables: Mapping, what: str, remedy: str = "") -> None:
+    """Raises MTCNNError naming every missing, unexpected, mis-shaped, non-float or non-finite variable.
+
+    `remedy`, when given, ends the message (what the user should do about it).
+    """
     want = {k: tuple(v.shape) for k, v in _flat(variable_shapes()).items()}
-    got = {k: tuple(np.shape(v)) for k, v in _flat(variables).items()}
+    flat = _flat(variables)
+    got = {k: tuple(np.shape(v)) for k, v in flat.items()}
     problems = []
     if missing := sorted(set(want) - set(got)):
         problems.append(f"missing {missing}")
     if unexpected := sorted(set(got) - set(want)):
         problems.append(f"unexpected {unexpected}")
-    problems += [f"{k} is {got[k]}, expected {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+    for k in sorted(set(want) & set(got)):
+        value = np.asarray(flat[k])
+        if got[k] != want[k]:
+            problems.append(f"{k} is {got[k]}, expected {want[k]}")
+        elif not np.issubdtype(value.dtype, np.floating):
+            problems.append(f"{k} holds {value.dtype} values, not floats")
+        elif not np.isfinite(value).all():  # NaN weights would silently find no face anywhere
+            problems.append(f"{k} holds NaN or infinite values")
     if problems:
-        raise MTCNNError(f"{what} are not MTCNN weights: {'; '.join(problems)}.")
+        end = f"; {remedy}" if remedy else ""
+        raise MTCNNError(f"{what} are not MTCNN weights: {'; '.join(problems)}{end}.")
+
+
+def _remedy(path: Path) -> str:
+    """Returns what to do about a damaged weights file: the cached conversion is redone once deleted."""
+    from vitnt_jax.models import cache_dir
+
+    try:
+        cached = path.resolve() == (cache_dir() / WEIGHTS_NAME).resolve()
+    except (OSError, RuntimeError):
+        cached = False
+    if cached:
+        return f"delete {path} so that it is converted again on the next run"
+    return "convert them again with `python -m converters.mtcnn`"
+
+
+# What reading a truncated or corrupted .npz raises (zip directory, CRC, npy header, array data;
+# a flipped zip flag reads as an unsupported method or an encrypted file).
+_UNREADABLE = (
+    OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError,
+    zipfile.BadZipFile, zlib.error, struct.error,
+)  # fmt: skip
 
 
 def load_variables(path: str | os.PathLike) -> dict[str, dict]:
-    """Returns the nested variables stored by `save_variables`, checked strictly."""
-    import json
-
+    """Returns the nested variables stored by `save_variables`, checked strictly; raises MTCNNError."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with data:
             arrays = {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise MTCNNError(f"MTCNN weights {path} do not exist; check the path.") from None
-    except (OSError, ValueError, EOFError) as error:
+    except _UNREADABLE as error:
         raise MTCNNError(
-            f"MTCNN weights {path} are unreadable ({type(error).__name__}); convert them again with "
-            "`python -m converters.mtcnn`."
+            f"MTCNN weights {path} are damaged or unreadable ({type(error).__name__}); {_remedy(path)}."
         ) from None
     try:
         meta = json.loads(str(arrays.pop("__meta__")))
-    except (KeyError, ValueError):
-        meta = {}
-    if meta.get("format") != WEIGHTS_FORMAT:
-        raise MTCNNError(f"{path} is not an MTCNN weights file written by `python -m converters.mtcnn`.")
+    except (KeyError, ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != WEIGHTS_FORMAT:
+        raise MTCNNError(
+            f"{path} is not an MTCNN weights file written by `python -m converters.mtcnn`; {_remedy(path)}."
+        )
     nested: dict = {}
     for key, value in arrays.items():
         node = nested
         *parents, leaf = key.split("/")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # a key both a leaf and a folder: not our layout
+                raise MTCNNError(f"{path} is not an MTCNN weights file: {key!r} clashes; {_remedy(path)}.")
         node[leaf] = value
-    check_variables(nested, f"{path}")
+    check_variables(nested, f"the weights in {path}", _remedy(path))
     return nested
 
 
@@ -363,17 +413,31 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, min_area: bool 
 def integral_image(image: np.ndarray) -> np.ndarray:
     """Returns the (H+1, W+1, C) int64 summed-area table of a uint8 image (exact window sums)."""
     sat = np.zeros((image.shape[0] + 1, image.shape[1] + 1, image.shape[2]), np.int64)
-    np.cumsum(image, axis=0, dtype=np.int64, out=sat[1:, 1:])
-    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
+    # In bands: numpy casts a whole input before accumulating it, and copies an input that overlaps its
+    # output, so whole-table calls would double the table's memory.
+    for left in range(0, image.shape[1], 256):
+        np.cumsum(image[:, left : left + 256], axis=0, dtype=np.int64, out=sat[1:, 1 + left : 257 + left])
+    for top in range(1, sat.shape[0], 256):
+        band = sat[top : top + 256, 1:]
+        np.cumsum(band, axis=1, out=band)
     return sat
 
 
-def _windows(start: np.ndarray, length: np.ndarray, out: int) -> tuple[np.ndarray, np.ndarray]:
-    # torch adaptive_avg_pool's windows: [floor(i*L/out), ceil((i+1)*L/out)) for i < out.
-    i = np.arange(out)
+def _windows(start: np.ndarray, length: np.ndarray, out: int, index: np.ndarray | None = None):
+    """Returns (lo, hi) of shape (n, len(index)): torch adaptive_avg_pool's windows [floor(i*L/out),
+    ceil((i+1)*L/out)) for the outputs i in `index` (default: all `out`), shifted by `start`."""
+    i = np.arange(out) if index is None else np.asarray(index, np.int64)
     lo = start[:, None] + (i[None] * length[:, None]) // out
     hi = start[:, None] + ((i[None] + 1) * length[:, None] + out - 1) // out
     return lo, hi
+
+
+def _window_means(sat: np.ndarray, r0, r1, c0, c1) -> np.ndarray:
+    """Returns the (n, rows, cols, C) float32 means of the windows rows [r0, r1) x cols [c0, c1) (exact sums)."""
+    rows0, rows1, cols0, cols1 = r0[:, :, None], r1[:, :, None], c0[:, None, :], c1[:, None, :]
+    total = sat[rows1, cols1] - sat[rows0, cols1] - sat[rows1, cols0] + sat[rows0, cols0]
+    count = ((r1 - r0)[:, :, None] * (c1 - c0)[:, None, :])[..., None]
+    return (total / count).astype(np.float32)
 
 
 def area_resize(sat: np.ndarray, y0, y1, x0, x1, out_h: int, out_w: int) -> np.ndarray:
@@ -384,10 +448,18 @@ def area_resize(sat: np.ndarray, y0, y1, x0, x1, out_h: int, out_w: int) -> np.n
     y0, y1, x0, x1 = (np.asarray(v, np.int64).reshape(-1) for v in (y0, y1, x0, x1))
     r0, r1 = _windows(y0, y1 - y0, out_h)
     c0, c1 = _windows(x0, x1 - x0, out_w)
-    rows0, rows1, cols0, cols1 = r0[:, :, None], r1[:, :, None], c0[:, None, :], c1[:, None, :]
-    total = sat[rows1, cols1] - sat[rows0, cols1] - sat[rows1, cols0] + sat[rows0, cols0]
-    count = ((r1 - r0)[:, :, None] * (c1 - c0)[:, None, :])[..., None]
-    return (total / count).astype(np.float32)
+    return _window_means(sat, r0, r1, c0, c1)
+
+
+def area_level(sat: np.ndarray, out_h: int, out_w: int, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    """Returns rows [rows) x columns [cols) of the whole image area-resized to (out_h, out_w): (h, w, C) float32.
+
+    The same values as the matching part of `area_resize` over the whole image, computed for that part only.
+    """
+    zero, height, width = np.zeros(1, np.int64), np.array([sat.shape[0] - 1]), np.array([sat.shape[1] - 1])
+    r0, r1 = _windows(zero, height, out_h, np.arange(*rows))
+    c0, c1 = _windows(zero, width, out_w, np.arange(*cols))
+    return _window_means(sat, r0, r1, c0, c1)[0]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -406,10 +478,15 @@ def pyramid_scales(height: int, width: int, min_face: float, factor: float) -> l
     return scales
 
 
-def bucket(n: int, minimum: int = 16, per_octave: int = 8) -> int:
+def pyramid_sizes(height: int, width: int, min_face: float, factor: float) -> list[tuple[int, int]]:
+    """Returns the (height, width) of each pyramid level: (int(h*s+1), int(w*s+1)), as the reference."""
+    return [(int(height * s + 1), int(width * s + 1)) for s in pyramid_scales(height, width, min_face, factor)]
+
+
+def bucket(n: int, minimum: int = 16, per_octave: int = 4) -> int:
     """Returns n rounded up to one of `per_octave` sizes per octave (a power of two), at least `minimum`.
 
-    8 per octave (P-Net mosaic sides) pads by at most 12.5%; 4 (R-/O-Net candidates) by 25%.
+    4 per octave (R-/O-Net candidate counts) pads by at most 25%.
     """
     if n <= minimum:
         return minimum
@@ -417,46 +494,85 @@ def bucket(n: int, minimum: int = 16, per_octave: int = 8) -> int:
     return -(-n // step) * step
 
 
-def _skyline(sizes: Sequence[tuple[int, int]], width: int) -> tuple[list[tuple[int, int]], int]:
-    """Returns bottom-left skyline positions of even-sized rectangles in a strip `width` wide, and its height."""
-    heights = np.zeros(width // 2, np.int64)  # in units of 2 pixels, so every offset is even
-    offsets = []
-    for h, w in sizes:
-        h2, w2 = -(-h // 2), -(-w // 2)
-        tops = np.lib.stride_tricks.sliding_window_view(heights, w2).max(axis=1)
-        x = int(np.argmin(tops))  # lowest top; leftmost among equals
-        offsets.append((2 * int(tops[x]), 2 * x))
-        heights[x : x + w2] = tops[x] + h2
-    return offsets, 2 * int(heights.max())
+def split_level(height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """Returns the (y, x, height, width) pieces of a pyramid level: at most TILE x TILE, every TILE_STEP pixels.
 
-
-@functools.lru_cache(maxsize=256)
-def pack_levels(sizes: tuple[tuple[int, int], ...]) -> tuple[tuple[tuple[int, int], ...], tuple[int, int]]:
-    """Returns the (y, x) offset of each pyramid level in one mosaic, and the mosaic's padded (height, width).
-
-    Skyline packing (largest level first, each at the lowest, then leftmost, free place), trying
-    the bucket widths from the largest level's to twice it and keeping the smallest padded mosaic.
-    Offsets are even, so every level keeps P-Net's stride-2 cell grid.
+    Each piece's P-Net cells are the level's cells from (y/2, x/2) on, and they abut those of the
+    next piece: a full piece has exactly TILE_STEP/2 cells a side (the last piece: the level's rest).
     """
-    w0 = sizes[0][1] + (sizes[0][1] & 1)
-    best = None
-    width = bucket(w0)
-    while width <= max(bucket(w0), 2 * w0):
-        offsets, height = _skyline(sizes, width)
-        area = bucket(height) * width
-        if best is None or area < best[0]:
-            best = (area, tuple(offsets), (bucket(height), width))
-        width = bucket(width + 1)
-    return best[1], best[2]
+
+    def spans(n: int) -> list[tuple[int, int]]:
+        after = max(0, -(-(n - TILE) // TILE_STEP))  # pieces after the first
+        return [(k * TILE_STEP, min(TILE, n - k * TILE_STEP)) for k in range(after + 1)]
+
+    return [(y, x, h, w) for y, h in spans(height) for x, w in spans(width)]
 
 
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+def _window_max(a: np.ndarray, w: int) -> np.ndarray:
+    """Returns max(a[:, j : j + w]) for every j (doubling: a few passes whatever w)."""
+    out, span = a, 1
+    while 2 * span <= w:
+        out, span = np.maximum(out[:, :-span], out[:, span:]), 2 * span
+    if span < w:  # two overlapping windows of `span` cover the w columns
+        out = np.maximum(out[:, : out.shape[1] - (w - span)], out[:, w - span :])
+    return out
+
+
+def pack_tiles(sizes: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int, int]], int]:
+    """Returns the (tile, y, x) place of each (height, width) piece in TILE x TILE tiles, and the tile count.
+
+    Skyline packing, tallest pieces first: each piece goes to the first tile where it fits, at the
+    lowest (then leftmost) place. Offsets are even, so every piece keeps P-Net's stride-2 cell grid.
+    """
+    side = TILE // 2  # the packing works in units of 2 pixels
+    units = [(-(-h // 2), -(-w // 2)) for h, w in sizes]
+    if any(h > side or w > side for h, w in units):
+        raise ValueError(f"pieces must be at most {TILE}x{TILE} pixels")
+    spots: list = [None] * len(sizes)
+    skylines = np.zeros((0, side), np.int64)  # one row per tile still open
+    tiles: list[int] = []  # tile number of each open row
+    count = 0
+    smallest = min((h for h, _ in units), default=0)
+    for i in sorted(range(len(sizes)), key=lambda i: (-units[i][0], -units[i][1])):
+        h, w = units[i]
+        tops = _window_max(skylines, w)
+        fits = tops + h <= side
+        open_rows = np.flatnonzero(fits.any(axis=1))
+        if open_rows.size:
+            row = int(open_rows[0])
+            x = int(np.argmin(np.where(fits[row], tops[row], side + 1)))
+            y = int(tops[row, x])
+        else:
+            skylines = np.concatenate([skylines, np.zeros((1, side), np.int64)])
+            tiles.append(count)
+            row, x, y, count = len(tiles) - 1, 0, 0, count + 1
+        skylines[row, x : x + w] = y + h
+        spots[i] = (tiles[row], 2 * y, 2 * x)
+        full = skylines.min(axis=1) + smallest > side  # no piece fits any more: close these tiles
+        if full.any():
+            skylines, tiles = skylines[~full], [t for t, f in zip(tiles, full, strict=True) if not f]
+    return spots, count
+
+
+def tile_calls(n: int) -> list[int]:
+    """Returns the tile counts of the P-Net calls for n tiles: MAX_TILES at a time, then powers of two."""
+    rest = n % MAX_TILES
+    return [MAX_TILES] * (n // MAX_TILES) + [1 << b for b in reversed(range(rest.bit_length())) if rest >> b & 1]
 
 
 def _pnet_out(n: int) -> int:
     # conv3 -> ceil-mode pool 2/2 -> conv3 -> conv3
     return -(-(n - 4) // 2) + 1 - 4
+
+
+def proposals(ys: np.ndarray, xs: np.ndarray, score: np.ndarray, reg: np.ndarray, scale: float) -> np.ndarray:
+    """Returns (n, 9) float32 rows x1, y1, x2, y2, score, 4 regressions of the P-Net cells (ys, xs) of a level."""
+    cell = np.stack([xs, ys], 1).astype(np.float32)
+    s = np.float32(scale)
+    # The reference's float32 arithmetic: floor((2 * cell + 1) / scale), floor((2 * cell + 12) / scale).
+    q1 = np.floor((np.float32(2) * cell + np.float32(1)) / s)
+    q2 = np.floor((np.float32(2) * cell + np.float32(12)) / s)
+    return np.concatenate([q1, q2, score[:, None], reg], 1).astype(np.float32)
 
 
 def calibrate_stage1(boxes: np.ndarray) -> np.ndarray:
@@ -517,6 +633,8 @@ def crop_bounds(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray,
 
 # One jitted function per net for the whole process: every Detector reuses the compilations.
 _JITTED = {name: jax.jit(module().apply) for name, (module, _) in NET_INPUTS.items()}
+# P-Net on tiles has its own: only (2^k, TILE, TILE, 3) inputs ever reach it, so its cache stays small.
+_JITTED["pnet_tiles"] = jax.jit(PNet().apply)
 
 
 class Detector:
@@ -529,20 +647,24 @@ class Detector:
         min_face_size: float = DEFAULT_MIN_FACE,
         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
         factor: float = DEFAULT_FACTOR,
-        pixel_budget: int = PIXEL_BUDGET,
+        group_pixels: int = GROUP_PIXELS,
     ):
         check_variables(variables, "the detector's variables")
-        if not min_face_size >= 1:
-            raise ValueError(f"min_face_size must be at least 1 pixel (got {min_face_size}).")
+        # MTCNN's window is 12 pixels: a smaller face size upsamples every photo (12/size)^2-fold.
+        if not min_face_size >= 12:
+            raise ValueError(f"min_face_size must be at least 12 pixels, MTCNN's window (got {min_face_size}).")
         if not 0 < factor < 1:
             raise ValueError(f"factor must lie in (0, 1) (got {factor}).")
         if len(thresholds) != 3 or not all(0 <= t < 1 for t in thresholds):
             raise ValueError(f"thresholds must be three probabilities in [0, 1) (got {thresholds}).")
+        if not group_pixels >= 1:
+            raise ValueError(f"group_pixels must be at least 1 (got {group_pixels}).")
         self.min_face_size, self.factor = float(min_face_size), float(factor)
         self.thresholds = tuple(float(t) for t in thresholds)
-        self.pixel_budget = pixel_budget
+        self.group_pixels = int(group_pixels)
         self.variables = jax.device_put({k: variables[k] for k in NETS})
         self.pnet, self.rnet, self.onet = _JITTED["pnet"], _JITTED["rnet"], _JITTED["onet"]
+        self.pnet_tiles = _JITTED["pnet_tiles"]
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **settings) -> Detector:
@@ -553,69 +675,125 @@ class Detector:
         """Returns the faces in one (H, W, 3) uint8 RGB image."""
         return self.detect_batch([image])[0]
 
+    def groups(self, shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
+        """Returns runs of consecutive image indices of at most `group_pixels` pixels each (a larger image alone)."""
+        runs: list[list[int]] = []
+        total = 0
+        for k, shape in enumerate(shapes):
+            pixels = int(shape[0]) * int(shape[1])
+            if not runs or total + pixels > self.group_pixels:
+                runs.append([])
+                total = 0
+            runs[-1].append(k)
+            total += pixels
+        return runs
+
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[Faces]:
-        """Returns the faces of each (H, W, 3) uint8 RGB image; sizes may differ between images."""
+        """Returns the faces of each (H, W, 3) uint8 RGB image; sizes may differ between images.
+
+        The images are detected in `groups`: their summed-area tables (24 bytes a pixel) live only
+        while their group is detected. The grouping changes no result.
+        """
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected (H, W, 3) uint8 RGB images, got {image.shape} {image.dtype}")
-        sats = [integral_image(image) for image in images]
-        candidates = self._stage1(images, sats)
-        candidates = self._refine(images, sats, candidates, 24)
-        return self._refine(images, sats, candidates, 48)
+        found = []
+        for run in self.groups([image.shape for image in images]):
+            group = [images[k] for k in run]
+            sats = [integral_image(image) for image in group]
+            candidates = self._stage1(group, sats)
+            candidates = self._refine(group, sats, candidates, 24)
+            found += self._refine(group, sats, candidates, 48)
+            del sats, candidates
+        return found
+
+    def pnet_maps(self, levels: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Returns (regression (h, w, 4), face probability (h, w)) of P-Net on each whole (H, W, 3) level.
+
+        Computed on tiles exactly as detection does, for normalised float32 levels of any size.
+        """
+        sizes = [level.shape[:2] for level in levels]
+        maps = [
+            (np.zeros((_pnet_out(h), _pnet_out(w), 4), np.float32), np.zeros((_pnet_out(h), _pnet_out(w)), np.float32))
+            for h, w in sizes
+        ]
+
+        def fill(lv, y0, y1, x0, x1):
+            return levels[lv][y0:y1, x0:x1]
+
+        for lv, cy, cx, reg, prob in self._pnet_pieces(sizes, fill):
+            maps[lv][0][cy : cy + reg.shape[0], cx : cx + reg.shape[1]] = reg
+            maps[lv][1][cy : cy + prob.shape[0], cx : cx + prob.shape[1]] = prob
+        return maps
+
+    def _pnet_pieces(self, sizes: Sequence[tuple[int, int]], fill):
+        """Yields (level, first cell row, first cell column, regression (h, w, 4), face probability (h, w)) per piece.
+
+        sizes: (height, width) of each level; fill(level, y0, y1, x0, x1) returns that part of the
+        normalised level. Tiles are filled just before their call, and one call runs while the next
+        is filled, so at most two calls' inputs are held at once.
+        """
+        pieces = [(lv, *piece) for lv, (h, w) in enumerate(sizes) for piece in split_level(h, w)]
+        spots, n_tiles = pack_tiles([(h, w) for *_, h, w in pieces])
+        on_tile: list[list[int]] = [[] for _ in range(n_tiles)]
+        for p, (tile, _, _) in enumerate(spots):
+            on_tile[tile].append(p)
+
+        def read(first: int, count: int, outputs):
+            reg, prob = np.asarray(outputs[0]), np.asarray(outputs[1])[..., 1]
+            for row in range(count):
+                for p in on_tile[first + row]:
+                    lv, y, x, h, w = pieces[p]
+                    _, oy, ox = spots[p]
+                    cells = np.s_[row, oy // 2 : oy // 2 + _pnet_out(h), ox // 2 : ox // 2 + _pnet_out(w)]
+                    yield lv, y // 2, x // 2, reg[cells], prob[cells]
+
+        pending: collections.deque = collections.deque()
+        first = 0
+        for count in tile_calls(n_tiles):
+            x = np.zeros((count, TILE, TILE, 3), np.float32)
+            valid = np.zeros((count, TILE, TILE), bool)
+            for row in range(count):
+                for p in on_tile[first + row]:
+                    lv, y0, x0, h, w = pieces[p]
+                    _, oy, ox = spots[p]
+                    x[row, oy : oy + h, ox : ox + w] = fill(lv, y0, y0 + h, x0, x0 + w)
+                    valid[row, oy : oy + h - 2, ox : ox + w - 2] = True  # the piece's first-conv outputs
+            pending.append((first, count, self.pnet_tiles(self.variables["pnet"], x, valid)))
+            first += count
+            if len(pending) == 2:
+                yield from read(*pending.popleft())
+        while pending:
+            yield from read(*pending.popleft())
 
     def _stage1(self, images, sats) -> list[np.ndarray]:
-        # Each image's pyramid is packed into one mosaic; mosaics of one bucket shape share P-Net calls.
-        layouts = []
-        for image in images:
+        """Returns each image's P-Net candidates (n, 5): NMS per level and per image, regressed, squared."""
+        levels = []  # (image, scale, height, width)
+        for k, image in enumerate(images):
             h, w = image.shape[:2]
-            scales = pyramid_scales(h, w, self.min_face_size, self.factor)
-            sizes = tuple((int(h * s + 1), int(w * s + 1)) for s in scales)
-            offsets, canvas = pack_levels(sizes) if sizes else ((), (0, 0))
-            layouts.append((scales, sizes, offsets, canvas))
-        groups: dict[tuple[int, int], list[int]] = {}
-        for k, (scales, _, _, (ch, cw)) in enumerate(layouts):
-            if scales:
-                groups.setdefault((ch, cw), []).append(k)
-        pending = []
-        for (hb, wb), members in groups.items():
-            per_call = max(1, self.pixel_budget // (hb * wb))
-            per_call = 1 << (per_call.bit_length() - 1)  # a power of two, so call shapes stay few
-            for lo in range(0, len(members), per_call):
-                chunk = members[lo : lo + per_call]
-                n = _pow2(len(chunk))
-                x = np.zeros((n, hb, wb, 3), np.float32)
-                valid = np.zeros((n, hb, wb), bool)
-                for row, k in enumerate(chunk):
-                    h, w = images[k].shape[:2]
-                    _, sizes, offsets, _ = layouts[k]
-                    for (hs, ws), (oy, ox) in zip(sizes, offsets, strict=True):
-                        x[row, oy : oy + hs, ox : ox + ws] = _normalise(area_resize(sats[k], 0, h, 0, w, hs, ws)[0])
-                        valid[row, oy : oy + hs - 2, ox : ox + ws - 2] = True
-                # Dispatch every call before reading any back, so device work overlaps host work.
-                pending.append((chunk, self.pnet(self.variables["pnet"], x, valid)))
-        out = [np.zeros((0, 5), np.float32) for _ in images]
-        for chunk, (reg, prob) in pending:
-            reg, prob = np.asarray(reg), np.asarray(prob[..., 1])
-            for row, k in enumerate(chunk):
-                scales, sizes, offsets, _ = layouts[k]
-                levels = []
-                for scale, (hs, ws), (oy, ox) in zip(scales, sizes, offsets, strict=True):
-                    cells = np.s_[row, oy // 2 : oy // 2 + _pnet_out(hs), ox // 2 : ox // 2 + _pnet_out(ws)]
-                    boxes = self._proposals(reg[cells], prob[cells], scale)
-                    levels.append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
-                boxes = np.concatenate(levels)
-                out[k] = calibrate_stage1(boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)])
-        return out
+            for scale in pyramid_scales(h, w, self.min_face_size, self.factor):
+                levels.append((k, scale, int(h * scale + 1), int(w * scale + 1)))
 
-    def _proposals(self, reg: np.ndarray, prob: np.ndarray, scale: float) -> np.ndarray:
-        """Returns (n, 9) float32 rows x1, y1, x2, y2, score, 4 regressions of P-Net cells >= thresholds[0]."""
-        ys, xs = np.nonzero(prob >= np.float32(self.thresholds[0]))  # row-major, as torch's nonzero
-        cell = np.stack([xs, ys], 1).astype(np.float32)
-        s = np.float32(scale)
-        # The reference's float32 arithmetic: floor((2 * cell + 1) / scale), floor((2 * cell + 12) / scale).
-        q1 = np.floor((np.float32(2) * cell + np.float32(1)) / s)
-        q2 = np.floor((np.float32(2) * cell + np.float32(12)) / s)
-        return np.concatenate([q1, q2, prob[ys, xs][:, None], reg[ys, xs]], 1).astype(np.float32)
+        def fill(lv, y0, y1, x0, x1):
+            k, _, hs, ws = levels[lv]
+            return _normalise(area_level(sats[k], hs, ws, (y0, y1), (x0, x1)))
+
+        threshold = np.float32(self.thresholds[0])
+        found: list[list] = [[] for _ in levels]
+        for lv, cy, cx, reg, prob in self._pnet_pieces([(hs, ws) for *_, hs, ws in levels], fill):
+            ys, xs = np.nonzero(prob >= threshold)
+            found[lv].append((ys + cy, xs + cx, prob[ys, xs], reg[ys, xs]))
+        per_image: list[list[np.ndarray]] = [[] for _ in images]
+        for (k, scale, _, _), parts in zip(levels, found, strict=True):
+            ys, xs, score, reg = (np.concatenate(column) for column in zip(*parts, strict=True))
+            order = np.lexsort((xs, ys))  # row-major over the level, as torch's nonzero
+            boxes = proposals(ys[order], xs[order], score[order], reg[order], scale)
+            per_image[k].append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
+        out = []
+        for boxes in per_image:
+            boxes = np.concatenate(boxes) if boxes else np.zeros((0, 9), np.float32)
+            out.append(calibrate_stage1(boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]))
+        return out
 
     def _refine(self, images, sats, candidates: list, size: int) -> list:
         """R-Net (size 24) or O-Net (size 48) over every image's candidates at once."""
