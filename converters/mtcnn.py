@@ -63,7 +63,7 @@ def convert_state_dicts(states: Mapping[str, Mapping[str, Any]]) -> dict[str, di
 
 def convert(src: str | Path | None, dst: str | Path, *, overwrite: bool = False) -> Path:
     """Converts the folder `src` (pnet.pt, rnet.pt, onet.pt; None = installed facenet-pytorch) into `dst`."""
-    from vitnt_jax.mtcnn import installed_facenet_weights, save_variables
+    from vitnt_jax.mtcnn import MTCNNError, check_variables, installed_facenet_weights, save_variables
 
     if src is None:
         src = installed_facenet_weights()
@@ -87,8 +87,15 @@ def convert(src: str | Path | None, dst: str | Path, *, overwrite: bool = False)
             raise ConversionError(f"{path} holds a {type(state).__name__}, not a state_dict.")
         states[net] = state
     variables = convert_state_dicts(states)
+    try:  # non-float or NaN weights would convert, then find no face anywhere
+        check_variables(variables, f"the weights in {src}", "install facenet-pytorch's files again")
+    except MTCNNError as error:
+        raise ConversionError(str(error)) from None
     origin = ", ".join(f"{p.name} sha256 {sha256(p)[:16]}" for p in files.values())
-    return save_variables(dst, variables, source=f"facenet-pytorch MTCNN ({origin})")
+    try:
+        return save_variables(dst, variables, source=f"facenet-pytorch MTCNN ({origin})")
+    except OSError as error:
+        raise ConversionError(f"cannot write {dst} ({error.strerror or error}); choose another path.") from None
 
 
 def main(argv: list[str] | None = None) -> int:
