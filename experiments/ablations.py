@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import harness
+
 AGGREGATIONS = {
     "mean": ("mean", "last"),
     "attention-last": ("attention", "last"),
@@ -116,13 +118,7 @@ def _list(kind):
 def build_parser() -> argparse.ArgumentParser:
     """Returns the command-line parser."""
     p = _Parser(prog="python -m experiments.ablations", description=__doc__.split("\n\n")[0])
-    one = p.add_mutually_exclusive_group(required=True)
-    one.add_argument("--images", type=Path, metavar="DIR", help="folder of aligned PNG/JPEG faces (recursive)")
-    one.add_argument("--list", type=Path, metavar="FILE", help="text file of image paths, one per line")
-    one.add_argument("--bin", type=Path, metavar="FILE", help="insightface verification pack (lfw.bin, ...)")
-    p.add_argument("--root", type=Path, help="with --list: folder the listed paths are relative to")
-    p.add_argument("--model", default=None, help="named model or converted checkpoint folder (default: the paper's)")
-    p.add_argument("--color", choices=["rgb", "bgr"], help="channel order of the stored images (default: rgb)")
+    harness.add_input_flags(p)
     p.add_argument("--depths", type=_list(int), help="numbers of blocks 0..k-1 (default: 4, 8, ... up to depth)")
     p.add_argument("--alphas", type=_list(float), default=[2.0, 4.0, 8.0, 16.0], help="alphas (default: 2,4,8,16)")
     p.add_argument(
@@ -157,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vitnt_jax import checkpoint, models, sources
     from vitnt_jax.data import batches
     from vitnt_jax.selection import parse_blocks
     from vitnt_jax.stability import METRICS
@@ -183,16 +178,7 @@ def _run(args: argparse.Namespace) -> int:
     for m in args.metrics:
         if m not in METRICS:
             raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}.")
-    try:
-        if args.images is not None:
-            source = sources.image_folder(args.images)
-        elif args.list is not None:
-            source = sources.path_list(args.list, args.root)
-        else:
-            source = sources.insightface_bin(args.bin)
-        config, variables = checkpoint.load(models.resolve(args.model or models.DEFAULT_MODEL))
-    except (sources.SourceError, models.ModelError, checkpoint.CheckpointError) as error:
-        raise ValueError(str(error)) from None
+    source, config, variables = harness.open_inputs(args)
     depths = args.depths or list(range(4, config.depth + 1, 4))
     bad = [d for d in depths if not 2 <= d <= config.depth]
     if bad:

@@ -300,18 +300,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
+    from experiments import harness
+
     parser = argparse.ArgumentParser(
         prog="python -m experiments.baselines",
         description="Score images with a training-free FIQA baseline on a converted face ViT.",
     )
     parser.add_argument("method", choices=sorted(BASELINES), help="the baseline")
-    one = parser.add_mutually_exclusive_group(required=True)
-    one.add_argument("--images", type=Path, metavar="DIR", help="folder of aligned PNG/JPEG faces (recursive)")
-    one.add_argument("--list", type=Path, metavar="FILE", help="text file of image paths, one per line")
-    one.add_argument("--bin", type=Path, metavar="FILE", help="insightface verification pack (lfw.bin, ...)")
-    parser.add_argument("--root", type=Path, help="with --list: folder the listed paths are relative to")
-    parser.add_argument("--model", default=None, help="named model or converted checkpoint (default: the paper's)")
-    parser.add_argument("--color", choices=["rgb", "bgr"], help="channel order of the stored images (default: rgb)")
+    harness.add_input_flags(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
     parser.add_argument("--passes", type=int, default=SERFIQ_PASSES, help="serfiq: stochastic passes (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="serfiq: dropout seed; image i uses fold_in(seed, i)")
@@ -325,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
 
-    from vitnt_jax import checkpoint, models, sources
     from vitnt_jax.data import batches
 
     try:
@@ -339,16 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ValueError(f"cannot create the folder of --out {args.out} ({error.strerror}).") from None
-        if args.images is not None:
-            source = sources.image_folder(args.images)
-        elif args.list is not None:
-            source = sources.path_list(args.list, args.root)
-        else:
-            source = sources.insightface_bin(args.bin)
-        config, variables = checkpoint.load(models.resolve(args.model or models.DEFAULT_MODEL))
+        source, config, variables = harness.open_inputs(args)
         if config.head not in ("face", "transface") and args.method in ("serfiq", "grafiqs"):
             raise ValueError(f"{args.method} needs a face-recognition head; model {config.name} has {config.head!r}.")
-    except (ValueError, sources.SourceError, models.ModelError, checkpoint.CheckpointError) as error:
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     base_key = jax.random.PRNGKey(args.seed)

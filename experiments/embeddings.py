@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import harness
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
@@ -27,14 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """Returns the command-line parser."""
     p = _Parser(prog="python -m experiments.embeddings", description=__doc__.split("\n\n")[0])
-    one = p.add_mutually_exclusive_group(required=True)
-    one.add_argument("--images", type=Path, metavar="DIR", help="folder of aligned PNG/JPEG faces (recursive)")
-    one.add_argument("--list", type=Path, metavar="FILE", help="text file of image paths, one per line")
-    one.add_argument("--bin", type=Path, metavar="FILE", help="insightface verification pack (lfw.bin, ...)")
-    p.add_argument("--root", type=Path, help="with --list: folder the listed paths are relative to")
-    p.add_argument("--model", default=None, help="named model or converted checkpoint folder (default: the paper's)")
+    harness.add_input_flags(p)
     p.add_argument("--flip", action="store_true", help="concatenate the horizontally flipped image's embedding")
-    p.add_argument("--color", choices=["rgb", "bgr"], help="channel order of the stored images (default: rgb)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (default: 4)")
     p.add_argument("--out", type=Path, required=True, help="embedding file (.npy); ids go to <out>.ids.txt")
@@ -95,7 +91,6 @@ def _make_parent(path: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vitnt_jax import checkpoint, models, sources
     from vitnt_jax.data import batches
     from vitnt_jax.scorer import Scorer
     from vitnt_jax.stability import ScoreSettings
@@ -109,14 +104,8 @@ def _run(args: argparse.Namespace) -> int:
             raise _UserError(f"{path} exists; pass --overwrite to replace it or choose another --out.")
     _make_parent(args.out)
     try:
-        if args.images is not None:
-            source = sources.image_folder(args.images)
-        elif args.list is not None:
-            source = sources.path_list(args.list, args.root)
-        else:
-            source = sources.insightface_bin(args.bin)
-        config, variables = checkpoint.load(models.resolve(args.model or models.DEFAULT_MODEL))
-    except (sources.SourceError, models.ModelError, checkpoint.CheckpointError) as error:
+        source, config, variables = harness.open_inputs(args)
+    except ValueError as error:
         raise _UserError(str(error)) from None
     if config.head == "none":
         raise _UserError(f"model {config.name} has no embedding head; choose a face recognition model.")
