@@ -100,11 +100,6 @@ def sweep_fn(config, variables, sweep: list[Variant], precision="highest"):
     return run
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _list(kind):
     def parse(text: str):
         try:
@@ -117,7 +112,7 @@ def _list(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the command-line parser."""
-    p = _Parser(prog="python -m experiments.ablations", description=__doc__.split("\n\n")[0])
+    p = harness.Parser(prog="python -m experiments.ablations", description=__doc__.split("\n\n")[0])
     harness.add_input_flags(p)
     p.add_argument("--depths", type=_list(int), help="numbers of blocks 0..k-1 (default: 4, 8, ... up to depth)")
     p.add_argument("--alphas", type=_list(float), default=[2.0, 4.0, 8.0, 16.0], help="alphas (default: 2,4,8,16)")

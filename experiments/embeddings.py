@@ -21,14 +21,9 @@ import numpy as np
 from experiments import harness
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Returns the command-line parser."""
-    p = _Parser(prog="python -m experiments.embeddings", description=__doc__.split("\n\n")[0])
+    p = harness.Parser(prog="python -m experiments.embeddings", description=__doc__.split("\n\n")[0])
     harness.add_input_flags(p)
     p.add_argument("--flip", action="store_true", help="concatenate the horizontally flipped image's embedding")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")

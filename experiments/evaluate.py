@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import edc, protocols
+from experiments import edc, harness, protocols
 from experiments.protocols import Protocol, ProtocolError
 
 DEFAULT_FMRS = (1e-3, 1e-4)
@@ -322,6 +322,7 @@ def run(args: argparse.Namespace) -> list[Curve]:
     curves: list[Curve] = []
     skipped: list[str] = []
     for bench in benches:
+        pair_cache: dict[str, tuple[np.ndarray, int, int]] = {}
         for model, epattern in models.items():
             espec = _fill(epattern, bench.name)
             if args.skip_missing and not Path(espec.partition("@")[0]).exists():
@@ -345,16 +346,18 @@ def run(args: argparse.Namespace) -> list[Curve]:
                 if args.skip_missing and not qpath.exists():
                     skipped.append(f"{bench.name}/{model}/{method}")
                     continue
-                keys, values = read_quality(qpath)
-                quality, unmatched = align_quality(bench, keys, values, f"quality file {qpath}")
-                _check_missing(
-                    f"benchmark {bench.name}, quality {method}",
-                    int(np.isnan(quality).sum()),
-                    unmatched,
-                    len(bench.ids),
-                    args.max_missing,
-                )
-                pair_quality, missing_quality = protocols.pair_qualities(bench, quality)
+                if method not in pair_cache:  # read and pair each quality file once per benchmark, not per model
+                    keys, values = read_quality(qpath)
+                    quality, unmatched = align_quality(bench, keys, values, f"quality file {qpath}")
+                    _check_missing(
+                        f"benchmark {bench.name}, quality {method}",
+                        int(np.isnan(quality).sum()),
+                        unmatched,
+                        len(bench.ids),
+                        args.max_missing,
+                    )
+                    pair_cache[method] = (*protocols.pair_qualities(bench, quality), unmatched)
+                pair_quality, missing_quality, unmatched = pair_cache[method]
                 comparisons = protocols.Comparisons(
                     sims.similarity, sims.genuine, pair_quality, missing_quality, sims.missing_embedding
                 )
@@ -436,11 +439,6 @@ def write(curves: list[Curve], out: Path, *, figure_limit: float, settings: dict
 # ------------------------------------------------------------------------------------------------ command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -458,7 +456,7 @@ def _limit(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the command-line parser."""
-    p = _Parser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
+    p = harness.Parser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--benchmark",
         action="append",

@@ -6,6 +6,13 @@ import argparse
 from pathlib import Path
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose flag errors are one line (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def add_input_flags(parser: argparse.ArgumentParser) -> None:
     """Adds the image source (`--images | --list [--root] | --bin`), `--model` and `--color` flags."""
     one = parser.add_mutually_exclusive_group(required=True)
