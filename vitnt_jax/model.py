@@ -28,6 +28,9 @@ class Tap(Protocol):
     # after the softmax so the weights need not outlive it), "weights" (the full softmax), or
     # "logits" (the pre-softmax scores q.k * head_dim^-0.5; ATTN-FIQA reads these).
     attention: str | None
+    # Optional: the block indices whose attention the tap reads (absent or None: every block).
+    # The others get attention=None and run with fused attention, whose weights never materialise.
+    attention_blocks: tuple[int, ...] | None
 
     def init(self, tokens: Array) -> PyTree:
         """Returns the initial carry state, given the (B, N, D) tokens that enter block 0."""
@@ -40,8 +43,31 @@ class Tap(Protocol):
         attention: per `attention`: None; "received": (B, N) float32; "weights" / "logits": (B,
           heads, T_query, N_key) float32 softmax weights / pre-softmax scores. All use every query
           token (class token included) but only the N patch-token keys: class-token models report
-          the attention the PATCHES receive (the weights' row sums are then below 1).
+          the attention the PATCHES receive (the weights' row sums are then below 1). None in the
+          blocks outside `attention_blocks`.
         """
+
+
+def attention_segments(
+    num_blocks: int, attention: str | None, attention_blocks: tuple[int, ...] | None
+) -> list[tuple[int, int, bool]]:
+    """Returns the maximal runs (start, stop, with_attention) of blocks 0..num_blocks-1.
+
+    One run when every block needs the same (no attention, or attention everywhere).
+    """
+    if attention is None:
+        return [(0, num_blocks, False)]
+    if attention_blocks is None:
+        return [(0, num_blocks, True)]
+    wanted = set(attention_blocks)
+    segments: list[tuple[int, int, bool]] = []
+    for index in range(num_blocks):
+        need = index in wanted
+        if segments and segments[-1][2] == need:
+            segments[-1] = (segments[-1][0], index + 1, need)
+        else:
+            segments.append((index, index + 1, need))
+    return segments
 
 
 class NoTap:
@@ -106,6 +132,8 @@ class Attention(nn.Module):
         logits = jnp.matmul(q, k.transpose(0, 1, 3, 2), precision=self.precision) * cfg.head_dim**-0.5
         # Softmax in float32 even under bfloat16: the attention weights feed the score.
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        # With output=None the weights feed only the next matmul and XLA fuses dot-softmax-dot:
+        # the weights never materialise. Any other output makes them a buffer of their own.
         out = jnp.matmul(weights.astype(self.dtype), v, precision=self.precision).transpose(0, 2, 1, 3)
         out = dense(d, True, "proj")(out.reshape(b, n, d))
         if output == "received":
@@ -139,6 +167,7 @@ class Block(nn.Module):
     tap: Any = NoTap()
     dtype: Any = jnp.float32
     precision: Any = None
+    with_attention: bool = True  # False: the tap gets attention=None and the attention is fused
 
     @nn.compact
     def __call__(self, carry, index, final_scale, final_bias):
@@ -147,7 +176,8 @@ class Block(nn.Module):
         norm = lambda name: nn.LayerNorm(  # noqa: E731
             epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name=name
         )
-        y, attention = Attention(cfg, self.dtype, self.precision, name="attn")(norm("norm1")(x), self.tap.attention)
+        wanted = self.tap.attention if self.with_attention else None
+        y, attention = Attention(cfg, self.dtype, self.precision, name="attn")(norm("norm1")(x), wanted)
         x = x + y
         x = x + Mlp(cfg, self.dtype, self.precision, name="mlp")(norm("norm2")(x))
         # Scores use patch tokens only: drop the class token and its attention key column.
@@ -241,20 +271,51 @@ class FaceViT(nn.Module):
             x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name="ln_pre")(x)
         final_scale, final_bias = FinalNorm(cfg.embed_dim, name="norm")()
 
-        scanned = nn.scan(
-            Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
-            length=num_blocks,
-        )
-        (x, state), per_block = scanned(cfg, tap, self.dtype, self.precision, name="blocks")(
-            (x, tap.init(x[:, cfg.num_prefix_tokens :])), jnp.arange(num_blocks), final_scale, final_bias
-        )
+        carry = (x, tap.init(x[:, cfg.num_prefix_tokens :]))
+        segments = attention_segments(num_blocks, tap.attention, getattr(tap, "attention_blocks", None))
+        if len(segments) == 1 or self.is_initializing():
+            scanned = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=num_blocks,
+            )
+            block = scanned(cfg, tap, self.dtype, self.precision, segments[0][2] or len(segments) > 1, name="blocks")
+            carry, per_block = block(carry, jnp.arange(num_blocks), final_scale, final_bias)
+        else:
+            carry, per_block = self._segmented_blocks(carry, segments, tap, final_scale, final_bias)
+        x, state = carry
         result = {"tap_state": state, "per_block": per_block, "tokens": x}
         if embed or (self.is_initializing() and cfg.head != "none"):
             result["embedding"] = self._embedding_head(x, final_scale, final_bias, head_dropout)
         return result
+
+    def _segmented_blocks(self, carry, segments, tap, final_scale, final_bias):
+        """Runs the scanned blocks' parameters as one scan per segment; returns (carry, per-block out).
+
+        A scan body is one program for all its blocks, so the blocks whose attention the tap does
+        not read run in scans of their own, where XLA fuses their attention (dot, softmax, dot) and
+        the (B, heads, N, N) weights never materialise. Each step indexes the full parameter stack
+        (slicing it per segment outside the loop would copy the parameters).
+        """
+        stacked = self.variables["params"]["blocks"]
+        have = jax.tree.leaves(stacked)[0].shape[0]
+        if have != segments[-1][1]:
+            raise ValueError(
+                f"the parameters hold {have} blocks but {segments[-1][1]} are to run; see truncate_blocks."
+            )
+        outs = []
+        for start, stop, need in segments:
+            block = Block(self.config, tap, self.dtype, self.precision, need)
+
+            def step(carry, index, block=block):
+                params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), stacked)
+                return block.apply({"params": params}, carry, index, final_scale, final_bias)
+
+            carry, out = jax.lax.scan(step, carry, jnp.arange(start, stop))
+            outs.append(out)
+        return carry, jax.tree.map(lambda *parts: jnp.concatenate(parts), *outs)
 
     def _embedding_head(self, x: Array, final_scale: Array, final_bias: Array, dropout: float = 0.0) -> Array:
         cfg = self.config

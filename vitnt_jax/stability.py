@@ -183,6 +183,13 @@ class StreamingTap:
     def attention(self) -> str | None:
         return "received" if self.settings.uses_attention else None
 
+    @property
+    def attention_blocks(self) -> tuple[int, ...] | None:
+        """The blocks whose attention the score reads: the last selected one, or every selected one."""
+        if not self.settings.uses_attention:
+            return None
+        return self.settings.blocks[-1:] if self.settings.attention == "last" else self.settings.blocks
+
     def init(self, tokens: Array):
         b, n, d = tokens.shape
         return {
@@ -204,12 +211,12 @@ class StreamingTap:
             "dist_sum": state["dist_sum"] + jnp.where(counts, d, 0.0),
             "received": state["received"],
         }
-        if self.attention:
-            got = attention
+        # attention is None in the blocks outside attention_blocks (the model fuses theirs).
+        if attention is not None:
             if self.settings.attention == "last":
-                new["received"] = jnp.where(selected, got, state["received"])
+                new["received"] = jnp.where(selected, attention, state["received"])
             else:
-                new["received"] = state["received"] + jnp.where(selected, got, 0.0)
+                new["received"] = state["received"] + jnp.where(selected, attention, 0.0)
         return new, None
 
     def finish(self, state) -> dict[str, Array]:
