@@ -60,59 +60,104 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
+def _jax_device_peak_mb() -> float | None:
+    """Returns the device's peak bytes in use (GPU/TPU) in MB, or None where JAX reports none (CPU)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+def _xla_memory(compiled) -> dict:
+    """Returns the compiled program's temporaries and whole footprint (arguments + outputs + temporaries)."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return {}
+    footprint = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return {"xla_temp_mb": memory.temp_size_in_bytes / 2**20, "xla_footprint_mb": footprint / 2**20}
+
+
+def matmul_size(backend: str) -> int:
+    """Returns the square matmul size that reaches the backend's peak (accelerators need bigger ones)."""
+    return 2048 if backend == "cpu" else 8192
+
+
 def worker(spec: dict) -> dict:
     """Runs one measurement (in its own process) and returns its figures."""
     kind, runs = spec["kind"], spec["runs"]
     threads = spec["threads"]
-    if kind == "matmul_torch" or kind == "torch":
+    bf16 = spec.get("dtype") == "bfloat16"
+    if kind in ("matmul_torch", "torch"):
         import torch
 
         torch.set_num_threads(threads)
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = torch.bfloat16 if bf16 else torch.float32
+        sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
     if kind.startswith("matmul"):
-        n = 2048
+        import jax
+
+        n = matmul_size(jax.default_backend() if kind == "matmul_jax" else ("gpu" if torch_device == "cuda" else "cpu"))
         a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
         if kind == "matmul_jax":
-            import jax
             import jax.numpy as jnp
 
-            x = jax.device_put(a)
-            f = jax.jit(lambda x: jnp.dot(x, x, precision="highest"))
+            x = jax.device_put(a.astype(jnp.bfloat16) if bf16 else a)
+            f = jax.jit(lambda x: jnp.dot(x, x, precision=None if bf16 else "highest"))
             seconds, _ = _timed(lambda: f(x).block_until_ready(), max(runs, 5))
         else:
-            import torch
+            x = torch.from_numpy(a).to(torch_device, torch_dtype)
 
-            x = torch.from_numpy(a)
-            seconds, _ = _timed(lambda: torch.mm(x, x), max(runs, 5))
-        return {"flops_per_s": 2 * n**3 / seconds, "seconds": seconds}
+            def mm():
+                torch.mm(x, x)
+                sync()
+
+            seconds, _ = _timed(mm, max(runs, 5))
+        return {"flops_per_s": 2 * n**3 / seconds, "seconds": seconds, "n": n}
 
     from vitnt_jax.config import PRESETS
+    from vitnt_jax.model import init_variables
     from vitnt_jax.selection import parse_blocks
     from vitnt_jax.stability import ScoreSettings
 
     config = PRESETS[spec["model"]]
     blocks = parse_blocks(spec.get("blocks") or config.default_blocks, config.depth)
-    settings = ScoreSettings(blocks)
+    settings = ScoreSettings(blocks, attention=spec.get("attention", "last"))
     batch = spec["batch"]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, config.img_size, config.img_size, 3), dtype=np.uint8)
+    variables = init_variables(config, seed=0)
     out = {"blocks_run": settings.num_blocks_to_run}
     if kind == "torch":
-        import torch
-
-        from experiments.torch_vitnt import TorchViTNT
+        from experiments.torch_vitnt import TorchViTNT, state_from_flax
 
         model = TorchViTNT(config).eval()
+        model.load_state_dict(state_from_flax(variables, config))  # the same weights as ours
+        model = model.to(torch_device, torch_dtype)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
-        seconds, warm = _timed(lambda: model(x, blocks), runs)
+        x = x.to(torch_device, torch_dtype)
+
+        def call():
+            model(x, blocks, attention=settings.attention)
+            sync()
+
+        seconds, warm = _timed(call, runs)
+        if torch_device == "cuda":
+            out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         import jax
         import jax.numpy as jnp
 
-        from vitnt_jax.model import FaceViT, init_variables, truncate_blocks
+        from vitnt_jax.model import FaceViT, truncate_blocks
         from vitnt_jax.scorer import Scorer, preprocess, score_from_states
 
-        variables = init_variables(config, seed=0)
-        dtype = jnp.bfloat16 if spec.get("dtype") == "bfloat16" else jnp.float32
+        dtype = jnp.bfloat16 if bf16 else jnp.float32
         if kind == "stream":
             scorer = Scorer(
                 config,
@@ -137,9 +182,10 @@ def worker(spec: dict) -> dict:
             x = jax.device_put(images)
             seconds, warm = _timed(lambda: fn(v, x).block_until_ready(), runs)
             compiled = fn.lower(v, x).compile()
-        memory = compiled.memory_analysis()
-        if memory is not None:
-            out["xla_temp_mb"] = memory.temp_size_in_bytes / 2**20
+        out.update(_xla_memory(compiled))
+        device_peak = _jax_device_peak_mb()
+        if device_peak is not None:
+            out["device_peak_mb"] = device_peak
     out.update(seconds=seconds, warmup_s=warm, images_per_s=batch / seconds, peak_rss_mb=_peak_rss_mb())
     out["flops_per_s"] = flops_per_image(config, settings.num_blocks_to_run) * batch / seconds
     return out
@@ -231,16 +277,59 @@ def machine() -> dict:
     return info
 
 
+def _row(rows: list[dict], model: str, batch: int, impl: str) -> dict | None:
+    return next((r for r in rows if (r["model"], r["batch"], r["impl"]) == (model, batch, impl)), None)
+
+
+def targets(rows: list[dict], memory: dict, model: str = "cvlface_vit_base") -> list[dict]:
+    """Returns issue 6's targets, each with the measured value from this run and whether it is met."""
+    checks = []
+
+    def check(target: str, value: float, met: bool) -> None:
+        checks.append({"target": target, "value": value, "met": bool(met)})
+
+    for batch in sorted({r["batch"] for r in rows if r["model"] == model and r["batch"] >= 32}):
+        stream, torch_row = _row(rows, model, batch, "stream"), _row(rows, model, batch, "torch")
+        if stream and torch_row:
+            ratio = stream["images_per_s"] / torch_row["images_per_s"]
+            check(f"{model} batch {batch}: scorer >= 1.0x PyTorch", ratio, ratio >= 1.0)
+        if stream:
+            check(f"{model} batch {batch}: >= 60% of matmul peak", stream["utilisation"], stream["utilisation"] >= 0.6)
+    for row in rows:
+        forward = _row(rows, row["model"], row["batch"], "forward")
+        if row["impl"] != "stream" or not forward:
+            continue
+        name = f"{row['model']} batch {row['batch']}"
+        overhead = forward["images_per_s"] / row["images_per_s"] - 1
+        check(f"{name}: scorer overhead over forward <= 5%", overhead, overhead <= 0.05)
+        for key in ("peak_rss_mb", "device_peak_mb", "xla_footprint_mb", "xla_temp_mb"):
+            if key in row and key in forward:
+                ratio = row[key] / forward[key]
+                check(f"{name}: {key} <= 1.2x forward", ratio, ratio <= 1.2)
+    stream_memory = [v for k, v in memory.items() if k.startswith("stream") and v is not None]
+    if stream_memory:
+        spread = max(stream_memory) / min(stream_memory) - 1
+        check("streaming memory flat in the number of selected blocks (spread)", spread, spread < 0.01)
+    return checks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="cvlface_vit_base,cvlface_vit_small")
-    parser.add_argument("--batch-sizes", default="8,32")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--models", default="cvlface_vit_base,cvlface_vit_small", help="comma-separated presets")
+    parser.add_argument("--batch-sizes", default="8,32", help="comma-separated batch sizes")
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per figure after one warm-up (median)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads (JAX uses all)")
-    parser.add_argument("--impls", default="stream,states,forward,torch")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--impls", default="stream,states,forward,torch", help="which implementations to time")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    parser.add_argument(
+        "--nominal-peak-tflops",
+        type=float,
+        default=None,
+        help="the device's datasheet peak for --dtype (e.g. 989 for an H100/H200 at bf16); utilisation is also "
+        "reported against it",
+    )
     parser.add_argument("--input", action="store_true", help="also measure decoding and the end-to-end CLI")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -250,19 +339,23 @@ def main(argv: list[str] | None = None) -> int:
     from vitnt_jax.config import PRESETS
 
     report: dict = {"machine": machine(), "runs": args.runs, "threads": args.threads, "dtype": args.dtype}
-    peaks = {k: _spawn({"kind": k, "runs": args.runs, "threads": args.threads}) for k in ("matmul_jax", "matmul_torch")}
+    kinds = ["matmul_jax"] + (["matmul_torch"] if "torch" in args.impls.split(",") else [])
+    peaks = {k: _spawn({"kind": k, "runs": args.runs, "threads": args.threads, "dtype": args.dtype}) for k in kinds}
     peak = max(p["flops_per_s"] for p in peaks.values())
     report["matmul_peak"] = {k: v["flops_per_s"] for k, v in peaks.items()}
+    report["matmul_n"] = {k: v["n"] for k, v in peaks.items()}
+    report["nominal_peak_flops_per_s"] = args.nominal_peak_tflops * 1e12 if args.nominal_peak_tflops else None
     print(
-        f"matmul peak (fp32, n=2048): JAX {peaks['matmul_jax']['flops_per_s'] / 1e9:.1f} GFLOP/s, "
-        f"PyTorch {peaks['matmul_torch']['flops_per_s'] / 1e9:.1f} GFLOP/s"
+        f"matmul peak ({args.dtype}): "
+        + ", ".join(f"{k.split('_')[1]} {v['flops_per_s'] / 1e9:.1f} GFLOP/s (n={v['n']})" for k, v in peaks.items())
     )
     rows = []
     header = (
         f"{'model':18s} {'batch':>5s} {'impl':8s} {'img/s':>8s} {'GFLOP/s':>8s} {'util':>6s} "
-        f"{'RSS MB':>8s} {'XLA tmp MB':>10s}"
+        f"{'RSS MB':>8s} {'dev MB':>8s} {'XLA MB':>8s} {'tmp MB':>8s}"
     )
     print(header)
+    nan = float("nan")
     for model in args.models.split(","):
         for batch in map(int, args.batch_sizes.split(",")):
             for impl in args.impls.split(","):
@@ -282,10 +375,13 @@ def main(argv: list[str] | None = None) -> int:
                     utilisation=got["flops_per_s"] / peak,
                     gflops_per_image=flops_per_image(PRESETS[model], got["blocks_run"]) / 1e9,
                 )
+                if report["nominal_peak_flops_per_s"]:
+                    got["nominal_utilisation"] = got["flops_per_s"] / report["nominal_peak_flops_per_s"]
                 rows.append(got)
                 print(
                     f"{model:18s} {batch:5d} {impl:8s} {got['images_per_s']:8.2f} {got['flops_per_s'] / 1e9:8.1f} "
-                    f"{got['utilisation']:6.1%} {got['peak_rss_mb']:8.0f} {got.get('xla_temp_mb', float('nan')):10.1f}",
+                    f"{got['utilisation']:6.1%} {got['peak_rss_mb']:8.0f} {got.get('device_peak_mb', nan):8.0f} "
+                    f"{got.get('xla_footprint_mb', nan):8.1f} {got.get('xla_temp_mb', nan):8.1f}",
                     flush=True,
                 )
     report["rows"] = rows
@@ -294,26 +390,22 @@ def main(argv: list[str] | None = None) -> int:
     from vitnt_jax.selection import parse_blocks
 
     last = parse_blocks(PRESETS[model].default_blocks, PRESETS[model].depth)[-1]
-    flat = {}
+    flat, flat_footprint = {}, {}
     for blocks in (f"{last - 1}-{last}", f"{last // 2}-{last}", f"0-{last}"):
         for impl in ("stream", "states"):
-            got = _spawn(
-                {
-                    "kind": impl,
-                    "model": model,
-                    "batch": 8,
-                    "runs": 1,
-                    "threads": args.threads,
-                    "blocks": blocks,
-                    "dtype": args.dtype,
-                }
-            )
+            spec = {"kind": impl, "model": model, "batch": 8, "runs": 1, "threads": args.threads, "blocks": blocks}
+            got = _spawn({**spec, "dtype": args.dtype})
             flat[f"{impl} {blocks}"] = got.get("xla_temp_mb")
+            flat_footprint[f"{impl} {blocks}"] = got.get("xla_footprint_mb")
     report["memory_vs_selected_blocks_xla_temp_mb"] = flat
-    print("XLA temporary memory (MB) by selected blocks, batch 8:", ", ".join(f"{k}: {v:.1f}" for k, v in flat.items()))
+    report["memory_vs_selected_blocks_xla_footprint_mb"] = flat_footprint
+    print("XLA temporaries (MB) by selected blocks, batch 8:", ", ".join(f"{k}: {v:.1f}" for k, v in flat.items()))
     if args.input:
         report["input"] = input_side([1, 2, 4, 8])
         print("input side:", json.dumps(report["input"]))
+    report["targets"] = targets(rows, flat, model)
+    for check in report["targets"]:
+        print(f"{'MET    ' if check['met'] else 'NOT MET'} {check['target']}: {check['value']:.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -40,6 +40,35 @@ class Block(nn.Module):
         return x + self.fc2(F.relu6(self.fc1(self.norm2(x)))), weights
 
 
+def state_from_flax(variables, cfg: ViTConfig) -> dict[str, torch.Tensor]:
+    """Returns a `TorchViTNT` state_dict holding the same weights as our Flax `variables`.
+
+    Dense kernel (in, out) -> weight (out, in); conv kernel (p, p, C, D) -> (D, C, p, p).
+    """
+    import numpy as np
+
+    params = variables["params"]
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # noqa: E731
+    state = {
+        "patch.weight": t(params["patch_embed"]["kernel"]).permute(3, 2, 0, 1),
+        "patch.bias": t(params["patch_embed"]["bias"]),
+        "pos": t(params["pos_embed"]),
+        "norm.weight": t(params["norm"]["scale"]),
+        "norm.bias": t(params["norm"]["bias"]),
+    }
+    blocks = params["blocks"]
+    dense = {"qkv": ("attn", "qkv"), "proj": ("attn", "proj"), "fc1": ("mlp", "fc1"), "fc2": ("mlp", "fc2")}
+    for i in range(cfg.depth):
+        for name, (group, layer) in dense.items():
+            state[f"blocks.{i}.{name}.weight"] = t(blocks[group][layer]["kernel"][i]).T
+            if "bias" in blocks[group][layer]:
+                state[f"blocks.{i}.{name}.bias"] = t(blocks[group][layer]["bias"][i])
+        for norm in ("norm1", "norm2"):
+            state[f"blocks.{i}.{norm}.weight"] = t(blocks[norm]["scale"][i])
+            state[f"blocks.{i}.{norm}.bias"] = t(blocks[norm]["bias"][i])
+    return state
+
+
 class TorchViTNT(nn.Module):
     """Scores (B, 3, H, W) images in [-1, 1]; `forward(x, blocks, score=False)` is the plain pass."""
 

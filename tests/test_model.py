@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from vitnt_jax.config import PRESETS, ViTConfig, get_preset
-from vitnt_jax.model import Block, FaceViT, TraceTap, count_params, init_variables, truncate_blocks, variable_shapes
+from vitnt_jax.model import (
+    Block,
+    FaceViT,
+    TraceTap,
+    attention_segments,
+    count_params,
+    init_variables,
+    truncate_blocks,
+    variable_shapes,
+)
 from vitnt_jax.scorer import Scorer, compute_states, score_from_states, score_streaming
 from vitnt_jax.stability import METRICS, ScoreSettings
 
@@ -98,6 +107,57 @@ def test_streaming_equals_states_path(model_and_images, blocks, aggregation, att
     streamed = score_streaming(cfg, truncate_blocks(variables, s.num_blocks_to_run), images, s)
     for key in via_states:
         np.testing.assert_allclose(streamed[key], via_states[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "num_blocks, attention, wanted, segments",
+    [
+        (4, None, (3,), [(0, 4, False)]),
+        (4, "received", None, [(0, 4, True)]),
+        (4, "received", (3,), [(0, 3, False), (3, 4, True)]),
+        (5, "received", (0, 2, 3), [(0, 1, True), (1, 2, False), (2, 4, True), (4, 5, False)]),
+        (3, "received", (0, 1, 2), [(0, 3, True)]),
+    ],
+)
+def test_attention_segments(num_blocks, attention, wanted, segments):
+    assert attention_segments(num_blocks, attention, wanted) == segments
+
+
+class _SpyTap:
+    """Sums the attention received in `attention_blocks` and notes, per traced block, whether it got any."""
+
+    attention = "received"
+
+    def __init__(self, attention_blocks):
+        self.attention_blocks = attention_blocks
+        self.seen = []
+
+    def init(self, tokens):
+        return jnp.zeros(tokens.shape[:2])
+
+    def step(self, state, index, tokens, normed, attention):
+        self.seen.append(attention is not None)
+        return (state if attention is None else state + attention), normed
+
+
+def test_only_attention_blocks_compute_attention(model_and_images):
+    cfg, variables, images = model_and_images
+    spy = _SpyTap(attention_blocks=(1,))
+    got = FaceViT(cfg).apply(variables, images, tap=spy)
+    # Three segments, each traced once: blocks 0, 1 and 2; only block 1 computes its weights.
+    assert spy.seen == [False, True, False]
+    trace = FaceViT(cfg).apply(variables, images, tap=TraceTap())
+    received = trace["per_block"]["attention"][1].mean(axis=1).sum(axis=1)
+    np.testing.assert_allclose(got["tap_state"], received, atol=1e-6, rtol=1e-6)
+    # Per-block outputs are stacked across segments in block order, as one scan stacks them.
+    np.testing.assert_allclose(got["per_block"], trace["per_block"]["normed"], atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(got["tokens"], trace["tokens"], atol=1e-6, rtol=1e-6)
+
+
+def test_segmented_blocks_need_truncated_parameters(model_and_images):
+    cfg, variables, images = model_and_images
+    with pytest.raises(ValueError, match="parameters hold 3 blocks but 2 are to run"):
+        FaceViT(cfg).apply(variables, images, tap=_SpyTap(attention_blocks=(1,)), num_blocks=2)
 
 
 def test_states_path_shapes(model_and_images):
