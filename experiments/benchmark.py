@@ -158,6 +158,7 @@ def worker(spec: dict) -> dict:
         from vitnt_jax.scorer import Scorer, preprocess, score_from_states
 
         dtype = jnp.bfloat16 if bf16 else jnp.float32
+        kernel = spec.get("attention_kernel", "matmul")
         if kind == "stream":
             scorer = Scorer(
                 config,
@@ -167,6 +168,7 @@ def worker(spec: dict) -> dict:
                 precision=None,
                 dtype=dtype,
                 devices=jax.local_devices()[:1],
+                attention_kernel=kernel,
             )
             seconds, warm = _timed(lambda: scorer(images), runs)
             compiled = scorer._fn.lower(scorer.variables, jax.device_put(images)).compile()
@@ -177,7 +179,9 @@ def worker(spec: dict) -> dict:
                 fn = jax.jit(lambda v, x: score_from_states(config, v, preprocess(x, config), settings)["quality"])
             else:
                 fn = jax.jit(
-                    lambda v, x: FaceViT(config, dtype=dtype).apply(v, preprocess(x, config), num_blocks=run)["tokens"]
+                    lambda v, x: FaceViT(config, dtype=dtype, attention_kernel=kernel).apply(
+                        v, preprocess(x, config), num_blocks=run
+                    )["tokens"]
                 )
             x = jax.device_put(images)
             seconds, warm = _timed(lambda: fn(v, x).block_until_ready(), runs)
@@ -328,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the device's datasheet peak for --dtype (e.g. 989 for an H100/H200 at bf16); utilisation is also "
         "reported against it",
     )
+    parser.add_argument(
+        "--attention-kernel",
+        choices=["matmul", "xla", "cudnn"],
+        default="matmul",
+        help="attention kernel of our scorer and forward pass (cudnn: NVIDIA GPUs, --dtype bfloat16)",
+    )
     parser.add_argument("--input", action="store_true", help="also measure decoding and the end-to-end CLI")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -338,7 +348,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from vitnt_jax.config import PRESETS
 
-    report: dict = {"machine": machine(), "runs": args.runs, "threads": args.threads, "dtype": args.dtype}
+    report: dict = {
+        "machine": machine(),
+        "runs": args.runs,
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "attention_kernel": args.attention_kernel,
+    }
     kinds = ["matmul_jax"] + (["matmul_torch"] if "torch" in args.impls.split(",") else [])
     peaks = {k: _spawn({"kind": k, "runs": args.runs, "threads": args.threads, "dtype": args.dtype}) for k in kinds}
     peak = max(p["flops_per_s"] for p in peaks.values())
@@ -366,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                     "runs": args.runs,
                     "threads": args.threads,
                     "dtype": args.dtype,
+                    "attention_kernel": args.attention_kernel,
                 }
                 got = _spawn(spec)
                 got.update(
@@ -394,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     for blocks in (f"{last - 1}-{last}", f"{last // 2}-{last}", f"0-{last}"):
         for impl in ("stream", "states"):
             spec = {"kind": impl, "model": model, "batch": 8, "runs": 1, "threads": args.threads, "blocks": blocks}
-            got = _spawn({**spec, "dtype": args.dtype})
+            got = _spawn({**spec, "dtype": args.dtype, "attention_kernel": args.attention_kernel})
             flat[f"{impl} {blocks}"] = got.get("xla_temp_mb")
             flat_footprint[f"{impl} {blocks}"] = got.get("xla_footprint_mb")
     report["memory_vs_selected_blocks_xla_temp_mb"] = flat

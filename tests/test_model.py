@@ -154,6 +154,23 @@ def test_only_attention_blocks_compute_attention(model_and_images):
     np.testing.assert_allclose(got["tokens"], trace["tokens"], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["last", "all"])
+def test_attention_kernels_give_the_same_scores(model_and_images, attention):
+    # The xla kernel goes through jax.nn.dot_product_attention's (B, N, heads, head_dim) layout,
+    # the same call the cudnn kernel makes on NVIDIA GPUs.
+    cfg, variables, images = model_and_images
+    s = ScoreSettings((0, 2), alpha=3.0, attention=attention)
+    v = truncate_blocks(variables, 3)
+    plain = score_streaming(cfg, v, images, s)
+    fused = score_streaming(cfg, v, images, s, attention_kernel="xla")
+    for key in plain:
+        np.testing.assert_allclose(fused[key], plain[key], atol=1e-6, rtol=0)
+    tokens = lambda kernel: FaceViT(cfg, attention_kernel=kernel).apply(variables, images)["tokens"]  # noqa: E731
+    np.testing.assert_allclose(tokens("xla"), tokens("matmul"), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        tokens("flash")
+
+
 def test_segmented_blocks_need_truncated_parameters(model_and_images):
     cfg, variables, images = model_and_images
     with pytest.raises(ValueError, match="parameters hold 3 blocks but 2 are to run"):

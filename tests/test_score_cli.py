@@ -171,6 +171,8 @@ def test_other_sizes_are_resized_with_one_warning(model_dir, tmp_path, capsys):
         (["--blocks", "0-9"], "names block 9, but the model has 3 blocks"),
         (["--blocks", "1"], "at least two blocks"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--attention-kernel", "cudnn"], "runs in bfloat16 only; add --dtype bfloat16"),
+        (["--attention-kernel", "cudnn", "--dtype", "bfloat16"], "needs NVIDIA GPUs; use --attention-kernel matmul"),
     ],
 )
 def test_bad_settings_are_one_clear_line(model_dir, folder, tmp_path, capsys, extra, message):

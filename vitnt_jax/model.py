@@ -111,12 +111,23 @@ _ACTIVATIONS = {
 }
 
 
+ATTENTION_KERNELS = ("matmul", "xla", "cudnn")
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (rows [q; k; v], heads major)."""
+    """Multi-head self-attention with a fused qkv projection (rows [q; k; v], heads major).
+
+    `kernel` computes the attention whose weights nobody reads: "matmul" (our batched matmuls,
+    which XLA fuses into one dot-softmax-dot on CPU), "xla" or "cudnn" (jax.nn.dot_product_attention
+    with that implementation; cudnn is flash attention on NVIDIA GPUs, bfloat16/float16 only).
+    Whenever the weights or logits are asked for, the matmul path runs. The xla and cudnn kernels
+    use JAX's default matmul precision, not `precision`.
+    """
 
     config: ViTConfig
     dtype: Any = jnp.float32
     precision: Any = None
+    kernel: str = "matmul"
 
     @nn.compact
     def __call__(self, x: Array, output: str | None) -> tuple[Array, Array | None]:
@@ -127,6 +138,10 @@ class Attention(nn.Module):
             features, use_bias=bias, dtype=self.dtype, precision=self.precision, name=name
         )
         qkv = dense(3 * d, cfg.qkv_bias, "qkv")(x).reshape(b, n, 3, cfg.num_heads, cfg.head_dim)
+        if output is None and self.kernel != "matmul":
+            # (B, N, heads, head_dim) is the layout dot_product_attention takes; scale head_dim^-0.5.
+            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.kernel)
+            return dense(d, True, "proj")(out.reshape(b, n, d)), None
         # (B, heads, N, head_dim) operands: batched matmuls in the layout XLA's GEMM wants.
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         logits = jnp.matmul(q, k.transpose(0, 1, 3, 2), precision=self.precision) * cfg.head_dim**-0.5
@@ -168,6 +183,7 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     precision: Any = None
     with_attention: bool = True  # False: the tap gets attention=None and the attention is fused
+    attention_kernel: str = "matmul"  # see Attention.kernel
 
     @nn.compact
     def __call__(self, carry, index, final_scale, final_bias):
@@ -177,7 +193,8 @@ class Block(nn.Module):
             epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=self.dtype, name=name
         )
         wanted = self.tap.attention if self.with_attention else None
-        y, attention = Attention(cfg, self.dtype, self.precision, name="attn")(norm("norm1")(x), wanted)
+        attend = Attention(cfg, self.dtype, self.precision, self.attention_kernel, name="attn")
+        y, attention = attend(norm("norm1")(x), wanted)
         x = x + y
         x = x + Mlp(cfg, self.dtype, self.precision, name="mlp")(norm("norm2")(x))
         # Scores use patch tokens only: drop the class token and its attention key column.
@@ -209,6 +226,7 @@ class FaceViT(nn.Module):
     config: ViTConfig
     dtype: Any = jnp.float32
     precision: Any = None
+    attention_kernel: str = "matmul"  # for the blocks whose attention weights no tap reads; see Attention
 
     @nn.compact
     def __call__(
@@ -239,6 +257,10 @@ class FaceViT(nn.Module):
         if head_input is not None:
             final_scale, final_bias = FinalNorm(cfg.embed_dim, name="norm")()
             return {"embedding": self._embedding_head(head_input, final_scale, final_bias, head_dropout)}
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"unknown attention kernel {self.attention_kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}."
+            )
         tap = NoTap() if tap is None else tap
         num_blocks = cfg.depth if num_blocks is None else num_blocks
         if embed and num_blocks != cfg.depth:
@@ -281,7 +303,8 @@ class FaceViT(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 length=num_blocks,
             )
-            block = scanned(cfg, tap, self.dtype, self.precision, segments[0][2] or len(segments) > 1, name="blocks")
+            with_attention = segments[0][2] or len(segments) > 1
+            block = scanned(cfg, tap, self.dtype, self.precision, with_attention, self.attention_kernel, name="blocks")
             carry, per_block = block(carry, jnp.arange(num_blocks), final_scale, final_bias)
         else:
             carry, per_block = self._segmented_blocks(carry, segments, tap, final_scale, final_bias)
@@ -307,7 +330,7 @@ class FaceViT(nn.Module):
             )
         outs = []
         for start, stop, need in segments:
-            block = Block(self.config, tap, self.dtype, self.precision, need)
+            block = Block(self.config, tap, self.dtype, self.precision, need, self.attention_kernel)
 
             def step(carry, index, block=block):
                 params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), stacked)

@@ -148,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="transformer compute dtype; softmax and the score maths stay float32 (default: float32)",
     )
     r.add_argument(
+        "--attention-kernel",
+        choices=["matmul", "xla", "cudnn"],
+        default="matmul",
+        help="attention in the blocks whose weights the score does not read: matmul (batched matmuls, fused by "
+        "XLA on CPU; default), xla (jax.nn.dot_product_attention), cudnn (flash attention on NVIDIA GPUs, "
+        "with --dtype bfloat16)",
+    )
+    r.add_argument(
         "--precision",
         choices=["highest", "default"],
         default="highest",
@@ -245,6 +253,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size}).")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1 (got {args.workers}).")
+    if args.attention_kernel == "cudnn" and args.dtype != "bfloat16":
+        raise UserError("--attention-kernel cudnn runs in bfloat16 only; add --dtype bfloat16.")
     if not (math.isfinite(args.alpha) and args.alpha > 0):
         raise UserError(f"--alpha must be a positive number (got {args.alpha}).")
     if args.root is not None and args.list is None:
@@ -414,16 +424,20 @@ def _run(args: argparse.Namespace, process: int, processes: int) -> int:
 
     import jax.numpy as jnp
 
-    scorer = Scorer(
-        config,
-        variables,
-        settings,
-        embed=embed,
-        outputs=outputs,
-        precision=args.precision,
-        dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-        parallel=args.parallel,
-    )
+    try:
+        scorer = Scorer(
+            config,
+            variables,
+            settings,
+            embed=embed,
+            outputs=outputs,
+            precision=args.precision,
+            dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+            parallel=args.parallel,
+            attention_kernel=args.attention_kernel,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
     batch_size = scorer.padded_size(args.batch_size)
 
     # This process's contiguous share of the source; parts concatenate in source order.

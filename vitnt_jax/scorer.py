@@ -75,16 +75,19 @@ def score_streaming(
     embed: bool = False,
     precision: Any = None,
     dtype: Any = jnp.float32,
+    attention_kernel: str = "matmul",
 ) -> dict[str, Array]:
     """Returns the score dict with the score folded into the scan carry (flat memory in depth).
 
     `variables` must hold exactly `settings.num_blocks_to_run` blocks, or all of them when
     embed=True (the embedding needs the full depth); see `truncate_blocks`.
     images: (B, H, W, C) float, already preprocessed.
+    attention_kernel: how the blocks whose attention the score does not read compute it (see
+      `vitnt_jax.model.Attention`); the score's own block(s) always use the explicit softmax.
     """
     tap = StreamingTap(settings)
     run = config.depth if embed else settings.num_blocks_to_run
-    out = FaceViT(config, dtype=dtype, precision=precision).apply(
+    out = FaceViT(config, dtype=dtype, precision=precision, attention_kernel=attention_kernel).apply(
         variables, images, tap=tap, num_blocks=run, embed=embed
     )
     result = tap.finish(out["tap_state"])
@@ -119,6 +122,7 @@ class Scorer:
         dtype: Any = jnp.float32,
         devices: list | None = None,
         parallel: str = "jit",
+        attention_kernel: str = "matmul",
     ):
         if settings.blocks[-1] >= config.depth:
             raise ValueError(f"block {settings.blocks[-1]} does not exist in a {config.depth}-block model.")
@@ -126,6 +130,11 @@ class Scorer:
             raise ValueError(f"unknown parallel mode {parallel!r}; choose jit or pmap.")
         self.config, self.settings, self.embed, self.parallel = config, settings, embed, parallel
         self.devices = list(devices) if devices is not None else jax.local_devices()
+        if attention_kernel == "cudnn":
+            if any(device.platform != "gpu" for device in self.devices):
+                raise ValueError("the cudnn attention kernel needs NVIDIA GPUs; use --attention-kernel matmul here.")
+            if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+                raise ValueError("the cudnn attention kernel runs in bfloat16 only; add --dtype bfloat16.")
         self.outputs = tuple(outputs) if outputs is not None else OUTPUTS
         run = config.depth if embed else settings.num_blocks_to_run
         variables = truncate_blocks(variables, run)
@@ -137,6 +146,7 @@ class Scorer:
             precision=precision,
             dtype=dtype,
             outputs=self.outputs,
+            attention_kernel=attention_kernel,
         )
         if parallel == "jit":
             mesh = Mesh(np.asarray(self.devices), ("data",))
@@ -195,7 +205,7 @@ class Scorer:
         return self.fetch(self.dispatch(np.asarray(images)))
 
 
-def _score_uint8(variables, images, *, config, settings, embed, precision, dtype, outputs):
+def _score_uint8(variables, images, *, config, settings, embed, precision, dtype, outputs, attention_kernel):
     result = score_streaming(
         config,
         variables,
@@ -204,5 +214,6 @@ def _score_uint8(variables, images, *, config, settings, embed, precision, dtype
         embed=embed,
         precision=precision,
         dtype=dtype,
+        attention_kernel=attention_kernel,
     )
     return {k: v for k, v in result.items() if k in outputs}
