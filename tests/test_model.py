@@ -171,6 +171,21 @@ def test_attention_kernels_give_the_same_scores(model_and_images, attention):
         tokens("flash")
 
 
+@pytest.mark.parametrize("attention", ["last", "all"])
+def test_chunked_attention_sums_equal_the_whole_batch(model_and_images, attention):
+    # 11 images: a block run on its own sums its attention 8 images at a time (8 + a remainder of 3).
+    from vitnt_jax.model import RECEIVED_CHUNK
+
+    cfg, variables, _ = model_and_images
+    images = jax.random.uniform(jax.random.PRNGKey(9), (11, 32, 32, 3), minval=-1, maxval=1)
+    assert images.shape[0] > RECEIVED_CHUNK and images.shape[0] % RECEIVED_CHUNK
+    s = ScoreSettings((0, 2), alpha=3.0, attention=attention)  # segments (0,), (1,), (2,): all on their own
+    via_states = score_from_states(cfg, variables, images, s)
+    streamed = score_streaming(cfg, truncate_blocks(variables, 3), images, s)
+    for key in via_states:
+        np.testing.assert_allclose(streamed[key], via_states[key], atol=1e-6, rtol=0)
+
+
 def test_segmented_blocks_need_truncated_parameters(model_and_images):
     cfg, variables, images = model_and_images
     with pytest.raises(ValueError, match="parameters hold 3 blocks but 2 are to run"):
