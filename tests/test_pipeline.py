@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -78,6 +79,42 @@ def test_pmap_equals_jit(model):
     for key in jit:
         assert pmap[key].shape == jit[key].shape
         np.testing.assert_allclose(pmap[key], jit[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_micro_batches_equal_one_piece(model, parallel):
+    config, variables = model
+    images = np.stack(smooth_faces(37, seed=8))
+    whole = Scorer(config, variables, SETTINGS, embed=True, micro_batch=None, parallel=parallel)
+    steps = Scorer(config, variables, SETTINGS, embed=True, micro_batch=2, parallel=parallel)
+    assert (whole.padded_size(37), steps.padded_size(37)) == (40, 48)  # shares of 5 images, or 3 steps of 2
+    a, b = whole(images), steps(images)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], atol=1e-6, rtol=0)
+    if parallel == "jit":
+        steps(images[::-1].copy())
+        assert steps._fn._cache_size() == 1
+
+
+def test_micro_batched_puts_every_row_back_in_place():
+    from vitnt_jax.scorer import micro_batched
+
+    seen = []
+
+    def fn(variables, x):
+        seen.append(x.shape)
+        return {"row": x[:, 0] + variables}
+
+    rows = jnp.arange(24.0)[:, None] * jnp.ones((1, 3))
+    out = micro_batched(fn, 100.0, rows, size=3, shards=2)  # two shares of 12: 4 steps of 3 + 3
+    np.testing.assert_array_equal(out["row"], np.arange(24.0) + 100.0)
+    assert seen == [(6, 3)]  # traced once by lax.map, one chunk from each share per step
+
+
+def test_micro_batch_must_be_positive(model):
+    config, variables = model
+    with pytest.raises(ValueError, match="micro_batch must be a positive number"):
+        Scorer(config, variables, SETTINGS, micro_batch=0)
 
 
 def test_padding_is_dropped_and_never_changes_real_rows(model):
@@ -499,6 +536,21 @@ def test_flag_errors_from_argparse_are_one_line(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unrecognized arguments: --block") and "\n" not in err
+    with pytest.raises(SystemExit) as stop:
+        score.main(["--images", "x", "--model", "m", "--micro-batch", "some"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "--micro-batch: expected a number of images (0 = off) or auto" in err
+    assert "\n" not in err
+
+
+def test_cli_micro_batch_flag(tiny_checkpoint, folder, tmp_path, model):
+    config, variables = model
+    expected = Scorer(config, variables, SETTINGS, micro_batch=None)(np.stack(smooth_faces(13, seed=21)))["quality"]
+    for flag in ("1", "0", "auto"):
+        out = tmp_path / f"s{flag}.csv"
+        assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--micro-batch", flag) == 0
+        got = _scores(_read(out))
+        np.testing.assert_allclose([got[f"{i:02d}.png"] for i in range(13)], expected, atol=1e-6, rtol=0)
 
 
 def test_resume_never_changes_a_foreign_file(tiny_checkpoint, folder, tmp_path, capsys):

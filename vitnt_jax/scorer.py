@@ -108,6 +108,11 @@ class Scorer:
     is not a multiple of the device count are padded with zeros and the padding dropped again.
     Parameters are truncated to the blocks that must run: nothing after the last selected block
     is computed unless the embedding is asked for. One compilation per batch shape.
+
+    micro_batch: each device scores its share of the batch `micro_batch` images at a time, in a
+    loop inside the same compiled call (the share is padded up to a multiple of it). "auto" (the
+    default) is 8 on CPUs, where it was measured faster per image and keeps memory flat in the
+    batch size, and off (None) on accelerators, which want whole batches.
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class Scorer:
         devices: list | None = None,
         parallel: str = "jit",
         attention_kernel: str = "matmul",
+        micro_batch: int | str | None = "auto",
     ):
         if settings.blocks[-1] >= config.depth:
             raise ValueError(f"block {settings.blocks[-1]} does not exist in a {config.depth}-block model.")
@@ -135,10 +141,15 @@ class Scorer:
                 raise ValueError("the cudnn attention kernel needs NVIDIA GPUs; use --attention-kernel matmul here.")
             if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
                 raise ValueError("the cudnn attention kernel runs in bfloat16 only; add --dtype bfloat16.")
+        if micro_batch == "auto":
+            micro_batch = CPU_MICRO_BATCH if all(device.platform == "cpu" for device in self.devices) else None
+        if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
+            raise ValueError(f"micro_batch must be a positive number of images, 'auto' or None (got {micro_batch!r}).")
+        self.micro_batch = micro_batch
         self.outputs = tuple(outputs) if outputs is not None else OUTPUTS
         run = config.depth if embed else settings.num_blocks_to_run
         variables = truncate_blocks(variables, run)
-        fn = functools.partial(
+        score = functools.partial(
             _score_uint8,
             config=config,
             settings=settings,
@@ -148,16 +159,19 @@ class Scorer:
             outputs=self.outputs,
             attention_kernel=attention_kernel,
         )
+        mesh = Mesh(np.asarray(self.devices), ("data",))
         if parallel == "jit":
-            mesh = Mesh(np.asarray(self.devices), ("data",))
             self._data = NamedSharding(mesh, PartitionSpec("data"))
             replicated = NamedSharding(mesh, PartitionSpec())
             self.variables = jax.device_put(variables, replicated)
+            # Each micro-batch step takes `micro_batch` images from every device's share.
+            chunks = NamedSharding(mesh, PartitionSpec(None, "data"))
+            fn = functools.partial(micro_batched, score, size=micro_batch, shards=self.num_devices, sharding=chunks)
             self._fn = jax.jit(fn, in_shardings=(replicated, self._data), out_shardings=self._data)
         else:
+            fn = functools.partial(micro_batched, score, size=micro_batch, shards=1, sharding=None)
             # One copy of the parameters per device, stacked on the mapped axis and placed once.
             n = len(self.devices)
-            mesh = Mesh(np.asarray(self.devices), ("data",))
             stacked = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (n, *np.shape(a))), variables)
             self.variables = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("data")))
             self._fn = jax.pmap(fn, devices=self.devices)
@@ -167,9 +181,13 @@ class Scorer:
         return len(self.devices)
 
     def padded_size(self, batch: int) -> int:
-        """Returns the smallest multiple of the device count that holds `batch` images."""
+        """Returns the batch size scored for `batch` images: a multiple of the device count, and
+        each device's share a multiple of `micro_batch` when the share is larger than it."""
         n = self.num_devices
-        return -(-batch // n) * n
+        share = -(-batch // n)
+        if self.micro_batch and share > self.micro_batch:
+            share = -(-share // self.micro_batch) * self.micro_batch
+        return share * n
 
     def dispatch(self, images: np.ndarray) -> tuple[int, dict[str, Array]]:
         """Starts scoring (B, H, W, C) uint8 images; returns (B, device results) without waiting."""
@@ -203,6 +221,32 @@ class Scorer:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Returns the score dict for (B, H, W, C) uint8 RGB images at the model's input size."""
         return self.fetch(self.dispatch(np.asarray(images)))
+
+
+# Images per device and step on CPUs (measured: ViT-B at batch 32 on 2 cores, 7.4 img/s in steps
+# of 8 against 6.2 in one piece, and a third of the temporaries).
+CPU_MICRO_BATCH = 8
+
+
+def micro_batched(fn, variables, images, *, size: int | None, shards: int, sharding=None) -> PyTree:
+    """Returns fn(variables, images), computed `size` images per shard at a time in a loop.
+
+    images: (B, ...) with B split into `shards` equal contiguous shares (the devices' shares), each
+    a multiple of `size`; every output has B on axis 0. No loop when a share holds <= `size` images.
+    """
+    b = images.shape[0]
+    share = b // shards
+    if not size or share <= size:
+        return fn(variables, images)
+    steps = share // size
+    rest = images.shape[1:]
+    # (shards, steps, size) -> (steps, shards * size): step i takes chunk i of every device's share.
+    x = images.reshape(shards, steps, size, *rest).swapaxes(0, 1).reshape(steps, shards * size, *rest)
+    if sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, sharding)
+    out = jax.lax.map(lambda chunk: fn(variables, chunk), x)
+    undo = lambda a: a.reshape(steps, shards, size, *a.shape[2:]).swapaxes(0, 1).reshape(b, *a.shape[2:])  # noqa: E731
+    return jax.tree.map(undo, out)
 
 
 def _score_uint8(variables, images, *, config, settings, embed, precision, dtype, outputs, attention_kernel):
