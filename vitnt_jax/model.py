@@ -329,12 +329,13 @@ class FaceViT(nn.Module):
         return result
 
     def _segmented_blocks(self, carry, segments, tap, final_scale, final_bias):
-        """Runs the scanned blocks' parameters as one scan per segment; returns (carry, per-block out).
+        """Runs the scanned blocks' parameters segment by segment; returns (carry, per-block out).
 
         A scan body is one program for all its blocks, so the blocks whose attention the tap does
         not read run in scans of their own, where XLA fuses their attention (dot, softmax, dot) and
-        the (B, heads, N, N) weights never materialise. Each step indexes the full parameter stack
-        (slicing it per segment outside the loop would copy the parameters).
+        the (B, heads, N, N) weights never materialise; a one-block segment runs without a scan.
+        Each scan step indexes the full parameter stack (slicing it per segment outside the loop
+        would copy the parameters).
         """
         stacked = self.variables["params"]["blocks"]
         have = jax.tree.leaves(stacked)[0].shape[0]
