@@ -1,8 +1,8 @@
 """Throughput, memory and FLOP utilisation of ViTNT-FIQA scoring, against a vectorised PyTorch
 implementation, our plain forward pass and the machine's own matmul peak, all in one run.
 
-    python -m experiments.benchmark [--models cvlface_vit_base,cvlface_vit_small] [--batch-sizes 8,32]
-        [--runs 3] [--input] [--out experiments/results/benchmark_cpu.json]
+    python -m experiments.benchmark [--models cvlface_vit_base,cvlface_vit_small] [--batch-sizes 8,32,64]
+        [--runs 5] [--input] [--out experiments/results/benchmark_cpu.json]
 
 Every measurement runs in its own subprocess (so peak RSS belongs to it alone): after one warm-up
 call (compilation), the median of --runs timed calls. Implementations:
@@ -326,7 +326,7 @@ def targets(rows: list[dict], memory: dict, model: str = "cvlface_vit_base") -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cvlface_vit_base,cvlface_vit_small", help="comma-separated presets")
-    parser.add_argument("--batch-sizes", default="8,32", help="comma-separated batch sizes")
+    parser.add_argument("--batch-sizes", default="8,32,64", help="comma-separated batch sizes")
     parser.add_argument("--runs", type=int, default=5, help="timed calls per figure after one warm-up (median)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads (JAX uses all)")
     parser.add_argument("--impls", default="stream,states,forward,torch", help="which implementations to time")
