@@ -6,17 +6,20 @@ implementation, our plain forward pass and the machine's own matmul peak, all in
 
 Every measurement runs in its own subprocess (so peak RSS belongs to it alone): after one warm-up
 call (compilation), the median of --runs timed calls. Implementations:
-  stream   our scorer as the CLI runs it (uint8 in, streaming scan carry, jit)
+  stream   our scorer as the CLI runs it (uint8 in, streaming scan carry, jit, CPU micro-batches)
   states   our states path: every block's normalised states stacked, then scored
-  forward  our plain forward pass up to the last selected block, no score (the cost floor)
-  torch    experiments/torch_vitnt.py: vectorised PyTorch, eager, inference_mode, same threads
+  forward  our plain forward pass up to the last selected block, no score, micro-batched like the
+           scorer (the cost floor)
+  torch    experiments/torch_vitnt.py: vectorised PyTorch, eager, inference_mode, same threads,
+           our weights (CUDA and --dtype where available)
   matmul   fp32 square matmul (n=2048; 8192 on accelerators) in JAX and in PyTorch, fastest of
            at least 5 calls: the machine's measured peak
 FLOPs per image are analytic (multiply-add = 2): patch embedding + for each run block
 2N(3D^2) qkv + 4N^2 D attention + 2N D^2 projection + 4N D M MLP; LayerNorm, softmax and the
 score maths are not counted. Utilisation = achieved FLOP/s / the better measured matmul peak.
-Memory: peak process RSS (all implementations) and, for JAX, the compiled program's temporary
-buffers (XLA memory analysis), which is what grows with the work the program keeps alive.
+Memory: peak process RSS (all implementations), the device's peak bytes in use on GPU/TPU and,
+for JAX, the compiled program's temporaries and whole footprint (XLA memory analysis).
+The run ends with issue 6's targets, each computed from this run's own figures.
 --input adds decoding throughput per thread count and the end-to-end CLI on a folder of JPEGs.
 """
 
