@@ -178,7 +178,8 @@ def worker(spec: dict) -> dict:
             )
             seconds, warm = _timed(lambda: scorer(images), runs)
             out["micro_batch"] = scorer.micro_batch
-            compiled = scorer._fn.lower(scorer.variables, jax.device_put(images)).compile()
+            padded = np.zeros((scorer.padded_size(batch), *images.shape[1:]), np.uint8)
+            compiled = scorer._fn.lower(scorer.variables, jax.device_put(padded, scorer._data)).compile()
         else:
             run = settings.num_blocks_to_run
             v = jax.device_put(truncate_blocks(variables, run))
@@ -189,9 +190,11 @@ def worker(spec: dict) -> dict:
                 forward = lambda v, x: FaceViT(config, dtype=dtype, attention_kernel=kernel).apply(  # noqa: E731
                     v, preprocess(x, config), num_blocks=run
                 )["tokens"]
-                micro = CPU_MICRO_BATCH if jax.default_backend() == "cpu" and batch % CPU_MICRO_BATCH == 0 else None
+                micro = CPU_MICRO_BATCH if jax.default_backend() == "cpu" else None
                 out["micro_batch"] = micro
                 fn = jax.jit(functools.partial(micro_batched, forward, size=micro, shards=1))
+                if micro and batch > micro:  # padded as the scorer pads: whole micro-batches
+                    images = np.concatenate([images, images[: -batch % micro]])
             x = jax.device_put(images)
             seconds, warm = _timed(lambda: fn(v, x).block_until_ready(), runs)
             compiled = fn.lower(v, x).compile()

@@ -174,16 +174,28 @@ def test_attention_kernels_give_the_same_scores(model_and_images, attention):
 @pytest.mark.parametrize("attention", ["last", "all"])
 def test_chunked_attention_sums_equal_the_whole_batch(model_and_images, attention):
     # 11 images: a block run on its own sums its attention 8 images at a time (8 + a remainder of 3).
-    from vitnt_jax.model import RECEIVED_CHUNK
-
     cfg, variables, _ = model_and_images
     images = jax.random.uniform(jax.random.PRNGKey(9), (11, 32, 32, 3), minval=-1, maxval=1)
-    assert images.shape[0] > RECEIVED_CHUNK and images.shape[0] % RECEIVED_CHUNK
-    s = ScoreSettings((0, 2), alpha=3.0, attention=attention)  # segments (0,), (1,), (2,): all on their own
+    # Blocks (0, 2): 'last' runs a scan over blocks 0-1, then block 2 on its own; 'all' runs blocks
+    # 0, 1 and 2 each on its own.
+    s = ScoreSettings((0, 2), alpha=3.0, attention=attention)
     via_states = score_from_states(cfg, variables, images, s)
-    streamed = score_streaming(cfg, truncate_blocks(variables, 3), images, s)
+    streamed = score_streaming(cfg, truncate_blocks(variables, 3), images, s, received_chunk=8)
     for key in via_states:
         np.testing.assert_allclose(streamed[key], via_states[key], atol=1e-6, rtol=0)
+
+
+def test_cudnn_kernel_head_sizes_are_checked(testing_config):
+    import dataclasses
+
+    from vitnt_jax.model import check_attention_kernel
+
+    check_attention_kernel("cudnn", testing_config)  # head size 8
+    odd = dataclasses.replace(testing_config, embed_dim=20)  # 2 heads of 10
+    with pytest.raises(ValueError, match="multiple of 8 up to 256; testing has 10"):
+        check_attention_kernel("cudnn", odd)
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        Scorer(testing_config, init_variables(testing_config), ScoreSettings((0, 1)), attention_kernel="flash")
 
 
 def test_segmented_blocks_need_truncated_parameters(model_and_images):

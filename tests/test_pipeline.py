@@ -96,6 +96,19 @@ def test_micro_batches_equal_one_piece(model, parallel):
         assert steps._fn._cache_size() == 1
 
 
+def test_chunked_attention_sums_only_on_one_device(model):
+    # Chunks split the batch axis: on several devices they would make each one gather the batch.
+    config, variables = model
+    images = np.stack(smooth_faces(64, seed=9))
+    eight = Scorer(config, variables, SETTINGS, micro_batch=None)
+    assert eight.received_chunk is None
+    hlo = eight._fn.lower(eight.variables, jax.device_put(images, eight._data)).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    one = Scorer(config, variables, SETTINGS, micro_batch=None, devices=jax.local_devices()[:1])
+    assert one.received_chunk == 8
+    np.testing.assert_allclose(one(images)["quality"], eight(images)["quality"], atol=1e-6, rtol=0)
+
+
 def test_micro_batched_puts_every_row_back_in_place():
     from vitnt_jax.scorer import micro_batched
 
@@ -109,6 +122,8 @@ def test_micro_batched_puts_every_row_back_in_place():
     out = micro_batched(fn, 100.0, rows, size=3, shards=2)  # two shares of 12: 4 steps of 3 + 3
     np.testing.assert_array_equal(out["row"], np.arange(24.0) + 100.0)
     assert seen == [(6, 3)]  # traced once by lax.map, one chunk from each share per step
+    with pytest.raises(ValueError, match="does not split into 2 shares of whole 5-image steps"):
+        micro_batched(fn, 100.0, rows, size=5, shards=2)
 
 
 def test_micro_batch_must_be_positive(model):
@@ -546,9 +561,10 @@ def test_flag_errors_from_argparse_are_one_line(capsys):
 def test_cli_micro_batch_flag(tiny_checkpoint, folder, tmp_path, model):
     config, variables = model
     expected = Scorer(config, variables, SETTINGS, micro_batch=None)(np.stack(smooth_faces(13, seed=21)))["quality"]
-    for flag in ("1", "0", "auto"):
+    for flag in ("1", "0", "auto"):  # batch 128 on 8 devices: shares of 16, so auto (8) loops too
         out = tmp_path / f"s{flag}.csv"
-        assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--micro-batch", flag) == 0
+        argv = ["--images", str(folder), "--out", str(out), "--micro-batch", flag, "--batch-size", "128"]
+        assert _run(tiny_checkpoint, *argv) == 0
         got = _scores(_read(out))
         np.testing.assert_allclose([got[f"{i:02d}.png"] for i in range(13)], expected, atol=1e-6, rtol=0)
 

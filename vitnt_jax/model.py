@@ -112,9 +112,18 @@ _ACTIVATIONS = {
 
 
 ATTENTION_KERNELS = ("matmul", "xla", "cudnn")
-# Images per chunk when a block outside a scan sums its attention weights: (8, heads, N, N) float32
-# is 20 MB for ViT-B, whatever the batch size.
-RECEIVED_CHUNK = 8
+
+
+def check_attention_kernel(kernel: str, config: ViTConfig) -> None:
+    """Raises ValueError, in one sentence, if `kernel` is unknown or cannot run `config`."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}.")
+    # cuDNN's fused attention takes head sizes that are multiples of 8, up to 256.
+    if kernel == "cudnn" and (config.head_dim % 8 or config.head_dim > 256):
+        raise ValueError(
+            f"the cudnn attention kernel needs a head size that is a multiple of 8 up to 256; {config.name} has "
+            f"{config.head_dim}: use --attention-kernel matmul."
+        )
 
 
 class Attention(nn.Module):
@@ -241,6 +250,10 @@ class FaceViT(nn.Module):
     dtype: Any = jnp.float32
     precision: Any = None
     attention_kernel: str = "matmul"  # for the blocks whose attention weights no tap reads; see Attention
+    # A block that runs outside a scan sums the attention it reports this many images at a time
+    # (see Attention.received_chunk); None: the whole batch. Chunks split the batch axis, so leave
+    # it None when that axis is sharded over devices (each device would gather the whole batch).
+    received_chunk: int | None = None
 
     @nn.compact
     def __call__(
@@ -271,10 +284,7 @@ class FaceViT(nn.Module):
         if head_input is not None:
             final_scale, final_bias = FinalNorm(cfg.embed_dim, name="norm")()
             return {"embedding": self._embedding_head(head_input, final_scale, final_bias, head_dropout)}
-        if self.attention_kernel not in ATTENTION_KERNELS:
-            raise ValueError(
-                f"unknown attention kernel {self.attention_kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}."
-            )
+        check_attention_kernel(self.attention_kernel, cfg)
         tap = NoTap() if tap is None else tap
         num_blocks = cfg.depth if num_blocks is None else num_blocks
         if embed and num_blocks != cfg.depth:
@@ -347,9 +357,11 @@ class FaceViT(nn.Module):
         for start, stop, need in segments:
             if stop - start == 1:
                 # A block on its own is straight-line code, where a loop over chunks of images costs
-                # little (nested in a scan body it made XLA:CPU 34% slower), so it sums its
-                # attention in chunks of RECEIVED_CHUNK images and fuses the attention itself.
-                block = Block(self.config, tap, self.dtype, self.precision, need, self.attention_kernel, RECEIVED_CHUNK)
+                # little (nested in a scan body it made XLA:CPU 34% slower), so it may sum its
+                # attention in chunks of `received_chunk` images and fuse the attention itself.
+                block = Block(
+                    self.config, tap, self.dtype, self.precision, need, self.attention_kernel, self.received_chunk
+                )
                 params = jax.tree.map(lambda a, start=start: a[start], stacked)
                 carry, out = block.apply({"params": params}, carry, jnp.asarray(start), final_scale, final_bias)
                 outs.append(jax.tree.map(lambda a: a[None], out))

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=64,
-        help="images per step over all local devices, rounded up to a multiple of the device count (default: 64)",
+        help="images per step over all local devices, rounded up to a multiple of the device count, and each "
+        "device's share to a multiple of --micro-batch when it is larger (default: 64)",
     )
     r.add_argument(
         "--parallel",
