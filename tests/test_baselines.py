@@ -15,7 +15,7 @@ from vitnt_jax.model import FaceViT, TraceTap
 from vitnt_jax.scorer import preprocess
 
 import torch_reference as tr
-from conftest import smooth_faces
+from helpers import smooth_faces
 
 CFG = PRESETS["testing"]
 

@@ -13,7 +13,7 @@ from vitnt_jax import checkpoint, score
 from vitnt_jax.scorer import Scorer
 from vitnt_jax.stability import ScoreSettings
 
-from conftest import smooth_faces
+from helpers import smooth_faces
 
 
 def _png(array):

@@ -10,7 +10,7 @@ from vitnt_jax import checkpoint, models, score
 from vitnt_jax.config import PRESETS
 
 import torch_reference as tr
-from conftest import smooth_faces
+from helpers import smooth_faces
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ from vitnt_jax.data import center_crop
 from vitnt_jax.scorer import Scorer
 from vitnt_jax.stability import ScoreSettings
 
-from conftest import smooth_faces
+from helpers import smooth_faces
 
 SETTINGS = ScoreSettings((0, 1, 2))  # the testing preset's defaults: all blocks, attention/last, alpha 8
 

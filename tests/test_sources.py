@@ -11,7 +11,7 @@ from PIL import Image
 from vitnt_jax import sources
 from vitnt_jax.data import ImageError, center_crop, prepare, read_image
 
-from conftest import smooth_faces
+from helpers import smooth_faces
 
 
 def _png_bytes(array, mode=None):
