@@ -10,6 +10,30 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+
+# A persistent compilation cache: the tiny models compile once per machine, not once per run.
+# XLA:CPU compiles for the host's instruction set and its cache keys do not name the CPU, so the
+# folder does: a cache made on an AVX-512 machine is never loaded on an AVX2 one.
+def _cpu_tag() -> str:
+    import hashlib
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256((platform.machine() + flags).encode()).hexdigest()[:12]
+
+
+_COMPILE_CACHE = os.environ.get(
+    "VITNT_JAX_TEST_COMPILE_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache", _cpu_tag())
+)
+if _COMPILE_CACHE:  # set VITNT_JAX_TEST_COMPILE_CACHE= (empty) to compile everything afresh
+    jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 try:  # pytest-xdist already runs one worker per core: torch's own threads would only oversubscribe them
     import torch  # noqa: E402
 
