@@ -1,0 +1,242 @@
+"""Multi-process coordination: join a JAX cluster and exchange one end-of-run status per process.
+
+Built on public JAX APIs only (`jax.distributed`, meshes, `jax.jit` over the processes' CPU devices).
+Each process scores its own share and writes its own part; at the end every process reports
+'ok' or 'failed: <reason>', and process 0 merges the parts only after all of them reported 'ok'.
+
+The status exchange is a small collective between process 0 and each other process in turn
+(a 2-device gather of a fixed-size status string, run on the CPU devices so no accelerator
+collective is involved). A process that crashed or hangs never reaches that collective, so every
+wait runs in a worker thread with a deadline and ends in a `DistributedError` that names the
+process. A process that dies outright is usually noticed sooner by JAX's own heartbeat
+(`HEARTBEAT_S`), which stops every process with JAX's message.
+
+    process, processes = initialize(num_processes, process_id, coordinator)
+    ...                       # score this process's share
+    report(process, "ok")     # or "failed: <reason>"; process k > 0 waits here for process 0
+    if process == 0:
+        statuses = wait_for_all(processes, timeout_s=600.0)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STATUS_BYTES = 1024  # fixed size of one status message (UTF-8, zero-padded): the gather needs equal shapes
+DEFAULT_TIMEOUT_S = 3600.0  # how long process k > 0 waits in `report` for process 0 to collect its status
+CONNECT_TIMEOUT_S = 300  # jax.distributed.initialize: how long to wait for every process to join
+HEARTBEAT_S = 100  # JAX's default: a process silent this long is declared dead and every process stops
+TICK_S = 60.0  # how often a long wait calls `on_wait`
+
+_own_status: str | None = None
+
+
+class DistributedError(Exception):
+    """A process did not join, did not report in time, or the exchange itself failed."""
+
+
+def initialize(
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    coordinator: str | None = None,
+    auto: bool = False,
+    *,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+) -> tuple[int, int]:
+    """Returns (this process's index, number of processes) after joining the cluster if one is asked for.
+
+    Nothing given (or `num_processes` 1): a single process, (0, 1), and JAX is not touched beyond
+    `jax.process_index()`. `num_processes` > 1 needs `process_id` and `coordinator` ('HOST:PORT' of
+    process 0). `auto` lets JAX detect the cluster (TPU pods, SLURM, Open MPI). Joining waits at
+    most `timeout_s` seconds for every process.
+    """
+    import jax
+
+    if num_processes is not None and num_processes < 1:
+        raise DistributedError(f"the number of processes is {num_processes}; give 1 or more.")
+    if num_processes is not None and num_processes > 1:
+        if process_id is None or coordinator is None:
+            raise DistributedError(
+                f"{num_processes} processes need this process's id and the coordinator's address (HOST:PORT)."
+            )
+        if not 0 <= process_id < num_processes:
+            raise DistributedError(f"process id {process_id} is outside 0..{num_processes - 1}; give one in range.")
+        try:
+            jax.distributed.initialize(
+                coordinator,
+                num_processes,
+                process_id,
+                initialization_timeout=max(1, int(timeout_s)),
+                heartbeat_timeout_seconds=HEARTBEAT_S,
+            )
+        except (RuntimeError, ValueError, TypeError) as error:  # XlaRuntimeError is a RuntimeError
+            raise DistributedError(
+                f"process {process_id} could not join the {num_processes}-process cluster at {coordinator} "
+                f"within {timeout_s:g} s ({_first_line(error)}); start every process with the same coordinator."
+            ) from error
+    elif auto:
+        try:
+            jax.distributed.initialize(initialization_timeout=max(1, int(timeout_s)))
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise DistributedError(
+                f"found no cluster to join ({_first_line(error)}); give the number of processes, this process's "
+                "id and the coordinator's address instead."
+            ) from error
+    return jax.process_index(), jax.process_count()
+
+
+def report(process: int, status: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Publishes this process's end-of-run status ('ok' or 'failed: <reason>'); returns once process 0 has it.
+
+    On process 0 an 'ok' is only kept for `wait_for_all`. Any other process, and process 0 with a
+    failure (so that the others are released), hands its status to process 0 and waits at most
+    `timeout_s` seconds for process 0 to collect it. A single process does nothing.
+    """
+    import jax
+
+    global _own_status
+    _check_status(status)
+    if jax.process_count() == 1:
+        return
+    _own_status = status
+    if process == 0:
+        if status != "ok":
+            # Nothing will be merged: release every process that is waiting to hand over its status.
+            _collect(jax.process_count(), timeout_s, None)
+        return
+    _exchange(process, status, time.monotonic() + timeout_s, None, what="process 0 to collect this status")
+
+
+def wait_for_all(
+    processes: int, timeout_s: float, on_wait: Callable[[int, float], None] | None = None
+) -> dict[int, str]:
+    """Returns {process: status} for every process, process 0 included, once each has reported.
+
+    Runs on process 0 after its own `report`. Waits at most `timeout_s` seconds in all; calls
+    `on_wait(process, seconds waited)` about once a minute while a process has not reported.
+    Raises `DistributedError` naming the first process that did not report in time.
+    """
+    import jax
+
+    if processes == 1 or jax.process_count() == 1:
+        return {0: _own_status or "ok"}
+    if jax.process_index() != 0:
+        raise DistributedError(f"only process 0 collects the statuses; this is process {jax.process_index()}.")
+    if processes != jax.process_count():
+        raise DistributedError(f"{processes} processes were expected but the cluster has {jax.process_count()}.")
+    return _collect(processes, timeout_s, on_wait)
+
+
+def _collect(processes: int, timeout_s: float, on_wait) -> dict[int, str]:
+    deadline = time.monotonic() + timeout_s
+    statuses = {0: _own_status or "ok"}
+    for i in range(1, processes):
+        statuses[i] = _exchange(i, statuses[0], deadline, on_wait, what=f"process {i} to report")
+    return statuses
+
+
+def _exchange(peer: int, status: str, deadline: float, on_wait, what: str) -> str:
+    """Gathers (process 0's status, process `peer`'s status) on both; returns the other side's, bounded."""
+    result: dict[str, object] = {}
+
+    def gather():
+        try:
+            result["value"] = _gather_pair(peer, status)
+        except Exception as error:  # handed to the waiting thread, which raises it with its cause
+            result["error"] = error
+
+    worker = threading.Thread(target=gather, name=f"vitnt_jax-status-{peer}", daemon=True)
+    started = time.monotonic()
+    worker.start()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        worker.join(min(TICK_S, left))
+        if not worker.is_alive() or time.monotonic() >= deadline:
+            break
+        waited = time.monotonic() - started
+        if on_wait is not None:
+            on_wait(peer, waited)
+        else:
+            log.info("waiting for %s (%.0f s)", what, waited)
+    if worker.is_alive():
+        waited = time.monotonic() - started
+        if what.startswith("process 0"):
+            raise DistributedError(
+                f"process 0 did not collect this process's status within {waited:.0f} s; it crashed, failed "
+                "before collecting, or is still scoring."
+            )
+        raise DistributedError(
+            f"process {peer} did not report within {waited:.0f} s; it crashed or is still running (its part is kept)."
+        )
+    if "error" in result:
+        error = result["error"]
+        raise DistributedError(f"the status exchange with process {peer} failed: {_first_line(error)}.") from error
+    return result["value"]
+
+
+def _gather_pair(peer: int, status: str) -> str:
+    """One collective over the first CPU device of process 0 and of process `peer`: returns the other's status."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    me = jax.process_index()
+    cpus = jax.devices("cpu")
+    pair = [next(d for d in cpus if d.process_index == p) for p in (0, peer)]
+    mesh = Mesh(np.array(pair), ("p",))
+    mine = np.zeros((1, STATUS_BYTES), np.uint8)
+    encoded = status.encode("utf-8")[:STATUS_BYTES]
+    mine[0, : len(encoded)] = np.frombuffer(encoded, np.uint8)
+    local = pair[0] if me == 0 else pair[1]
+    gathered = jax.make_array_from_single_device_arrays(
+        (2, STATUS_BYTES), NamedSharding(mesh, PartitionSpec("p")), [jax.device_put(mine, local)]
+    )
+    both = _replicate(gathered, NamedSharding(mesh, PartitionSpec()))
+    row = np.asarray(both.addressable_data(0))[1 if me == 0 else 0]
+    return bytes(row).rstrip(b"\0").decode("utf-8", errors="replace")
+
+
+def _identity(x):
+    return x
+
+
+def _replicate(x, sharding):
+    import jax
+
+    return jax.jit(_identity, out_shardings=sharding)(x)
+
+
+def exit_without_shutdown(code: int) -> NoReturn:
+    """Ends this process now with `code`, skipping JAX's shutdown barrier; for use after a `DistributedError`.
+
+    Once a process is missing, JAX's at-exit shutdown would wait for it (up to 300 s) and then abort
+    with its own multi-line report; the caller has already said what went wrong in one line.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be said anyway
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
+def _check_status(status: str) -> None:
+    if status != "ok" and not status.startswith("failed"):
+        raise ValueError(f"a status is 'ok' or 'failed: <reason>', not {status!r}.")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0].rstrip(".") if text else type(error).__name__
