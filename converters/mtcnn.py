@@ -44,10 +44,21 @@ def table(net: str) -> list[Row]:
     return rows
 
 
-def _shapes(net: str) -> dict[str, tuple[int, ...]]:
-    from vitnt_jax.mtcnn import _flat, variable_shapes
+def installed_facenet_weights() -> Path | None:
+    """Returns the folder of facenet-pytorch's pnet.pt/rnet.pt/onet.pt when the package is installed."""
+    import importlib.metadata
 
-    return {k: tuple(v.shape) for k, v in _flat(variable_shapes()[net]).items()}
+    try:
+        folder = Path(importlib.metadata.distribution("facenet-pytorch").locate_file("facenet_pytorch/data"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return folder if all((folder / f"{n}.pt").is_file() for n in LAYERS) else None
+
+
+def _shapes(net: str) -> dict[str, tuple[int, ...]]:
+    from vitnt_jax.mtcnn import flat_variables, variable_shapes
+
+    return {k: tuple(v.shape) for k, v in flat_variables(variable_shapes()[net]).items()}
 
 
 def convert_state_dicts(states: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
@@ -63,7 +74,7 @@ def convert_state_dicts(states: Mapping[str, Mapping[str, Any]]) -> dict[str, di
 
 def convert(src: str | Path | None, dst: str | Path, *, overwrite: bool = False) -> Path:
     """Converts the folder `src` (pnet.pt, rnet.pt, onet.pt; None = installed facenet-pytorch) into `dst`."""
-    from vitnt_jax.mtcnn import MTCNNError, check_variables, installed_facenet_weights, save_variables
+    from vitnt_jax.mtcnn import MTCNNError, check_variables, save_variables
 
     if src is None:
         src = installed_facenet_weights()
@@ -90,12 +101,12 @@ def convert(src: str | Path | None, dst: str | Path, *, overwrite: bool = False)
     try:  # non-float or NaN weights would convert, then find no face anywhere
         check_variables(variables, f"the weights in {src}", "install facenet-pytorch's files again")
     except MTCNNError as error:
-        raise ConversionError(str(error)) from None
+        raise ConversionError(str(error)) from error
     origin = ", ".join(f"{p.name} sha256 {sha256(p)[:16]}" for p in files.values())
     try:
         return save_variables(dst, variables, source=f"facenet-pytorch MTCNN ({origin})")
     except OSError as error:
-        raise ConversionError(f"cannot write {dst} ({error.strerror or error}); choose another path.") from None
+        raise ConversionError(f"cannot write {dst} ({error.strerror or error}); choose another path.") from error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="converted checkpoint folder or model name (default: the paper's backbone)")
     p.add_argument("--photo", type=Path, help="photo to align (default: scikit-image's astronaut.png)")
+    p.add_argument(
+        "--mtcnn-weights",
+        type=Path,
+        metavar="FILE.npz",
+        help="converted MTCNN weights (python -m converters.mtcnn); default: facenet-pytorch's, converted once",
+    )
     p.add_argument("--out", type=Path, default=Path("experiments/results/aligned_example.png"))
     args = p.parse_args(argv)
 
@@ -56,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vitnt_jax import mtcnn, score
+    from vitnt_jax import models, mtcnn, score
     from vitnt_jax.align import ARCFACE_TEMPLATE, align
 
     photo_path = args.photo or Path(
         importlib.metadata.distribution("scikit-image").locate_file("skimage/data/astronaut.png")
     )
     photo = np.asarray(Image.open(photo_path).convert("RGB"))
-    detector = mtcnn.Detector.load()
+    detector = mtcnn.Detector.load(models.mtcnn_weights(args.mtcnn_weights))
     faces = detector.detect(photo)
     pick = mtcnn.select_face(faces, *photo.shape[:2])
     if pick is None:

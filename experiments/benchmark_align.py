@@ -16,7 +16,7 @@ tiles, NMS), R-Net stage and O-Net stage (candidate crops, net, NMS), alignment;
 first pass less a timed pass, and `new_compilations` counts the shapes each net compiled in it.
 `planned_pnet_shapes` lists the P-Net call shapes that 1,500 random sizes (112 to 1280) would
 compile, from the detector's own tiling plan (no nets run).
-`reference` times the loop-based PyTorch procedure of tests/torch_mtcnn.py (one image at a time,
+`reference` times the loop-based PyTorch procedure of experiments/torch_mtcnn.py (one image at a time,
 eager torch nets, torch interpolate; the mean per image after a warm-up image) on the first
 --reference images of each set (default: all of them, the very images timed above), for context
 on the same CPU. torch runs --torch-threads threads (default 1:
@@ -126,11 +126,9 @@ def planned_pnet_shapes(detector, sizes: list[tuple[int, int]], batch: int) -> l
 
 def reference(nets, images: list[np.ndarray]) -> float:
     """Returns the mean seconds per image of the PyTorch reference procedure (after one warm-up image)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from experiments import torch_mtcnn
     from vitnt_jax.align import align
     from vitnt_jax.mtcnn import Faces, select_face
-
-    import torch_mtcnn
 
     times = []
     for image in images[:1] + images:
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from vitnt_jax import mtcnn
 
     torch.set_num_threads(args.torch_threads)
-    source = mtcnn.installed_facenet_weights()
+    source = converter.installed_facenet_weights()
     if source is None:
         print("error: needs facenet-pytorch's weights: pip install --no-deps facenet-pytorch==2.6.0", file=sys.stderr)
         return 1
@@ -188,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine(), "count": args.count, "batch": args.batch, "runs": args.runs, "sets": {}}
     nets = None
     if args.reference != 0:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import torch_mtcnn
+        from experiments import torch_mtcnn
 
         nets = torch_mtcnn.load_nets(source)
     wanted = args.sets.split(",")

@@ -9,12 +9,11 @@ import pytest
 from PIL import Image
 
 from converters import mtcnn as converter
-from vitnt_jax import checkpoint, data, mtcnn, score
+from experiments import torch_mtcnn as tm
+from vitnt_jax import checkpoint, data, models, mtcnn, score
 from vitnt_jax.align import align
 from vitnt_jax.scorer import Scorer
 from vitnt_jax.stability import ScoreSettings
-
-import torch_mtcnn as tm
 
 pytestmark = pytest.mark.skipif(tm.facenet_data() is None, reason="facenet-pytorch (data only) is not installed")
 SETTINGS = ScoreSettings((0, 1, 2))  # the testing preset's defaults
@@ -179,16 +178,16 @@ def test_tfds_lfw_defaults_to_mtcnn_and_converts_weights_once(tiny_checkpoint, d
     np.testing.assert_allclose(float(rows[1][1]), quality[0], atol=1e-6, rtol=0)
     # Converted once: the next resolution reuses the cached file without converting again.
     monkeypatch.setattr(converter, "convert", lambda *a, **k: pytest.fail("converted a second time"))
-    assert mtcnn.resolve_weights() == cached
+    assert models.mtcnn_weights() == cached
 
 
 def test_missing_facenet_is_one_sentence(tiny_checkpoint, photos, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VITNT_JAX_CACHE", str(tmp_path / "empty_cache"))
-    monkeypatch.setattr(mtcnn, "installed_facenet_weights", lambda: None)
+    monkeypatch.setattr(converter, "installed_facenet_weights", lambda: None)
     assert _run(tiny_checkpoint, "--images", str(photos), "--out", str(tmp_path / "s.csv"), "--align", "mtcnn") == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --align mtcnn needs MTCNN weights") and "\n" not in err
-    assert "pip install --no-deps facenet-pytorch==2.6.0" in err and "--mtcnn-weights" in err
+    assert err.startswith("error: alignment with MTCNN needs MTCNN weights") and "\n" not in err
+    assert "pip install --no-deps facenet-pytorch==2.6.0" in err and "python -m converters.mtcnn" in err
     assert not (tmp_path / "s.csv").exists()
 
 

@@ -14,9 +14,8 @@ from PIL import Image
 
 from converters import mtcnn as converter
 from converters.state_dict import ConversionError
-from vitnt_jax import mtcnn
-
-import torch_mtcnn as tm
+from experiments import torch_mtcnn as tm
+from vitnt_jax import models, mtcnn
 
 DATA = tm.facenet_data()
 needs_facenet = pytest.mark.skipif(DATA is None, reason="facenet-pytorch (data only) is not installed")
@@ -225,7 +224,7 @@ def test_damaged_weights_are_one_sentence_naming_the_file_and_the_fix(weights, t
     monkeypatch.setenv("VITNT_JAX_CACHE", str(tmp_path))
     cached = _damaged(weights, tmp_path / mtcnn.WEIGHTS_NAME, kind)
     with pytest.raises(mtcnn.MTCNNError, match=DAMAGE[kind]) as error:
-        mtcnn.Detector.load()
+        mtcnn.Detector.load(models.mtcnn_weights())
     assert str(error.value).endswith(f"; delete {cached} so that it is converted again on the next run.")
 
 

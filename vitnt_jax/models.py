@@ -9,6 +9,7 @@ on the Hugging Face Hub, you get one sentence saying what to download and how to
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -17,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-CACHE_ENV = "VITNT_JAX_CACHE"
+from vitnt_jax.cache import CACHE_ENV, cache_dir
+
+__all__ = ["CACHE_ENV", "DEFAULT_MODEL", "MODELS", "ModelError", "NamedModel", "cache_dir", "mtcnn_weights", "resolve"]
+
+log = logging.getLogger(__name__)
 DEFAULT_MODEL = "cvlface_vit_base_webface4m"
 CONNECT_TIMEOUT_S = 5.0
 
@@ -96,11 +101,6 @@ MODELS: dict[str, NamedModel] = {
 }
 
 
-def cache_dir() -> Path:
-    """Returns the folder converted named models are cached in."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vitnt_jax")
-
-
 def hub_download(repo_id: str, filename: str, target: Path) -> Path:
     """Returns the local path of `filename` from the Hub repo, downloading it into `target`."""
     try:
@@ -145,7 +145,7 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
     )
     if model.repo_id is None:
         raise ModelError(f"{name} is not on the Hugging Face Hub: {model.manual}, then convert it with {how}.")
-    print(f"{name}: downloading {model.filename} from {model.repo_id} (once) ...", file=sys.stderr)
+    log.info("%s: downloading %s from %s (once) ...", name, model.filename, model.repo_id)
     download = download or hub_download
     try:
         source = download(model.repo_id, model.filename, cache_dir() / "downloads")
@@ -166,8 +166,38 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
         if checkpoint.is_checkpoint(target):  # another process converted it at the same time
             return target
         raise ModelError(f"the downloaded {model.filename} of {name} did not convert: {error}") from None
-    print(f"{name}: converted into {target}", file=sys.stderr)
+    log.info("%s: converted into %s", name, target)
     return target
+
+
+def mtcnn_weights(path: str | os.PathLike | None = None) -> Path:
+    """Returns the converted MTCNN weights file: `path` if given, else facenet-pytorch's, converted once into the cache.
+
+    The cached conversion lives in cache_dir() (see CACHE_ENV); making it needs the facenet-pytorch
+    package for its weight files and torch to read them. Raises ModelError when neither is at hand.
+    """
+    if path is not None:
+        return Path(path)
+    from vitnt_jax.mtcnn import WEIGHTS_NAME
+
+    target = cache_dir() / WEIGHTS_NAME
+    if target.is_file():
+        return target
+    from converters import mtcnn as converter
+    from converters.state_dict import ConversionError
+
+    source = converter.installed_facenet_weights()
+    if source is None:
+        raise ModelError(
+            "alignment with MTCNN needs MTCNN weights: install facenet-pytorch's with `pip install --no-deps "
+            f"facenet-pytorch==2.6.0` (and torch) to have them converted into ${CACHE_ENV} on first use, or give "
+            "a weights file written by `python -m converters.mtcnn`."
+        )
+    log.info("converting facenet-pytorch's MTCNN weights into %s (once) ...", target)
+    try:
+        return converter.convert(source, target, overwrite=True)
+    except ConversionError as error:
+        raise ModelError(f"facenet-pytorch's MTCNN weights in {source} did not convert: {error}") from error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,6 @@ import collections
 import json
 import os
 import struct
-import sys
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -189,11 +188,12 @@ def init_variables(seed: int = 0) -> dict[str, dict]:
 # --------------------------------------------------------------------------------------------- weights
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+def flat_variables(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Returns {'net/params/layer/kernel': leaf} of a nested variables tree (the weights file's keys)."""
     out = {}
     for key, value in tree.items():
         path = f"{prefix}/{key}" if prefix else str(key)
-        out.update(_flat(value, path) if isinstance(value, Mapping) else {path: value})
+        out.update(flat_variables(value, path) if isinstance(value, Mapping) else {path: value})
     return out
 
 
@@ -203,7 +203,7 @@ def save_variables(path: str | os.PathLike, variables: Mapping, source: str = ""
 
     path = Path(path)
     check_variables(variables, "the MTCNN variables")
-    arrays = {k: np.asarray(v, np.float32) for k, v in _flat(variables).items()}
+    arrays = {k: np.asarray(v, np.float32) for k, v in flat_variables(variables).items()}
     meta = json.dumps({"format": WEIGHTS_FORMAT, "source": source})
     path.parent.mkdir(parents=True, exist_ok=True)
     # A temporary sibling renamed into place: concurrent or interrupted writers never leave half a file.
@@ -222,8 +222,8 @@ def check_variables(variables: Mapping, what: str, remedy: str = "") -> None:
 
     `remedy`, when given, ends the message (what the user should do about it).
     """
-    want = {k: tuple(v.shape) for k, v in _flat(variable_shapes()).items()}
-    flat = _flat(variables)
+    want = {k: tuple(v.shape) for k, v in flat_variables(variable_shapes()).items()}
+    flat = flat_variables(variables)
     got = {k: tuple(np.shape(v)) for k, v in flat.items()}
     problems = []
     if missing := sorted(set(want) - set(got)):
@@ -245,7 +245,7 @@ def check_variables(variables: Mapping, what: str, remedy: str = "") -> None:
 
 def _remedy(path: Path) -> str:
     """Returns what to do about a damaged weights file: the cached conversion is redone once deleted."""
-    from vitnt_jax.models import cache_dir
+    from vitnt_jax.cache import cache_dir
 
     try:
         cached = path.resolve() == (cache_dir() / WEIGHTS_NAME).resolve()
@@ -273,12 +273,12 @@ def load_variables(path: str | os.PathLike) -> dict[str, dict]:
             raise ValueError("a single array, not an .npz archive")
         with data:
             arrays = {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise MTCNNError(f"MTCNN weights {path} do not exist; check the path.") from None
+    except FileNotFoundError as error:
+        raise MTCNNError(f"MTCNN weights {path} do not exist; check the path.") from error
     except _UNREADABLE as error:
         raise MTCNNError(
             f"MTCNN weights {path} are damaged or unreadable ({type(error).__name__}); {_remedy(path)}."
-        ) from None
+        ) from error
     try:
         meta = json.loads(str(arrays.pop("__meta__")))
     except (KeyError, ValueError, RecursionError):
@@ -298,47 +298,6 @@ def load_variables(path: str | os.PathLike) -> dict[str, dict]:
         node[leaf] = value
     check_variables(nested, f"the weights in {path}", _remedy(path))
     return nested
-
-
-def installed_facenet_weights() -> Path | None:
-    """Returns the folder of facenet-pytorch's pnet.pt/rnet.pt/onet.pt when the package is installed."""
-    import importlib.metadata
-
-    try:
-        folder = Path(importlib.metadata.distribution("facenet-pytorch").locate_file("facenet_pytorch/data"))
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return folder if all((folder / f"{n}.pt").is_file() for n in NETS) else None
-
-
-def resolve_weights(path: str | os.PathLike | None = None) -> Path:
-    """Returns the converted MTCNN weights file: `path` if given, else the cached conversion.
-
-    Without `path`, facenet-pytorch's weights are converted once into $VITNT_JAX_CACHE (needs the
-    facenet-pytorch package for its files, and torch to read them).
-    """
-    if path is not None:
-        return Path(path)
-    from vitnt_jax.models import CACHE_ENV, cache_dir
-
-    target = cache_dir() / WEIGHTS_NAME
-    if target.is_file():
-        return target
-    source = installed_facenet_weights()
-    if source is None:
-        raise MTCNNError(
-            "--align mtcnn needs MTCNN weights: install them with `pip install --no-deps facenet-pytorch==2.6.0` "
-            f"(and torch) to have them converted into ${CACHE_ENV} on first use, or pass --mtcnn-weights FILE.npz "
-            "written by `python -m converters.mtcnn`."
-        )
-    from converters import mtcnn as converter
-    from converters.state_dict import ConversionError
-
-    print(f"converting facenet-pytorch's MTCNN weights into {target} (once) ...", file=sys.stderr)
-    try:
-        return converter.convert(source, target, overwrite=True)
-    except ConversionError as error:
-        raise MTCNNError(f"facenet-pytorch's MTCNN weights in {source} did not convert: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -667,9 +626,9 @@ class Detector:
         self.pnet_tiles = _JITTED["pnet_tiles"]
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **settings) -> Detector:
-        """Returns a detector with converted weights (`path`, or the cached facenet-pytorch conversion)."""
-        return cls(load_variables(resolve_weights(path)), **settings)
+    def load(cls, path: str | os.PathLike, **settings) -> Detector:
+        """Returns a detector with the converted weights file `path` (`vitnt_jax.models.mtcnn_weights` finds one)."""
+        return cls(load_variables(path), **settings)
 
     def detect(self, image: np.ndarray) -> Faces:
         """Returns the faces in one (H, W, 3) uint8 RGB image."""

@@ -1,4 +1,4 @@
-"""Test reference for MTCNN: PyTorch nets with facenet-pytorch's state_dict layout and a plain detector.
+"""PyTorch reference for MTCNN (tests, benchmark_align): facenet-pytorch's state_dict layout, a plain detector.
 
 The nets are written from the published state_dict layout (conv + PReLU, ceil-mode max-pools,
 dense layers reading the NCHW activations permuted to (N, W, H, C)). `detect` is the reference
