@@ -157,9 +157,10 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it by hand from "
             f"https://huggingface.co/{model.repo_id} and convert it with {how}."
         ) from None
+    from converters import clip, cvlface, insightface, timm  # explicit, so the import check sees them
     from converters.state_dict import ConversionError
 
-    module = __import__(f"converters.{model.family}", fromlist=["convert"])
+    module = {"clip": clip, "cvlface": cvlface, "insightface": insightface, "timm": timm}[model.family]
     try:
         module.convert(source, target, **dict(model.convert_args))
     except ConversionError as error:
