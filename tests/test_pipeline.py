@@ -358,7 +358,7 @@ def test_embeddings_match_the_model(tiny_checkpoint, folder, tmp_path, model):
     [
         (["--alpha", "-1"], "--alpha must be a positive number"),
         (["--workers", "0"], "--workers must be at least 1"),
-        (["--root", "."], "--root only applies to --list"),
+        (["--root", "."], "--root only applies to the list source"),
         (["--num-processes", "2"], "need all of --num-processes"),
         (["--save-embeddings", "e.csv"], "must end in .npy"),
     ],
@@ -447,14 +447,20 @@ def test_unprepared_tfds_dataset_says_what_is_missing(monkeypatch):
 
     monkeypatch.setattr(tfds, "data_source", not_prepared)
     monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
-    with pytest.raises(sources.SourceError, match="needs TensorFlow .*--file_format=array_record.*--data-dir"):
+    with pytest.raises(
+        sources.SourceError, match="needs TensorFlow .*--file_format=array_record.*pass data_dir"
+    ) as got:
         sources.tfds_source("lfw")
+    assert got.value.field == "data_dir" and got.value.render(sources.flag_names()).endswith("pass --data-dir.")
 
 
 def test_plain_progress_lines_when_not_on_a_terminal(monkeypatch, capsys):
+    from vitnt_jax import cli, pipeline
+
+    cli.configure_logging()
     clock = iter([0.0, 10.0, 31.0, 40.0])
-    monkeypatch.setattr(score.time, "perf_counter", lambda: next(clock))
-    progress = score.Progress(100)  # stderr is captured: not a terminal
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
+    progress = pipeline.Progress(100)  # stderr is captured: not a terminal
     progress.update(20)  # t = 10 s: too soon for a line
     progress.update(42)  # t = 31 s: 62 images in 31 s
     progress.update(10)  # t = 40 s: 9 s after the last line
@@ -586,7 +592,7 @@ def test_reference_resume_refuses_a_csv(tiny_checkpoint, folder, tmp_path, capsy
     assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out)) == 0
     before = out.read_bytes()
     assert _run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--format", "reference", "--resume") == 1
-    assert "is a CSV, not a --format reference file" in capsys.readouterr().err
+    assert "is a CSV, not a reference-format file" in capsys.readouterr().err
     assert out.read_bytes() == before
 
 

@@ -114,8 +114,9 @@ def test_path_list(tmp_path):
     with pytest.raises(sources.SourceError, match="does not exist"):
         sources.path_list(tmp_path / "nope.txt")
     listing.write_text("imgs/1.png\n")
-    with pytest.raises(sources.SourceError, match="--root"):
+    with pytest.raises(sources.SourceError, match="^root .* is not a folder") as got:
         sources.path_list(listing, tmp_path / "nowhere")
+    assert got.value.field == "root" and got.value.render(sources.flag_names()).startswith("--root ")
 
 
 def _pack(tmp_path, protocol):

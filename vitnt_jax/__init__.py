@@ -1,27 +1,45 @@
-"""vitnt-jax: training-free face image quality (ViTNT-FIQA) in JAX/Flax."""
+"""vitnt-jax: training-free face image quality (ViTNT-FIQA) in JAX/Flax.
 
-from vitnt_jax import checkpoint
-from vitnt_jax.config import PRESETS, ViTConfig, get_preset
-from vitnt_jax.model import FaceViT, init_variables
-from vitnt_jax.scorer import Scorer, compute_states, score_from_states, score_streaming
-from vitnt_jax.selection import parse_blocks
-from vitnt_jax.stability import METRICS, ScoreSettings, quality_from_states
+The names below load on first use (PEP 562), so `import vitnt_jax` and every `--help` start
+without importing JAX. Scoring runs: `vitnt_jax.pipeline` (load once, score many).
+"""
 
-__all__ = [
-    "METRICS",
-    "PRESETS",
-    "FaceViT",
-    "ScoreSettings",
-    "Scorer",
-    "ViTConfig",
-    "checkpoint",
-    "compute_states",
-    "get_preset",
-    "init_variables",
-    "parse_blocks",
-    "quality_from_states",
-    "score_from_states",
-    "score_streaming",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "checkpoint": ("vitnt_jax.checkpoint", None),
+    "pipeline": ("vitnt_jax.pipeline", None),
+    "PRESETS": ("vitnt_jax.config", "PRESETS"),
+    "ViTConfig": ("vitnt_jax.config", "ViTConfig"),
+    "get_preset": ("vitnt_jax.config", "get_preset"),
+    "FaceViT": ("vitnt_jax.model", "FaceViT"),
+    "init_variables": ("vitnt_jax.model", "init_variables"),
+    "Scorer": ("vitnt_jax.scorer", "Scorer"),
+    "compute_states": ("vitnt_jax.scorer", "compute_states"),
+    "score_from_states": ("vitnt_jax.scorer", "score_from_states"),
+    "score_streaming": ("vitnt_jax.scorer", "score_streaming"),
+    "parse_blocks": ("vitnt_jax.selection", "parse_blocks"),
+    "METRICS": ("vitnt_jax.stability", "METRICS"),
+    "ScoreSettings": ("vitnt_jax.stability", "ScoreSettings"),
+    "quality_from_states": ("vitnt_jax.stability", "quality_from_states"),
+}
+
+__all__ = sorted(_EXPORTS)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vitnt_jax' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = importlib.import_module(module)
+    value = value if attribute is None else getattr(value, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vitnt_jax.errors import UserError
 
-class OutputError(Exception):
+
+class OutputError(UserError):
     """An output that cannot be written or resumed; the message names the fix."""
 
 
@@ -43,7 +45,182 @@ def _truncate_torn_tail(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-_REFERENCE_LINE = re.compile(r"^.+ (nan|[-+0-9.eE]+)$")
+class ResultFormat:
+    """One result format: how its file starts, how rows are written, and how they are read back.
+
+    Subclasses define `name`, `help`, `header`, `write_rows` and `parse`; `FORMATS` holds one
+    instance of each, so the scorer, the experiments and the evaluation share one definition.
+    """
+
+    name: str
+    help: str
+    suffix: str
+
+    def header(self, with_label: bool) -> str:
+        """Returns the text a new file starts with (may be empty)."""
+        raise NotImplementedError
+
+    def write_rows(self, file, rows: Sequence[Row], with_label: bool) -> None:
+        """Appends rows to an open text file."""
+        raise NotImplementedError
+
+    def parse(self, text: str, where: str, with_label: bool | None = None) -> list[Row]:
+        """Returns the rows of complete lines of `text`; raises OutputError naming `where` and the line.
+
+        with_label: the columns a resumed file must have (None: whatever its header says).
+        """
+        raise NotImplementedError
+
+    def matches(self, text: str) -> bool:
+        """Returns whether `text` looks like this format (for reading a file of unknown format)."""
+        raise NotImplementedError
+
+    def body(self, text: str) -> str:
+        """Returns `text` without its header (for concatenating parts)."""
+        return text
+
+
+class CsvFormat(ResultFormat):
+    """`id,quality[,label],error`: quality empty when the row failed, the reason in `error`."""
+
+    name, suffix = "csv", ".csv"
+    help = "id,quality[,label],error"
+
+    def header(self, with_label: bool) -> str:
+        return ",".join(columns(with_label)) + "\n"
+
+    def write_rows(self, file, rows: Sequence[Row], with_label: bool) -> None:
+        writer = csv.writer(file, lineterminator="\n")
+        for r in rows:
+            q = "" if r.quality is None else repr(float(r.quality))
+            writer.writerow([r.id, q, r.label or "", r.error] if with_label else [r.id, q, r.error])
+
+    def matches(self, text: str) -> bool:
+        return text.lstrip("\ufeff").startswith("id,quality")
+
+    def body(self, text: str) -> str:
+        return text.split("\n", 1)[1] if "\n" in text else ""
+
+    def parse(self, text: str, where: str, with_label: bool | None = None) -> list[Row]:
+        lines = list(csv.reader(io.StringIO(text.lstrip("\ufeff"))))
+        if not lines:
+            return []
+        head = lines[0]
+        want = columns(with_label) if with_label is not None else None
+        if want is not None and head != want:
+            raise OutputError(
+                f"{where} has columns {head}, not {want}; it comes from another kind of run, so choose a new "
+                + "{out}.",
+                field="out",
+            )
+        if head not in (columns(False), columns(True)):
+            raise OutputError(f"{where} has columns {head}, not {columns(True)}; it is not a score CSV.", field="out")
+        labelled = len(head) == 4
+        rows = []
+        for number, cells in enumerate(lines[1:], 2):
+            if len(cells) != len(head):
+                raise OutputError(f"{where} line {number} has {len(cells)} cells, not {len(head)}.", field="out")
+            cell = cells[1].strip()
+            try:
+                quality = float(cell) if cell else None
+            except ValueError as error:
+                raise OutputError(f"{where} line {number}: quality {cell!r} is not a number.", field="out") from error
+            rows.append(Row(cells[0], quality, cells[2] if labelled else None, cells[-1]))
+        return rows
+
+
+class ReferenceFormat(ResultFormat):
+    """The authors' `<id> <score>` lines (also CR-FIQA's); `nan` for a failed row, which keeps no error."""
+
+    name, suffix = "reference", ".txt"
+    help = "the authors' '<id> <score>' lines"
+
+    def header(self, with_label: bool) -> str:
+        return ""
+
+    def write_rows(self, file, rows: Sequence[Row], with_label: bool) -> None:
+        for r in rows:
+            file.write(f"{r.id} {'nan' if r.quality is None else format(r.quality, '.15f')}\n")
+
+    def matches(self, text: str) -> bool:
+        return not CSV.matches(text)
+
+    def parse(self, text: str, where: str, with_label: bool | None = None) -> list[Row]:
+        if CSV.matches(text):
+            raise OutputError(f"{where} is a CSV, not a {self.name}-format file; choose a new " + "{out}.", field="out")
+        rows = []
+        for number, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip().rsplit(maxsplit=1)
+            try:
+                value = float(parts[1])
+            except (IndexError, ValueError) as error:
+                raise OutputError(
+                    f"{where} line {number} is not '<id> <score>' ({line[:60]!r}); choose a new " + "{out}.",
+                    field="out",
+                ) from error
+            rows.append(Row(parts[0], None if math.isnan(value) else value))
+        return rows
+
+
+CSV, REFERENCE = CsvFormat(), ReferenceFormat()
+FORMATS: dict[str, ResultFormat] = {f.name: f for f in (CSV, REFERENCE)}
+
+
+def _format(name: str) -> ResultFormat:
+    if name not in FORMATS:
+        raise OutputError("unknown {format} " + f"{name!r}; choose one of {', '.join(FORMATS)}.", field="format")
+    return FORMATS[name]
+
+
+def _complete_text(path: Path) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise OutputError(
+            f"{path} is not a text file written by this tool; choose a new " + "{out}.", field="out"
+        ) from error
+    return text[: text.rfind("\n") + 1]
+
+
+def read_results(path: str | Path, fmt: str | None = None) -> list[Row]:
+    """Returns the rows of a result file (`fmt` None: csv when it starts with the CSV header, else reference).
+
+    A torn last line (no newline yet) is ignored. Raises OutputError for a file that is not of the format.
+    """
+    path = Path(path)
+    try:
+        text = _complete_text(path)
+    except FileNotFoundError as error:
+        raise OutputError(f"{path} does not exist; check the path.") from error
+    except IsADirectoryError as error:
+        raise OutputError(f"{path} is a folder, not a result file.") from error
+    form = _format(fmt) if fmt is not None else (CSV if CSV.matches(text) else REFERENCE)
+    return form.parse(text, str(path))
+
+
+def write_results(
+    path: str | Path, rows: Sequence[Row], *, fmt: str = "csv", with_label: bool = False, overwrite: bool = False
+) -> None:
+    """Writes a whole result file at once (atomically: a temporary file renamed over `path`).
+
+    Refuses an existing `path` unless `overwrite`. For tables computed whole (baselines, ablations).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(
+            f"{path} already exists; pass " + "{overwrite} to replace it, or choose another {out}.",
+            field="out",
+            also=("overwrite",),
+        )
+    form = _format(fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        f.write(form.header(with_label))
+        form.write_rows(f, rows, with_label)
+    os.replace(tmp, path)
 
 
 def read_ids(path: Path, fmt: str, header: list[str]) -> list[str]:
@@ -52,29 +229,9 @@ def read_ids(path: Path, fmt: str, header: list[str]) -> list[str]:
     The file is checked to be one of ours, of the same format and columns, BEFORE anything in it
     is changed; a file with no complete line yet counts as empty.
     """
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise OutputError(f"{path} is not a text file written by this tool; choose a new --out.") from None
-    complete = text[: text.rfind("\n") + 1]
-    lines = complete.splitlines()
-    if fmt == "reference":
-        if lines and lines[0].split(",")[:2] == ["id", "quality"]:
-            raise OutputError(f"{path} is a CSV, not a --format reference file; choose a new --out.")
-        bad = next((line for line in lines if not _REFERENCE_LINE.match(line)), None)
-        if bad is not None:
-            raise OutputError(f"{path} has a line that is not '<id> <score>' ({bad[:60]!r}); choose a new --out.")
-    elif lines:
-        first = next(csv.reader([lines[0]]))
-        if first != header:
-            raise OutputError(
-                f"{path} has columns {first}, not {header}; it comes from another kind of run, so choose a new --out."
-            )
+    rows = _format(fmt).parse(_complete_text(path), str(path), with_label=len(header) == 4)
     _truncate_torn_tail(path)
-    if fmt == "reference":
-        return [line.rsplit(" ", 1)[0] for line in lines]
-    rows = list(csv.reader(io.StringIO(complete)))
-    return [r[0] for r in rows[1:]]
+    return [r.id for r in rows]
 
 
 class ArraySink:
@@ -92,7 +249,7 @@ class ArraySink:
             if have < rows_done:
                 raise OutputError(
                     f"{self.partial} holds {have} rows but the table holds {rows_done}; the array file belongs to "
-                    "another run: remove it or start again without --resume."
+                    "another run: remove it or start again without resuming."
                 )
             with open(self.partial, "r+b" if self.partial.exists() else "wb") as f:
                 f.truncate(rows_done * self.row_bytes)  # rows written after the table's last flush
@@ -148,24 +305,29 @@ class ResultWriter:
         overwrite: bool = False,
     ):
         self.path, self.fmt = path, fmt
+        self.format = _format(fmt)
         self.header = columns(with_label)
         self.with_label = with_label
         exists = path.exists()
         if exists and not (resume or overwrite):
             raise OutputError(
-                f"{path} already exists; pass --resume to continue it, --overwrite to replace it, "
-                "or choose another --out."
+                f"{path} already exists; pass " + "{resume} to continue it, {overwrite} to replace it, or choose "
+                "another {out}.",
+                field="out",
+                also=("resume", "overwrite"),
             )
         self.done_ids: list[str] = read_ids(path, fmt, self.header) if (exists and resume) else []
         if len(set(self.done_ids)) != len(self.done_ids):
-            raise OutputError(f"{path} already holds an id twice; it was not written by this tool, choose a new --out.")
+            raise OutputError(
+                f"{path} already holds an id twice; it was not written by this tool, choose a new " + "{out}.",
+                field="out",
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         # A file cut off before its header was complete holds nothing: start it afresh.
-        fresh = not (exists and resume) or (fmt == "csv" and path.stat().st_size == 0)
+        fresh = not (exists and resume) or path.stat().st_size == 0
         self.file = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
-        self.csv = csv.writer(self.file, lineterminator="\n") if fmt == "csv" else None
-        if fresh and self.csv is not None:
-            self.csv.writerow(self.header)
+        if fresh:
+            self.file.write(self.format.header(with_label))
             self.file.flush()  # before the first batch (and its compilation) can be interrupted
         self.sinks = {
             name: ArraySink(p, shape, len(self.done_ids), not fresh) for name, (p, shape) in (arrays or {}).items()
@@ -176,13 +338,7 @@ class ResultWriter:
         for name, sink in self.sinks.items():
             sink.append(arrays[name])
             sink.flush()
-        for r in rows:
-            if self.csv is not None:
-                q = "" if r.quality is None else repr(float(r.quality))
-                fields = [r.id, q, r.label or "", r.error] if self.with_label else [r.id, q, r.error]
-                self.csv.writerow(fields)
-            else:
-                self.file.write(f"{r.id} {'nan' if r.quality is None else format(r.quality, '.15f')}\n")
+        self.format.write_rows(self.file, rows, self.with_label)
         self.file.flush()
 
     def close(self, finished: bool) -> None:
@@ -205,9 +361,7 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
     """
     texts, counts = [], []
     for i in range(count):
-        text = part_path(out, i, count).read_text(encoding="utf-8")
-        if fmt == "csv":
-            text = text.split("\n", 1)[1] if "\n" in text else ""
+        text = _format(fmt).body(part_path(out, i, count).read_text(encoding="utf-8"))
         texts.append(text)
         counts.append(len(text.splitlines()))
     for path in arrays:
@@ -215,14 +369,15 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
             rows = np.load(part_path(path, i, count), mmap_mode="r").shape[0]
             if rows != counts[i]:
                 raise OutputError(
-                    f"part {i} of {path} holds {rows} rows but its table {counts[i]}; rerun that process with --resume."
+                    f"part {i} of {path} holds {rows} rows but its table {counts[i]}; rerun that process resuming it."
                 )
     tmp = out.with_name(out.name + ".merging")
     with open(tmp, "w", encoding="utf-8", newline="") as merged:
         if append and out.exists():
             merged.write(out.read_text(encoding="utf-8"))
-        elif fmt == "csv":
-            merged.write(part_path(out, 0, count).read_text(encoding="utf-8").split("\n", 1)[0] + "\n")
+        else:
+            first = part_path(out, 0, count).read_text(encoding="utf-8")
+            merged.write(first[: len(first) - len(_format(fmt).body(first))])
         for text in texts:
             merged.write(text)
     for path in arrays:

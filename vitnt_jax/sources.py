@@ -1,13 +1,22 @@
-"""Where faces come from: an image folder, a path list, an insightface .bin pack or TFDS.
+"""Where faces come from: the source registry (image folder, path list, insightface .bin, TFDS).
 
 Every source is a random-access sequence: `ids[i]`, `labels[i]` (or None) and `load(i)` -> the
 decoded (H, W, 3) uint8 array, raising `ImageError` for an unusable image. Ids are unique.
+
+`SOURCES` declares each kind once: its name (the command-line flag is `--<name>`), what its
+location is, its extra options (each a flag of its own), how it opens, and the channel order and
+alignment its images hold by default. `add_flags` puts them on a parser and `spec_from_args`
+reads them back, so the scorer and every experiment command offer the same sources. A new source
+is one `SourceKind` in `SOURCES` (plus its tests):
+
+    SOURCES["webdataset"] = SourceKind("webdataset", "SHARDS", "tar shards ...", open_webdataset)
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import pickle
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,15 +24,19 @@ from typing import Any
 import numpy as np
 
 from vitnt_jax.data import IMAGE_SUFFIXES, ImageError, read_image
+from vitnt_jax.errors import UserError
+from vitnt_jax.packs import PackError, read_bin
+
+logger = logging.getLogger(__name__)
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """A source that cannot be opened; the message names the problem and the fix."""
 
 
 @dataclass
 class Source:
-    """A random-access face source. `color`/`align`: defaults for what its images hold.
+    """A random-access face source. `color`/`align`: what its images hold (None: its kind's default).
 
     align: 'none' (aligned faces), 'center' (fixed face box) or 'mtcnn' (detect and align).
     """
@@ -32,8 +45,8 @@ class Source:
     ids: list[str]
     labels: list[str] | None
     loader: Any  # callable index -> np.ndarray
-    color: str = "rgb"
-    align: str = "none"
+    color: str | None = None
+    align: str | None = None
     problems: list[str] = field(default_factory=list)  # inputs that could not even be listed
 
     def __len__(self) -> int:
@@ -59,7 +72,9 @@ def image_folder(root: str | Path) -> Source:
     """
     root = Path(root)
     if not root.is_dir():
-        raise SourceError(f"--images {root} is not a folder; pass the folder that holds the face images.")
+        raise SourceError(
+            "{images} " + f"{root} is not a folder; pass the folder that holds the face images.", field="images"
+        )
     problems: list[str] = []
     found: list[tuple[str, Path]] = []
     seen: set[str] = set()
@@ -81,7 +96,9 @@ def image_folder(root: str | Path) -> Source:
     found.sort(key=lambda item: item[0])
     if not found:
         extra = f" ({problems[0]})" if problems else ""
-        raise SourceError(f"no PNG or JPEG files under {root}{extra}; point --images at a folder of face images.")
+        raise SourceError(
+            f"no PNG or JPEG files under {root}{extra}; point " + "{images} at a folder of face images.", field="images"
+        )
     paths = [p for _, p in found]
     return Source(f"folder {root}", [i for i, _ in found], None, lambda i: read_image(paths[i]), problems=problems)
 
@@ -95,77 +112,39 @@ def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
     list_file = Path(list_file)
     try:
         text = list_file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first path
-    except FileNotFoundError:
-        raise SourceError(f"--list {list_file} does not exist; check the path.") from None
+    except FileNotFoundError as error:
+        raise SourceError("{list} " + f"{list_file} does not exist; check the path.", field="list") from error
     except (OSError, UnicodeDecodeError) as error:
         raise SourceError(
-            f"cannot read --list {list_file} ({error}); it must be UTF-8 text, one path per line."
-        ) from None
+            "cannot read {list} " + f"{list_file} ({error}); it must be UTF-8 text, one path per line.", field="list"
+        ) from error
     ids = [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
     if not ids:
-        raise SourceError(f"--list {list_file} names no images; write one image path per line.")
-    _check_unique(ids, f"--list {list_file}")
+        raise SourceError("{list} " + f"{list_file} names no images; write one image path per line.", field="list")
+    _check_unique(ids, f"list {list_file}")
     base = Path(root) if root is not None else None
     if base is not None and not base.is_dir():
-        raise SourceError(f"--root {base} is not a folder; pass the folder the listed paths are relative to.")
+        raise SourceError(
+            "{root} " + f"{base} is not a folder; pass the folder the listed paths are relative to.", field="root"
+        )
     paths = [base / i if base is not None else Path(i) for i in ids]
     return Source(f"list {list_file}", ids, None, lambda i: read_image(paths[i]))
-
-
-class _Refused(pickle.UnpicklingError):
-    """The pack asked for a Python object we do not load."""
-
-
-class _PackUnpickler(pickle.Unpickler):
-    """Reads only plain containers, bytes, strings, bools and numbers: no class is ever looked up."""
-
-    # Python 3 writes bytes at pickle protocol 2 as _codecs.encode(latin-1 text); nothing else.
-    _ALLOWED = {("_codecs", "encode")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            import _codecs
-
-            return _codecs.encode
-        raise _Refused(f"it asks for {module}.{name}")
 
 
 def insightface_bin(path: str | Path) -> Source:
     """Returns the images of an insightface verification pack (`lfw.bin`, `agedb_30.bin`, ...).
 
-    The pack is a pickle of (list of encoded images, list of issame flags): image 2k and 2k+1 form
-    pair k. It is read with a restricted unpickler, so a crafted file cannot run code.
-    id = the image's position in the pack; label = its pair's issame flag (1 or 0).
+    Read by `vitnt_jax.packs.read_bin` (restricted: a crafted file cannot run code).
+    id = the image's position in the pack; label = its pair's issame flag (1 or 0), when the pack
+    holds one flag per pair.
     """
-    path = Path(path)
     try:
-        with open(path, "rb") as f:
-            content = _PackUnpickler(f, encoding="bytes").load()
-    except FileNotFoundError:
-        raise SourceError(f"--bin {path} does not exist; check the path.") from None
-    except _Refused as error:
-        raise SourceError(
-            f"--bin {path} is not a plain insightface pack ({error}); refusing it, since loading it could run code."
-        ) from None
-    except IsADirectoryError:
-        raise SourceError(f"--bin {path} is a folder; pass the .bin file itself.") from None
-    except Exception as error:  # any other failure to parse means a damaged or foreign file
-        raise SourceError(
-            f"--bin {path} is unreadable ({type(error).__name__}); it is truncated or not a .bin pack."
-        ) from None
-    if not (isinstance(content, (tuple, list)) and len(content) == 2):
-        raise SourceError(f"--bin {path} is not a (images, issame) pair; it is not an insightface .bin pack.")
-    images, issame = content
-    if not isinstance(images, (list, tuple)) or not all(isinstance(b, (bytes, bytearray)) for b in images):
-        raise SourceError(f"--bin {path} does not hold a list of encoded images; it is not an insightface .bin pack.")
-    if not images:
-        raise SourceError(f"--bin {path} holds no images.")
-    flags = list(issame) if isinstance(issame, (list, tuple)) else []
-    labels = None
-    if len(flags) * 2 == len(images) and all(isinstance(f, (bool, int)) for f in flags):
-        labels = [str(int(flags[i // 2])) for i in range(len(images))]
-    blobs = [bytes(b) for b in images]
-    return Source(f"pack {path}", [str(i) for i in range(len(images))], labels, lambda i: read_image(blobs[i]))
+        pack = read_bin(path)
+    except PackError as error:
+        raise SourceError(error.template, field=error.field) from error
+    labels = None if pack.issame is None else [str(int(pack.issame[i // 2])) for i in range(len(pack.images))]
+    blobs = pack.images
+    return Source(f"pack {path}", [str(i) for i in range(len(blobs))], labels, lambda i: read_image(blobs[i]))
 
 
 def tfds_source(
@@ -184,30 +163,35 @@ def tfds_source(
     """
     try:
         import tensorflow_datasets as tfds
-    except ImportError:
-        raise SourceError("--tfds needs tensorflow-datasets: pip install 'vitnt-jax[tfds]'.") from None
+    except ImportError as error:
+        raise SourceError("{tfds} needs tensorflow-datasets: pip install 'vitnt-jax[tfds]'.", field="tfds") from error
     name, _, split = spec.partition(":")
     split = split or "train"
     try:
         data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except tfds.core.DatasetNotFoundError:
-        raise SourceError(f"TFDS has no dataset {name!r}; check the name (tfds.list_builders()).") from None
+    except tfds.core.DatasetNotFoundError as error:
+        raise SourceError(f"TFDS has no dataset {name!r}; check the name (tfds.list_builders()).") from error
     except Exception as first:  # not prepared yet (or prepared as TFRecord), or no such split
         splits = _known_splits(tfds, name, data_dir)
         if splits and split.split("[")[0] not in splits:
             raise SourceError(
                 f"TFDS {name} has no split {split!r}; choose one of {', '.join(sorted(splits))}."
-            ) from None
+            ) from first
         if not prepare:
-            raise SourceError(f"TFDS dataset {name} is not prepared in {data_dir or 'the default data dir'}.") from None
+            raise SourceError(
+                f"TFDS dataset {name} is not prepared in {data_dir or 'the default data dir'}."
+            ) from first
         data = _prepare_and_open(tfds, name, split, data_dir, first)
     n = len(data)
     if n == 0:
         raise SourceError(f"TFDS {name}:{split} holds no examples.")
     first_example = data[0]
-    for key, flag in ((image_key, "--image-key"), (id_key, "--id-key")):
+    for key, option in ((image_key, "image_key"), (id_key, "id_key")):
         if key is not None and key not in first_example:
-            raise SourceError(f"TFDS {name} has no feature {key!r}; pass {flag} one of {sorted(first_example)}.")
+            raise SourceError(
+                f"TFDS {name} has no feature {key!r}; pass " + "{" + option + "}" + f" one of {sorted(first_example)}.",
+                field=option,
+            )
     has_label = label_key is not None and label_key in first_example
 
     def text(value) -> str:
@@ -229,14 +213,13 @@ def tfds_source(
         try:
             value = data[i][image_key]
         except Exception as error:  # a damaged record
-            raise ImageError(f"unreadable record ({type(error).__name__}: {error})") from None
+            raise ImageError(f"unreadable record ({type(error).__name__}: {error})") from error
         if isinstance(value, bytes):
             return read_image(value)
         return np.asarray(value)
 
-    # LFW holds unaligned 250x250 photos: detect and align the face (--align overrides it).
-    aligned = name != "lfw"
-    return Source(f"tfds {name}:{split}", ids, labels, load, "rgb", "none" if aligned else "mtcnn")
+    # LFW holds unaligned 250x250 photos: detect and align the face (an explicit alignment overrides it).
+    return Source(f"tfds {name}:{split}", ids, labels, load, align="mtcnn" if name == "lfw" else None)
 
 
 def _known_splits(tfds, name: str, data_dir: str | None) -> list[str]:
@@ -247,9 +230,7 @@ def _known_splits(tfds, name: str, data_dir: str | None) -> list[str]:
 
 
 def _prepare_and_open(tfds, name, split, data_dir, first_error):
-    import sys
-
-    print(f"TFDS {name} is not prepared in ArrayRecord format; preparing it (this downloads it)...", file=sys.stderr)
+    logger.info("TFDS %s is not prepared in ArrayRecord format; preparing it (this downloads it)...", name)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         builder.download_and_prepare(file_format="array_record")
@@ -257,15 +238,17 @@ def _prepare_and_open(tfds, name, split, data_dir, first_error):
         if "tensorflow" in str(error):
             raise SourceError(
                 f"preparing TFDS {name} needs TensorFlow (pip install tensorflow), or prepare it elsewhere with "
-                f"`tfds build {name} --file_format=array_record` and pass --data-dir."
-            ) from None
-        raise SourceError(f"preparing TFDS {name} failed ({error}).") from None
+                f"`tfds build {name} --file_format=array_record` and pass " + "{data_dir}.",
+                field="data_dir",
+            ) from error
+        raise SourceError(f"preparing TFDS {name} failed ({error}).") from error
     except Exception as error:
         detail = str(error).splitlines()[0] if str(error) else ""
         raise SourceError(
             f"preparing TFDS {name} failed ({type(error).__name__}: {detail}); "
-            "check the network, or prepare it elsewhere and pass --data-dir."
-        ) from None
+            "check the network, or prepare it elsewhere and pass {data_dir}.",
+            field="data_dir",
+        ) from error
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as error:
@@ -273,3 +256,138 @@ def _prepare_and_open(tfds, name, split, data_dir, first_error):
             f"TFDS {name}:{split} cannot be read after preparing ({str(error).splitlines()[0]}); it may be prepared "
             f"as TFRecord: rebuild it with `tfds build {name} --file_format=array_record`."
         ) from first_error
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Option:
+    """An extra setting of a source kind: a keyword of its opener and a flag `--<name with dashes>`."""
+
+    name: str
+    help: str
+    metavar: str | None = None
+    type: Callable[[str], Any] = str
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of source: `open(location, **options)` returns its Source.
+
+    name: the flag is `--<name>`, and the location its value (metavar/help describe it).
+    color/align: what its images hold unless the opened Source says otherwise (see Source).
+    """
+
+    name: str
+    metavar: str
+    help: str
+    open: Callable[..., Source]
+    options: tuple[Option, ...] = ()
+    location_type: Callable[[str], Any] = Path
+    color: str = "rgb"
+    align: str = "none"
+
+
+SOURCES: dict[str, SourceKind] = {
+    kind.name: kind
+    for kind in (
+        SourceKind(
+            "images", "DIR", "folder of PNG/JPEG faces, searched recursively; id = the relative path", image_folder
+        ),
+        SourceKind(
+            "list",
+            "FILE",
+            "text file, one image path per line (the authors' image_path_list.txt); id = the line",
+            path_list,
+            (Option("root", "with --list: folder the listed paths are relative to", "DIR", Path),),
+        ),
+        SourceKind(
+            "bin",
+            "FILE",
+            "insightface verification pack (lfw.bin, ...); id = the position, label = the pair's issame flag",
+            insightface_bin,
+        ),
+        SourceKind(
+            "tfds",
+            "NAME[:SPLIT]",
+            "TFDS dataset read with tfds.data_source, e.g. lfw (id = NAME/SPLIT/INDEX)",
+            tfds_source,
+            (
+                Option("data_dir", "with --tfds: TFDS data directory (default: TFDS's own)", "DIR"),
+                Option("image_key", "with --tfds: image feature (default: image)"),
+                Option("id_key", "with --tfds: feature used as id (default: NAME/SPLIT/INDEX)"),
+                Option("label_key", "with --tfds: feature written to the label column when present (default: label)"),
+            ),
+            location_type=str,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What to open: a kind of `SOURCES`, its location and its options (name, value) pairs."""
+
+    kind: str
+    location: Any
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in SOURCES:
+            raise SourceError(f"unknown source kind {self.kind!r}; choose one of {', '.join(SOURCES)}.")
+        allowed = {o.name for o in SOURCES[self.kind].options}
+        for name, _ in self.options:
+            if name not in allowed:
+                owner = next((k.name for k in SOURCES.values() if name in {o.name for o in k.options}), None)
+                where = f"only applies to the {owner} source" if owner else "is no source option"
+                raise SourceError("{" + name + "} " + f"{where}; drop it or use that source.", field=name)
+
+    def open(self) -> Source:
+        """Returns the opened Source, its color and align filled in from its kind where it left them open."""
+        kind = SOURCES[self.kind]
+        source = kind.open(self.location, **dict(self.options))
+        source.color = source.color or kind.color
+        source.align = source.align or kind.align
+        return source
+
+
+def flag(name: str) -> str:
+    """Returns the command-line flag of a source kind or option name: `data_dir` -> `--data-dir`."""
+    return "--" + name.replace("_", "-")
+
+
+def flag_names(kinds: Sequence[str] | None = None) -> dict[str, str]:
+    """Returns {python name: flag} for the kinds and their options (to render SourceError messages)."""
+    out = {}
+    for kind in (SOURCES[k] for k in (kinds or SOURCES)):
+        out[kind.name] = flag(kind.name)
+        out.update({o.name: flag(o.name) for o in kind.options})
+    return out
+
+
+def add_flags(parser, kinds: Sequence[str] | None = None, *, title: str = "source (exactly one)") -> None:
+    """Adds one flag per source kind (exactly one required) and one per option to an argparse parser."""
+    group = parser.add_argument_group(title)
+    one = group.add_mutually_exclusive_group(required=True)
+    for kind in (SOURCES[k] for k in (kinds or SOURCES)):
+        one.add_argument(flag(kind.name), type=kind.location_type, metavar=kind.metavar, help=kind.help)
+    for kind in (SOURCES[k] for k in (kinds or SOURCES)):
+        for option in kind.options:
+            group.add_argument(flag(option.name), type=option.type, metavar=option.metavar, help=option.help)
+
+
+def spec_from_args(args, kinds: Sequence[str] | None = None) -> SourceSpec:
+    """Returns the SourceSpec of parsed `add_flags` flags; raises SourceError for an option of another kind."""
+    names = list(kinds or SOURCES)
+    kind = next(k for k in names if getattr(args, k, None) is not None)
+    given = {o.name: getattr(args, o.name) for k in names for o in SOURCES[k].options}
+    return SourceSpec(kind, getattr(args, kind), tuple((k, v) for k, v in given.items() if v is not None))
+
+
+def open_source(spec: SourceSpec | Mapping[str, Any]) -> Source:
+    """Returns the Source of a spec (or of a mapping with `kind`, `location` and options)."""
+    if not isinstance(spec, SourceSpec):
+        spec = dict(spec)
+        spec = SourceSpec(spec.pop("kind"), spec.pop("location"), tuple(spec.items()))
+    return spec.open()

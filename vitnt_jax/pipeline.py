@@ -1,0 +1,896 @@
+"""The scoring pipeline: source -> decode/align -> fixed batches -> dispatch/fetch double buffer -> writer.
+
+Python API ("load once, score many")::
+
+    from vitnt_jax import pipeline
+    from vitnt_jax.sources import SourceSpec
+
+    scorer = pipeline.load_scorer("cvlface_vit_base_webface4m")        # a named model or a checkpoint folder
+    q = pipeline.score_array(scorer, images)["quality"]                 # (N, 112, 112, 3) uint8 RGB -> (N,)
+    for r in pipeline.score_iter(scorer, ["a.png", ("b", array)]):      # paths, bytes, arrays or (id, item)
+        print(r.id, r.quality, r.error)
+    summary = pipeline.score_folder(scorer, "faces/", "scores.csv")    # one row per image, resumable
+    summary = pipeline.run(pipeline.Job(SourceSpec("images", "faces/"), out="scores.csv"))  # what the CLI runs
+
+`load_scorer` compiles once per batch shape; every function below takes any `BatchScorer`
+(`vitnt_jax.scorer.Scorer` is one; the experiments' baselines are others): `padded_size(n)`,
+`dispatch(uint8 (B, H, W, C)) -> pending` and `fetch(pending) -> {'quality': (B,), optional
+'embedding' (B, E), 'patch_quality' (B, P)}`. Batches have one fixed size (the tail is padded), so
+nothing recompiles; batch k+1 is dispatched before batch k is fetched, so the host decodes and
+writes while the devices score.
+
+`Job` is the whole description of a scoring run (a frozen, validated dataclass whose field names
+are the flags of `python -m vitnt_jax.score` without their dashes); `run(job)` opens the source,
+resolves the model, scores this process's share and writes through `vitnt_jax.output.ResultWriter`.
+`score_source` is the same loop for a Source and a scorer you already have.
+
+Bad inputs: with on_error="record" (the default) an unreadable image (or, aligning with MTCNN, a
+photo without a face) keeps its row with an empty quality and the reason; with "fail" the rows
+before it are written and `InputError` is raised. Progress and warnings go to the `vitnt_jax`
+loggers; errors a user can fix are `vitnt_jax.errors.UserError`s (JobError, InputError,
+SourceError, OutputError) naming the setting by its field name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from vitnt_jax.data import ALIGNS, Batch, ImageError, batches, read_image
+from vitnt_jax.errors import UserError
+from vitnt_jax.output import FORMATS, ResultWriter, Row, columns, part_path, read_ids
+from vitnt_jax.sources import Source, SourceSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BatchScorer",
+    "InputError",
+    "Job",
+    "JobError",
+    "Result",
+    "Summary",
+    "load_scorer",
+    "run",
+    "score_array",
+    "score_folder",
+    "score_iter",
+    "score_source",
+]
+
+
+class JobError(UserError):
+    """A job setting (or the model, or an output path) that cannot work; names the setting and the fix."""
+
+
+class InputError(UserError):
+    """An input that cannot be scored under on_error='fail'; `id` names it, and the rows before it are kept."""
+
+    def __init__(self, message: str, *, id: str, reason: str, **kwargs):
+        self.id, self.reason = id, reason
+        super().__init__(message, **kwargs)
+
+
+class BatchScorer(Protocol):
+    """What the pipeline scores with (see the module docstring); `vitnt_jax.scorer.Scorer` is one."""
+
+    def padded_size(self, n: int) -> int: ...
+
+    def dispatch(self, images: np.ndarray) -> Any: ...
+
+    def fetch(self, pending: Any) -> dict[str, np.ndarray]: ...
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+
+
+def _micro_batch_value(value):
+    if value in ("auto", None) or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value or None
+    raise JobError(
+        "{micro_batch} must be a number of images (0 = off), 'auto' or None " + f"(got {value!r}).",
+        field="micro_batch",
+    )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One scoring run, validated when made (JobError names the field). Defaults are the method's.
+
+    source: what to score (`vitnt_jax.sources.SourceSpec`). out: the result file.
+    model: a named model (`python -m vitnt_jax.models`) or a converted checkpoint folder; None = the paper's.
+    blocks, alpha, metric, aggregation, attention: the method (see `vitnt_jax.stability.ScoreSettings`);
+      blocks None = the model's published selection.
+    color, align: what the source holds ('rgb'/'bgr'; 'none'/'center'/'mtcnn'); None = the source's default.
+    mtcnn_weights, min_face_size: with align 'mtcnn' only.
+    workers: decoding threads. batch_size: images per step over all local devices (rounded up by the scorer).
+    parallel, dtype, micro_batch, attention_kernel, precision: see `vitnt_jax.scorer.Scorer`.
+    format: a result format of `vitnt_jax.output.FORMATS`. save_embeddings / save_patch_quality: .npy files
+      of per-row arrays; save_aligned: a folder for every scored row's model input.
+    resume / overwrite: continue an existing `out` / replace it (without either, an existing result is refused).
+    on_error: 'record' (bad inputs keep a row with the reason) or 'fail' (stop at the first one).
+    num_processes, process_id, coordinator: multi-process runs; distributed: JAX's automatic cluster detection.
+    process_timeout: seconds a process waits for the others at the end of a multi-process run.
+    """
+
+    source: SourceSpec
+    out: Path = Path("scores.csv")
+    model: str | None = None
+    blocks: str | None = None
+    alpha: float = 8.0
+    metric: str = "euclidean"
+    aggregation: str = "attention"
+    attention: str = "last"
+    color: str | None = None
+    align: str | None = None
+    mtcnn_weights: Path | None = None
+    min_face_size: float | None = None
+    workers: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
+    batch_size: int = 64
+    parallel: str = "jit"
+    dtype: str = "float32"
+    micro_batch: int | str | None = "auto"
+    attention_kernel: str = "matmul"
+    precision: str = "highest"
+    format: str = "csv"
+    save_embeddings: Path | None = None
+    save_patch_quality: Path | None = None
+    save_aligned: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    on_error: str = "record"
+    num_processes: int | None = None
+    process_id: int | None = None
+    coordinator: str | None = None
+    distributed: bool = False
+    process_timeout: float = 3600.0
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
+        for name in ("out", "mtcnn_weights", "save_embeddings", "save_patch_quality", "save_aligned"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                set_(name, Path(value))
+        if not isinstance(self.source, SourceSpec):
+            raise JobError(
+                "{source} must be a vitnt_jax.sources.SourceSpec " + f"(got {self.source!r}).", field="source"
+            )
+        set_("micro_batch", _micro_batch_value(self.micro_batch))
+        choices = {
+            "aggregation": ("mean", "attention"),
+            "attention": ("last", "all"),
+            "color": ("rgb", "bgr", None),
+            "align": (*ALIGNS, None),
+            "parallel": ("jit", "pmap"),
+            "dtype": ("float32", "bfloat16"),
+            "attention_kernel": ("matmul", "xla", "cudnn"),
+            "precision": ("highest", "default"),
+            "format": tuple(FORMATS),
+            "on_error": ("record", "fail"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(a for a in allowed if a is not None)
+                raise JobError("{" + name + "} " + f"must be one of {shown} (got {getattr(self, name)!r}).", field=name)
+        from vitnt_jax.stability import METRICS  # imports JAX: a Job is made after flags are parsed
+
+        if self.metric not in METRICS:
+            raise JobError(
+                "{metric} " + f"must be one of {', '.join(sorted(METRICS))} (got {self.metric!r}).", field="metric"
+            )
+        for name in ("batch_size", "workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise JobError("{" + name + "} " + f"must be at least 1 (got {value}).", field=name)
+        if self.attention_kernel == "cudnn" and self.dtype != "bfloat16":
+            raise JobError(
+                "{attention_kernel} cudnn runs in bfloat16 only; add {dtype} bfloat16.",
+                field="attention_kernel",
+                also=("dtype",),
+            )
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise JobError("{alpha} " + f"must be a positive number (got {self.alpha}).", field="alpha")
+        multi = [self.num_processes, self.process_id, self.coordinator]
+        if any(v is not None for v in multi) and not all(v is not None for v in multi):
+            raise JobError(
+                "multi-process runs need all of {num_processes}, {process_id} and {coordinator}.",
+                field="num_processes",
+                also=("process_id", "coordinator"),
+            )
+        if self.num_processes is not None and not 0 <= self.process_id < self.num_processes:
+            raise JobError(
+                "{process_id} " + f"must be in 0..{self.num_processes - 1} (got {self.process_id}).",
+                field="process_id",
+            )
+        for name in ("save_embeddings", "save_patch_quality"):
+            path = getattr(self, name)
+            if path is not None and path.suffix != ".npy":
+                raise JobError("{" + name + "} " + f"{path} must end in .npy.", field=name)
+        # MTCNN's smallest window is 12 px: a smaller face size upsamples every photo (12/size)^2-fold.
+        size = self.min_face_size
+        if size is not None and not (math.isfinite(size) and size >= 12):
+            raise JobError(
+                "{min_face_size} " + f"must be at least 12 pixels, MTCNN's window (got {size:g}).",
+                field="min_face_size",
+            )
+        if not (isinstance(self.process_timeout, (int, float)) and self.process_timeout > 0):
+            raise JobError(
+                "{process_timeout} " + f"must be a positive number of seconds (got {self.process_timeout}).",
+                field="process_timeout",
+            )
+        if self.resume and self.overwrite:
+            raise JobError(
+                "{resume} and {overwrite} exclude each other; choose one.", field="resume", also=("overwrite",)
+            )
+        finals = [p for p in (self.out, self.save_embeddings, self.save_patch_quality) if p is not None]
+        if len({p.resolve() for p in finals}) != len(finals):
+            raise JobError(
+                "{out}, {save_embeddings} and {save_patch_quality} must be three different files.",
+                field="out",
+                also=("save_embeddings", "save_patch_quality"),
+            )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Returns the names of the job's fields (each a flag of the CLI, dashes for underscores)."""
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run did: rows scored and failed (this process), rows skipped as already written, time, file."""
+
+    scored: int
+    failed: int
+    skipped: int
+    seconds: float
+    out: Path
+
+    @property
+    def rate(self) -> float:
+        """Returns the images (scored or failed) per second."""
+        return (self.scored + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """One scored input of `score_iter`: quality None (and the reason in `error`) when it failed.
+
+    embedding / patch_quality: that input's rows when the scorer returns them (None otherwise).
+    """
+
+    id: str
+    quality: float | None
+    error: str = ""
+    embedding: np.ndarray | None = None
+    patch_quality: np.ndarray | None = None
+
+
+# -------------------------------------------------------------------------------------------- scorer loading
+
+
+def load_scorer(
+    model: str | os.PathLike | None = None,
+    *,
+    blocks: str | Sequence[int] | None = None,
+    alpha: float = 8.0,
+    metric: str = "euclidean",
+    aggregation: str = "attention",
+    attention: str = "last",
+    embeddings: bool = False,
+    patch_quality: bool = False,
+    precision: str = "highest",
+    dtype: str = "float32",
+    parallel: str = "jit",
+    micro_batch: int | str | None = "auto",
+    attention_kernel: str = "matmul",
+    devices: list | None = None,
+):
+    """Returns a compiled `vitnt_jax.scorer.Scorer` for a named model or checkpoint folder (None = the paper's).
+
+    The model is resolved (named models are downloaded and converted once, see `vitnt_jax.models`)
+    and loaded once; reuse the scorer for every batch. Raises JobError naming the setting.
+    """
+    import jax.numpy as jnp
+
+    from vitnt_jax import checkpoint, models
+    from vitnt_jax.scorer import Scorer
+    from vitnt_jax.selection import parse_blocks
+    from vitnt_jax.stability import ScoreSettings
+
+    try:
+        model_dir = models.resolve(model if model is not None else models.DEFAULT_MODEL)
+    except models.ModelError as error:
+        raise JobError(str(error), field="model") from error
+    try:
+        config, variables = checkpoint.load(model_dir)
+    except checkpoint.CheckpointError as error:
+        raise JobError(str(error), field="model") from error
+    try:
+        selected = parse_blocks(blocks if blocks is not None else config.default_blocks, config.depth)
+        settings = ScoreSettings(selected, alpha=alpha, metric=metric, aggregation=aggregation, attention=attention)
+    except ValueError as error:
+        raise JobError(str(error), field="blocks") from error
+    if embeddings and config.head == "none":
+        raise JobError(
+            f"model {config.name} has no embedding head; do not ask for " + "{save_embeddings}.",
+            field="save_embeddings",
+        )
+    outputs = ("quality",) + (("embedding",) if embeddings else ()) + (("patch_quality",) if patch_quality else ())
+    try:
+        return Scorer(
+            config,
+            variables,
+            settings,
+            embed=embeddings,
+            outputs=outputs,
+            precision=precision,
+            dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+            devices=devices,
+            parallel=parallel,
+            attention_kernel=attention_kernel,
+            micro_batch=micro_batch,
+        )
+    except ValueError as error:
+        raise JobError(str(error)) from error
+
+
+def _image_size(scorer, size: int | None) -> int:
+    if size is not None:
+        return size
+    config = getattr(scorer, "config", None)
+    if config is None:
+        raise TypeError("pass size= (the scorer's input size): this scorer has no .config to read it from.")
+    return config.img_size
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+
+
+@dataclass
+class _Scored:
+    batch: Batch
+    result: dict[str, np.ndarray]
+    rows: int  # rows of the batch to write (all its inputs, or those before a bad one)
+
+
+def _scored_batches(
+    scorer: BatchScorer,
+    stream: Iterable[Batch],
+    on_error: str,
+    source_ids: Sequence[str] | None = None,
+    on_batch: Callable[[Batch], None] | None = None,
+) -> Iterator[_Scored]:
+    """Yields every batch of `stream` with its scores, dispatching batch k+1 before fetching batch k.
+
+    on_error 'fail': the rows before the first bad input are yielded, then InputError is raised.
+    """
+    pending = None
+    for batch in stream:
+        if on_batch is not None:
+            on_batch(batch)
+        dispatched = (batch, scorer.dispatch(batch.images))
+        bad = next((k for k, e in enumerate(batch.errors) if e), None) if on_error == "fail" else None
+        if bad is not None:
+            if pending is not None:
+                yield _Scored(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
+            yield _Scored(batch, scorer.fetch(dispatched[1]), bad)
+            index = batch.indices[bad]
+            name = source_ids[index] if source_ids is not None else str(index)
+            raise InputError(
+                f"{name}: {batch.errors[bad]} (" + "{on_error} fail)",
+                id=name,
+                reason=batch.errors[bad],
+                field="on_error",
+            )
+        if pending is not None:
+            yield _Scored(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
+        pending = dispatched
+    if pending is not None:
+        yield _Scored(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
+
+
+def _rows(scored: _Scored, source: Source, keys: Iterable[str], shapes: dict[str, tuple[int, ...]]):
+    """Returns (rows, arrays with NaN rows for failed inputs, failed count) of a scored batch."""
+    n, batch, result = scored.rows, scored.batch, scored.result
+    valid = batch.valid[:n]
+    rows, failed = [], 0
+    for row, index in enumerate(batch.indices[:n]):
+        label = source.labels[index] if source.labels is not None else None
+        if valid[row]:
+            rows.append(Row(source.ids[index], float(result["quality"][row]), label))
+        else:
+            rows.append(Row(source.ids[index], None, label, batch.errors[row]))
+            failed += 1
+    arrays = {}
+    for key in keys:
+        values = np.array(result[key][:n], np.float32)
+        values[~valid] = np.nan  # failed inputs keep their row, filled with NaN
+        arrays[key] = values.reshape(n, *shapes[key]) if key in shapes else values
+    return rows, arrays, failed
+
+
+def _resize_warning(size: int) -> Callable[[Batch], None]:
+    warned = []
+
+    def check(batch: Batch) -> None:
+        if not warned and any(batch.resized):
+            w, h = next(r for r in batch.resized if r)
+            logger.warning("some images (e.g. %dx%d) are not %dx%d; resizing them bilinearly", w, h, size, size)
+            warned.append(True)
+
+    return check
+
+
+def score_source(
+    scorer: BatchScorer,
+    source: Source,
+    out: str | os.PathLike | ResultWriter | None = None,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 64,
+    size: int | None = None,
+    color: str | None = None,
+    align: str | None = None,
+    detector=None,
+    workers: int = 4,
+    on_error: str = "record",
+    fmt: str = "csv",
+    resume: bool = False,
+    overwrite: bool = False,
+    crops: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Scores `source` (the `indices` given, default all not yet in a resumed `out`) into a result file.
+
+    out: a path (a ResultWriter is opened on it with fmt/resume/overwrite and closed at the end), an
+      open ResultWriter (left open, for callers that own it), or None (nothing written; the Summary only).
+    size: the scorer's input size (default: scorer.config.img_size). color/align: default the source's.
+    crops: save every valid row's model input there first (see `crop_name`).
+    progress: called with the rows written after each batch.
+    Raises InputError under on_error='fail' after writing the rows before the bad input.
+    """
+    size = _image_size(scorer, size)
+    own = out is not None and not isinstance(out, ResultWriter)
+    writer = (
+        ResultWriter(Path(out), fmt=fmt, with_label=source.labels is not None, resume=resume, overwrite=overwrite)
+        if own
+        else out
+    )
+    done = set(writer.done_ids) if writer is not None else set()
+    todo = [k for k in (range(len(source)) if indices is None else indices) if source.ids[k] not in done]
+    padded = scorer.padded_size(batch_size)
+    stream = batches(
+        source.load,
+        todo,
+        padded,
+        size,
+        color=color or source.color or "rgb",
+        align=align or source.align or "none",
+        workers=workers,
+        detector=detector,
+    )
+    shapes = {k: s.row_shape for k, s in writer.sinks.items()} if writer is not None else {}
+    scored = failed = 0
+    finished = False
+    start = time.perf_counter()
+    try:
+        for item in _scored_batches(scorer, stream, on_error, source.ids, _resize_warning(size)):
+            rows, arrays, bad = _rows(item, source, shapes, shapes)
+            if crops is not None:
+                _save_crops(crops, source, item.batch, item.rows)
+            if writer is not None:
+                writer.write(rows, arrays)
+            scored, failed = scored + len(rows) - bad, failed + bad
+            if progress is not None:
+                progress(len(rows))
+        finished = True
+    finally:
+        if own:
+            writer.close(finished)
+    return Summary(scored, failed, len(done), time.perf_counter() - start, Path(writer.path) if writer else None)
+
+
+def score_array(scorer: BatchScorer, images: np.ndarray, *, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Returns the scorer's outputs for (N, H, W, C) uint8 RGB images at its input size, rows in order.
+
+    Batches of one fixed size (the tail padded), double-buffered: one compilation for any N.
+    """
+    images = np.asarray(images)
+    padded = scorer.padded_size(batch_size)
+    n = images.shape[0]
+    pending, parts = None, []
+    for lo in range(0, n, padded):
+        chunk = images[lo : lo + padded]
+        if chunk.shape[0] < padded:
+            chunk = np.concatenate([chunk, np.zeros((padded - chunk.shape[0], *images.shape[1:]), images.dtype)])
+        dispatched = (min(padded, n - lo), scorer.dispatch(chunk))
+        if pending is not None:
+            parts.append((pending[0], scorer.fetch(pending[1])))
+        pending = dispatched
+    if pending is not None:
+        parts.append((pending[0], scorer.fetch(pending[1])))
+    if not parts:
+        raise ValueError("score_array needs at least one image.")
+    return {key: np.concatenate([got[key][:k] for k, got in parts]) for key in parts[0][1]}
+
+
+def _decode(item) -> np.ndarray:
+    if isinstance(item, np.ndarray):
+        return item
+    if isinstance(item, (str, os.PathLike, bytes)):
+        return read_image(item if isinstance(item, bytes) else Path(item))
+    raise ImageError(f"expected an image array, a path or encoded bytes, got {type(item).__name__}")
+
+
+def score_iter(
+    scorer: BatchScorer,
+    items: Iterable,
+    *,
+    batch_size: int = 64,
+    size: int | None = None,
+    color: str = "rgb",
+    align: str = "none",
+    detector=None,
+    workers: int = 4,
+    window: int = 8,
+) -> Iterator[Result]:
+    """Yields one Result per item, in order: items are arrays, paths or encoded bytes, or (id, item) pairs.
+
+    id = the pair's id, else the path, else the item's position. Up to `window` batches of items
+    are held at a time (the double buffer runs within each window), so any iterable streams.
+    """
+    size = _image_size(scorer, size)
+    padded = scorer.padded_size(batch_size)
+    it = iter(items)
+    position = 0
+    while True:
+        chunk = []
+        for item in it:
+            ident, thing = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+            if ident is None:
+                ident = str(thing) if isinstance(thing, (str, os.PathLike)) else str(position)
+            chunk.append((str(ident), thing))
+            position += 1
+            if len(chunk) == padded * window:
+                break
+        if not chunk:
+            return
+        source = Source("items", [i for i, _ in chunk], None, lambda k, c=chunk: _decode(c[k][1]))
+        stream = batches(
+            source.load, range(len(chunk)), padded, size, color=color, align=align, workers=workers, detector=detector
+        )
+        for item in _scored_batches(scorer, stream, "record", None, _resize_warning(size)):
+            result, batch = item.result, item.batch
+            for row, index in enumerate(batch.indices):
+                ok = bool(batch.valid[row])
+                extra = {
+                    key: result[key][row] if ok else None for key in ("embedding", "patch_quality") if key in result
+                }
+                quality = float(result["quality"][row]) if ok else None
+                yield Result(source.ids[index], quality, batch.errors[row], **extra)
+
+
+def score_folder(scorer: BatchScorer, folder: str | os.PathLike, out: str | os.PathLike | None, **options) -> Summary:
+    """Scores every PNG/JPEG under `folder` into `out` (see `score_source` for the options)."""
+    from vitnt_jax.sources import image_folder
+
+    return score_source(scorer, image_folder(folder), out, **options)
+
+
+# ----------------------------------------------------------------------------------------------- whole runs
+
+
+class Progress:
+    """tqdm on a terminal (images/s, ETA) when `bar`; else a log line every 30 s (batch-job logs)."""
+
+    def __init__(self, total: int, bar: bool | None = None):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.last = self.start
+        self.bar = None
+        if bar if bar is not None else sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True)
+
+    def __call__(self, n: int) -> None:
+        self.update(n)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= 30:
+            self.last = now
+            rate = self.done / (now - self.start)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            logger.info("%d/%d images, %.1f images/s, ETA %.0f s", self.done, self.total, rate, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def crop_name(index: int, image_id: str) -> str:
+    """Returns the file name of a saved crop: '<index, 8+ digits>_<file-safe id>.png'.
+
+    The source index makes names unique (the first '_' ends it); the id part keeps letters,
+    digits, '.', '-' and '_' (anything else becomes '_'), drops an image suffix, and is cut at 100
+    characters.
+    """
+    import re
+
+    stem = image_id[: image_id.rfind(".")] if image_id.lower().endswith((".png", ".jpg", ".jpeg")) else image_id
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "image"
+    return f"{index:08d}_{safe}.png"
+
+
+def _save_crops(folder: Path, source: Source, batch: Batch, n: int) -> None:
+    from PIL import Image
+
+    for row, index in enumerate(batch.indices[:n]):
+        if batch.valid[row]:
+            path = folder / crop_name(index, source.ids[index])
+            try:
+                Image.fromarray(batch.images[row]).save(path)
+            except OSError as error:
+                raise JobError(
+                    f"cannot write {path} ({error.strerror or error}); free space or choose another "
+                    + "{save_aligned}.",
+                    field="save_aligned",
+                ) from error
+
+
+def _check_writable(name: str, path: Path) -> None:
+    """Raises JobError unless a file can be created at `path` (checked before any work starts)."""
+    slot = "{" + name + "} "
+    if path.is_dir():
+        raise JobError(slot + f"{path} is a folder; give a file path.", field=name)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise JobError(slot + f"{path} lies under {parent}, which is a file; choose another path.", field=name)
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise JobError(slot + f"{path} is not writable (permission denied); choose another path.", field=name)
+
+
+def _make_folder(name: str, folder: Path) -> None:
+    """Creates `folder` (and its parents) or raises JobError naming the problem."""
+    slot = "{" + name + "} "
+    if folder.exists() and not folder.is_dir():
+        raise JobError(slot + f"{folder} is a file; give a folder path.", field=name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise JobError(
+            "cannot create " + slot + f"{folder} ({error.strerror}); choose another folder.", field=name
+        ) from error
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise JobError(slot + f"{folder} is not writable (permission denied); choose another folder.", field=name)
+
+
+def _detector(job: Job, align: str):
+    """Returns the MTCNN detector for align 'mtcnn' (None otherwise)."""
+    if align != "mtcnn":
+        for name in ("mtcnn_weights", "min_face_size"):
+            if getattr(job, name) is not None:
+                raise JobError(
+                    "{" + name + "} only applies to {align} mtcnn, " + f"but this run aligns with {align!r}.",
+                    field=name,
+                    also=("align",),
+                )
+        return None
+    from vitnt_jax import models, mtcnn
+
+    size = job.min_face_size if job.min_face_size is not None else mtcnn.DEFAULT_MIN_FACE
+    try:
+        # The named-model layer converts the default weights; the detector only reads a weights file.
+        weights = models.mtcnn_weights(job.mtcnn_weights) if hasattr(models, "mtcnn_weights") else job.mtcnn_weights
+        return mtcnn.Detector.load(weights, min_face_size=size)
+    except (mtcnn.MTCNNError, models.ModelError) as error:
+        raise JobError(str(error), field="mtcnn_weights") from error
+
+
+def _span(blocks: tuple[int, ...]) -> str:
+    if list(blocks) == list(range(blocks[0], blocks[-1] + 1)):
+        return f"{blocks[0]}-{blocks[-1]}"
+    return ",".join(map(str, blocks))
+
+
+def _open(spec: SourceSpec) -> Source:
+    return spec.open()
+
+
+def _initialize(job: Job) -> tuple[int, int]:
+    """Joins the job's process group (if any); returns (process index, process count)."""
+    from vitnt_jax import distributed
+
+    try:
+        return distributed.initialize(job.num_processes, job.process_id, job.coordinator, job.distributed)
+    except distributed.DistributedError as error:
+        if job.num_processes is None:
+            raise JobError("{distributed} " + str(error), field="distributed") from error
+        raise
+
+
+def _wait_and_merge(job: Job, processes: int) -> None:
+    from vitnt_jax import distributed
+    from vitnt_jax.output import merge_parts
+
+    def waiting(process: int, seconds: float) -> None:
+        logger.info("waiting for process %d to finish its part (%.0f s)", process, seconds)
+
+    statuses = distributed.wait_for_all(processes, job.process_timeout, waiting)
+    failed = next((i for i in sorted(statuses) if statuses[i] != "ok"), None)
+    if failed is not None:
+        raise JobError(
+            f"process {failed} {statuses[failed]}; nothing was merged and every part is kept: fix it and rerun all "
+            "processes with {resume}.",
+            field="resume",
+        )
+    arrays = [p for p in (job.save_embeddings, job.save_patch_quality) if p is not None]
+    rows = merge_parts(job.out, processes, job.format, arrays, append=job.resume and job.out.exists())
+    logger.info("merged %d parts (%d new rows) into %s", processes, rows, job.out)
+
+
+def run(job: Job, *, progress_bar: bool | None = None) -> Summary:
+    """Runs a scoring job (this process's share of it in a multi-process run); returns what it did.
+
+    Multi-process: every process reports success or its error (`vitnt_jax.distributed`), and process 0
+    merges the parts into `job.out` once all succeeded, or raises JobError naming the failed one;
+    every wait is bounded by `job.process_timeout` (DistributedError when a process never reports).
+    progress_bar: tqdm bar (default: when stderr is a terminal), else a log line every 30 s.
+    """
+    from vitnt_jax import distributed
+
+    process, processes = _initialize(job)
+    if processes == 1:
+        return _run_part(job, 0, 1, progress_bar)
+    try:
+        summary = _run_part(job, process, processes, progress_bar)
+    except BaseException as error:
+        reason = str(error) if isinstance(error, UserError) else type(error).__name__
+        distributed.report(process, f"failed: {reason}", timeout_s=job.process_timeout)
+        raise
+    distributed.report(process, "ok", timeout_s=job.process_timeout)
+    if process == 0:
+        _wait_and_merge(job, processes)
+    return summary
+
+
+def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None) -> Summary:
+    source = _open(job.source)
+    for problem in source.problems:
+        if job.on_error == "fail":
+            raise JobError(f"{problem} (" + "{on_error} fail).", field="on_error")
+        logger.warning("%s", problem)
+    for name in ("out", "save_embeddings", "save_patch_quality"):
+        if getattr(job, name) is not None:
+            _check_writable(name, getattr(job, name))
+    color = job.color or source.color or "rgb"
+    align = job.align or source.align or "none"
+    detector = _detector(job, align)
+    embed = job.save_embeddings is not None
+    scorer = load_scorer(
+        job.model,
+        blocks=job.blocks,
+        alpha=job.alpha,
+        metric=job.metric,
+        aggregation=job.aggregation,
+        attention=job.attention,
+        embeddings=embed,
+        patch_quality=job.save_patch_quality is not None,
+        precision=job.precision,
+        dtype=job.dtype,
+        parallel=job.parallel,
+        micro_batch=job.micro_batch,
+        attention_kernel=job.attention_kernel,
+    )
+    config = scorer.config
+    batch_size = scorer.padded_size(job.batch_size)
+
+    # This process's contiguous share of the source; parts concatenate in source order.
+    lo, hi = len(source) * process // processes, len(source) * (process + 1) // processes
+    out = part_path(job.out, process, processes) if processes > 1 else job.out
+    arrays: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    if embed:
+        arrays["embedding"] = (job.save_embeddings, (config.embedding_dim,))
+    if job.save_patch_quality is not None:
+        arrays["patch_quality"] = (job.save_patch_quality, (config.grid_size, config.grid_size))
+    if not job.resume and not job.overwrite:
+        names = [n for n in ("save_embeddings", "save_patch_quality") if getattr(job, n) is not None]
+        names += ["out"] if processes > 1 else []
+        for name in names:
+            path = getattr(job, name)
+            if path.exists():
+                raise JobError(
+                    f"{path} already exists; pass " + "{overwrite} or {resume}, or choose another path.",
+                    field=name,
+                    also=("overwrite", "resume"),
+                )
+    if processes > 1:
+        arrays = {k: (part_path(p, process, processes), s) for k, (p, s) in arrays.items()}
+    if job.save_aligned is not None:
+        _make_folder("save_aligned", job.save_aligned)
+        if not (job.resume or job.overwrite) and any(job.save_aligned.glob("*.png")):
+            raise JobError(
+                "{save_aligned} " + f"{job.save_aligned} already holds crops; pass " + "{overwrite} or {resume}, "
+                "or choose an empty folder.",
+                field="save_aligned",
+                also=("overwrite", "resume"),
+            )
+    try:
+        writer = ResultWriter(
+            out,
+            fmt=job.format,
+            with_label=source.labels is not None,
+            arrays=arrays,
+            resume=job.resume,
+            overwrite=job.overwrite,
+        )
+    except OSError as error:
+        raise JobError(
+            f"cannot write {error.filename or out} ({error.strerror}); choose a writable " + "{out}.", field="out"
+        ) from error
+    done = set(writer.done_ids)
+    if processes > 1 and job.resume and job.out.exists():
+        # A finished multi-process run: its merged rows count as written; new rows are appended.
+        done |= set(read_ids(job.out, job.format, columns(source.labels is not None)))
+    todo = [k for k in range(lo, hi) if source.ids[k] not in done]
+
+    dev = f"{scorer.num_devices} {scorer.devices[0].platform} device{'s' * (scorer.num_devices > 1)}"
+    where = f" (process {process + 1}/{processes}: inputs {lo}..{hi - 1})" if processes > 1 else ""
+    method = job.aggregation + ("/" + job.attention if job.aggregation == "attention" else "")
+    skipping = f", skipping {len(done)} already written" if done else ""
+    logger.info(
+        f"scoring {len(todo)} of {len(source)} inputs from {source.name}{where} with {config.name} on {dev}, "
+        f"batch {batch_size}, blocks {_span(scorer.settings.blocks)}, alpha {job.alpha:g}, {method}, "
+        f"{job.metric}, align {align}{skipping}"
+    )
+    progress = Progress(len(todo), progress_bar)
+    finished = False
+    try:
+        try:
+            summary = score_source(
+                scorer,
+                source,
+                writer,
+                indices=todo,
+                batch_size=batch_size,
+                size=config.img_size,
+                color=color,
+                align=align,
+                detector=detector,
+                workers=job.workers,
+                on_error=job.on_error,
+                crops=job.save_aligned,
+                progress=progress,
+            )
+        except InputError as error:
+            raise InputError(
+                f"{error.id}: {error.reason} (" + "{on_error} fail); the rows before it are in " + f"{out}: "
+                "rerun with {resume} once it is fixed.",
+                id=error.id,
+                reason=error.reason,
+                field="on_error",
+                also=("resume",),
+            ) from error
+        finished = True
+    finally:
+        progress.close()
+        writer.close(finished)
+    summary = Summary(summary.scored, summary.failed, len(done), summary.seconds, out)
+    logger.info(f"scored {summary.scored}, failed {summary.failed}, {summary.rate:.1f} images/s -> {out}")
+    return summary
