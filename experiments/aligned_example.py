@@ -27,20 +27,16 @@ import numpy as np
 from PIL import Image
 
 
-def _model(spec: str | None, tmp: Path) -> tuple[Path, bool]:
-    """Returns (checkpoint folder, real weights?): the named/given model, else a random 'testing' model."""
-    from vitnt_jax import checkpoint, models
-    from vitnt_jax.config import PRESETS
-    from vitnt_jax.model import init_variables
+def _model(spec: str | None) -> tuple[Path, bool]:
+    """Returns (checkpoint folder, real weights?): the named/given model, else the random-weight 'testing' model."""
+    from vitnt_jax import models
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             return models.resolve(spec or models.DEFAULT_MODEL), True
     except models.ModelError as error:
-        print(f"no real model ({error}); using the random-weight testing preset", file=sys.stderr)
-    config = PRESETS["testing"]
-    folder = checkpoint.save(tmp / "testing", config, init_variables(config, seed=0), {"family": "random"})
-    return folder, False
+        print(f"no real model ({error}); using the named model 'testing' ({models.RANDOM_WEIGHTS})", file=sys.stderr)
+    return models.resolve("testing"), False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         (tmp / "in").mkdir()
         Image.fromarray(photo).save(tmp / "in" / "photo.png")
-        model_dir, real = _model(args.model, tmp)
+        model_dir, real = _model(args.model)
         code = score.main(
             [
                 "--images",

@@ -1,13 +1,17 @@
 """Named models: resolution, one-time conversion into the cache, and the offline error (no network)."""
 
 import csv
+import logging
 
+import jax
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from vitnt_jax import checkpoint, models, score
 from vitnt_jax.config import PRESETS
+from vitnt_jax.model import init_variables
 
 import torch_reference as tr
 from helpers import smooth_faces
@@ -128,3 +132,61 @@ def test_concurrent_first_use_reuses_the_other_conversion(cache, fake_hub, monke
 
     monkeypatch.setattr(cvlface, "convert", racing)
     assert checkpoint.is_checkpoint(models.resolve("cvlface_vit_base_webface4m"))
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture()
+def model_log():
+    handler = _Records()
+    logger = logging.getLogger("vitnt_jax.models")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def _no_network(*args):
+    pytest.fail("the testing model tried to download")
+
+
+def test_the_testing_model_is_seeded_random_weights_built_offline(cache, monkeypatch, model_log):
+    monkeypatch.setattr(models, "hub_download", _no_network)
+    first = models.resolve("testing")
+    assert first == cache / "testing"
+    config, meta = checkpoint.load_config(first)
+    assert config == PRESETS["testing"]
+    assert meta["source"] == {"family": "random", "seed": 0, "note": models.RANDOM_WEIGHTS}
+    got = jax.tree_util.tree_leaves_with_path(checkpoint.load(first)[1])
+    want = jax.tree_util.tree_leaves_with_path(init_variables(PRESETS["testing"], seed=0))
+    assert len(got) == len(want) > 0
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
+    written = (first / "config.json").stat().st_mtime_ns
+    assert models.resolve("testing") == first and (first / "config.json").stat().st_mtime_ns == written  # reused
+    # Labelled every time it is used, in the listing and in its metadata.
+    assert model_log == ["model 'testing': random weights: measures nothing, for trying the pipeline offline"] * 2
+    assert models.RANDOM_WEIGHTS in models.MODELS["testing"].description
+    assert models.RANDOM_WEIGHTS in models.MODELS["testing"].input_contract
+
+
+def test_the_testing_model_scores_a_folder_end_to_end_offline(cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "hub_download", _no_network)
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i, face in enumerate(smooth_faces(3, size=48)):
+        Image.fromarray(face).save(faces / f"{i}.png")
+    out = tmp_path / "x.csv"
+    assert score.main(["--images", str(faces), "--model", "testing", "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "quality", "error"] and [r[0] for r in rows[1:]] == ["0.png", "1.png", "2.png"]
+    assert all(0 < float(r[1]) <= 1 and r[2] == "" for r in rows[1:])

@@ -31,10 +31,13 @@ class ModelError(Exception):
     """A model that cannot be resolved; the message says what to download and where to put it."""
 
 
+RANDOM_WEIGHTS = "random weights: measures nothing, for trying the pipeline offline"
+
+
 @dataclass(frozen=True)
 class NamedModel:
     name: str
-    family: str  # converter module: converters.<family>
+    family: str  # converter module: converters.<family>; 'random': seeded random weights, built here
     description: str
     repo_id: str | None  # Hugging Face Hub repository, or None when it must be fetched by hand
     filename: str | None
@@ -44,6 +47,8 @@ class NamedModel:
 
     @property
     def input_contract(self) -> str:
+        if self.family == "random":
+            return f"any RGB image, resized to 32x32 ({RANDOM_WEIGHTS})"
         if self.family == "clip":
             return "224x224 RGB, CLIP mean/std (unaligned images are fine)"
         if self.family == "timm":
@@ -97,8 +102,17 @@ MODELS: dict[str, NamedModel] = {
             "see the TransFace repository",
             manual="download the ViT-B Glint360K model from github.com/DanJun6737/TransFace",
         ),
+        NamedModel(
+            "testing",
+            "random",
+            f"the tiny 'testing' preset (3 blocks, 32x32 input) with seeded {RANDOM_WEIGHTS}",
+            None,
+            None,
+            "none: no trained weights",
+        ),
     ]
 }
+RANDOM_SEED = 0  # the 'random' family's weights: jax.random.PRNGKey(RANDOM_SEED), the same on every machine
 
 
 def hub_download(repo_id: str, filename: str, target: Path) -> Path:
@@ -106,14 +120,14 @@ def hub_download(repo_id: str, filename: str, target: Path) -> Path:
     try:
         import huggingface_hub
         from huggingface_hub import constants
-    except ImportError:
-        raise ModelError("downloading named models needs huggingface_hub: pip install huggingface_hub.") from None
+    except ImportError as error:
+        raise ModelError("downloading named models needs huggingface_hub: pip install huggingface_hub.") from error
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     if not constants.HF_HUB_OFFLINE:
         try:  # fail within seconds when the hub is unreachable, instead of retrying for minutes
             socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as error:
-            raise ConnectionError(f"{host} is unreachable ({error})") from None
+            raise ConnectionError(f"{host} is unreachable ({error})") from error
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.set_verbosity_error()  # no retry chatter: failures become one sentence here
@@ -133,13 +147,17 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
     name = str(spec)
     if name not in MODELS:
         raise ModelError(
-            f"--model {name} is neither a converted checkpoint folder nor a known model name; "
+            f"model {name!r} is neither a converted checkpoint folder nor a known model name; "
             f"known names: {', '.join(MODELS)} (python -m vitnt_jax.models lists them)."
         )
     model = MODELS[name]
     target = cache_dir() / name
+    if model.family == "random":
+        log.warning("model %r: %s", name, RANDOM_WEIGHTS)
     if checkpoint.is_checkpoint(target):
         return target
+    if model.family == "random":
+        return _random_model(target)
     how = f"`python -m converters.{model.family} FILE {target}`" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in model.convert_args
     )
@@ -156,7 +174,7 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
             f"could not download {model.filename} of {model.repo_id} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it by hand from "
             f"https://huggingface.co/{model.repo_id} and convert it with {how}."
-        ) from None
+        ) from error
     from converters import clip, cvlface, insightface, timm  # explicit, so the import check sees them
     from converters.state_dict import ConversionError
 
@@ -166,9 +184,25 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
     except ConversionError as error:
         if checkpoint.is_checkpoint(target):  # another process converted it at the same time
             return target
-        raise ModelError(f"the downloaded {model.filename} of {name} did not convert: {error}") from None
+        raise ModelError(f"the downloaded {model.filename} of {name} did not convert: {error}") from error
     log.info("%s: converted into %s", name, target)
     return target
+
+
+def _random_model(target: Path) -> Path:
+    """Writes the 'testing' preset with seeded random weights into `target` and returns it (no download)."""
+    from vitnt_jax import checkpoint
+    from vitnt_jax.config import PRESETS
+    from vitnt_jax.model import init_variables
+
+    config = PRESETS["testing"]
+    source = {"family": "random", "seed": RANDOM_SEED, "note": RANDOM_WEIGHTS}
+    try:
+        return checkpoint.save(target, config, init_variables(config, seed=RANDOM_SEED), source)
+    except checkpoint.CheckpointError as error:
+        if checkpoint.is_checkpoint(target):  # another process wrote it at the same time
+            return target
+        raise ModelError(f"cannot write the random-weight model into {target}: {error}") from error
 
 
 def mtcnn_weights(path: str | os.PathLike | None = None) -> Path:
@@ -205,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     """Prints the named models: name, source, licence, input contract."""
     print(f"Named models (cache: {cache_dir()}; set ${CACHE_ENV} to move it). Default: {DEFAULT_MODEL}.\n")
     for m in MODELS.values():
-        source = f"hf://{m.repo_id}/{m.filename}" if m.repo_id else f"by hand: {m.manual}"
+        if m.family == "random":
+            source, convert = f"built offline from seed {RANDOM_SEED}, nothing downloaded", f"none ({RANDOM_WEIGHTS})"
+        else:
+            source = f"hf://{m.repo_id}/{m.filename}" if m.repo_id else f"by hand: {m.manual}"
+            convert = f"converters.{m.family}"
         print(
-            f"{m.name}\n  {m.description}\n  source:  {source}\n  convert: converters.{m.family}\n"
+            f"{m.name}\n  {m.description}\n  source:  {source}\n  convert: {convert}\n"
             f"  licence: {m.licence}\n  input:   {m.input_contract}\n"
         )
     return 0
