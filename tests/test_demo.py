@@ -1,16 +1,17 @@
 """The digits sanity demonstration (experiments/demo_digits.py): a real trained ViT, real claims.
 
-One training run (seed 0: 1,200 steps, single-threaded XLA:CPU, ~40 s on a free core) is shared
-by the tests. They assert the forms of the claims that held for every seed we ran (0-4, see
-experiments/results/demo_digits.json): for every degradation the heaviest level scores below
-clean and the level/quality rank correlation is <= -0.7; the EDC falls and stays below random
-discard. The strict every-step decrease held in 12 of 20 (degradation, seed) cases; it is
-reported by the demo, not asserted. conftest's 8 fake CPU devices change XLA:CPU rounding
-(~1e-5 in a gradient) and training amplifies it, so this run is not bit-identical to the JSON's
-seed 0 (it is one more sample; at the time of writing: 93.7% clean accuracy, all four strict).
+One training run (seed 0, 1,200 steps, about a minute on a free core) is shared by the tests marked
+slow. They assert the forms of the claims that held for every seed run so far (0-4, see
+experiments/results/demo_digits.seeds0-4.json): for every degradation the heaviest level scores
+below clean and the level/quality rank correlation is <= -0.7; the EDC falls and stays below random
+discard. The strict every-step decrease is reported by the demo, not asserted. The trained weights
+depend on the CPU threads and devices the process gets (conftest's 8 simulated devices give other
+bits than the command line), so this run is one more sample, not the committed seed 0.
 """
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,12 +24,17 @@ def result():
     return demo.run(seed=0)
 
 
+slow = pytest.mark.slow
+
+
+@slow
 def test_clean_accuracy_is_reasonable(result):
     assert result["clean_accuracy"] > 0.9
     assert result["num_train"] == 1400 and result["num_test"] == 397
     assert result["pool_size"] == 397 * (1 + sum(len(s) - 1 for s in demo.SEVERITIES.values()))
 
 
+@slow
 def test_claim_a_quality_falls_with_severity(result):
     claims = result["claims"]["a_quality_falls_with_severity"]
     for kind in demo.SEVERITIES:
@@ -39,6 +45,7 @@ def test_claim_a_quality_falls_with_severity(result):
         assert acc[-1] < acc[0] - 0.3, (kind, acc)
 
 
+@slow
 def test_claim_b_error_falls_as_low_quality_is_discarded(result):
     claims = result["claims"]
     curve = result["edc_quality"]
@@ -52,6 +59,7 @@ def test_claim_b_error_falls_as_low_quality_is_discarded(result):
     assert reversed_curve[result["discard_fractions"].index(0.5)] > curve[0], reversed_curve
 
 
+@slow
 def test_alpha_does_not_decide_the_ranking(result):
     assert result["alpha_1"]["rank_correlation_with_alpha"] > 0.95
 
@@ -79,13 +87,14 @@ def test_degradations_are_paired_and_bounded():
     assert np.all(big[small])
     aligned = demo.aligned_squares(np.full((50, 8, 8), 5.0), 4, aligned=True, seed=3) == 0
     corners = np.array([np.argwhere(a)[0] for a in aligned])
-    assert np.all(corners % demo.CONFIG.patch_size == 0) and aligned.sum() == 50 * 16
+    assert np.all(corners % demo.PATCH_SIZE == 0) and aligned.sum() == 50 * 16
     off = demo.aligned_squares(np.full((50, 8, 8), 5.0), 4, aligned=False, seed=3) == 0
-    assert np.all(np.array([np.argwhere(a)[0] for a in off]) % demo.CONFIG.patch_size == 1)
+    assert np.all(np.array([np.argwhere(a)[0] for a in off]) % demo.PATCH_SIZE == 1)
     with pytest.raises(ValueError, match="unknown degradation"):
         demo.degrade(images, "rain", 1, seed=0)
 
 
+@slow
 def test_outputs_are_written(result, tmp_path):
     paths = demo.plot(result, tmp_path / "demo_digits")
     png, pdf = paths
@@ -95,3 +104,67 @@ def test_outputs_are_written(result, tmp_path):
     loaded = json.loads((tmp_path / "result.json").read_text())
     assert loaded["title"] == demo.TITLE and "not a face result" in loaded["title"]
     assert loaded["edc_quality"] == result["edc_quality"]
+
+
+def test_patch_size_matches_the_model():
+    from experiments.digits_vit import CONFIG
+
+    assert demo.PATCH_SIZE == CONFIG.patch_size and CONFIG.img_size == 8
+
+
+def test_help_starts_no_jax():
+    code = (
+        "import sys\n"
+        "from experiments import demo_digits\n"
+        "try:\n    demo_digits.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('jax' in sys.modules, 'vitnt_jax' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False False"), out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0,x"], "not a comma-separated list of integers"),
+        (["--seeds", "1,1"], "each once"),
+        (["--steps", "0"], "not a positive integer"),
+        (["--batch-size", "-3"], "not a positive integer"),
+    ],
+)
+def test_bad_flags_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_existing_results_are_never_replaced_without_overwrite(tmp_path, monkeypatch, capsys):
+    (tmp_path / "demo_digits.png").write_bytes(b"mine")
+    monkeypatch.setattr(demo, "run", lambda **kwargs: pytest.fail("ran although the results exist"))
+    assert demo.main(["--out", str(tmp_path)]) == 1
+    assert "demo_digits.png exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "demo_digits.png").read_bytes() == b"mine"
+    (tmp_path / "file").write_text("")
+    assert demo.main(["--out", str(tmp_path / "file")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+@slow
+def test_command_writes_a_summary_and_refuses_to_overwrite(result, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "run", lambda seed, **kwargs: {**result, "seed": seed})
+    out = tmp_path / "new" / "folder"
+    assert demo.main(["--out", str(out), "--seeds", "0,3"]) == 0
+    printed = capsys.readouterr().out
+    assert f"seed 3: clean accuracy {result['clean_accuracy']:.1%}" in printed
+    assert "over seeds 0,3: clean accuracy" in printed and "wrote " in printed
+    assert len(printed) < 2000, printed  # a summary, not a dump
+    document = json.loads((out / "demo_digits.json").read_text())
+    assert [r["seed"] for r in document["runs"]] == [0, 3]
+    assert document["machine"]["date_utc"].endswith("Z") and document["machine"]["cpus_usable"] >= 1
+    assert document["spread"]["clean_accuracy"]["min"] == result["clean_accuracy"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)
+    before = (out / "demo_digits.json").read_bytes()
+    assert demo.main(["--out", str(out)]) == 1 and (out / "demo_digits.json").read_bytes() == before
+    assert demo.main(["--out", str(out), "--overwrite"]) == 0
+    assert [r["seed"] for r in json.loads((out / "demo_digits.json").read_text())["runs"]] == [0]
