@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -33,10 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import edc, harness, protocols
+from experiments import edc, protocols
 from experiments.protocols import Protocol, ProtocolError
+from vitnt_jax import cli, output
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FMRS = (1e-3, 1e-4)
+RESULT_FILES = ("results.json", "results.csv")
 DEFAULT_LIMITS = (0.2, 0.25, 0.3)
 
 
@@ -50,43 +55,22 @@ class EvaluationError(ValueError):
 def read_quality(path: str | Path) -> tuple[list[str], np.ndarray]:
     """Returns (keys, qualities) from a quality file: our score CSV or `<path> <quality>` text lines.
 
-    Rows of our CSV that carry an error (no quality) and values written as `nan` give NaN.
+    Read by `vitnt_jax.output.read_results` (the scorer's own formats). Rows of our CSV that carry
+    an error (no quality) and values written as `nan` give NaN.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise EvaluationError(f"quality file {path} does not exist; check the --quality pattern.") from None
-    except (IsADirectoryError, UnicodeDecodeError):
-        raise EvaluationError(f"quality file {path} is not a text file; pass a score CSV or a text file.") from None
-    keys: list[str] = []
-    values: list[float] = []
-    if text.startswith("id,quality"):
-        reader = csv.DictReader(text.splitlines())
-        for number, row in enumerate(reader, 2):
-            keys.append(row["id"])
-            cell = (row.get("quality") or "").strip()
-            try:
-                values.append(float(cell) if cell else math.nan)
-            except ValueError:
-                raise EvaluationError(f"quality file {path} line {number}: quality {cell!r} is not a number.") from None
-    else:
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip().rsplit(maxsplit=1)
-            try:
-                values.append(float(parts[1]))
-            except (IndexError, ValueError):
-                raise EvaluationError(
-                    f"quality file {path} line {number} must read '<image> <quality>', not {line!r}."
-                ) from None
-            keys.append(parts[0])
+        rows = output.read_results(path)
+    except output.OutputError as error:
+        if not path.exists():
+            raise EvaluationError(f"quality file {path} does not exist; check the --quality pattern.") from error
+        raise EvaluationError(f"quality file {error.render({'out': 'path'})}") from error
+    keys = [r.id for r in rows]
     if not keys:
         raise EvaluationError(f"quality file {path} holds no qualities.")
     if len(set(keys)) != len(keys):
         raise EvaluationError(f"quality file {path} names an image twice; each image must appear once.")
-    return keys, np.asarray(values, np.float64)
+    return keys, np.asarray([math.nan if r.quality is None else r.quality for r in rows], np.float64)
 
 
 def align_quality(protocol: Protocol, keys: list[str], values: np.ndarray, what: str) -> tuple[np.ndarray, int]:
@@ -108,22 +92,25 @@ def align_quality(protocol: Protocol, keys: list[str], values: np.ndarray, what:
 def _read_ids(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise EvaluationError(f"ids file {path} does not exist; check the @IDS part of --embeddings.") from None
-    except (IsADirectoryError, UnicodeDecodeError):
-        raise EvaluationError(f"ids file {path} is not a text file; pass a list of ids or our score CSV.") from None
-    if text.startswith("id,quality"):
-        return [row["id"] for row in csv.DictReader(text.splitlines())]
+    except FileNotFoundError as error:
+        raise EvaluationError(f"ids file {path} does not exist; check the @IDS part of --embeddings.") from error
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise EvaluationError(f"ids file {path} is not a text file; pass a list of ids or our score CSV.") from error
+    if output.CSV.matches(text):
+        try:
+            return [row.id for row in output.read_results(path, "csv")]
+        except output.OutputError as error:
+            raise EvaluationError(f"ids file {error.render({'out': 'path'})}") from error
     return [line.rstrip("\r") for line in text.split("\n") if line.rstrip("\r")]
 
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise EvaluationError(f"embedding file {path} does not exist; check the --embeddings pattern.") from None
-    except (ValueError, EOFError, OSError):
-        raise EvaluationError(f"embedding file {path} is not a plain .npy array; save it with numpy.save.") from None
+    except FileNotFoundError as error:
+        raise EvaluationError(f"embedding file {path} does not exist; check the --embeddings pattern.") from error
+    except (ValueError, EOFError, OSError) as error:
+        raise EvaluationError(f"embedding file {path} is not a plain .npy array; save it with numpy.save.") from error
 
 
 @dataclass(frozen=True)
@@ -288,7 +275,7 @@ def _fill(pattern: str, benchmark: str) -> str:
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    log.warning("%s", message)
 
 
 def _check_missing(what: str, missing: int, unmatched: int, total: int, limit: float) -> None:
@@ -308,6 +295,12 @@ def run(args: argparse.Namespace) -> list[Curve]:
     """Returns every curve the arguments ask for, after writing the tables and figures to `args.out`."""
     if args.out.exists() and not args.out.is_dir():
         raise EvaluationError(f"--out {args.out} is a file; pass a folder for the tables and figures.")
+    taken = [name for name in RESULT_FILES if (args.out / name).exists()]
+    if taken and not args.overwrite:
+        raise EvaluationError(
+            f"--out {args.out} already holds results ({', '.join(taken)}); pass --overwrite to replace them, "
+            "or choose another folder."
+        )
     benches = [protocols.load(spec) for spec in args.benchmark]
     if len({b.name for b in benches}) != len(benches):
         raise EvaluationError("two --benchmark specs share a name; give each benchmark its own NAME.")
@@ -392,7 +385,7 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    log.info("%s", message)
 
 
 def _nan_to_none(value):
@@ -456,7 +449,7 @@ def _limit(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the command-line parser."""
-    p = harness.Parser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--benchmark",
         action="append",
@@ -508,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest share of a benchmark's images allowed to lack a quality or an embedding (default: 0.05)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for results.json/csv and figures")
+    p.add_argument("--overwrite", action="store_true", help="replace the results and figures already in --out")
+    cli.add_debug_flag(p)
     return p
 
 
@@ -517,15 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     args.fmr = args.fmr or list(DEFAULT_FMRS)
     args.protocol = list(dict.fromkeys(args.protocol or ["recomputed"]))
     args.pauc_limit = args.pauc_limit or list(DEFAULT_LIMITS)
-    try:
-        curves = run(args)
-    except (EvaluationError, ProtocolError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for c in curves:
-        paucs = "  ".join(f"pAUC@{k:g}={v:.4f}" for k, v in c.pauc.items())
-        print(f"{c.benchmark:10s} {c.model:12s} {c.method:16s} {c.protocol:10s} FMR={c.fmr:g}  {paucs}")
-    return 0
+
+    def body() -> int:
+        for c in run(args):
+            paucs = "  ".join(f"pAUC@{k:g}={v:.4f}" for k, v in c.pauc.items())
+            print(f"{c.benchmark:10s} {c.model:12s} {c.method:16s} {c.protocol:10s} FMR={c.fmr:g}  {paucs}")
+        return 0
+
+    return cli.run_command(body, debug=args.debug, errors=(EvaluationError, ProtocolError))
 
 
 if __name__ == "__main__":

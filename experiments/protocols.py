@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vitnt_jax import packs
+
 KINDS = ("bin", "pairs", "identities", "ijbc")
 
 # A pair whose embedding could not be computed is a non-match: it takes a similarity below every cosine.
@@ -79,13 +81,6 @@ class Protocol:
 # ----------------------------------------------------------------------------------------------------- loaders
 
 
-class _FlagsOnly(pickle.Unpickler):
-    """Reads an insightface pack without running code: only builtins containers are allowed."""
-
-    def find_class(self, module: str, name: str):
-        raise ProtocolError(f"refusing to load {module}.{name}")
-
-
 def _read_text(path: Path, what: str) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -106,21 +101,12 @@ def load_bin(path: str | Path, name: str | None = None) -> Protocol:
     """Returns the protocol of an insightface `.bin` pack: image 2k vs 2k+1, genuine where issame is true."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            content = _FlagsOnly(f, encoding="bytes").load()
-    except FileNotFoundError:
-        raise ProtocolError(f"{path} does not exist; check the path to the .bin pack.") from None
-    except ProtocolError as error:
-        raise ProtocolError(f"{path} is not a plain insightface pack ({error}); refusing it.") from None
-    except Exception as error:  # any other parse failure: truncated or foreign file
-        kind = type(error).__name__
-        raise ProtocolError(f"{path} is unreadable ({kind}); it is not an insightface .bin pack.") from None
-    if not (isinstance(content, (tuple, list)) and len(content) == 2):
-        raise ProtocolError(f"{path} is not an (images, issame) pair; it is not an insightface .bin pack.")
-    images, issame = content
-    flags = list(issame) if isinstance(issame, (list, tuple, np.ndarray)) else None
-    if flags is None or len(images) != 2 * len(flags) or not flags:
+        pack = packs.read_bin(path)  # the same restricted reader as `python -m vitnt_jax.score --bin`
+    except packs.PackError as error:
+        raise ProtocolError(error.render({"bin": "pack"})) from error
+    if pack.issame is None:
         raise ProtocolError(f"{path} does not hold two images per issame flag; it is not a verification pack.")
+    flags = pack.issame
     n = len(flags)
     return Protocol(
         name=name or path.stem,
@@ -522,26 +508,27 @@ def write_bin(pairs: list[tuple[str, str, bool]], image_root: str | Path, out: s
 
 def main(argv: list[str] | None = None) -> int:
     """Converts an LFW-format benchmark (e.g. XQLFW) into a `.bin` pack; returns the exit status."""
-    import argparse
-    import sys
+    from vitnt_jax import cli
 
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m experiments.protocols",
         description="Pack an LFW-format benchmark (XQLFW's xqlfw_pairs.txt and its image folder) as a .bin.",
     )
     p.add_argument("--pairs", type=Path, required=True, help="LFW-format pairs file (e.g. xqlfw_pairs.txt)")
     p.add_argument("--images", type=Path, required=True, help="folder holding name/name_0001.jpg images")
     p.add_argument("--out", type=Path, required=True, help="the .bin pack to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    try:
-        if args.out.exists():
-            raise ProtocolError(f"{args.out} exists; remove it or choose another --out.")
+
+    def body() -> int:
+        if args.out.exists() and not args.overwrite:
+            raise ProtocolError(f"{args.out} exists; pass --overwrite to replace it, or choose another --out.")
         count = write_bin(read_lfw_pairs(args.pairs), args.images, args.out)
-    except ProtocolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {count} pairs ({2 * count} images) to {args.out}")
-    return 0
+        print(f"wrote {count} pairs ({2 * count} images) to {args.out}")
+        return 0
+
+    return cli.run_command(body, debug=args.debug, errors=(ProtocolError,))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,20 @@ def _unit(*v):
     return v / np.linalg.norm(v)
 
 
-def write_pack(path, n_pairs, issame):
+def write_pack(path, n_pairs, issame, protocol=pickle.DEFAULT_PROTOCOL):
     with open(path, "wb") as f:
-        pickle.dump(([b"jpeg-%d" % i for i in range(2 * n_pairs)], issame), f)
+        pickle.dump(([b"jpeg-%d" % i for i in range(2 * n_pairs)], issame), f, protocol=protocol)
     return path
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_bin_of_every_pickle_protocol_reads_alike_in_both_readers(tmp_path, protocol):
+    from vitnt_jax import sources
+
+    path = write_pack(tmp_path / "p.bin", 2, [True, False], protocol)
+    p = protocols.load_bin(path)
+    assert p.ids == ("0", "1", "2", "3") and p.genuine.tolist() == [True, False]
+    assert sources.insightface_bin(path).labels == ["1", "1", "0", "0"]
 
 
 def test_bin_pairs_consecutive_images(tmp_path):
