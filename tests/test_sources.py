@@ -3,6 +3,9 @@
 import io
 import os
 import pickle
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -61,8 +64,21 @@ def test_truncated_missing_directory_and_bomb(tmp_path):
     with pytest.raises(ImageError, match="directory"):
         read_image(tmp_path / "folder.png")
     Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")  # 81 Mpixel, a few kB on disk
-    with pytest.raises(ImageError, match="pixel limit"):
-        read_image(tmp_path / "bomb.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused by our limit, without PIL's warning
+        with pytest.raises(ImageError, match="pixel limit"):
+            read_image(tmp_path / "bomb.png")
+
+
+def test_importing_the_library_changes_no_process_wide_setting():
+    code = (
+        "import warnings, numpy; from PIL import Image; "
+        "limit = Image.MAX_IMAGE_PIXELS; filters = list(warnings.filters); "
+        "import vitnt_jax.data, vitnt_jax.sources, vitnt_jax.pipeline, vitnt_jax.score; "
+        "assert Image.MAX_IMAGE_PIXELS == limit, Image.MAX_IMAGE_PIXELS; assert warnings.filters == filters"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_center_crop_is_the_documented_lfw_box():

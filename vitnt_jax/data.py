@@ -6,6 +6,7 @@ import collections
 import concurrent.futures
 import io
 import itertools
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,12 +17,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard);
-# aligned faces are 112x112, so even large photos stay far below it.
+# aligned faces are 112x112, so even large photos stay far below it. PIL's own guard
+# (Image.MAX_IMAGE_PIXELS, left as the user set it) stays as a second line of defence; its
+# warning is silenced around our open only, since read_image refuses such images itself.
 MAX_PIXELS = 64_000_000
-# PIL's own guard stays as a second line of defence (it errors at twice this); its warning is
-# silenced because read_image refuses such images itself with a clear error row.
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# warnings.catch_warnings changes process-wide state: decoding threads take turns opening headers.
+_OPEN_LOCK = threading.Lock()
 
 
 class ImageError(Exception):
@@ -55,27 +56,34 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
+def _open(source: str | Path | bytes) -> Image.Image:
+    """Opens an image (header only) without PIL's decompression-bomb warning; read_image checks the size."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
 def read_image(source: str | Path | bytes) -> np.ndarray:
     """Returns the (H, W, 3) uint8 array of an image file or encoded bytes; raises ImageError."""
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with _open(source) as image:
             w, h = image.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
             image.load()
             return to_rgb8(_upright(image))
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory, not an image") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageError("not a readable image") from None
+    except FileNotFoundError as error:
+        raise ImageError("file not found") from error
+    except IsADirectoryError as error:
+        raise ImageError("is a directory, not an image") from error
+    except PermissionError as error:
+        raise ImageError("permission denied") from error
+    except UnidentifiedImageError as error:
+        raise ImageError("not a readable image") from error
     except Image.DecompressionBombError as error:
-        raise ImageError(f"refused as a decompression bomb ({error})") from None
+        raise ImageError(f"refused as a decompression bomb ({error})") from error
     except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise ImageError(f"unreadable image ({error})") from None
+        raise ImageError(f"unreadable image ({error})") from error
 
 
 # Fixed face box for unaligned photos whose face a detector centred (LFW: 250x250 crops at 2.2x

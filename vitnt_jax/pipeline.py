@@ -697,8 +697,7 @@ def _detector(job: Job, align: str):
     size = job.min_face_size if job.min_face_size is not None else mtcnn.DEFAULT_MIN_FACE
     try:
         # The named-model layer converts the default weights; the detector only reads a weights file.
-        weights = models.mtcnn_weights(job.mtcnn_weights) if hasattr(models, "mtcnn_weights") else job.mtcnn_weights
-        return mtcnn.Detector.load(weights, min_face_size=size)
+        return mtcnn.Detector.load(models.mtcnn_weights(job.mtcnn_weights), min_face_size=size)
     except (mtcnn.MTCNNError, models.ModelError) as error:
         raise JobError(str(error), field="mtcnn_weights") from error
 
