@@ -400,9 +400,9 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the command-line parser (building it imports no JAX)."""
-    from experiments.harness import Parser  # flag errors in one line, as every command
+    from vitnt_jax import cli  # the shared parser and error style; imports no JAX
 
-    parser = Parser(prog="python -m experiments.demo_digits", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = cli.Parser(prog="python -m experiments.demo_digits", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out",
         type=Path,
@@ -421,19 +421,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=_positive, default=1200, help="training steps (default: 1200)")
     parser.add_argument("--batch-size", type=_positive, default=64, help="training batch size (default: 64)")
     parser.add_argument("--alpha", type=float, default=8.0, help="q = 2/(1+exp(alpha*d)) (default: 8)")
+    cli.add_debug_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the demonstration for each seed, writes the results, prints a short summary."""
+    from vitnt_jax import cli
+
     args = build_parser().parse_args(argv)
+    return cli.run_command(lambda: _run(args), debug=args.debug, interrupted="interrupted; no result was written")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vitnt_jax.errors import UserError
+
     existing = [args.out / name for name in OUTPUTS if (args.out / name).exists()]
     if existing and not args.overwrite:
-        print(f"error: {existing[0]} exists; pass --overwrite or choose another --out.", file=sys.stderr)
-        return 1
+        raise UserError(f"{existing[0]} exists; pass --overwrite or choose another --out.")
     if args.out.exists() and not args.out.is_dir():
-        print(f"error: {args.out} is not a folder; choose another --out.", file=sys.stderr)
-        return 1
+        raise UserError(f"{args.out} is not a folder; choose another --out.")
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for seed in args.seeds:
