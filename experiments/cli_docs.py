@@ -180,7 +180,9 @@ def render(text: str, cmds: list[Command]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Rewrites (or with --check compares) the generated blocks of docs/cli.md."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.cli_docs", description=__doc__.splitlines()[0])
+    from vitnt_jax.cli import Parser
+
+    parser = Parser(prog="python -m experiments.cli_docs", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="do not write; exit 1 if docs/cli.md is out of date")
     args = parser.parse_args(argv)
     old = CLI_DOC.read_text(encoding="utf-8") if CLI_DOC.exists() else "# Command-line reference\n"
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     new = render(old, cmds)
     if args.check:
         if new != old:
-            print(f"{CLI_DOC} is out of date; run python -m experiments.cli_docs to rewrite it.", file=sys.stderr)
+            print(f"error: {CLI_DOC} is out of date; run python -m experiments.cli_docs.", file=sys.stderr)
             return 1
         return 0
     CLI_DOC.parent.mkdir(exist_ok=True)

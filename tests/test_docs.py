@@ -16,7 +16,9 @@ from experiments import cli_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*(?![\w-])")
+# Flags of other programs that the pages mention: pip's, and the authors' evaluation script's.
+FOREIGN = {"--no-deps", "--index-url", "--color-channel"}
 OURS = cli_docs.PACKAGES
 
 
@@ -73,6 +75,13 @@ def test_commands_shown_in_the_docs_exist_with_those_flags(page):
         assert module in commands(), f"{page.name}: `{line}` names no command (known: {', '.join(commands())})"
         unknown = {f.split("=")[0] for f in FLAG.findall(line)} - commands()[module]
         assert not unknown, f"{page.name}: `{line}` uses {sorted(unknown)}, which {module} does not take"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_flag_a_page_names_exists(page):
+    every = set().union(*commands().values()) | FOREIGN
+    unknown = set(FLAG.findall(page.read_text(encoding="utf-8"))) - every
+    assert not unknown, f"{page.name} names {sorted(unknown)}, which no command takes"
 
 
 def _anchors(path: Path) -> set[str]:
