@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -55,27 +56,46 @@ def command_modules() -> list[str]:
     return sorted(found, key=lambda name: (name != "vitnt_jax.score", PACKAGES.index(name.split(".")[0]), name))
 
 
-def parser_of(module_name: str) -> argparse.ArgumentParser | None:
-    """Returns the argparse parser of a command module (None if its main() parses no arguments)."""
-    module = importlib.import_module(module_name)
+def _build(module) -> argparse.ArgumentParser | None:
     if hasattr(module, "build_parser"):
-        parser = module.build_parser()
-    else:
-        original = argparse.ArgumentParser.parse_known_args
+        return module.build_parser()
+    original = argparse.ArgumentParser.parse_known_args
 
-        def capture(self, *args, **kwargs):
-            raise _Captured(self)
+    def capture(self, *args, **kwargs):
+        raise _Captured(self)
 
-        argparse.ArgumentParser.parse_known_args = capture
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                module.main(["--help"])
-        except _Captured as captured:
-            parser = captured.parser
-        else:
-            return None
-        finally:
-            argparse.ArgumentParser.parse_known_args = original
+    argparse.ArgumentParser.parse_known_args = capture
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            module.main(["--help"])
+    except _Captured as captured:
+        return captured.parser
+    finally:
+        argparse.ArgumentParser.parse_known_args = original
+    return None
+
+
+def parser_of(module_name: str) -> argparse.ArgumentParser | None:
+    """Returns the argparse parser of a command module (None if its main() parses no arguments).
+
+    Defaults computed from the CPU count (`--workers`, `--threads`) are marked so that the page
+    says so instead of printing this machine's number: the parser is built a second time with
+    another CPU count and the defaults that change are the machine's.
+    """
+    module = importlib.import_module(module_name)
+    parser = _build(module)
+    if parser is None:
+        return None
+    original = os.cpu_count
+    os.cpu_count = lambda: 997
+    try:
+        other = _build(module)
+    finally:
+        os.cpu_count = original
+    others = {a.dest: a.default for a in other._actions}
+    for action in parser._actions:
+        if action.dest in others and others[action.dest] != action.default:
+            action.machine_default = True
     parser.prog = f"python -m {module_name}"
     return parser
 
@@ -85,14 +105,15 @@ def commands() -> list[Command]:
     return [Command(name, parser_of(name)) for name in command_modules()]
 
 
-def flags(parser: argparse.ArgumentParser | None) -> set[str]:
-    """Returns every long and short option string of a parser and of its sub-commands."""
+def flags(parser: argparse.ArgumentParser | None, *, hidden: bool = True) -> set[str]:
+    """Returns every option string of a parser and of its sub-commands (hidden=False: those --help shows)."""
     out: set[str] = set()
     for action in [] if parser is None else parser._actions:
-        out.update(action.option_strings)
+        if hidden or action.help is not argparse.SUPPRESS:
+            out.update(action.option_strings)
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                out |= flags(sub)
+                out |= flags(sub, hidden=hidden)
     return out
 
 
@@ -114,7 +135,8 @@ def _meaning(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
     default = action.default
     shown = default is not None and default is not argparse.SUPPRESS and not isinstance(default, bool)
     if shown and "default" not in text.lower() and not action.required:
-        text = f"{text.rstrip('.')}. Default: `{default}`." if text else f"Default: `{default}`."
+        value = "set from the machine's CPU count" if getattr(action, "machine_default", False) else f"`{default}`"
+        text = f"{text.rstrip('.')}. Default: {value}." if text else f"Default: {value}."
     if action.required and action.option_strings:
         text = f"**Required.** {text}"
     return _escape(text)
@@ -138,7 +160,7 @@ def render_parser(parser: argparse.ArgumentParser, level: int = 3) -> list[str]:
     lines += ["```", usage.format_help().strip(), "```", ""]
     subcommands = []
     for group in parser._action_groups:
-        actions = [a for a in group._group_actions if "-h" not in a.option_strings]
+        actions = [a for a in group._group_actions if "-h" not in a.option_strings and a.help is not argparse.SUPPRESS]
         subcommands += [a for a in actions if isinstance(a, argparse._SubParsersAction)]
         actions = [a for a in actions if not isinstance(a, argparse._SubParsersAction)]
         if actions:
