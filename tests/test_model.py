@@ -1,6 +1,7 @@
 """The Flax model: pinned sizes, scan == loop, streaming == states, no retracing."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,13 +13,15 @@ from vitnt_jax.model import (
     FaceViT,
     TraceTap,
     attention_segments,
+    attention_weights,
     count_params,
     init_variables,
+    layer_norm,
     truncate_blocks,
     variable_shapes,
 )
 from vitnt_jax.scorer import Scorer, compute_states, score_from_states, score_streaming
-from vitnt_jax.stability import METRICS, ScoreSettings
+from vitnt_jax.stability import METRICS, ScoreSettings, attention_received
 
 # Trainable parameters (BatchNorm running statistics excluded), as the PyTorch modules count them.
 # insightface / TransFace numbers were counted on the published arcface_torch and TransFace
@@ -74,17 +77,23 @@ def model_and_images(testing_config):
 def test_scan_equals_python_loop(model_and_images):
     cfg, variables, images = model_and_images
     scanned = FaceViT(cfg).apply(variables, images, tap=TraceTap(), embed=True)
-    # The same block class, run one block at a time with that block's slice of the parameters.
+    # The same block class, run one block at a time with that block's slice of the parameters
+    # (compiled, as the scan is: op-by-op execution rounds differently on some CPUs).
     params = variables["params"]
     x = FaceViT(cfg).apply(truncate_blocks(variables, 0), images, num_blocks=0, method=_embed_only)
+    block = jax.jit(lambda p, x: Block(cfg).apply({"params": p}, x, attention_weights))
     for i in range(cfg.depth):
-        block_params = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
-        (x, _), out = Block(cfg, TraceTap()).apply(
-            {"params": block_params}, (x, ()), jnp.asarray(i), params["norm"]["scale"], params["norm"]["bias"]
-        )
-        for key in ("tokens", "normed", "attention"):
-            np.testing.assert_allclose(out[key], scanned["per_block"][key][i], atol=1e-6, rtol=1e-6)
+        x, attention = block(jax.tree.map(lambda a, i=i: a[i], params["blocks"]), x)
+        normed = layer_norm(x, params["norm"]["scale"], params["norm"]["bias"], cfg.layer_norm_eps)
+        for key, value in (("tokens", x), ("normed", normed), ("attention", attention)):
+            np.testing.assert_allclose(value, scanned["per_block"][key][i], atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(x, scanned["tokens"], atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(FaceViT(cfg).apply(variables, x, method=FaceViT.embedding), scanned["embedding"])
+    # Under nn.scan (the layout the parameters come in) the block gives the same tokens.
+    run = nn.scan(Block, variable_axes={"params": 0}, length=cfg.depth)(cfg)
+    first = FaceViT(cfg).apply(truncate_blocks(variables, 0), images, num_blocks=0, method=_embed_only)
+    looped, _ = run.apply({"params": params["blocks"]}, first)
+    np.testing.assert_allclose(looped, scanned["tokens"], atol=1e-6, rtol=1e-6)
 
 
 def _embed_only(module, images, num_blocks):
@@ -113,10 +122,10 @@ def test_streaming_equals_states_path(model_and_images, blocks, aggregation, att
     "num_blocks, attention, wanted, segments",
     [
         (4, None, (3,), [(0, 4, False)]),
-        (4, "received", None, [(0, 4, True)]),
-        (4, "received", (3,), [(0, 3, False), (3, 4, True)]),
-        (5, "received", (0, 2, 3), [(0, 1, True), (1, 2, False), (2, 4, True), (4, 5, False)]),
-        (3, "received", (0, 1, 2), [(0, 3, True)]),
+        (4, attention_received, None, [(0, 4, True)]),
+        (4, attention_received, (3,), [(0, 3, False), (3, 4, True)]),
+        (5, attention_received, (0, 2, 3), [(0, 1, True), (1, 2, False), (2, 4, True), (4, 5, False)]),
+        (3, attention_received, (0, 1, 2), [(0, 3, True)]),
     ],
 )
 def test_attention_segments(num_blocks, attention, wanted, segments):
@@ -126,7 +135,7 @@ def test_attention_segments(num_blocks, attention, wanted, segments):
 class _SpyTap:
     """Sums the attention received in `attention_blocks` and notes, per traced block, whether it got any."""
 
-    attention = "received"
+    attention = staticmethod(attention_received)
 
     def __init__(self, attention_blocks):
         self.attention_blocks = attention_blocks
@@ -172,15 +181,14 @@ def test_attention_kernels_give_the_same_scores(model_and_images, attention):
 
 
 @pytest.mark.parametrize("attention", ["last", "all"])
-def test_chunked_attention_sums_equal_the_whole_batch(model_and_images, attention):
-    # 11 images: a block run on its own sums its attention 8 images at a time (8 + a remainder of 3).
+def test_one_block_segments_score_as_the_states_path(model_and_images, attention):
     cfg, variables, _ = model_and_images
     images = jax.random.uniform(jax.random.PRNGKey(9), (11, 32, 32, 3), minval=-1, maxval=1)
-    # Blocks (0, 2): 'last' runs a scan over blocks 0-1, then block 2 on its own; 'all' runs blocks
-    # 0, 1 and 2 each on its own.
+    # Blocks (0, 2): 'last' runs a scan over blocks 0-1, then block 2 in a scan of its own; 'all'
+    # runs blocks 0, 1 and 2 each in a scan of its own.
     s = ScoreSettings((0, 2), alpha=3.0, attention=attention)
     via_states = score_from_states(cfg, variables, images, s)
-    streamed = score_streaming(cfg, truncate_blocks(variables, 3), images, s, received_chunk=8)
+    streamed = score_streaming(cfg, truncate_blocks(variables, 3), images, s)
     for key in via_states:
         np.testing.assert_allclose(streamed[key], via_states[key], atol=1e-6, rtol=0)
 
@@ -198,10 +206,11 @@ def test_cudnn_kernel_head_sizes_are_checked(testing_config):
         Scorer(testing_config, init_variables(testing_config), ScoreSettings((0, 1)), attention_kernel="flash")
 
 
-def test_segmented_blocks_need_truncated_parameters(model_and_images):
+@pytest.mark.parametrize("tap", [None, _SpyTap(attention_blocks=(1,))])
+def test_blocks_need_truncated_parameters(model_and_images, tap):
     cfg, variables, images = model_and_images
     with pytest.raises(ValueError, match="parameters hold 3 blocks but 2 are to run"):
-        FaceViT(cfg).apply(variables, images, tap=_SpyTap(attention_blocks=(1,)), num_blocks=2)
+        FaceViT(cfg).apply(variables, images, tap=tap, num_blocks=2)
 
 
 def test_states_path_shapes(model_and_images):
@@ -263,7 +272,40 @@ def test_scorer_compiles_once_per_batch_shape(model_and_images):
     rng = np.random.default_rng(0)
     for _ in range(3):
         scorer(rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
-    assert scorer._fn._cache_size() == 1
+    assert scorer.cache_size() == 1
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_equal_scorers_share_one_compilation(model_and_images, parallel, monkeypatch):
+    import vitnt_jax.scorer as scorer_module
+
+    cfg, variables, _ = model_and_images
+    traces = []  # the scoring program calls score_streaming once per trace (jax compiles what it traces)
+    real = scorer_module.score_streaming
+    monkeypatch.setattr(scorer_module, "score_streaming", lambda *a, **k: traces.append(1) or real(*a, **k))
+    s = ScoreSettings((0, 2), alpha=5.0 if parallel == "jit" else 5.5)  # settings no other test uses
+    images = np.random.default_rng(3).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    first = Scorer(cfg, variables, s, parallel=parallel)(images)
+    assert traces
+    traces.clear()
+    changed = jax.tree.map(lambda a: a * 1.01, variables)  # other weights, the same static settings
+    again = Scorer(cfg, changed, s, parallel=parallel)(images)
+    assert traces == []
+    assert not np.allclose(again["quality"], first["quality"], rtol=1e-6, atol=0)  # the new weights were used
+    Scorer(cfg, variables, ScoreSettings((0, 2), alpha=6.0), parallel=parallel)(images)
+    assert traces  # other static settings: another program
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_lower_gives_the_program_dispatch_runs(model_and_images, parallel):
+    cfg, variables, _ = model_and_images
+    scorer = Scorer(cfg, variables, ScoreSettings((0, 1, 2)), parallel=parallel, micro_batch=None)
+    compiled = scorer.lower(5).compile()  # padded to 8 images, one per device
+    images = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    x = images if parallel == "jit" else images.reshape(8, 1, 32, 32, 3)
+    got = np.asarray(compiled(scorer.variables, x)["quality"]).reshape(-1)
+    np.testing.assert_allclose(got, scorer(images)["quality"], rtol=4 * np.finfo(np.float32).eps, atol=0)
+    assert compiled.memory_analysis() is not None
 
 
 def test_bfloat16_scores_stay_close(model_and_images):

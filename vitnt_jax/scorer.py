@@ -76,7 +76,6 @@ def score_streaming(
     precision: Any = None,
     dtype: Any = jnp.float32,
     attention_kernel: str = "matmul",
-    received_chunk: int | None = None,
 ) -> dict[str, Array]:
     """Returns the score dict with the score folded into the scan carry (flat memory in depth).
 
@@ -85,13 +84,10 @@ def score_streaming(
     images: (B, H, W, C) float, already preprocessed.
     attention_kernel: how the blocks whose attention the score does not read compute it (see
       `vitnt_jax.model.Attention`); the score's own block(s) always use the explicit softmax.
-    received_chunk: see `vitnt_jax.model.FaceViT.received_chunk` (None when the batch is sharded).
     """
     tap = StreamingTap(settings)
     run = config.depth if embed else settings.num_blocks_to_run
-    model = FaceViT(
-        config, dtype=dtype, precision=precision, attention_kernel=attention_kernel, received_chunk=received_chunk
-    )
+    model = FaceViT(config, dtype=dtype, precision=precision, attention_kernel=attention_kernel)
     out = model.apply(variables, images, tap=tap, num_blocks=run, embed=embed)
     result = tap.finish(out["tap_state"])
     if embed:
@@ -150,37 +146,39 @@ class Scorer:
         if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
             raise ValueError(f"micro_batch must be a positive number of images, 'auto' or None (got {micro_batch!r}).")
         self.micro_batch = micro_batch
-        # Measured on one CPU device only; chunks of a sharded batch would gather it whole.
-        self.received_chunk = RECEIVED_CHUNK if self.devices[0].platform == "cpu" and self.num_devices == 1 else None
         self.outputs = tuple(outputs) if outputs is not None else OUTPUTS
         run = config.depth if embed else settings.num_blocks_to_run
         variables = truncate_blocks(variables, run)
-        score = functools.partial(
-            _score_uint8,
-            config=config,
-            settings=settings,
-            embed=embed,
-            precision=precision,
-            dtype=dtype,
-            outputs=self.outputs,
-            attention_kernel=attention_kernel,
-            received_chunk=self.received_chunk,
-        )
         mesh = Mesh(np.asarray(self.devices), ("data",))
+        # jit: each micro-batch step takes `micro_batch` images from every device's share.
+        shards, chunks = (
+            (self.num_devices, NamedSharding(mesh, PartitionSpec(None, "data"))) if parallel == "jit" else (1, None)
+        )
+        # One Python function per set of static settings, shared by every Scorer that has them: jax
+        # caches traces and compilations by function, so equal Scorers compile each batch shape once.
+        fn = _scoring_function(
+            config,
+            settings,
+            embed,
+            precision,
+            jnp.dtype(dtype),
+            self.outputs,
+            attention_kernel,
+            micro_batch,
+            shards,
+            chunks,
+        )
         if parallel == "jit":
             self._data = NamedSharding(mesh, PartitionSpec("data"))
             replicated = NamedSharding(mesh, PartitionSpec())
             self.variables = jax.device_put(variables, replicated)
-            # Each micro-batch step takes `micro_batch` images from every device's share.
-            chunks = NamedSharding(mesh, PartitionSpec(None, "data"))
-            fn = functools.partial(micro_batched, score, size=micro_batch, shards=self.num_devices, sharding=chunks)
             self._fn = jax.jit(fn, in_shardings=(replicated, self._data), out_shardings=self._data)
         else:
-            fn = functools.partial(micro_batched, score, size=micro_batch, shards=1, sharding=None)
             # One copy of the parameters per device, stacked on the mapped axis and placed once.
             n = len(self.devices)
             stacked = jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (n, *np.shape(a))), variables)
             self.variables = jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("data")))
+            self._data = None
             self._fn = jax.pmap(fn, devices=self.devices)
 
     @property
@@ -195,6 +193,24 @@ class Scorer:
         if self.micro_batch and share > self.micro_batch:
             share = -(-share // self.micro_batch) * self.micro_batch
         return share * n
+
+    def _input_shape(self, batch: int) -> tuple[int, ...]:
+        c, size = self.config, self.padded_size(batch)
+        image = (c.img_size, c.img_size, c.in_channels)
+        return (size, *image) if self.parallel == "jit" else (self.num_devices, size // self.num_devices, *image)
+
+    def lower(self, batch: int) -> jax.stages.Lowered:
+        """Returns the lowered scoring program for `batch` images (padded as `dispatch` pads them).
+
+        `.compile()` gives the executable (`.as_text()`, `.memory_analysis()`, `.cost_analysis()`);
+        with parallel='pmap' the input is (devices, images per device, H, W, C).
+        """
+        images = jax.ShapeDtypeStruct(self._input_shape(batch), jnp.uint8, sharding=self._data)
+        return self._fn.lower(self.variables, images)
+
+    def cache_size(self) -> int:
+        """Returns how many batch shapes this Scorer has compiled for (one per padded batch size)."""
+        return self._fn._cache_size()
 
     def dispatch(self, images: np.ndarray) -> tuple[int, dict[str, Array]]:
         """Starts scoring (B, H, W, C) uint8 images; returns (B, device results) without waiting."""
@@ -233,9 +249,6 @@ class Scorer:
 # Images per device and step on CPUs (measured: ViT-B at batch 32 on 2 cores, 7.4 img/s in steps
 # of 8 against 6.2 in one piece, and a third of the temporaries).
 CPU_MICRO_BATCH = 8
-# Images per chunk when the block that the score reads sums its attention weights on one CPU device
-# (without micro-batches, ViT-B batch 64: 289.1 -> 252.2 MB of temporaries).
-RECEIVED_CHUNK = 8
 
 
 def micro_batched(fn, variables, images, *, size: int | None, shards: int, sharding=None) -> PyTree:
@@ -264,18 +277,23 @@ def micro_batched(fn, variables, images, *, size: int | None, shards: int, shard
     return jax.tree.map(undo, out)
 
 
-def _score_uint8(
-    variables, images, *, config, settings, embed, precision, dtype, outputs, attention_kernel, received_chunk
+@functools.cache
+def _scoring_function(
+    config, settings, embed, precision, dtype, outputs, attention_kernel, micro_batch, shards, chunks
 ):
-    result = score_streaming(
-        config,
-        variables,
-        preprocess(images, config),
-        settings,
-        embed=embed,
-        precision=precision,
-        dtype=dtype,
-        attention_kernel=attention_kernel,
-        received_chunk=received_chunk,
-    )
-    return {k: v for k, v in result.items() if k in outputs}
+    """Returns `(variables, uint8 images) -> score dict` for these static settings, the same object each time."""
+
+    def score(variables, images):
+        result = score_streaming(
+            config,
+            variables,
+            preprocess(images, config),
+            settings,
+            embed=embed,
+            precision=precision,
+            dtype=dtype,
+            attention_kernel=attention_kernel,
+        )
+        return {k: v for k, v in result.items() if k in outputs}
+
+    return functools.partial(micro_batched, score, size=micro_batch, shards=shards, sharding=chunks)

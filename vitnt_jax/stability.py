@@ -68,7 +68,10 @@ def patch_quality(distance: Array, alpha: float) -> Array:
 
 
 def attention_received(attention: Array) -> Array:
-    """Returns the attention each key patch receives: (B, H, Nq, Nk) -> mean over H, sum over Nq -> (B, Nk)."""
+    """Returns the attention each key patch receives: (B, H, Nq, Nk) -> mean over H, sum over Nq -> (B, Nk).
+
+    The one definition: the model applies it to each read block's softmax weights (a tap's `attention`).
+    """
     return attention.astype(jnp.float32).mean(axis=1).sum(axis=1)
 
 
@@ -150,7 +153,7 @@ class StatesTap:
     """Emits every run block's L2-normalised final-norm tokens (and attention received)."""
 
     def __init__(self, with_attention: bool):
-        self.attention = "received" if with_attention else None
+        self.attention = attention_received if with_attention else None
 
     def __hash__(self):
         return hash((StatesTap, self.attention))
@@ -162,7 +165,7 @@ class StatesTap:
         return ()
 
     def step(self, state, index, tokens, normed, attention):
-        # attention: the (B, N) attention each patch receives (see vitnt_jax.model.Tap).
+        # attention: the (B, N) attention each patch receives (`attention_received`).
         out = {"states": l2_normalize(normed)}
         if self.attention:
             out["received"] = attention
@@ -180,8 +183,9 @@ class StreamingTap:
     settings: ScoreSettings
 
     @property
-    def attention(self) -> str | None:
-        return "received" if self.settings.uses_attention else None
+    def attention(self) -> Callable[[Array], Array] | None:
+        """Returns `attention_received` when the score reads attention (the model applies it per block)."""
+        return attention_received if self.settings.uses_attention else None
 
     @property
     def attention_blocks(self) -> tuple[int, ...] | None:
