@@ -195,3 +195,60 @@ def test_tfds_lfw_under_mock_data():
             sources.tfds_source("lfw", image_key="img")
     with pytest.raises(sources.SourceError, match="TFDS has no dataset"):
         sources.tfds_source("no_such_dataset_xyz")
+
+
+def test_batches_pad_the_tail_and_mark_it_invalid(tmp_path):
+    from vitnt_jax.data import batches
+
+    root = tmp_path / "faces"
+    root.mkdir()
+    for i, face in enumerate(smooth_faces(13, seed=21)):
+        Image.fromarray(face).save(root / f"{i:02d}.png")
+    src = sources.image_folder(root)
+    got = list(batches(src.load, list(range(13)), 8, 32, workers=2))
+    assert [b.indices for b in got] == [list(range(8)), list(range(8, 13))]
+    assert got[1].images.shape == (8, 32, 32, 3)
+    assert got[1].valid.tolist() == [True] * 5 + [False] * 3
+    assert not got[1].images[5:].any()
+
+
+def test_grey_and_alpha_arrays_become_rgb():
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    for array in (grey, grey[..., None]):
+        out = prepare(array, 8).image
+        assert out.shape == (8, 8, 3) and np.array_equal(out[..., 0], grey) and np.array_equal(out[..., 2], grey)
+    rgba = np.dstack([np.stack([grey] * 3, -1), np.zeros((8, 8), np.uint8)])
+    assert np.array_equal(prepare(rgba, 8).image, np.stack([grey] * 3, -1))
+
+
+def test_exif_orientation_is_applied_like_opencv(tmp_path):
+    upright = smooth_faces(1, size=32, seed=8)[0][:, :24]  # 32 rows x 24 columns
+    # Stored rotated, with Orientation=6 ("rotate 90 CW to view"): viewers and OpenCV show it upright.
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.png", exif=exif)
+    got = read_image(tmp_path / "phone.png")
+    assert got.shape == upright.shape
+    np.testing.assert_array_equal(got, upright)
+
+
+def test_unprepared_tfds_dataset_says_what_is_missing(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def not_prepared(*args, **kwargs):
+        raise NotImplementedError("Random access data source for file format TFRECORD is not supported")
+
+    class Builder:
+        def download_and_prepare(self, **kwargs):
+            assert kwargs == {"file_format": "array_record"}
+            raise ModuleNotFoundError("No module named 'tensorflow'")
+
+    monkeypatch.setattr(tfds, "data_source", not_prepared)
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+    with pytest.raises(
+        sources.SourceError, match="needs TensorFlow .*--file_format=array_record.*pass data_dir"
+    ) as got:
+        sources.tfds_source("lfw")
+    assert got.value.field == "data_dir" and got.value.render(sources.flag_names()).endswith("pass --data-dir.")
+    assert isinstance(got.value.__cause__, ModuleNotFoundError)  # the cause is kept for --debug

@@ -1,0 +1,149 @@
+"""Bad inputs, --on-error, --resume and --overwrite: no row lost or written twice, foreign files untouched."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from pipeline_helpers import assert_same_floats, assert_same_rows, faces_folder, read_csv, run
+
+from helpers import smooth_faces
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return faces_folder(tmp_path / "faces")
+
+
+def _bad_folder(root):
+    root.mkdir()
+    faces = smooth_faces(6, seed=8)
+    Image.fromarray(faces[0]).save(root / "a_good.png")
+    buffer = io.BytesIO()
+    Image.fromarray(faces[1]).save(buffer, format="JPEG")
+    (root / "b_truncated.jpg").write_bytes(buffer.getvalue()[:200])
+    (root / "c_empty.png").write_bytes(b"")
+    (root / "d_text.png").write_text("no pixels here")
+    Image.fromarray(faces[2]).convert("CMYK").save(root / "e_cmyk.jpg")
+    Image.fromarray(faces[3][..., 0].astype(np.uint16) * 257).save(root / "f_16bit.png")
+    Image.fromarray(faces[4]).resize((45, 37)).save(root / "g_odd_size.png")
+    Image.fromarray(faces[5]).convert("P").save(root / "h_palette.png")
+    return root
+
+
+def test_bad_inputs_keep_their_rows(tiny_checkpoint, tmp_path, capsys):
+    root = _bad_folder(tmp_path / "mixed")
+    out, emb, pq = tmp_path / "s.csv", tmp_path / "e.npy", tmp_path / "pq.npy"
+    argv = ["--images", str(root), "--out", str(out), "--batch-size", "3"]
+    assert run(tiny_checkpoint, *argv, "--save-embeddings", str(emb), "--save-patch-quality", str(pq)) == 0
+    rows = read_csv(out)
+    assert rows[0] == ["id", "quality", "error"]
+    by_id = {r[0]: r for r in rows[1:]}
+    assert sorted(by_id) == sorted(p.name for p in root.iterdir()) and len(rows) == 9
+    bad = {"b_truncated.jpg", "c_empty.png", "d_text.png"}
+    for name, row in by_id.items():
+        assert (row[1] == "") == (name in bad) and bool(row[2]) == (name in bad), row
+    err = capsys.readouterr().err
+    assert "scored 5, failed 3" in err and err.count("warning:") == 1
+    embeddings, maps = np.load(emb), np.load(pq)
+    assert embeddings.shape == (8, 8) and maps.shape == (8, 4, 4)
+    failed = np.asarray([r[0] in bad for r in rows[1:]])
+    assert np.isnan(embeddings[failed]).all() and np.isfinite(embeddings[~failed]).all()
+    assert np.isnan(maps[failed]).all() and ((maps[~failed] > 0) & (maps[~failed] <= 1)).all()
+
+
+def test_on_error_fail_then_resume(tiny_checkpoint, folder, tmp_path, capsys):
+    reference, emb_ref = tmp_path / "ref.csv", tmp_path / "ref.npy"
+    argv = ["--images", str(folder), "--out", str(reference), "--batch-size", "2", "--save-embeddings", str(emb_ref)]
+    assert run(tiny_checkpoint, *argv) == 0
+    good = (folder / "10.png").read_bytes()
+    (folder / "10.png").write_bytes(b"broken")
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    argv = ["--images", str(folder), "--out", str(out), "--batch-size", "8", "--save-embeddings", str(emb)]
+    assert run(tiny_checkpoint, *argv, "--on-error", "fail") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 10.png: not a readable image (--on-error fail)") and "--resume" in err
+    assert read_csv(out) == read_csv(reference)[:11]  # header + every row before the bad input, same batches
+    assert not emb.exists() and (tmp_path / "e.npy.partial").exists()
+    assert run(tiny_checkpoint, *argv) == 1  # exists: refuses without --resume or --overwrite
+    (folder / "10.png").write_bytes(good)
+    assert run(tiny_checkpoint, *argv, "--resume") == 0
+    assert "skipping 10 already written" in capsys.readouterr().err
+    # The resumed rows were scored at other batch positions than in the reference run.
+    assert_same_rows(read_csv(out), read_csv(reference))
+    np.testing.assert_allclose(np.load(emb), np.load(emb_ref), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.load(emb)[:10], np.load(emb_ref)[:10])  # the rows kept are the rows written
+    assert not (tmp_path / "e.npy.partial").exists()
+    before, before_emb = out.read_bytes(), np.load(emb)
+    assert run(tiny_checkpoint, *argv, "--resume") == 0  # nothing left to do, nothing changes
+    assert out.read_bytes() == before
+    np.testing.assert_array_equal(np.load(emb), before_emb)
+
+
+def test_resume_after_a_crash_mid_row(tiny_checkpoint, folder, tmp_path):
+    reference = tmp_path / "ref.csv"
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(reference)) == 0
+    out = tmp_path / "s.csv"
+    text = reference.read_text()
+    cut = text.index("05.png") + 8  # a crash left half of row 05 behind
+    out.write_text(text[:cut])
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--resume") == 0
+    got = out.read_text()
+    assert got.startswith(text[: text.index("05.png")])  # the complete rows are kept byte for byte
+    # Rows 05.. were scored again at other batch positions: ids and errors exact, qualities to the ulp.
+    assert_same_rows(read_csv(out), read_csv(reference))
+
+
+def test_resume_never_changes_a_foreign_file(tiny_checkpoint, folder, tmp_path, capsys):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 10 + b"no newline at the end")
+    text = tmp_path / "notes.csv"
+    text.write_text("name,age\nada,36\nalan,41")
+    for path in (binary, text):
+        before = path.read_bytes()
+        assert run(tiny_checkpoint, "--images", str(folder), "--out", str(path), "--resume") == 1
+        assert path.read_bytes() == before
+        assert "choose a new --out" in capsys.readouterr().err
+
+
+def test_reference_resume_refuses_a_csv(tiny_checkpoint, folder, tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out)) == 0
+    before = out.read_bytes()
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--format", "reference", "--resume") == 1
+    assert "is a CSV, not a reference-format file; choose a new --out" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_resume_of_an_empty_or_headerless_file_starts_afresh(tiny_checkpoint, folder, tmp_path):
+    reference = tmp_path / "ref.csv"
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(reference)) == 0
+    for content in (b"", b"id,qual"):
+        out = tmp_path / "s.csv"
+        out.write_bytes(content)
+        assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--resume") == 0
+        assert out.read_bytes() == reference.read_bytes()  # the same batches as the reference: the same bytes
+
+
+def test_existing_results_are_never_replaced_without_overwrite(tiny_checkpoint, folder, tmp_path, capsys):
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out)) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"error: {out} already exists; pass --resume to continue it, --overwrite to replace it, or choose "
+        "another --out."
+    )
+    assert out.read_bytes() == before
+    emb.write_bytes(b"taken")
+    assert (
+        run(tiny_checkpoint, "--images", str(folder), "--out", str(tmp_path / "t.csv"), "--save-embeddings", str(emb))
+        == 1
+    )
+    assert "pass --overwrite or --resume" in capsys.readouterr().err and emb.read_bytes() == b"taken"
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--overwrite", "--batch-size", "4") == 0
+    assert_same_floats(
+        [float(r[1]) for r in read_csv(out)[1:]], [float(line.split(b",")[1]) for line in before.splitlines()[1:]]
+    )
