@@ -94,9 +94,16 @@ def read_clip(path: str | Path) -> dict:
 
             try:
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
-            except Exception as error:  # damaged archive
-                raise ConversionError(f"could not read the TorchScript archive {path} ({error}).") from None
+            except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # a damaged archive
+                raise ConversionError(
+                    f"could not read the TorchScript archive {path} ({_first_line(error)}); download it again."
+                ) from error
     return read_checkpoint(path)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def convert_state_dict(

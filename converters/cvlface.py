@@ -41,11 +41,11 @@ def infer_variant(state: dict) -> str:
         width = int(state["pos_embed"].shape[-1])
         mlp = int(state["blocks.0.mlp.fc1.weight"].shape[0])
         patch = int(state["patch_embed.proj.weight"].shape[-1])
-    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError) as error:
         raise ConversionError(
             "the checkpoint is not a CVLface ViT state_dict (no blocks.*, pos_embed, "
             "patch_embed.proj.weight keys); check that SRC is the ViT's model.pt or model.safetensors."
-        ) from None
+        ) from error
     found = (depth, width, mlp, patch)
     for variant, name in VARIANTS.items():
         c = PRESETS[name]
@@ -53,7 +53,9 @@ def infer_variant(state: dict) -> str:
             return variant
     raise ConversionError(
         f"the checkpoint (depth {depth}, width {width}, MLP {mlp}, patch {patch}) matches no CVLface "
-        f"variant ({', '.join(VARIANTS)}); pass --variant if it is one of them."
+        f"variant ({', '.join(VARIANTS)}); set "
+        "{variant} if it is one of them.",
+        field="variant",
     )
 
 

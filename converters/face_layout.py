@@ -3,11 +3,8 @@ TransFace (plus its token gate) and CVLface (AdaFace ViT-S/B): one explicit rena
 
 from __future__ import annotations
 
-import jax
-
 from converters.state_dict import Row, conv, identity, linear
 from vitnt_jax.config import ViTConfig
-from vitnt_jax.model import variable_shapes
 
 
 def block_rows(config: ViTConfig) -> list[Row]:
@@ -64,5 +61,9 @@ def table(config: ViTConfig) -> list[Row]:
 
 def flax_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
     """Returns flax path -> shape for every variable of `config`."""
+    import jax  # here, not at import: a converter's --help needs no JAX
+
+    from vitnt_jax.model import variable_shapes
+
     flat = jax.tree_util.tree_flatten_with_path(variable_shapes(config))[0]
     return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}

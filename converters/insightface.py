@@ -42,18 +42,20 @@ def infer_variant(state: dict) -> str:
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         width = int(state["pos_embed"].shape[-1])
         patch = int(state["patch_embed.proj.weight"].shape[-1])
-    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError) as error:
         raise ConversionError(
             "the checkpoint is not an insightface ViT state_dict (no blocks.*, pos_embed, "
             "patch_embed.proj.weight keys); check that SRC is the ViT backbone's model.pt."
-        ) from None
+        ) from error
     for variant in VARIANTS:
         c = PRESETS[f"insightface_{variant}"]
         if (c.depth, c.embed_dim, c.patch_size) == (depth, width, patch):
             return variant
     raise ConversionError(
         f"the checkpoint (depth {depth}, width {width}, patch {patch}) matches no insightface ViT "
-        f"({', '.join(VARIANTS)}); pass --variant if it is one of them."
+        f"({', '.join(VARIANTS)}); set "
+        "{variant} if it is one of them.",
+        field="variant",
     )
 
 

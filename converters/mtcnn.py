@@ -11,7 +11,6 @@ The weights are facenet-pytorch's (MIT licence), ported from the original MTCNN 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -89,7 +88,9 @@ def convert(src: str | Path | None, dst: str | Path, *, overwrite: bool = False)
     if dst.is_dir():
         raise ConversionError(f"{dst} is a folder; give the path of the .npz file to write.")
     if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst} already exists; pass --overwrite or choose another path.")
+        raise ConversionError(
+            f"{dst} already exists; choose another path, or replace it with " + "{overwrite}.", field="overwrite"
+        )
     files = {net: src / f"{net}.pt" for net in LAYERS}
     states = {}
     for net, path in files.items():
@@ -110,10 +111,12 @@ def convert(src: str | Path | None, dst: str | Path, *, overwrite: bool = False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Converts from the command line; prints one line on error."""
-    parser = argparse.ArgumentParser(
+    """Converts from the command line; returns 0 written, 1 a conversion error (one line), 2 bad flags."""
+    from vitnt_jax import cli
+
+    parser = cli.Parser(
         prog="python -m converters.mtcnn",
-        usage="%(prog)s [SRC] DST [--overwrite]",
+        usage="%(prog)s [SRC] DST [--overwrite] [--debug]",
         description=__doc__.splitlines()[0],
     )
     parser.add_argument(
@@ -123,17 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         help="SRC: folder with pnet.pt, rnet.pt, onet.pt (default: installed facenet-pytorch); DST: .npz to write",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if len(args.paths) > 2:
         parser.error("pass at most SRC and DST")
     src, dst = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
-    try:
-        out = convert(src, dst, overwrite=args.overwrite)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+
+    def body() -> int:
+        print(f"wrote {convert(src, dst, overwrite=args.overwrite)}")
+        return 0
+
+    return cli.run_command(body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import pickle
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vitnt_jax.errors import UserError
 
-class ConversionError(Exception):
-    """A checkpoint that cannot be converted; the message names the problem and the fix."""
+# What torch.load(weights_only=True) raises for damaged or foreign files (truncated zip: RuntimeError;
+# a flipped byte: UnicodeDecodeError; a file needing Python objects: UnpicklingError).
+_TORCH_UNREADABLE = (RuntimeError, ValueError, OSError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+class ConversionError(UserError):
+    """A checkpoint that cannot be converted; the message names the problem and the fix.
+
+    A message may name a setting of `convert` as `{overwrite}` or `{variant}`: a command line shows
+    its flag there (see `vitnt_jax.errors.UserError`).
+    """
 
 
 def sha256(path: Path) -> str:
@@ -45,19 +57,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConversionError(f"checkpoint {path} is empty; download it again.")
     if path.suffix == ".safetensors":
         try:
+            from safetensors import SafetensorError
             from safetensors.numpy import load_file
-        except ImportError:
-            raise ConversionError("reading .safetensors needs safetensors: pip install 'vitnt-jax[convert]'.") from None
+        except ImportError as error:
+            raise ConversionError(
+                "reading .safetensors needs safetensors: pip install 'vitnt-jax[convert]'."
+            ) from error
         try:
             return load_file(str(path))
-        except Exception as error:  # safetensors raises its own error types
+        except (SafetensorError, OSError, ValueError) as error:
             raise ConversionError(
                 f"could not read {path} as safetensors ({error}); the file is truncated or damaged, download it again."
-            ) from None
+            ) from error
     try:
         import torch
-    except ImportError:
-        raise ConversionError("reading PyTorch checkpoints needs torch: pip install torch==2.13.0.") from None
+    except ImportError as error:
+        raise ConversionError("reading PyTorch checkpoints needs torch: pip install torch==2.13.0.") from error
     with open(path, "rb") as f:
         magic = f.read(4)
     # torch.save writes a zip archive ("PK..."); very old files are a bare pickle (protocol byte 0x80).
@@ -68,17 +83,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for foreign or damaged files
+    except _TORCH_UNREADABLE as error:
         text = str(error)
         if "Unsupported global" in text or "Unsupported class" in text:
             raise ConversionError(
                 f"{path} holds Python objects besides tensors, and we refuse to unpickle them; "
                 "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or safetensors."
-            ) from None
+            ) from error
         raise ConversionError(
             f"could not read {path} ({type(error).__name__}): the file is truncated or not a "
             "PyTorch checkpoint; download it again."
-        ) from None
+        ) from error
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -217,8 +232,8 @@ def save_converted(src: Path, dst: str | Path, config, variables, source: dict, 
     source = {**source, "file": Path(src).name, "sha256": sha256(Path(src))}
     try:
         return checkpoint.save(dst, config, variables, source, overwrite=overwrite)
-    except checkpoint.CheckpointError as error:
-        raise ConversionError(str(error)) from None
+    except checkpoint.CheckpointError as error:  # keeps the message's settings, e.g. {overwrite}
+        raise ConversionError(error.template, field=error.field, also=error.fields[1:]) from error
 
 
 def run_cli(
@@ -231,23 +246,30 @@ def run_cli(
     convert: Callable[..., Path],
     add_arguments: Callable[[Any], None] | None = None,
 ) -> int:
-    """The shared command line of the converters: SRC DST [--variant V] [--overwrite] [extra flags]."""
-    import argparse
-    import sys
+    """The shared command line of the converters: SRC DST [--variant V] [--overwrite] [--debug] [extra flags].
 
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
-    parser.add_argument("src", help=src_help)
-    parser.add_argument("dst", help="output checkpoint directory (pass it to the scorer's --model)")
+    Returns the exit status: 0 written, 1 a conversion error (one line `error: <sentence>`), 2 bad
+    flags (one line). Nothing here imports JAX, so `--help` answers at once.
+    """
+    from vitnt_jax import cli
+
+    parser = cli.Parser(prog=prog, description=description)
+    parser.add_argument("src", metavar="SRC", help=src_help)
+    parser.add_argument("dst", metavar="DST", help="output checkpoint folder (give it to the scorer's --model)")
     if variants:
         parser.add_argument("--variant", choices=variants, help="default: inferred from the shapes")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a vitnt-jax checkpoint")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace DST if it is a vitnt-jax checkpoint (never anything else)"
+    )
+    cli.add_debug_flag(parser)
     if add_arguments is not None:
         add_arguments(parser)
     args = vars(parser.parse_args(argv))
-    try:
+    debug = args.pop("debug")
+
+    def body() -> int:
         out = convert(args.pop("src"), args.pop("dst"), **args)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return cli.run_command(body, debug=debug)

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from converters import cvlface
 from converters.state_dict import ConversionError, read_checkpoint, unwrap
 from vitnt_jax import checkpoint
+from vitnt_jax.cli import flag
 from vitnt_jax.config import PRESETS
 from vitnt_jax.model import FaceViT, TraceTap
 from vitnt_jax.scorer import Scorer
@@ -164,8 +165,9 @@ def test_training_only_keys_are_dropped(torch_model):
 def test_variant_inference_and_its_error(torch_model):
     assert cvlface.infer_variant(_state(torch_model)) == "testing"
     state = {k: v for k, v in _state(torch_model).items() if not k.startswith("blocks.2.")}
-    with pytest.raises(ConversionError, match="depth 2, width 16, MLP 32, patch 8.*pass --variant"):
+    with pytest.raises(ConversionError, match="depth 2, width 16, MLP 32, patch 8.*set variant if") as error:
         cvlface.infer_variant(state)
+    assert error.value.render(flag).endswith("; set --variant if it is one of them.")  # as the CLI words it
     with pytest.raises(ConversionError, match="not a CVLface ViT state_dict"):
         cvlface.infer_variant({"conv1.weight": torch.zeros(1)})
 

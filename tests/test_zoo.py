@@ -13,6 +13,7 @@ from converters import clip, insightface
 from converters import timm as timm_converter
 from converters.state_dict import ConversionError
 from vitnt_jax import checkpoint
+from vitnt_jax.cli import flag
 from vitnt_jax.config import PRESETS
 from vitnt_jax.model import FaceViT, TraceTap, truncate_blocks
 from vitnt_jax.scorer import score_streaming
@@ -104,8 +105,9 @@ def test_insightface_variant_inference_and_errors():
         assert insightface.infer_variant(model.state_dict()) == variant
     with torch.device("meta"):
         state = tr.FaceViT(PRESETS["cvlface_vit_base"]).state_dict()  # patch 8: not insightface
-    with pytest.raises(ConversionError, match="matches no insightface ViT.*--variant"):
+    with pytest.raises(ConversionError, match="matches no insightface ViT.*set variant if") as error:
         insightface.infer_variant(state)
+    assert error.value.render(flag).endswith("; set --variant if it is one of them.")  # as the CLI words it
 
 
 def test_insightface_strictness():

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from vitnt_jax.config import ViTConfig
+from vitnt_jax.errors import UserError
 from vitnt_jax.model import variable_shapes
 
 FORMAT = "vitnt-jax"
@@ -24,8 +25,12 @@ VERSION = 1
 PyTree = Any
 
 
-class CheckpointError(Exception):
-    """A checkpoint directory that cannot be used; the message says what to do."""
+class CheckpointError(UserError):
+    """A checkpoint directory that cannot be used; the message says what to do.
+
+    A message may name the setting `model` (the checkpoint folder) or `overwrite` as `{model}` /
+    `{overwrite}`: a command line shows its flag there (see `vitnt_jax.errors.UserError`).
+    """
 
 
 def _paths_and_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
@@ -73,7 +78,10 @@ def save(
         if not directory.is_dir():
             raise CheckpointError(f"{directory} exists and is not a folder; choose another output path.")
         if not overwrite:
-            raise CheckpointError(f"{directory} already exists; choose a new path or pass --overwrite.")
+            raise CheckpointError(
+                f"{directory} already exists; choose a new path, or replace it with " + "{overwrite}.",
+                field="overwrite",
+            )
         if any(directory.iterdir()) and not is_checkpoint(directory):
             raise CheckpointError(
                 f"{directory} is a folder that is not a vitnt-jax checkpoint; refusing to replace it, "
@@ -96,7 +104,7 @@ def save(
         shutil.rmtree(temporary, ignore_errors=True)
         raise CheckpointError(
             f"cannot write the checkpoint to {directory} ({error.strerror or error}); choose a writable output path."
-        ) from None
+        ) from error
     return directory
 
 
@@ -115,13 +123,15 @@ def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
     meta_path = directory / "config.json"
     if directory.is_file():
         raise CheckpointError(
-            f"--model {directory} is a file; convert it first with `python -m converters.cvlface "
-            f"{directory} DST` and pass the folder DST to --model."
+            f"model checkpoint {directory} is a file; convert it first with `python -m converters.cvlface "
+            f"{directory} DST` and give the folder DST as " + "{model}.",
+            field="model",
         )
     if not directory.is_dir():
         raise CheckpointError(
             f"model checkpoint {directory} does not exist; convert one with "
-            "`python -m converters.cvlface SRC DST` and pass DST to --model."
+            "`python -m converters.cvlface SRC DST` and give DST as {model}.",
+            field="model",
         )
     if not meta_path.is_file():
         raise CheckpointError(
@@ -131,7 +141,7 @@ def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"{meta_path} is unreadable ({error}); convert the checkpoint again.") from None
+        raise CheckpointError(f"{meta_path} is unreadable ({error}); convert the checkpoint again.") from error
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(
             f"{meta_path} is not a version-{VERSION} vitnt-jax checkpoint; convert the checkpoint again."
@@ -139,7 +149,9 @@ def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
     try:
         config = ViTConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError, NotImplementedError) as error:
-        raise CheckpointError(f"{meta_path} holds an invalid config ({error}).") from None
+        raise CheckpointError(
+            f"{meta_path} holds an invalid config ({error}); convert the checkpoint again."
+        ) from error
     return config, meta
 
 
@@ -151,10 +163,12 @@ def load(directory: str | os.PathLike) -> tuple[ViTConfig, PyTree]:
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), variable_shapes(config))
     try:
         variables = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "variables", target)
-    except Exception as error:  # Orbax raises many types for damaged trees.
+    # What Orbax and TensorStore raise for missing, truncated or foreign files: FileNotFoundError,
+    # JSONDecodeError, ValueError (NOT_FOUND, DATA_LOSS), KeyError/TypeError for another tree.
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(
             f"could not read the variables of {directory} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); convert the checkpoint again."
-        ) from None
+        ) from error
     check_variables(config, variables, f"checkpoint {directory}")
     return config, variables

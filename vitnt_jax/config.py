@@ -188,5 +188,5 @@ def get_preset(name: str) -> ViTConfig:
     """Returns the preset config called `name`."""
     try:
         return PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}.") from None
+    except KeyError as error:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}.") from error

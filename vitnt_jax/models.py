@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vitnt_jax.cache import CACHE_ENV, cache_dir
+from vitnt_jax.errors import UserError
 
 __all__ = ["CACHE_ENV", "DEFAULT_MODEL", "MODELS", "ModelError", "NamedModel", "cache_dir", "mtcnn_weights", "resolve"]
 
@@ -27,7 +28,7 @@ DEFAULT_MODEL = "cvlface_vit_base_webface4m"
 CONNECT_TIMEOUT_S = 5.0
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model that cannot be resolved; the message says what to download and where to put it."""
 
 
@@ -116,10 +117,14 @@ RANDOM_SEED = 0  # the 'random' family's weights: jax.random.PRNGKey(RANDOM_SEED
 
 
 def hub_download(repo_id: str, filename: str, target: Path) -> Path:
-    """Returns the local path of `filename` from the Hub repo, downloading it into `target`."""
+    """Returns the local path of `filename` from the Hub repo, downloading it into `target`.
+
+    Raises OSError (unreachable, HTTP, missing file) or ValueError (an invalid repository id).
+    """
     try:
         import huggingface_hub
         from huggingface_hub import constants
+        from huggingface_hub.errors import EntryNotFoundError
     except ImportError as error:
         raise ModelError("downloading named models needs huggingface_hub: pip install huggingface_hub.") from error
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
@@ -130,8 +135,14 @@ def hub_download(repo_id: str, filename: str, target: Path) -> Path:
             raise ConnectionError(f"{host} is unreachable ({error})") from error
     from huggingface_hub.utils import logging as hub_logging
 
+    previous = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()  # no retry chatter: failures become one sentence here
-    return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=target, etag_timeout=10))
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=target, etag_timeout=10))
+    except EntryNotFoundError as error:  # the one hub error that is no OSError
+        raise FileNotFoundError(f"{filename} is not in {repo_id}") from error
+    finally:
+        hub_logging.set_verbosity(previous)  # the process's own logging set-up is left as it was
 
 
 def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] | None = None) -> Path:
@@ -147,8 +158,9 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
     name = str(spec)
     if name not in MODELS:
         raise ModelError(
-            f"model {name!r} is neither a converted checkpoint folder nor a known model name; "
-            f"known names: {', '.join(MODELS)} (python -m vitnt_jax.models lists them)."
+            "{model} " + f"{name!r} is neither a converted checkpoint folder nor a known model name; "
+            f"known names: {', '.join(MODELS)} (python -m vitnt_jax.models lists them).",
+            field="model",
         )
     model = MODELS[name]
     target = cache_dir() / name
@@ -169,7 +181,7 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
         source = download(model.repo_id, model.filename, cache_dir() / "downloads")
     except ModelError:
         raise
-    except Exception as error:
+    except (OSError, ValueError) as error:  # network, HTTP and hub errors are OSErrors; a bad repo id a ValueError
         raise ModelError(
             f"could not download {model.filename} of {model.repo_id} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it by hand from "
@@ -236,7 +248,10 @@ def mtcnn_weights(path: str | os.PathLike | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Prints the named models: name, source, licence, input contract."""
+    """Prints the named models: name, source, licence, input contract (`python -m vitnt_jax.models`)."""
+    from vitnt_jax import cli
+
+    cli.Parser(prog="python -m vitnt_jax.models", description=__doc__.splitlines()[0]).parse_args(argv)
     print(f"Named models (cache: {cache_dir()}; set ${CACHE_ENV} to move it). Default: {DEFAULT_MODEL}.\n")
     for m in MODELS.values():
         if m.family == "random":

@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitnt_jax.errors import UserError
+
 NETS = ("pnet", "rnet", "onet")
 WEIGHTS_FORMAT = "vitnt-jax-mtcnn-1"
 WEIGHTS_NAME = "mtcnn_facenet_pytorch.npz"
@@ -74,7 +76,7 @@ MAX_CANDIDATES = 1024  # R-Net / O-Net rows per call (a bucket size)
 _MASKED = -1e30  # below any real activation; finite, so masked cells never turn into NaN
 
 
-class MTCNNError(Exception):
+class MTCNNError(UserError):
     """MTCNN weights that cannot be found or used; the message says what to do."""
 
 
