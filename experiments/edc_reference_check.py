@@ -252,15 +252,35 @@ def _worst(results: dict, key: str) -> float:
     return max(values)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+class _UserError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the check; returns the exit status (0 ok, 1 user error, 2 bad flags)."""
+    from vitnt_jax import cli
+
+    parser = cli.Parser(prog="python -m experiments.edc_reference_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mirror", type=Path, required=True, help="folder with the CR-FIQA and dasec snapshots")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "edc_reference_check.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results" / "edc_reference_check.json",
+        help="the JSON record (default: experiments/results/edc_reference_check.json)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (the committed record)")
     parser.add_argument("--large", type=int, default=100_000, help="pairs in the large case (0 to skip)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cases (default: 0)")
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return cli.run_command(lambda: _check(args), debug=args.debug, errors=(_UserError,))
+
+
+def _check(args: argparse.Namespace) -> int:
     if not args.mirror.is_dir():
-        raise SystemExit(f"--mirror {args.mirror} is not a folder: fetch the CR-FIQA and dasec repositories there.")
+        raise _UserError(f"--mirror {args.mirror} is not a folder; fetch the CR-FIQA and dasec repositories there.")
+    if args.out.exists() and not args.overwrite:
+        raise _UserError(f"{args.out} already exists; pass --overwrite to replace it, or choose another --out.")
 
     cases = dict(CASES)
     if args.large:
@@ -309,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -13,12 +13,16 @@ such an image as a failure to compare (a non-match).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from experiments import harness
+from vitnt_jax import cli
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (default: 4)")
     p.add_argument("--out", type=Path, required=True, help="embedding file (.npy); ids go to <out>.ids.txt")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its ids file) if they exist")
+    cli.add_debug_flag(p)
     return p
 
 
@@ -60,13 +65,9 @@ def embed_batches(scorer, batches, flip: bool, total: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (0 ok, 1 user error)."""
+    """Runs the command line; returns the exit status (0 ok, 1 user error, 2 bad flags)."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except _UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return cli.run_command(lambda: _run(args), debug=args.debug, errors=(_UserError,))
 
 
 class _UserError(Exception):
@@ -80,7 +81,7 @@ def _make_parent(path: Path) -> None:
     except OSError as error:
         raise _UserError(
             f"cannot create the folder of --out {path} ({error.strerror}); choose another --out."
-        ) from None
+        ) from error
     if path.is_dir():
         raise _UserError(f"--out {path} is a folder; pass a .npy file path.")
 
@@ -96,12 +97,12 @@ def _run(args: argparse.Namespace) -> int:
         raise _UserError("--batch-size must be at least 1.")
     for path in (args.out, ids_path(args.out)):
         if path.exists() and not args.overwrite:
-            raise _UserError(f"{path} exists; pass --overwrite to replace it or choose another --out.")
+            raise _UserError(f"{path} already exists; pass --overwrite to replace it, or choose another --out.")
     _make_parent(args.out)
     try:
         source, config, variables = harness.open_inputs(args)
     except ValueError as error:
-        raise _UserError(str(error)) from None
+        raise _UserError(str(error)) from error
     if config.head == "none":
         raise _UserError(f"model {config.name} has no embedding head; choose a face recognition model.")
     settings = ScoreSettings(blocks=(0, 1))  # unused: only the embedding is read
@@ -119,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     failed = int(np.isnan(rows).any(axis=1).sum())
     np.save(args.out, rows)
     ids_path(args.out).write_text("".join(f"{i}\n" for i in source.ids), encoding="utf-8")
-    print(f"wrote {rows.shape[0]} embeddings of width {rows.shape[1]} to {args.out} ({failed} unreadable: NaN rows)")
+    log.info(f"wrote {rows.shape[0]} embeddings of width {rows.shape[1]} to {args.out} ({failed} unreadable: NaN rows)")
     return 0
 
 
