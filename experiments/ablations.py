@@ -4,10 +4,13 @@
     python -m experiments.ablations ... --benchmark lfw=bin:data/lfw.bin --embeddings ArcFace=emb/lfw.npy
 
 Every variant's quality is computed from the same per-block states (the first `max(depths)` blocks and the
-attention each patch receives in each of them), so a sweep costs one forward pass, not one per variant. Each
-variant is written as a score CSV (``<out>/<variant>.csv``, the format of ``python -m vitnt_jax.score``), so any
-variant can be evaluated like any other quality file; with ``--benchmark`` and ``--embeddings`` the EDC tables
-and figures are produced as well (``<out>/edc/``, via ``experiments.evaluate``).
+attention each patch receives in each of them), so a sweep costs one forward pass, not one per variant. The
+images come from the scorer's sources and go through its pipeline (`vitnt_jax.pipeline.score_source`); each
+variant is written as a score CSV (``<out>/<variant>.csv``, the format of ``python -m vitnt_jax.score``, written
+by `vitnt_jax.output`), so any variant can be evaluated like any other quality file. ``<out>/qualities.npy``
+holds every variant's qualities, (rows, variants) float32 in the order of ``<out>/variants.json``. With
+``--benchmark`` and ``--embeddings`` the EDC tables and figures are produced as well (``<out>/edc/``, via
+``experiments.evaluate``). Existing files are replaced only with ``--overwrite``.
 
 The default sweep changes one factor at a time around the paper's setting (blocks 0..19 of 24, alpha 8,
 last-block attention, Euclidean distance); ``--grid full`` crosses every factor.
@@ -16,7 +19,6 @@ last-block attention, Euclidean distance); ``--grid full`` crosses every factor.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import sys
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import harness
+from vitnt_jax import cli
 
 AGGREGATIONS = {
     "mean": ("mean", "last"),
@@ -77,8 +80,8 @@ def variants(
     return list(dict.fromkeys(out))
 
 
-def sweep_fn(config, variables, sweep: list[Variant], precision="highest"):
-    """Returns a jitted `uint8 images (B,H,W,3) -> {variant name: (B,) quality}` over one forward pass."""
+def sweep_fn(config, sweep: list[Variant], precision="highest"):
+    """Returns a jitted `(variables, uint8 images (B,H,W,3)) -> {variant name: (B,) quality}` over one forward pass."""
     import jax
 
     from vitnt_jax.scorer import compute_states, preprocess
@@ -88,7 +91,7 @@ def sweep_fn(config, variables, sweep: list[Variant], precision="highest"):
     states_settings = ScoreSettings(tuple(range(deepest)), aggregation="attention", attention="all")
 
     @jax.jit
-    def run(images):
+    def run(variables, images):
         got = compute_states(config, variables, preprocess(images, config), states_settings, precision=precision)
         out = {}
         for v in sweep:
@@ -98,6 +101,31 @@ def sweep_fn(config, variables, sweep: list[Variant], precision="highest"):
         return out
 
     return run
+
+
+class AblationScorer:
+    """The sweep as a `vitnt_jax.pipeline.BatchScorer`: {'quality': the first variant, 'variants': (B, V)}."""
+
+    def __init__(self, config, variables, sweep: list[Variant], precision="highest"):
+        import jax
+
+        self.config, self.names = config, [v.name for v in sweep]
+        self.variables = jax.device_put(variables)
+        self._run = sweep_fn(config, sweep, precision)
+
+    def padded_size(self, n: int) -> int:
+        """Returns n: the sweep runs on one device, at any batch size."""
+        return n
+
+    def dispatch(self, images: np.ndarray):
+        """Starts scoring uint8 images; returns (B, device results) without waiting."""
+        return len(images), self._run(self.variables, np.asarray(images))
+
+    def fetch(self, pending) -> dict[str, np.ndarray]:
+        """Waits for a `dispatch` result; returns the first variant's quality and every variant's, (B, V)."""
+        b, got = pending
+        table = np.stack([np.asarray(got[name], np.float32) for name in self.names], axis=1)[:b]
+        return {"quality": table[:, 0], "variants": table}
 
 
 def _list(kind):
@@ -130,32 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grid", choices=["one-at-a-time", "full"], default="one-at-a-time", help="sweep layout")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
+    p.add_argument("--workers", type=int, default=4, help="image decoding threads (default: 4)")
     p.add_argument("--benchmark", action="append", metavar="NAME=KIND:PATH", help="evaluate on this protocol too")
     p.add_argument("--embeddings", action="append", metavar="MODEL=PATTERN", help="with --benchmark: FR embeddings")
     p.add_argument("--fmr", type=float, action="append", help="with --benchmark: FMR (default: 1e-3 and 1e-4)")
     p.add_argument("--out", type=Path, required=True, help="output folder (one <variant>.csv per variant)")
+    p.add_argument("--overwrite", action="store_true", help="replace the sweep's files already in --out")
+    cli.add_debug_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 1 user error)."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except ValueError as error:  # ProtocolError, EvaluationError and setting errors: one sentence each
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    # ValueError: ProtocolError, EvaluationError and setting errors, one sentence each.
+    return cli.run_command(lambda: _run(args), debug=args.debug, errors=(ValueError,))
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vitnt_jax.data import batches
+    from vitnt_jax import pipeline
+    from vitnt_jax.output import OutputError, ResultWriter, Row, read_results, write_results
     from vitnt_jax.selection import parse_blocks
     from vitnt_jax.stability import METRICS
 
     if bool(args.benchmark) != bool(args.embeddings):
         raise ValueError("--benchmark and --embeddings go together; give both or neither.")
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1.")
+    if args.batch_size < 1 or args.workers < 1:
+        raise ValueError("--batch-size and --workers must be at least 1.")
     for f in args.fmr or []:
         if not 0 < f < 1:
             raise ValueError(f"--fmr {f:g} must lie strictly between 0 and 1.")
@@ -189,29 +218,43 @@ def _run(args: argparse.Namespace) -> int:
     sweep = variants(depths, args.alphas, args.aggregations, args.metrics, base=base, grid=args.grid)
     for v in sweep:
         v.settings()  # validates alpha and the rest before any work
-    run = sweep_fn(config, variables, sweep)
-    qualities = {v.name: np.full(len(source), np.nan) for v in sweep}
-    errors = [""] * len(source)
-    done = 0
-    for batch in batches(source.load, range(len(source)), args.batch_size, config.img_size, color=args.color or "rgb"):
-        got = run(batch.images)
-        n = len(batch.indices)
-        for name, values in got.items():
-            values = np.asarray(values)[:n]
-            qualities[name][batch.indices] = np.where(batch.valid[:n], values, np.nan)
-        for row, i in enumerate(batch.indices):
-            errors[i] = batch.errors[row]
-        done += n
-        print(f"ablations: {done}/{len(source)} images", file=sys.stderr, flush=True)
-    for v in sweep:
-        with open(args.out / f"{v.name}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "quality", "error"])
-            for key, q, e in zip(source.ids, qualities[v.name], errors, strict=True):
-                writer.writerow([key, "" if e else repr(float(q)), e])
-    (args.out / "variants.json").write_text(
-        json.dumps([dict(name=v.name, **v.__dict__) for v in sweep], indent=1) + "\n", encoding="utf-8"
+    paths = {v.name: args.out / f"{v.name}.csv" for v in sweep}
+    table_path, listing = args.out / "qualities.npy", args.out / "variants.json"
+    existing = [p for p in (*paths.values(), table_path, listing) if p.exists()]
+    if existing and not args.overwrite:
+        raise OutputError(
+            f"{existing[0]} already exists; pass "
+            + "{overwrite} to replace the sweep's files, or choose another {out}.",
+            field="out",
+            also=("overwrite",),
+        )
+    with_label = source.labels is not None
+    first = paths[sweep[0].name]
+    # One pass: the pipeline writes the first variant's CSV and every variant's column of the table.
+    writer = ResultWriter(
+        first, with_label=with_label, arrays={"variants": (table_path, (len(sweep),))}, overwrite=args.overwrite
     )
+    progress = pipeline.Progress(len(source))
+    finished = False
+    try:
+        pipeline.score_source(
+            AblationScorer(config, variables, sweep),
+            source,
+            writer,
+            batch_size=args.batch_size,
+            color=args.color,
+            workers=args.workers,
+            progress=progress,
+        )
+        finished = True
+    finally:
+        writer.close(finished)
+        progress.close()
+    rows, table = read_results(first), np.load(table_path)
+    for j, v in enumerate(sweep[1:], start=1):
+        column = [Row(r.id, None if r.error else float(table[i, j]), r.label, r.error) for i, r in enumerate(rows)]
+        write_results(paths[v.name], column, with_label=with_label, overwrite=args.overwrite)
+    listing.write_text(json.dumps([dict(name=v.name, **v.__dict__) for v in sweep], indent=1) + "\n", encoding="utf-8")
     print(f"wrote {len(sweep)} variants to {args.out}")
     if args.benchmark:
         from experiments import evaluate
@@ -220,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
         argv += [f"--quality={v.name}={args.out / (v.name + '.csv')}" for v in sweep]
         argv += [f"--embeddings={e}" for e in args.embeddings]
         argv += [f"--fmr={f}" for f in (args.fmr or [])]
-        argv += ["--out", str(args.out / "edc")]
+        argv += ["--out", str(args.out / "edc")] + (["--overwrite"] if args.overwrite else [])
         return evaluate.main(argv)
     return 0
 

@@ -10,8 +10,9 @@ from sklearn.metrics.pairwise import euclidean_distances
 
 from converters import cvlface
 from experiments import baselines as bl
+from experiments import hooks
 from vitnt_jax.config import PRESETS
-from vitnt_jax.model import FaceViT, TraceTap
+from vitnt_jax.model import Block, FaceViT, TraceTap, truncate_blocks
 from vitnt_jax.scorer import preprocess
 
 import torch_reference as tr
@@ -58,6 +59,7 @@ def test_uint8_and_preprocessed_input_agree(variables, images):
 
 
 def test_registry_entries_are_described(variables, images):
+    assert bl.METHODS == tuple(sorted(bl.BASELINES))  # the CLI's choices, known without importing JAX
     for name, baseline in bl.BASELINES.items():
         assert callable(baseline.fn) and baseline.forward and baseline.source, name
     assert bl.BASELINES["serfiq"].needs_key and bl.BASELINES["grafiqs"].backward == 1
@@ -103,11 +105,12 @@ def test_serfiq_head_only_passes_equal_full_stochastic_forward_passes(variables,
     x = preprocess(jnp.asarray(images), CFG)
     got = bl.serfiq_embeddings(variables, CFG, x, keys, passes=passes, rate=rate)
     assert got.shape == (len(images), passes, CFG.embedding_dim)
-    full_pass = jax.jit(
-        lambda image, k: FaceViT(CFG).apply(variables, image[None], embed=True, head_dropout=rate, rngs={"dropout": k})[
-            "embedding"
-        ][0]
-    )
+
+    def full(image, k):
+        with hooks.dropout_before("feature_0", rate, k):
+            return FaceViT(CFG).apply(variables, image[None], embed=True)["embedding"][0]
+
+    full_pass = jax.jit(full)
     for i in range(len(images)):
         for j, k in enumerate(jax.random.split(keys[i], passes)):
             np.testing.assert_allclose(got[i, j], full_pass(x[i], k), rtol=1e-5, atol=1e-5)
@@ -202,19 +205,22 @@ def test_attn_fiqa_equals_torch_logits_of_the_read_block(torch_model, variables,
         bl.attn_fiqa(variables, CFG, jnp.asarray(images), block=CFG.depth)
 
 
-def test_logits_attention_mode_softmaxes_to_the_attention_weights(variables, images):
-    class LogitsTrace:
-        attention = "logits"
-
-        def init(self, tokens):
-            return ()
-
-        def step(self, state, index, tokens, normed, attention):
-            return state, attention
-
+def test_block_attention_logits_softmax_to_the_attention_weights(variables, images):
     x = preprocess(jnp.asarray(images), CFG)
-    logits = jax.jit(lambda v, x: FaceViT(CFG).apply(v, x, tap=LogitsTrace())["per_block"])(variables, x)
-    weights = jax.jit(lambda v, x: FaceViT(CFG).apply(v, x, tap=TraceTap())["per_block"]["attention"])(variables, x)
+    trace = jax.jit(lambda v, x: FaceViT(CFG).apply(v, x, tap=TraceTap()))(variables, x)
+    enter = FaceViT(CFG).apply(truncate_blocks(variables, 0), x, num_blocks=0)["tokens"]
+    inputs = jnp.concatenate([enter[None], trace["per_block"]["tokens"][:-1]])  # what enters each block
+    logits = jnp.stack(
+        [
+            Block(CFG).apply(
+                {"params": jax.tree.map(lambda a, i=i: a[i], variables["params"]["blocks"])},
+                inputs[i],
+                method=Block.attention_logits,
+            )
+            for i in range(CFG.depth)
+        ]
+    )
+    weights = trace["per_block"]["attention"]
     assert logits.shape == weights.shape == (CFG.depth, len(images), CFG.num_heads, CFG.num_patches, CFG.num_patches)
     np.testing.assert_allclose(jax.nn.softmax(logits, axis=-1), weights, rtol=1e-5, atol=1e-7)
 
@@ -233,6 +239,5 @@ def test_embedding_norm_equals_the_norm_of_the_models_and_pytorchs_embedding(tor
 def test_head_only_path_equals_the_embedding_of_the_full_model(variables, images):
     x = preprocess(jnp.asarray(images), CFG)
     full = FaceViT(CFG).apply(variables, x, embed=True)
-    head = FaceViT(CFG).apply(variables, None, head_input=full["tokens"])
-    assert set(head) == {"embedding"}
-    np.testing.assert_array_equal(head["embedding"], full["embedding"])
+    head = FaceViT(CFG).apply(variables, full["tokens"], method=FaceViT.embedding)
+    np.testing.assert_array_equal(head, full["embedding"])

@@ -2,7 +2,11 @@
 
 import csv
 import io
+import json
 import pickle
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -67,6 +71,17 @@ def test_ablation_variants_equal_the_scoring_cli(tiny_checkpoint, tmp_path, face
     )
     assert code == 0
     names = {p.stem for p in out.glob("*.csv")}
+    # Every variant's CSV holds its column of the one table the pass wrote, row for row.
+    listed = [v["name"] for v in json.loads((out / "variants.json").read_text())]
+    table = np.load(out / "qualities.npy")
+    assert table.shape == (7, len(listed)) and set(listed) == names
+    for j, name in enumerate(listed):
+        rows = list(_read(out / f"{name}.csv").values())
+        assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+        for i, r in enumerate(rows):
+            assert (r["quality"] == "") == bool(r["error"]) == bool(np.isnan(table[i, j]))
+            if r["quality"]:
+                assert float(r["quality"]) == float(table[i, j])
     # One factor at a time around blocks 3 (testing preset: all), alpha 8, attention-last, euclidean.
     assert names == {
         "blocks3_alpha8_attention-last_euclidean",
@@ -132,10 +147,55 @@ def test_baseline_cli_writes_every_row_with_the_library_values(tiny_checkpoint, 
         assert list(rows) == ["0.png", "1.png", "2.png", "3_broken.png"]
         assert rows["3_broken.png"]["quality"] == "" and rows["3_broken.png"]["error"]
         stack = np.stack(faces[:3])
-        if method == "serfiq":  # image i's dropout key is fold_in(seed, i), whatever the batching
-            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(7), i))(np.arange(3))
+        if method == "serfiq":  # an image's dropout key is fold_in(seed, CRC-32 of its pixels), whatever the batching
+            seeds = [zlib.crc32(face.tobytes()) for face in faces[:3]]
+            keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(7), s))(
+                np.array(seeds, np.uint32).view(np.int32)
+            )
             want = baselines.serfiq(variables, config, stack, keys, passes=4)
         else:
             want = baselines.embedding_norm(variables, config, stack)
         got = [float(rows[f"{i}.png"]["quality"]) for i in range(3)]
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_baseline_and_ablation_outputs_are_replaced_only_with_overwrite(tiny_checkpoint, tmp_path, capsys):
+    from experiments import baselines
+
+    folder = tmp_path / "i"
+    folder.mkdir()
+    Image.fromarray(smooth_faces(1)[0]).save(folder / "a.png")
+    source = ["--images", str(folder), "--model", str(tiny_checkpoint)]
+    out = tmp_path / "b.csv"
+    out.write_text("keep me\n")
+    assert baselines.main(["embedding_norm", *source, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists; pass --overwrite" in err
+    assert out.read_text() == "keep me\n"
+    assert baselines.main(["embedding_norm", *source, "--out", str(out), "--overwrite"]) == 0
+    assert out.read_text().startswith("id,quality,error\n")
+    folder_out = tmp_path / "abl"
+    sweep = [*source, "--depths", "2", "--alphas", "8", "--aggregations", "mean", "--metrics", "l1"]
+    assert ablations.main([*sweep, "--out", str(folder_out)]) == 0
+    before = {p.name: p.read_bytes() for p in folder_out.iterdir()}
+    assert ablations.main([*sweep, "--out", str(folder_out)]) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder_out.iterdir()} == before
+    assert ablations.main([*sweep, "--out", str(folder_out), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("module", ["experiments.baselines", "experiments.ablations"])
+def test_help_and_flag_errors_answer_without_jax(module):
+    code = (
+        "import sys\n"
+        f"from {module} import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, 'jax' in sys.modules)\n"
+    )
+    for argv, status in ((["--help"], 0), (["--batch", "3"], 2)):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+        assert done.stdout.splitlines()[-1] == f"exit {status} False", (argv, done.stdout, done.stderr)
+        if status == 2:
+            assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
