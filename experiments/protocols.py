@@ -84,12 +84,12 @@ class Protocol:
 def _read_text(path: Path, what: str) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ProtocolError(f"{what} {path} does not exist; check the path.") from None
-    except IsADirectoryError:
-        raise ProtocolError(f"{what} {path} is a folder; pass the file itself.") from None
-    except UnicodeDecodeError:
-        raise ProtocolError(f"{what} {path} is not UTF-8 text; pass the text file.") from None
+    except FileNotFoundError as error:
+        raise ProtocolError(f"{what} {path} does not exist; check the path.") from error
+    except IsADirectoryError as error:
+        raise ProtocolError(f"{what} {path} is a folder; pass the file itself.") from error
+    except UnicodeDecodeError as error:
+        raise ProtocolError(f"{what} {path} is not UTF-8 text; pass the text file.") from error
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
@@ -496,9 +496,9 @@ def write_bin(pairs: list[tuple[str, str, bool]], image_root: str | Path, out: s
         for rel in (a, b):
             try:
                 blobs.append((image_root / rel).read_bytes())
-            except FileNotFoundError:
+            except FileNotFoundError as error:
                 missing = image_root / rel
-                raise ProtocolError(f"image {missing} does not exist; pass the folder of the pairs' images.") from None
+                raise ProtocolError(f"image {missing} does not exist; pass the folder of the pairs' images.") from error
     tmp = out.with_name(out.name + ".partial")
     with open(tmp, "wb") as f:
         pickle.dump((blobs, [bool(g) for _, _, g in pairs]), f, protocol=4)
