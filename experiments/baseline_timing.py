@@ -1,8 +1,8 @@
 """Time per image of the training-free FIQA baselines and of ViTNT-FIQA, same backbone, same harness.
 
-    python -m experiments.baseline_timing [--models cvlface_vit_small,cvlface_vit_base] [--batch 8]
+    python -m experiments.baseline_timing [--models cvlface_vit_small,cvlface_vit_base] [--batch-size 8]
         [--runs 5] [--passes 100] [--methods vitnt,serfiq,grafiqs,attn_fiqa,embedding_norm]
-        [--out experiments/results/baseline_timing_cpu.json]
+        [--out experiments/results/baseline_timing_cpu.json] [--overwrite]
 
 Random weights (timing does not depend on them). Every method is one jitted function from a
 (batch, 112, 112, 3) uint8 array to (batch,) qualities, preprocessing included, on the default
@@ -20,7 +20,6 @@ head, ATTN-FIQA the last block.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,23 +27,23 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments import baselines as bl
-from experiments.benchmark import machine
-from vitnt_jax.config import PRESETS
-from vitnt_jax.model import init_variables, truncate_blocks
-from vitnt_jax.scorer import preprocess, score_streaming
-from vitnt_jax.selection import parse_blocks
-from vitnt_jax.stability import ScoreSettings
+from experiments import baselines
 
-METHODS = ("vitnt", "serfiq", "grafiqs", "attn_fiqa", "embedding_norm")
+METHODS = ("vitnt", *baselines.METHODS)
 
 
 def build(method: str, config, variables, passes: int):
     """Returns (jitted fn(variables, images) -> (B,), the variables it takes, forward, backward, blocks run)."""
+    import jax
+
+    from experiments import baseline_methods as bl
+    from vitnt_jax.model import truncate_blocks
+    from vitnt_jax.scorer import preprocess, score_streaming
+    from vitnt_jax.selection import parse_blocks
+    from vitnt_jax.stability import ScoreSettings
+
     if method == "vitnt":
         settings = ScoreSettings(parse_blocks(config.default_blocks, config.depth))
         run = settings.num_blocks_to_run
@@ -66,6 +65,12 @@ def build(method: str, config, variables, passes: int):
 
 def prepare(method: str, model: str, batch: int, passes: int) -> dict:
     """Returns the compiled, warmed-up method on one preset, with its static figures."""
+    import jax
+    import jax.numpy as jnp
+
+    from vitnt_jax.config import PRESETS
+    from vitnt_jax.model import init_variables
+
     config = PRESETS[model]
     variables = init_variables(config, seed=0)
     images = jax.device_put(
@@ -130,26 +135,46 @@ def measure(model: str, methods: list[str], batch: int, runs: int, passes: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="cvlface_vit_small,cvlface_vit_base")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--passes", type=int, default=bl.SERFIQ_PASSES, help="SER-FIQ stochastic head passes")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", type=Path, default=None)
+    """Times the methods; returns the exit status (0 ok, 1 user error, 2 flag error)."""
+    from experiments import harness
+    from vitnt_jax import cli
+
+    parser = harness.Parser(prog="python -m experiments.baseline_timing", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="cvlface_vit_small,cvlface_vit_base", help="comma-separated presets")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per call (default: 8)")
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per method (default: 5)")
+    parser.add_argument(
+        "--passes", type=int, default=baselines.SERFIQ_PASSES, help="SER-FIQ stochastic head passes (default: 100)"
+    )
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}.")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    return cli.run_command(lambda: _run(args, methods), debug=args.debug, errors=(ValueError,))
+
+
+def _run(args, methods: list[str]) -> int:
+    from experiments import baseline_methods as bl
+    from experiments.benchmark import machine
+    from vitnt_jax.config import PRESETS
+
+    if args.batch_size < 1 or args.runs < 1:
+        raise ValueError("--batch-size and --runs must be at least 1.")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; pass --overwrite to replace it, or choose another --out.")
     models = args.models.split(",")
     missing = sorted(set(models) - set(PRESETS))
     if missing:
-        parser.error(f"unknown presets {missing}; choose from {', '.join(sorted(PRESETS))}.")
+        raise ValueError(f"unknown presets {missing} in --models; choose from {', '.join(sorted(PRESETS))}.")
 
     report = {
         "machine": machine(),
-        "batch": args.batch,
+        "batch": args.batch_size,
         "runs": args.runs,
         "serfiq_passes": args.passes,
         "serfiq_dropout": bl.SERFIQ_DROPOUT,
@@ -164,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'x ViTNT':>7s} {'CPU ms':>8s} {'x ViTNT':>7s}"
     )
     for model in models:
-        rows = measure(model, methods, args.batch, args.runs, args.passes)
+        rows = measure(model, methods, args.batch_size, args.runs, args.passes)
         ref = next((r for r in rows if r["method"] == "vitnt"), None)
         for row in rows:
             if ref is not None:

@@ -2,7 +2,7 @@
 implementation, our plain forward pass and the machine's own matmul peak, all in one run.
 
     python -m experiments.benchmark [--models cvlface_vit_base,cvlface_vit_small] [--batch-sizes 8,32,64]
-        [--runs 5] [--input] [--out experiments/results/benchmark_cpu.json]
+        [--runs 5] [--input] [--out experiments/results/benchmark_cpu.json] [--overwrite]
 
 Every measurement runs in its own subprocess (so peak RSS belongs to it alone): after one warm-up
 call (compilation), the median of --runs timed calls. Implementations:
@@ -178,8 +178,7 @@ def worker(spec: dict) -> dict:
             )
             seconds, warm = _timed(lambda: scorer(images), runs)
             out["micro_batch"] = scorer.micro_batch
-            padded = np.zeros((scorer.padded_size(batch), *images.shape[1:]), np.uint8)
-            compiled = scorer._fn.lower(scorer.variables, jax.device_put(padded, scorer._data)).compile()
+            compiled = scorer.lower(batch).compile()
         else:
             run = settings.num_blocks_to_run
             v = jax.device_put(truncate_blocks(variables, run))
@@ -330,7 +329,10 @@ def targets(rows: list[dict], memory: dict, model: str = "cvlface_vit_base") -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Runs the benchmark (or, with --worker, one measurement); returns the exit status."""
+    from experiments import harness
+
+    parser = harness.Parser(prog="python -m experiments.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cvlface_vit_base,cvlface_vit_small", help="comma-separated presets")
     parser.add_argument("--batch-sizes", default="8,32,64", help="comma-separated batch sizes")
     parser.add_argument("--runs", type=int, default=5, help="timed calls per figure after one warm-up (median)")
@@ -352,11 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--input", action="store_true", help="also measure decoding and the end-to-end CLI")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        print(
+            f"error: {args.out} already exists; pass --overwrite to replace it, or choose another --out.",
+            file=sys.stderr,
+        )
+        return 1
 
     from vitnt_jax.config import PRESETS
 

@@ -1,7 +1,7 @@
 """Compare our scores with the authors' published PyTorch code (`calculate_ntfiq`).
 
     python -m experiments.reference_parity --reference PATH/TO/ViTNT-FIQA [--variant base]
-        [--images 8] [--blocks 0-19] [--out results/reference_parity.json]
+        [--count 8] [--blocks 0-19] [--out results/reference_parity.json] [--overwrite]
 
 PATH is a clone of github.com/gurayozgur/ViTNT-FIQA; we import its `backbones/vit/vit.py` as
 is (nothing of it is copied here). That file imports timm and fvcore only for three init/helper
@@ -17,7 +17,6 @@ attention-last and attention-all aggregation. Prints and writes the largest abso
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
@@ -64,7 +63,7 @@ def _install_stand_ins() -> None:
 def load_reference_module(repo: Path):
     path = repo / "backbones" / "vit" / "vit.py"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found; pass --reference the root of a ViTNT-FIQA clone.")
+        raise ValueError(f"{path} not found; pass --reference the root of a ViTNT-FIQA clone.")
     _install_stand_ins()
     spec = importlib.util.spec_from_file_location("vitnt_reference_vit", path)
     module = importlib.util.module_from_spec(spec)
@@ -73,16 +72,29 @@ def load_reference_module(repo: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", type=Path, required=True, help="root of a ViTNT-FIQA clone")
-    parser.add_argument("--variant", choices=["base", "small"], default="base")
-    parser.add_argument("--images", type=int, default=8, help="number of random images")
-    parser.add_argument("--blocks", default=None, help="default: the preset's published selection")
-    parser.add_argument("--alpha", type=float, default=8.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
+    """Runs the comparison; returns the exit status (0 ok, 1 user error, 2 flag error)."""
+    from experiments import harness
+    from vitnt_jax import cli
 
+    parser = harness.Parser(prog="python -m experiments.reference_parity", description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, required=True, help="root of a ViTNT-FIQA clone")
+    parser.add_argument("--variant", choices=["base", "small"], default="base", help="CVLface ViT (default: base)")
+    parser.add_argument("--count", type=int, default=8, help="number of random images (default: 8)")
+    parser.add_argument("--blocks", default=None, help="default: the preset's published selection")
+    parser.add_argument("--alpha", type=float, default=8.0, help="alpha (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and images (default: 0)")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cli.add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return cli.run_command(lambda: _run(args), debug=args.debug, errors=(ValueError,))
+
+
+def _run(args) -> int:
+    if args.count < 1:
+        raise ValueError("--count must be at least 1.")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; pass --overwrite to replace it, or choose another --out.")
     import jax
     import torch
 
@@ -112,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     blocks = parse_blocks(args.blocks or config.default_blocks, config.depth)
 
     rng = np.random.default_rng(args.seed)
-    images = rng.integers(0, 256, (args.images, 112, 112, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (args.count, 112, 112, 3), dtype=np.uint8)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
 
     results = {
         "variant": args.variant,
         "blocks": list(blocks),
         "alpha": args.alpha,
-        "images": args.images,
+        "images": args.count,
         "torch": torch.__version__,
         "jax": jax.__version__,
         "cases": {},

@@ -2,7 +2,7 @@
 CLI, and compare with the method's definition computed on those very modules.
 
     python -m experiments.zoo_parity --insightface PATH --transface PATH [--site PATH]
-        [--images 4] [--out experiments/results/zoo_parity.json]
+        [--count 4] [--out experiments/results/zoo_parity.json] [--overwrite]
 
 --insightface / --transface: clones of deepinsight/insightface and DanJun6737/TransFace (their
 `vit.py` is imported as is, nothing is copied). --site: a folder where the `timm` and `open_clip`
@@ -19,7 +19,6 @@ module's own block outputs (forward hooks), final norm and attention (its own qk
 
 from __future__ import annotations
 
-import argparse
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -173,15 +172,28 @@ def _run(name, model, blocks_of, attn_of, norm, prefix, embed, preprocess, conve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Runs the comparison; returns the exit status (0 ok, 1 user error, 2 flag error)."""
+    from experiments import harness
+    from vitnt_jax import cli
+
+    parser = harness.Parser(prog="python -m experiments.zoo_parity", description=__doc__.splitlines()[0])
     parser.add_argument("--insightface", type=Path, help="clone of deepinsight/insightface")
     parser.add_argument("--transface", type=Path, help="clone of DanJun6737/TransFace")
     parser.add_argument("--site", type=Path, help="folder from which timm and open_clip import")
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--variants", default="vit_t,vit_s,vit_b")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--count", type=int, default=4, help="number of random images (default: 4)")
+    parser.add_argument("--variants", default="vit_t,vit_s,vit_b", help="insightface/TransFace sizes (default: all)")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return cli.run_command(lambda: _run(args), debug=args.debug, errors=(ValueError,))
 
+
+def _run(args) -> int:
+    if args.count < 1:
+        raise ValueError("--count must be at least 1.")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; pass --overwrite to replace it, or choose another --out.")
     import torch
 
     from converters import clip, insightface
@@ -195,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         def faces(size):
             from PIL import Image
 
-            small = rng.integers(0, 256, (args.images, 8, 8, 3), dtype=np.uint8)
+            small = rng.integers(0, 256, (args.count, 8, 8, 3), dtype=np.uint8)
             return [np.asarray(Image.fromarray(s).resize((size, size), Image.BILINEAR)) for s in small]
 
         to_face = lambda x: x.div(255).sub(0.5).div(0.5)  # noqa: E731
