@@ -146,16 +146,18 @@ def test_score_folder_and_errors_of_the_library_name_settings(scorer, folder, tm
         pipeline.score_folder(scorer, tmp_path / "none", None)
 
 
-def test_plain_progress_lines_when_not_on_a_terminal(monkeypatch, caplog):
+def test_plain_progress_lines_when_not_on_a_terminal(monkeypatch, capsys):
+    from vitnt_jax import cli
+
+    cli.configure_logging()  # as every command does: INFO lines as they are, on stderr
     clock = iter([0.0, 10.0, 31.0, 40.0])
     monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
-    progress = pipeline.Progress(100, bar=False)
-    with caplog.at_level("INFO", logger="vitnt_jax.pipeline"):
-        progress.update(20)  # t = 10 s: too soon for a line
-        progress.update(42)  # t = 31 s: 62 images in 31 s
-        progress.update(10)  # t = 40 s: 9 s after the last line
+    progress = pipeline.Progress(100)  # stderr is captured: not a terminal, so no bar
+    progress.update(20)  # t = 10 s: too soon for a line
+    progress.update(42)  # t = 31 s: 62 images in 31 s
+    progress.update(10)  # t = 40 s: 9 s after the last line
     progress.close()
-    assert [r.getMessage() for r in caplog.records] == ["62/100 images, 2.0 images/s, ETA 19 s"]
+    assert capsys.readouterr().err.strip().splitlines() == ["62/100 images, 2.0 images/s, ETA 19 s"]
 
 
 def test_a_new_source_kind_is_one_registry_entry(monkeypatch, tmp_path, folder):

@@ -64,14 +64,12 @@ _HANDLER = _StderrHandler()
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Prints the library's progress (INFO) and warnings on stderr, once however often it is called."""
-    root = logging.getLogger("vitnt_jax")  # the library's loggers; "experiments" likewise below
-    if _HANDLER not in root.handlers:
-        root.addHandler(_HANDLER)
-    root.setLevel(level)
-    experiments = logging.getLogger("experiments")
-    if _HANDLER not in experiments.handlers:
-        experiments.addHandler(_HANDLER)
-    experiments.setLevel(level)
+    for name in ("vitnt_jax", "experiments"):
+        logger = logging.getLogger(name)
+        if _HANDLER not in logger.handlers:
+            logger.addHandler(_HANDLER)
+        logger.setLevel(level)
+        logger.propagate = False  # a handler of the root logger (basicConfig, absl) would print each line twice
 
 
 def debug_wanted(flag_given: bool = False) -> bool:

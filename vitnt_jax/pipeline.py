@@ -317,14 +317,14 @@ def load_scorer(
         raise JobError(str(error), field="model") from error
     try:
         selected = parse_blocks(blocks if blocks is not None else config.default_blocks, config.depth)
-        settings = ScoreSettings(selected, alpha=alpha, metric=metric, aggregation=aggregation, attention=attention)
     except ValueError as error:
         raise JobError(str(error), field="blocks") from error
+    try:
+        settings = ScoreSettings(selected, alpha=alpha, metric=metric, aggregation=aggregation, attention=attention)
+    except ValueError as error:
+        raise JobError(str(error)) from error
     if embeddings and config.head == "none":
-        raise JobError(
-            f"model {config.name} has no embedding head; do not ask for " + "{save_embeddings}.",
-            field="save_embeddings",
-        )
+        raise JobError(f"model {config.name} has no embedding head; drop " + "{embeddings}.", field="embeddings")
     outputs = ("quality",) + (("embedding",) if embeddings else ()) + (("patch_quality",) if patch_quality else ())
     try:
         return Scorer(

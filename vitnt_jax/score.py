@@ -241,6 +241,14 @@ def job_from_args(args: argparse.Namespace):
     return Job(spec, **{name: getattr(args, name) for name in Job.field_names() if name != "source"})
 
 
+# Settings whose library name differs from the flag (load_scorer's keywords).
+_FLAGS = {"embeddings": "--save-embeddings", "patch_quality": "--save-patch-quality"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name) or cli.flag(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs `python -m vitnt_jax.score`; returns the exit status (0 ok, 1 user error, 2 bad flags, 130 Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -263,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run_command(
         body,
         debug=args.debug,
+        names=_flag,
         interrupted=f"interrupted; the rows written so far are kept: rerun with --resume to continue {args.out}",
     )
 
