@@ -137,9 +137,7 @@ def _meaning(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
     if shown and "default" not in text.lower() and not action.required:
         value = "set from the machine's CPU count" if getattr(action, "machine_default", False) else f"`{default}`"
         text = f"{text.rstrip('.')}. Default: {value}." if text else f"Default: {value}."
-    if action.required and action.option_strings:
-        text = f"**Required.** {text}"
-    return _escape(text)
+    return ("**Required.** " if action.required and action.option_strings else "") + _escape(text)
 
 
 def _table(parser: argparse.ArgumentParser, actions: list[argparse.Action]) -> list[str]:
