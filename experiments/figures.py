@@ -18,10 +18,9 @@ def edc_figures(curves: Sequence, out: Path, *, limit: float = 0.25) -> list[Pat
     curves: objects with benchmark, model, method, protocol, fmr, discard, fnmr and pauc (a dict by limit;
     the pAUC at `limit` goes in the legend, computed from the curve when it is not in the dict).
     """
+    # A bare Figure draws on its own canvas: no pyplot state and no change of the user's backend.
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from experiments import edc
 
@@ -34,8 +33,9 @@ def edc_figures(curves: Sequence, out: Path, *, limit: float = 0.25) -> list[Pat
         methods = list(dict.fromkeys(c.method for c in members))
         cols = min(4, len(benches))
         rows = math.ceil(len(benches) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False)
+        colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
         for ax, bench in zip(axes.flat, benches, strict=False):
             for k, method in enumerate(methods):
                 c = next((x for x in members if x.benchmark == bench and x.method == method), None)
@@ -70,5 +70,4 @@ def edc_figures(curves: Sequence, out: Path, *, limit: float = 0.25) -> list[Pat
             path = out / (stem + suffix)  # not with_suffix: "fmr0.001" has a dot of its own
             fig.savefig(path, dpi=150)
             written.append(path)
-        plt.close(fig)
     return written
