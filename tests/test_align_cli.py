@@ -60,6 +60,21 @@ def _run(ckpt, *argv):
     return score.main([*argv, "--model", str(ckpt)])
 
 
+def assert_same_crop(got, want):
+    """Crops of one face detected in different batches or groups: equal to one grey level.
+
+    Other batch rows and tile packings may move the landmarks by float32 ulps (AVX2 and AVX-512
+    round differently); a warped pixel near a rounding boundary then rounds the other way.
+    """
+    assert got.shape == want.shape and got.dtype == want.dtype == np.uint8
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def assert_same_quality(got, want):
+    """Qualities of the same model input scored at other batch positions: equal to 4 float32 ulps."""
+    np.testing.assert_array_max_ulp(np.asarray(got, np.float32), np.asarray(want, np.float32), maxulp=4)
+
+
 def _expected_crops(detector, root, ids, size=32):
     crops = {}
     for i in ids:
@@ -100,15 +115,17 @@ def test_mtcnn_rows_errors_and_scores(tiny_checkpoint, weights, photos, mtcnn_ru
     assert by_id["grey.png"][1:] == ["", "no face found"] and by_id["noise.png"][1:] == ["", "no face found"]
     assert by_id["broken.jpg"][1] == "" and by_id["broken.jpg"][2] not in ("", "no face found")
     # Faces are scored on the crops that detection + alignment give directly (the group photo: one face).
-    want = face_crops
-    config, variables = checkpoint.load(tiny_checkpoint)
-    quality = Scorer(config, variables, SETTINGS)(np.stack(list(want.values())))["quality"]
-    got = [float(by_id[i][1]) for i in want]
-    np.testing.assert_allclose(got, quality, atol=1e-6, rtol=0)
     # Saved crops: one PNG per scored row, named <source index>_<safe id>.png, holding the model input.
     assert sorted(p.name for p in crops.iterdir()) == ["00000000_astronaut.png", "00000004_people_group.png"]
-    np.testing.assert_array_equal(np.asarray(Image.open(crops / "00000000_astronaut.png")), want["astronaut.png"])
-    np.testing.assert_array_equal(np.asarray(Image.open(crops / "00000004_people_group.png")), want["people/group.jpg"])
+    saved = {
+        "astronaut.png": np.asarray(Image.open(crops / "00000000_astronaut.png")),
+        "people/group.jpg": np.asarray(Image.open(crops / "00000004_people_group.png")),
+    }
+    for name, crop in saved.items():
+        assert_same_crop(crop, face_crops[name])
+    config, variables = checkpoint.load(tiny_checkpoint)
+    quality = Scorer(config, variables, SETTINGS)(np.stack(list(saved.values())))["quality"]
+    assert_same_quality([float(by_id[i][1]) for i in saved], quality)
     # Existing crops are never replaced silently: a second run into the same folder needs --overwrite.
     again = [*_mtcnn_argv(photos, weights, tmp_path / "t.csv"), "--save-aligned", str(crops)]
     assert _run(tiny_checkpoint, *again) == 1
@@ -127,8 +144,8 @@ def test_batches_detect_photos_in_pixel_groups_with_the_same_crops(weights, phot
     assert batch.valid.tolist() == [True, False, False, False, True]
     assert batch.errors[0] == batch.errors[4] == "" and batch.errors[2:4] == [data.NO_FACE, data.NO_FACE]
     assert batch.errors[1] not in ("", data.NO_FACE)
-    np.testing.assert_array_equal(batch.images[0], face_crops["astronaut.png"])
-    np.testing.assert_array_equal(batch.images[4], face_crops["people/group.jpg"])
+    assert_same_crop(batch.images[0], face_crops["astronaut.png"])
+    assert_same_crop(batch.images[4], face_crops["people/group.jpg"])
 
 
 def test_bgr_sources_are_swapped_before_detection(tiny_checkpoint, weights, photos, mtcnn_run, tmp_path):
@@ -136,11 +153,16 @@ def test_bgr_sources_are_swapped_before_detection(tiny_checkpoint, weights, phot
     swapped.mkdir()
     rgb = np.asarray(Image.open(photos / "astronaut.png"))
     Image.fromarray(rgb[..., ::-1].copy()).save(swapped / "astronaut.png")
-    b_out = tmp_path / "b.csv"
-    assert _run(tiny_checkpoint, *_mtcnn_argv(swapped, weights, b_out), "--color", "bgr") == 0
-    a = {r[0]: r[1] for r in _read(mtcnn_run[0])[1:]}
+    b_out, b_crops = tmp_path / "b.csv", tmp_path / "b_crops"
+    argv = [*_mtcnn_argv(swapped, weights, b_out), "--color", "bgr", "--save-aligned", str(b_crops)]
+    assert _run(tiny_checkpoint, *argv) == 0
+    # The same face as the RGB run's, detected in another batch: the same crop, scored the same.
+    (b_crop,) = [np.asarray(Image.open(p)) for p in b_crops.glob("*.png")]
+    assert_same_crop(b_crop, np.asarray(Image.open(mtcnn_run[1] / "00000000_astronaut.png")))
     b = {r[0]: r[1] for r in _read(b_out)[1:]}
-    assert b["astronaut.png"] != "" and float(b["astronaut.png"]) == pytest.approx(float(a["astronaut.png"]), abs=1e-6)
+    assert b["astronaut.png"] != ""
+    config, variables = checkpoint.load(tiny_checkpoint)
+    assert_same_quality(float(b["astronaut.png"]), Scorer(config, variables, SETTINGS)(b_crop[None])["quality"][0])
 
 
 def test_resume_with_mtcnn_neither_loses_nor_duplicates_rows(tiny_checkpoint, weights, photos, mtcnn_run, tmp_path):
@@ -161,7 +183,8 @@ def test_tfds_lfw_defaults_to_mtcnn_and_converts_weights_once(tiny_checkpoint, d
     examples = [{"image": face, "label": b"Eileen_Collins"}, {"image": noise, "label": b"Nobody"}]
     out = tmp_path / "lfw.csv"
     with tfds.testing.mock_data(as_data_source_fn=lambda builder, *args, **kwargs: examples):
-        assert _run(tiny_checkpoint, "--tfds", "lfw", "--out", str(out), "--batch-size", "3") == 0
+        argv = ["--tfds", "lfw", "--out", str(out), "--batch-size", "3", "--save-aligned", str(tmp_path / "crops")]
+        assert _run(tiny_checkpoint, *argv) == 0
     err = capsys.readouterr().err
     assert "align mtcnn" in err and "converting facenet-pytorch's MTCNN weights" in err
     cached = tmp_path / "cache" / mtcnn.WEIGHTS_NAME
@@ -169,13 +192,16 @@ def test_tfds_lfw_defaults_to_mtcnn_and_converts_weights_once(tiny_checkpoint, d
     rows = _read(out)
     assert rows[0] == ["id", "quality", "label", "error"]
     assert rows[2] == ["lfw/train/1", "", "Nobody", "no face found"]
-    # The face row holds the score of the crop that the library's detector and alignment give.
+    # The face row holds the score of the crop that the library's detector and alignment give. The run
+    # detects in a batch, where landmarks may move by float32 ulps (AVX2 and AVX-512 round differently):
+    # a warped pixel then rounds the other way at most. The saved crop is what was scored.
     assert rows[1][0] == "lfw/train/0" and rows[1][2:] == ["Eileen_Collins", ""]
+    (saved,) = [np.asarray(Image.open(p)) for p in (tmp_path / "crops").glob("*.png")]
     faces = detector.detect(face)
     crop = align(face, faces.landmarks[mtcnn.select_face(faces, 250, 250)], 32)
+    assert_same_crop(saved, crop)
     config, variables = checkpoint.load(tiny_checkpoint)
-    quality = Scorer(config, variables, SETTINGS)(crop[None])["quality"]
-    np.testing.assert_allclose(float(rows[1][1]), quality[0], atol=1e-6, rtol=0)
+    assert_same_quality(float(rows[1][1]), Scorer(config, variables, SETTINGS)(saved[None])["quality"][0])
     # Converted once: the next resolution reuses the cached file without converting again.
     monkeypatch.setattr(converter, "convert", lambda *a, **k: pytest.fail("converted a second time"))
     assert models.mtcnn_weights() == cached

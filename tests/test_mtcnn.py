@@ -36,6 +36,20 @@ PHOTOS = {
 }
 
 
+def assert_same_pixels(a, b, size: int, ulps: int = 4) -> None:
+    """Pixel coordinates of an image of side `size`, equal to `ulps` float32 ulps at that magnitude.
+
+    Boxes and landmarks are computed at magnitudes up to the image size (box + regression * width),
+    so an ulp of the image size is their resolution, whatever the coordinate's own value.
+    """
+    np.testing.assert_allclose(a, b, rtol=0, atol=ulps * float(np.spacing(np.float32(size))))
+
+
+def assert_same_probabilities(a, b, ulps: int = 8) -> None:
+    """Probabilities (at most 1), equal to `ulps` float32 ulps of 1."""
+    np.testing.assert_allclose(a, b, rtol=0, atol=ulps * float(np.finfo(np.float32).eps))
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     if DATA is None:
@@ -284,10 +298,11 @@ def test_batches_and_groups_of_mixed_sizes_equal_one_image_at_a_time(detector, w
     for image, got, other in zip(images, together, grouped, strict=True):
         alone = detector.detect(image)
         for faces in (got, other):
-            assert len(faces) == len(alone)
-            np.testing.assert_allclose(faces.landmarks, alone.landmarks, atol=1e-5, rtol=0)
-            np.testing.assert_allclose(faces.boxes, alone.boxes, atol=1e-5, rtol=0)
-            np.testing.assert_allclose(faces.scores, alone.scores, atol=1e-6, rtol=0)
+            assert len(faces) == len(alone)  # exact: the same faces
+            # Other batch rows and tile packings: the nets' outputs may differ by float32 ulps (AVX2 vs AVX-512).
+            assert_same_pixels(faces.landmarks, alone.landmarks, max(image.shape))
+            assert_same_pixels(faces.boxes, alone.boxes, max(image.shape))
+            assert_same_probabilities(faces.scores, alone.scores)
     assert [len(f) for f in together] == [1, 0, 1, 1]
 
 
