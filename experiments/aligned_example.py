@@ -1,20 +1,20 @@
 """Example figure for the README: photo with MTCNN box and landmarks -> aligned crop -> patch-quality map.
 
-    python -m experiments.aligned_example [--model NAME|DIR] [--photo FILE]
-        [--out experiments/results/aligned_example.png]
+    python -m experiments.aligned_example [--model NAME|DIR] [--photo FILE] [--mtcnn-weights FILE.npz]
+        [--out experiments/results/aligned_example.png] [--overwrite]
 
 The photo (default: scikit-image's astronaut.png, shipped inside the package) goes through the
-real CLI, `python -m vitnt_jax.score --align mtcnn --save-aligned DIR --save-patch-quality FILE`,
-and the figure is drawn from what the CLI wrote. The heat map needs real face-ViT weights
-(--model, default the paper's backbone, used when it resolves: downloaded or cached). When no
-real model can be had (offline), the tiny 'testing' preset with RANDOM weights is used instead,
-and the figure says so: its map shows the layout only and measures nothing.
+scoring pipeline (`vitnt_jax.pipeline.run`) as `python -m vitnt_jax.score --align mtcnn --save-aligned
+DIR --save-patch-quality FILE` runs it, and the figure is drawn from what the pipeline wrote. The heat
+map needs real face-ViT weights (--model, default the paper's backbone, used when it resolves:
+downloaded or cached). When no real model can be had (offline), the named model 'testing' (the tiny
+preset with RANDOM weights) is used instead, and the figure says so: its map shows the layout only
+and measures nothing.
 Needs facenet-pytorch's weight files (pip install --no-deps facenet-pytorch==2.6.0), torch and matplotlib.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.metadata
 import io
@@ -41,7 +41,9 @@ def _model(spec: str | None) -> tuple[Path, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     """Draws the figure; returns 0 on success."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from vitnt_jax import cli
+
+    p = cli.Parser(prog="python -m experiments.aligned_example", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="converted checkpoint folder or model name (default: the paper's backbone)")
     p.add_argument("--photo", type=Path, help="photo to align (default: scikit-image's astronaut.png)")
     p.add_argument(
@@ -50,27 +52,44 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE.npz",
         help="converted MTCNN weights (python -m converters.mtcnn); default: facenet-pytorch's, converted once",
     )
-    p.add_argument("--out", type=Path, default=Path("experiments/results/aligned_example.png"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("experiments/results/aligned_example.png"),
+        help="figure to write (default: experiments/results/aligned_example.png)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
+    return cli.run_command(lambda: _draw(args), debug=args.debug)
 
+
+def _draw(args) -> int:
+    """Draws the figure into args.out; returns 0."""
+    from vitnt_jax.errors import UserError
+
+    if args.out.exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists; pass --overwrite to replace it, or choose another --out.")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vitnt_jax import models, mtcnn, score
+    from vitnt_jax import models, mtcnn, pipeline
     from vitnt_jax.align import ARCFACE_TEMPLATE, align
+    from vitnt_jax.output import read_results
+    from vitnt_jax.sources import SourceSpec
 
     photo_path = args.photo or Path(
         importlib.metadata.distribution("scikit-image").locate_file("skimage/data/astronaut.png")
     )
     photo = np.asarray(Image.open(photo_path).convert("RGB"))
-    detector = mtcnn.Detector.load(models.mtcnn_weights(args.mtcnn_weights))
+    weights = models.mtcnn_weights(args.mtcnn_weights)
+    detector = mtcnn.Detector.load(weights)
     faces = detector.detect(photo)
     pick = mtcnn.select_face(faces, *photo.shape[:2])
     if pick is None:
-        print(f"error: no face found in {photo_path}", file=sys.stderr)
-        return 1
+        raise UserError(f"no face found in {photo_path}; give a photo with a face.")
     crop = align(photo, faces.landmarks[pick])
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,25 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "in").mkdir()
         Image.fromarray(photo).save(tmp / "in" / "photo.png")
         model_dir, real = _model(args.model)
-        code = score.main(
-            [
-                "--images",
-                str(tmp / "in"),
-                "--model",
-                str(model_dir),
-                "--out",
-                str(tmp / "scores.csv"),
-                "--align",
-                "mtcnn",
-                "--save-aligned",
-                str(tmp / "crops"),
-                "--save-patch-quality",
-                str(tmp / "patches.npy"),
-            ]
+        job = pipeline.Job(
+            SourceSpec("images", tmp / "in"),
+            out=tmp / "scores.csv",
+            model=str(model_dir),
+            align="mtcnn",
+            mtcnn_weights=weights,
+            save_aligned=tmp / "crops",
+            save_patch_quality=tmp / "patches.npy",
         )
-        if code != 0:
-            return code
-        quality = float((tmp / "scores.csv").read_text().splitlines()[1].split(",")[1])
+        pipeline.run(job, progress_bar=False)
+        (row,) = read_results(job.out)
+        quality = row.quality
         patches = np.load(tmp / "patches.npy")[0]
         model_input = np.asarray(Image.open(next((tmp / "crops").iterdir())))
         from vitnt_jax import checkpoint
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         else f"Model: '{model_name}' preset with RANDOM weights ({size}x{size} input, {patches.shape[0]}x"
         f"{patches.shape[1]} patches): the map shows the output layout only and measures nothing."
     )
-    text = f"{photo_path.name} through python -m vitnt_jax.score --align mtcnn. {caption}"
+    text = f"{photo_path.name} through the scoring pipeline with --align mtcnn. {caption}"
     fig.text(0.5, 0.015, textwrap.fill(text, 150), ha="center", va="bottom")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

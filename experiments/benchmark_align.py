@@ -1,7 +1,7 @@
 """Throughput of face detection (MTCNN) + 5-point alignment, as `--align mtcnn` runs it.
 
-    python -m experiments.benchmark_align [--count 64] [--batch 16] [--runs 3] [--reference N]
-        [--torch-threads 1] [--out experiments/results/benchmark_align_cpu.json]
+    python -m experiments.benchmark_align [--count 64] [--batch-size 16] [--runs 3] [--reference N]
+        [--torch-threads 1] [--out experiments/results/benchmark_align_cpu.json] [--overwrite]
 
 Photos come from pip packages (no downloads): scikit-image's astronaut.png (512x512, one face),
 insightface's t1.jpg (1280x886, eight faces) and Tom_Hanks_54745.png (112x112, aligned already).
@@ -10,7 +10,7 @@ Sets, each repeated to --count images:
   photos     the three photos in turn (mixed sizes in one batch)
   random     the astronaut resized to --count random sizes, sides 112 to 1280 (every image a new size)
 For each set: one first pass (which compiles what it needs), then the median of --runs timed
-passes of detect_batch + select_face + align on batches of --batch images. faces/s counts aligned
+passes of detect_batch + select_face + align on batches of --batch-size images. faces/s counts aligned
 crops. `stages` splits the timed passes' wall time: P-Net stage (pyramid resampling, P-Net on
 tiles, NMS), R-Net stage and O-Net stage (candidate crops, net, NMS), alignment; `compile_s` is the
 first pass less a timed pass, and `new_compilations` counts the shapes each net compiled in it.
@@ -27,7 +27,6 @@ Needs facenet-pytorch's weight files (pip install --no-deps facenet-pytorch==2.6
 
 from __future__ import annotations
 
-import argparse
 import collections
 import importlib.metadata
 import json
@@ -159,31 +158,50 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Prints the table and writes the JSON report."""
-    p = argparse.ArgumentParser(description="MTCNN detection + alignment throughput")
+    from vitnt_jax import cli
+    from vitnt_jax.errors import UserError
+
+    p = cli.Parser(prog="python -m experiments.benchmark_align", description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=64, help="images per set (default: 64)")
-    p.add_argument("--batch", type=int, default=16, help="images per detect_batch call (default: 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per detect_batch call (default: 16)")
     p.add_argument("--runs", type=int, default=3, help="timed passes; the median is reported (default: 3)")
     p.add_argument(
         "--reference", type=int, default=None, help="images per set for the PyTorch reference (default: all; 0: skip)"
     )
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads for the reference (default: 1)")
     p.add_argument("--sets", default="lfw_like,photos,random", help="comma-separated sets to run (default: all)")
-    p.add_argument("--out", type=Path, default=Path("experiments/results/benchmark_align_cpu.json"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("experiments/results/benchmark_align_cpu.json"),
+        help="JSON report to write (default: experiments/results/benchmark_align_cpu.json)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
 
+    def body() -> int:
+        if args.out.exists() and not args.overwrite:  # checked before minutes of timing, not after
+            raise UserError(f"{args.out} exists; pass --overwrite to replace it, or choose another --out.")
+        return _run(args)
+
+    return cli.run_command(body, debug=args.debug)
+
+
+def _run(args) -> int:
     import torch
 
     from converters import mtcnn as converter
     from vitnt_jax import mtcnn
+    from vitnt_jax.errors import UserError
 
     torch.set_num_threads(args.torch_threads)
     source = converter.installed_facenet_weights()
     if source is None:
-        print("error: needs facenet-pytorch's weights: pip install --no-deps facenet-pytorch==2.6.0", file=sys.stderr)
-        return 1
+        raise UserError("the benchmark needs facenet-pytorch's weights: pip install --no-deps facenet-pytorch==2.6.0.")
     with tempfile.TemporaryDirectory() as tmp:
         detector = mtcnn.Detector.load(converter.convert(source, Path(tmp) / "mtcnn.npz"))
-    report = {"machine": machine(), "count": args.count, "batch": args.batch, "runs": args.runs, "sets": {}}
+    report = {"machine": machine(), "count": args.count, "batch": args.batch_size, "runs": args.runs, "sets": {}}
     nets = None
     if args.reference != 0:
         from experiments import torch_mtcnn
@@ -196,14 +214,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         compiled = {n: f._cache_size() for n, f in jitted.items()}
         start = time.perf_counter()
-        faces = detect_and_align(detector, images, args.batch)
+        faces = detect_and_align(detector, images, args.batch_size)
         first = time.perf_counter() - start
         new = {n: f._cache_size() - compiled[n] for n, f in jitted.items()}
         times, clocks = [], []
         for _ in range(args.runs):
             clock = StageClock(detector)
             start = time.perf_counter()
-            detect_and_align(detector, images, args.batch, clock)
+            detect_and_align(detector, images, args.batch_size, clock)
             times.append(time.perf_counter() - start)
             clocks.append(clock.seconds)
             del detector._stage1, detector._refine  # back to the class's methods
@@ -241,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     report["planned_pnet_shapes"] = {
         "images": len(sizes),
         "distinct_sizes": len(set(sizes)),
-        "tiles_per_call": planned_pnet_shapes(detector, sizes, args.batch),
+        "tiles_per_call": planned_pnet_shapes(detector, sizes, args.batch_size),
     }
     report["compilations"] = {n: f._cache_size() for n, f in jitted.items()}
     print(f"P-Net call shapes for 1,500 random sizes: {report['planned_pnet_shapes']['tiles_per_call']} tiles")
