@@ -24,6 +24,7 @@ WORKER = textwrap.dedent(
 
     pid, port, mode, timeout = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
     process, processes = distributed.initialize(2, pid, f"127.0.0.1:{port}", timeout_s=60)
+    assert distributed.initialize(2, pid, f"127.0.0.1:{port}") == (process, processes) == (pid, 2)  # joined once
     waits = []
     try:
         if process == 1:

@@ -58,7 +58,7 @@ def initialize(
     Nothing given (or `num_processes` 1): a single process, (0, 1), and JAX is not touched beyond
     `jax.process_index()`. `num_processes` > 1 needs `process_id` and `coordinator` ('HOST:PORT' of
     process 0). `auto` lets JAX detect the cluster (TPU pods, SLURM, Open MPI). Joining waits at
-    most `timeout_s` seconds for every process.
+    most `timeout_s` seconds for every process; a process that joined already is not joined again.
     """
     import jax
 
@@ -71,6 +71,13 @@ def initialize(
             )
         if not 0 <= process_id < num_processes:
             raise DistributedError(f"process id {process_id} is outside 0..{num_processes - 1}; give one in range.")
+        if jax.distributed.is_initialized():  # joined already (a second job in the same process)
+            if (jax.process_index(), jax.process_count()) != (process_id, num_processes):
+                raise DistributedError(
+                    f"this process joined as process {jax.process_index()} of {jax.process_count()} already; "
+                    f"it cannot join again as process {process_id} of {num_processes}."
+                )
+            return process_id, num_processes
         try:
             jax.distributed.initialize(
                 coordinator,
@@ -84,6 +91,8 @@ def initialize(
                 f"process {process_id} could not join the {num_processes}-process cluster at {coordinator} "
                 f"within {timeout_s:g} s ({_first_line(error)}); start every process with the same coordinator."
             ) from error
+    elif auto and jax.distributed.is_initialized():
+        pass
     elif auto:
         try:
             jax.distributed.initialize(initialization_timeout=max(1, int(timeout_s)))
