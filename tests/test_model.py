@@ -273,6 +273,8 @@ def test_scorer_compiles_once_per_batch_shape(model_and_images):
     for _ in range(3):
         scorer(rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
     assert scorer.cache_size() == 1
+    with pytest.raises(NotImplementedError, match="pmap Scorer has none"):
+        Scorer(cfg, variables, ScoreSettings((0, 1, 2)), parallel="pmap").cache_size()
 
 
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])

@@ -209,7 +209,12 @@ class Scorer:
         return self._fn.lower(self.variables, images)
 
     def cache_size(self) -> int:
-        """Returns how many batch shapes this Scorer has compiled for (one per padded batch size)."""
+        """Returns how many programs this Scorer's jitted function holds: one per padded batch size.
+
+        parallel='jit' only (jax.pmap keeps no cache to read); raises NotImplementedError otherwise.
+        """
+        if self.parallel != "jit":
+            raise NotImplementedError("cache_size() reads jax.jit's cache; a pmap Scorer has none to read.")
         return self._fn._cache_size()
 
     def dispatch(self, images: np.ndarray) -> tuple[int, dict[str, Array]]:
