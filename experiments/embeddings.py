@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import harness
-from vitnt_jax import cli
+from vitnt_jax import cli, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,36 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def embed_batches(scorer, batches, flip: bool, total: int) -> np.ndarray:
-    """Returns (total, E or 2E) float32 embeddings for the rows of `batches`; NaN rows for unreadable images."""
+class Flipped:
+    """A batch scorer (see vitnt_jax.pipeline) whose embedding joins the image's and its mirror image's.
+
+    Each half is L2-normalised before joining, as CR-FIQA's extract_emb.py does (FaceModel normalises).
+    """
+
+    def __init__(self, scorer):
+        self.scorer, self.config = scorer, scorer.config
+
+    def padded_size(self, n: int) -> int:
+        return self.scorer.padded_size(n)
+
+    def dispatch(self, images: np.ndarray):
+        return self.scorer.dispatch(images), self.scorer.dispatch(np.ascontiguousarray(images[:, :, ::-1]))
+
+    def fetch(self, pending) -> dict[str, np.ndarray]:
+        plain, mirrored = (self.scorer.fetch(p)["embedding"] for p in pending)
+        return {"embedding": np.concatenate([_unit(plain), _unit(mirrored)], axis=1)}
+
+
+def embed_source(scorer, source, *, flip: bool, batch_size: int, workers: int, color: str | None = None) -> np.ndarray:
+    """Returns (len(source), E or 2E) float32 embeddings in source order; NaN rows for unreadable images."""
     rows = None
-    for batch in batches:
-        got = scorer(batch.images)["embedding"]
-        if flip:
-            # Each half L2-normalised before joining, as CR-FIQA's extract_emb.py does (FaceModel normalises).
-            other = scorer(np.ascontiguousarray(batch.images[:, :, ::-1]))["embedding"]
-            got = np.concatenate([_unit(got), _unit(other)], axis=1)
+    scorer = Flipped(scorer) if flip else scorer
+    for item in pipeline.scored_batches(scorer, source, batch_size=batch_size, workers=workers, color=color):
+        got = item.result["embedding"]
         if rows is None:
-            rows = np.full((total, got.shape[1]), np.nan, np.float32)
-        n = len(batch.indices)
-        keep = batch.valid[:n]
-        rows[np.asarray(batch.indices)[keep]] = got[:n][keep]
+            rows = np.full((len(source), got.shape[1]), np.nan, np.float32)
+        keep = item.batch.valid[: item.rows]
+        rows[np.asarray(item.batch.indices)[keep]] = got[: item.rows][keep]
     return rows
 
 
@@ -87,7 +103,6 @@ def _make_parent(path: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vitnt_jax.data import batches
     from vitnt_jax.scorer import Scorer
     from vitnt_jax.stability import ScoreSettings
 
@@ -107,16 +122,9 @@ def _run(args: argparse.Namespace) -> int:
         raise _UserError(f"model {config.name} has no embedding head; choose a face recognition model.")
     settings = ScoreSettings(blocks=(0, 1))  # unused: only the embedding is read
     scorer = Scorer(config, variables, settings, embed=True, outputs=("embedding",))
-    size = config.img_size
-    stream = batches(
-        source.load,
-        range(len(source)),
-        args.batch_size,
-        size,
-        color=args.color or source.color,
-        workers=args.workers,
+    rows = embed_source(
+        scorer, source, flip=args.flip, batch_size=args.batch_size, workers=args.workers, color=args.color
     )
-    rows = embed_batches(scorer, stream, args.flip, len(source))
     failed = int(np.isnan(rows).any(axis=1).sum())
     np.save(args.out, rows)
     ids_path(args.out).write_text("".join(f"{i}\n" for i in source.ids), encoding="utf-8")

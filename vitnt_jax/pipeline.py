@@ -22,7 +22,8 @@ writes while the devices score.
 `Job` is the whole description of a scoring run (a frozen, validated dataclass whose field names
 are the flags of `python -m vitnt_jax.score` without their dashes); `run(job)` opens the source,
 resolves the model, scores this process's share and writes through `vitnt_jax.output.ResultWriter`.
-`score_source` is the same loop for a Source and a scorer you already have.
+`score_source` is the same loop for a Source and a scorer you already have; `scored_batches` is
+the loop without the writer (it yields `ScoredBatch`es), for callers that use the results themselves.
 
 Bad inputs: with on_error="record" (the default) an unreadable image (or, aligning with MTCNN, a
 photo without a face) keeps its row with an empty quality and the reason; with "fail" the rows
@@ -58,6 +59,7 @@ __all__ = [
     "Job",
     "JobError",
     "Result",
+    "ScoredBatch",
     "Summary",
     "load_scorer",
     "run",
@@ -65,6 +67,7 @@ __all__ = [
     "score_folder",
     "score_iter",
     "score_source",
+    "scored_batches",
 ]
 
 
@@ -357,10 +360,15 @@ def _image_size(scorer, size: int | None) -> int:
 
 
 @dataclass
-class _Scored:
+class ScoredBatch:
+    """One batch with its scores: `result[key][row]` for `batch.indices[row]`, rows < `rows` to be kept.
+
+    rows: all the batch's inputs, or (on_error 'fail') those before its bad one.
+    """
+
     batch: Batch
     result: dict[str, np.ndarray]
-    rows: int  # rows of the batch to write (all its inputs, or those before a bad one)
+    rows: int
 
 
 def _scored_batches(
@@ -369,7 +377,7 @@ def _scored_batches(
     on_error: str,
     source_ids: Sequence[str] | None = None,
     on_batch: Callable[[Batch], None] | None = None,
-) -> Iterator[_Scored]:
+) -> Iterator[ScoredBatch]:
     """Yields every batch of `stream` with its scores, dispatching batch k+1 before fetching batch k.
 
     on_error 'fail': the rows before the first bad input are yielded, then InputError is raised.
@@ -382,8 +390,8 @@ def _scored_batches(
         bad = next((k for k, e in enumerate(batch.errors) if e), None) if on_error == "fail" else None
         if bad is not None:
             if pending is not None:
-                yield _Scored(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
-            yield _Scored(batch, scorer.fetch(dispatched[1]), bad)
+                yield ScoredBatch(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
+            yield ScoredBatch(batch, scorer.fetch(dispatched[1]), bad)
             index = batch.indices[bad]
             name = source_ids[index] if source_ids is not None else str(index)
             raise InputError(
@@ -393,13 +401,46 @@ def _scored_batches(
                 field="on_error",
             )
         if pending is not None:
-            yield _Scored(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
+            yield ScoredBatch(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
         pending = dispatched
     if pending is not None:
-        yield _Scored(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
+        yield ScoredBatch(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
 
 
-def _rows(scored: _Scored, source: Source, keys: Iterable[str], shapes: dict[str, tuple[int, ...]]):
+def scored_batches(
+    scorer: BatchScorer,
+    source: Source,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 64,
+    size: int | None = None,
+    color: str | None = None,
+    align: str | None = None,
+    detector=None,
+    workers: int = 4,
+    on_error: str = "record",
+) -> Iterator[ScoredBatch]:
+    """Yields the source's `indices` (default all) in fixed batches with their scores, in order.
+
+    The engine under `score_source`, for callers that handle the results themselves (e.g. the
+    experiments): decoding runs ahead on `workers` threads and batch k+1 is dispatched before
+    batch k is fetched. Arguments as in `score_source`.
+    """
+    size = _image_size(scorer, size)
+    stream = batches(
+        source.load,
+        list(range(len(source)) if indices is None else indices),
+        scorer.padded_size(batch_size),
+        size,
+        color=color or source.color or "rgb",
+        align=align or source.align or "none",
+        workers=workers,
+        detector=detector,
+    )
+    return _scored_batches(scorer, stream, on_error, source.ids, _resize_warning(size))
+
+
+def _rows(scored: ScoredBatch, source: Source, keys: Iterable[str], shapes: dict[str, tuple[int, ...]]):
     """Returns (rows, arrays with NaN rows for failed inputs, failed count) of a scored batch."""
     n, batch, result = scored.rows, scored.batch, scored.result
     valid = batch.valid[:n]
@@ -468,23 +509,24 @@ def score_source(
     )
     done = set(writer.done_ids) if writer is not None else set()
     todo = [k for k in (range(len(source)) if indices is None else indices) if source.ids[k] not in done]
-    padded = scorer.padded_size(batch_size)
-    stream = batches(
-        source.load,
-        todo,
-        padded,
-        size,
-        color=color or source.color or "rgb",
-        align=align or source.align or "none",
-        workers=workers,
+    stream = scored_batches(
+        scorer,
+        source,
+        indices=todo,
+        batch_size=batch_size,
+        size=size,
+        color=color,
+        align=align,
         detector=detector,
+        workers=workers,
+        on_error=on_error,
     )
     shapes = {k: s.row_shape for k, s in writer.sinks.items()} if writer is not None else {}
     scored = failed = 0
     finished = False
     start = time.perf_counter()
     try:
-        for item in _scored_batches(scorer, stream, on_error, source.ids, _resize_warning(size)):
+        for item in stream:
             rows, arrays, bad = _rows(item, source, shapes, shapes)
             if crops is not None:
                 _save_crops(crops, source, item.batch, item.rows)

@@ -3,7 +3,8 @@
     python -m vitnt_jax.score (--images DIR | --list FILE | --bin FILE | --tfds NAME[:SPLIT])
         --model CKPT --out scores.csv [flags]
 
-One row per input, in source order: id,quality[,label],error. See README for every flag.
+One row per input, in source order: id,quality[,label],error; `--help` lists every flag. The run
+itself is `vitnt_jax.pipeline.run(Job)`: this module only turns flags into a Job and errors into lines.
 """
 
 from __future__ import annotations
@@ -281,15 +282,6 @@ def crop_name(index: int, image_id: str) -> str:
     from vitnt_jax.pipeline import crop_name as name
 
     return name(index, image_id)
-
-
-def __getattr__(name: str):
-    # `score.Progress` moved to the pipeline with the loop it reports on.
-    if name == "Progress":
-        from vitnt_jax.pipeline import Progress
-
-        return Progress
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
