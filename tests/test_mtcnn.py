@@ -190,6 +190,8 @@ def test_converted_file_round_trips_and_is_loaded_strictly(weights, tmp_path):
         mtcnn.load_variables(tmp_path / "foreign.npz")
     with pytest.raises(mtcnn.MTCNNError, match="do not exist"):
         mtcnn.load_variables(tmp_path / "absent.npz")
+    with pytest.raises(mtcnn.MTCNNError, match=r"no MTCNN weights file given; vitnt_jax.models.mtcnn_weights\(\)"):
+        mtcnn.Detector.load(None)
     assert converter.main([str(DATA), str(tmp_path / "cli.npz")]) == 0 and (tmp_path / "cli.npz").is_file()
 
 

@@ -630,6 +630,11 @@ class Detector:
     @classmethod
     def load(cls, path: str | os.PathLike, **settings) -> Detector:
         """Returns a detector with the converted weights file `path` (`vitnt_jax.models.mtcnn_weights` finds one)."""
+        if path is None:  # converting the default weights is the resolver's job, above this module
+            raise MTCNNError(
+                "no MTCNN weights file given; vitnt_jax.models.mtcnn_weights() returns facenet-pytorch's, "
+                "converted once."
+            )
         return cls(load_variables(path), **settings)
 
     def detect(self, image: np.ndarray) -> Faces:
