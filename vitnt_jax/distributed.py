@@ -161,7 +161,7 @@ def _exchange(peer: int, status: str, deadline: float, on_wait, what: str) -> st
     def gather():
         try:
             result["value"] = _gather_pair(peer, status)
-        except Exception as error:  # handed to the waiting thread, which raises it with its cause
+        except Exception as error:  # handed to the waiting thread, which raises it there
             result["error"] = error
 
     worker = threading.Thread(target=gather, name=f"vitnt_jax-status-{peer}", daemon=True)
@@ -191,7 +191,9 @@ def _exchange(peer: int, status: str, deadline: float, on_wait, what: str) -> st
         )
     if "error" in result:
         error = result["error"]
-        raise DistributedError(f"the status exchange with process {peer} failed: {_first_line(error)}.") from error
+        if isinstance(error, RuntimeError):  # XlaRuntimeError: the collective itself failed
+            raise DistributedError(f"the status exchange with process {peer} failed: {_first_line(error)}.") from error
+        raise error  # anything else is a bug here, not the cluster's state: shown as it is
     return result["value"]
 
 
