@@ -152,14 +152,14 @@ def test_one_compilation_for_a_whole_cli_run(tiny_checkpoint, folder, tmp_path, 
     class Recording(scorer_module.Scorer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            made.append((self, self._fn._cache_size()))  # Scorer.cache_size() once it is public
+            made.append((self, self.cache_size()))  # Scorer.cache_size() once it is public
 
     monkeypatch.setattr(scorer_module, "Scorer", Recording)
     out = tmp_path / "s.csv"
     assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--batch-size", "4") == 0
     assert len(read_csv(out)) == 14  # 13 images over two batches of 8 (4 rounded up to the 8 devices)
     # One Scorer, and at most one new compilation (Scorers of equal settings may share compiled shapes).
-    assert len(made) == 1 and made[0][0]._fn._cache_size() - made[0][1] <= 1
+    assert len(made) == 1 and made[0][0].cache_size() - made[0][1] <= 1
 
 
 def test_linked_folders_are_followed_once(tiny_checkpoint, folder, tmp_path):

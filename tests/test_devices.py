@@ -62,9 +62,17 @@ def test_micro_batches_equal_one_piece(model, parallel):
     for key in a:
         np.testing.assert_allclose(b[key], a[key], atol=1e-6, rtol=0)
     if parallel == "jit":
-        compiled = steps._fn._cache_size()  # Scorer.cache_size() once it is public
+        compiled = steps.cache_size()
         steps(images[::-1].copy())
-        assert steps._fn._cache_size() == compiled
+        assert steps.cache_size() == compiled
+
+
+def test_sharded_scoring_moves_no_data_between_devices(model):
+    # Data parallel: each device scores its own share; the compiled program gathers nothing.
+    for micro_batch in (None, 2):
+        scorer = Scorer(*model, SETTINGS, micro_batch=micro_batch)
+        hlo = scorer.lower(64).compile().as_text()
+        assert "all-gather" not in hlo and "all-to-all" not in hlo and "all-reduce" not in hlo
 
 
 def test_micro_batched_puts_every_row_back_in_place():
@@ -112,13 +120,13 @@ def test_no_recompilation_over_many_batches(model):
     # Scorers with equal settings may share one compiled function: count what this test adds.
     scorer = Scorer(*model, SETTINGS)
     rng = np.random.default_rng(0)
-    before = scorer._fn._cache_size()  # Scorer.cache_size() once it is public
+    before = scorer.cache_size()
     scorer(rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))  # padded to 16
-    first = scorer._fn._cache_size()
+    first = scorer.cache_size()
     assert first - before <= 1
     for _ in range(3):
         scorer(rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))  # padded to 16 every time
-    assert scorer._fn._cache_size() == first
+    assert scorer.cache_size() == first
 
 
 def test_scorer_refuses_float_input(eight):

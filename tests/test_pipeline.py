@@ -75,10 +75,10 @@ def test_every_job_field_is_a_flag_of_the_cli():
 def test_score_array_is_one_compilation_for_any_count(scorer):
     images = np.stack(smooth_faces(13, seed=21))
     pipeline.score_array(scorer, images[:3], batch_size=4)
-    compiled = scorer._fn._cache_size()  # with batch 8 (Scorer.cache_size() once it is public)
+    compiled = scorer.cache_size()  # with batch 8
     got = pipeline.score_array(scorer, images, batch_size=4)  # fixed batches of 8 (8 devices), tail padded
     assert set(got) == {"quality", "embedding"} and got["quality"].shape == (13,)
-    assert scorer._fn._cache_size() == compiled  # 13 images, 3 images: the same program
+    assert scorer.cache_size() == compiled  # 13 images, 3 images: the same program
     assert_same_floats(got["quality"], scorer(images)["quality"])  # other batch positions: to the ulp
 
 
