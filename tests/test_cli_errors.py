@@ -102,3 +102,11 @@ def test_help_and_flag_errors_answer_without_importing_jax(command):
             assert "usage:" in done.stdout
         else:
             assert done.stderr.strip().splitlines()[0].startswith("error: ") and "--help" in done.stderr
+
+
+def test_metric_help_names_every_metric():
+    from vitnt_jax.stability import METRICS
+
+    text = next(a.help for a in score.build_parser()._actions if a.dest == "metric")
+    named = text.split(":")[1].split("(")[0].replace(" or ", ", ").split(",")
+    assert sorted(n.strip() for n in named) == sorted(METRICS)

@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--metric",
         default="euclidean",
-        help="distance between consecutive normalised tokens, a name of vitnt_jax.stability.METRICS "
-        "(euclidean, cosine, angular, l1, ...; default: euclidean, the method's)",
+        # Checked after parsing against vitnt_jax.stability.METRICS (importing it imports JAX).
+        help="distance between consecutive normalised tokens: euclidean, cosine, angular or l1 "
+        "(default: euclidean, the method's)",
     )
 
     i = p.add_argument_group("input")
