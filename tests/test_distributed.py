@@ -15,24 +15,26 @@ from vitnt_jax import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One worker per process: join, then act out `mode` ('ok', 'failed', 'crash' or 'silent') as process 1,
-# or as process 0 ('silent0': never collects). Prints one JSON line: the statuses, or the error.
+# One worker per process: join, then act out `mode` ('failed', 'crash' or 'silent') as the last process,
+# or as process 0 ('silent0': never collects); the others report 'ok'. Prints one JSON line: the
+# statuses, or the error.
 WORKER = textwrap.dedent(
     """
     import json, os, sys, time
     from vitnt_jax import distributed
 
-    pid, port, mode, timeout = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
-    process, processes = distributed.initialize(2, pid, f"127.0.0.1:{port}", timeout_s=60)
-    assert distributed.initialize(2, pid, f"127.0.0.1:{port}") == (process, processes) == (pid, 2)  # joined once
+    pid, port, mode, timeout, count = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+    process, processes = distributed.initialize(count, pid, f"127.0.0.1:{port}", timeout_s=60)
+    assert distributed.initialize(count, pid, f"127.0.0.1:{port}") == (process, processes) == (pid, count)  # once
     waits = []
     try:
-        if process == 1:
-            if mode == "crash":
+        if process > 0:
+            last = process == processes - 1
+            if mode == "crash" and last:
                 os._exit(3)
-            if mode == "silent":
+            if mode == "silent" and last:
                 time.sleep(120)
-            distributed.report(1, "failed: 12.png: not a readable image" if mode == "failed" else "ok",
+            distributed.report(process, "failed: 12.png: not a readable image" if mode == "failed" and last else "ok",
                                timeout_s=timeout)
             print(json.dumps({"reported": True}), flush=True)
         else:
@@ -54,7 +56,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(tmp_path: Path, mode: str, timeout: float) -> list[subprocess.Popen]:
+def _start(tmp_path: Path, mode: str, timeout: float, count: int = 2) -> list[subprocess.Popen]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {
@@ -66,13 +68,13 @@ def _start(tmp_path: Path, mode: str, timeout: float) -> list[subprocess.Popen]:
     port = str(_free_port())
     return [
         subprocess.Popen(
-            [sys.executable, str(script), str(i), port, mode, str(timeout)],
+            [sys.executable, str(script), str(i), port, mode, str(timeout), str(count)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(2)
+        for i in range(count)
     ]
 
 
@@ -117,13 +119,15 @@ def test_a_status_is_ok_or_a_failure():
 
 
 def test_process_0_receives_every_status(tmp_path):
-    procs = _start(tmp_path, "failed", timeout=60)
+    # Three processes: each exchange involves process 0 and one other, never the third.
+    procs = _start(tmp_path, "failed", timeout=60, count=3)
     try:
-        (rc0, out0), (rc1, out1) = _result(procs[0]), _result(procs[1])
+        (rc0, out0), *others = [_result(p) for p in procs]
     finally:
         _stop(procs)
-    assert rc1 == 0 and out1 == {"reported": True}
-    assert rc0 == 0 and out0 == {"statuses": {"0": "ok", "1": "failed: 12.png: not a readable image"}, "waits": []}
+    assert others == [(0, {"reported": True})] * 2
+    want = {"0": "ok", "1": "ok", "2": "failed: 12.png: not a readable image"}
+    assert rc0 == 0 and out0 == {"statuses": want, "waits": []}
 
 
 def test_a_crashed_process_ends_the_wait_with_one_sentence_naming_it(tmp_path):
