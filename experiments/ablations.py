@@ -132,8 +132,8 @@ def _list(kind):
     def parse(text: str):
         try:
             return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from error
 
     return parse
 
@@ -190,10 +190,10 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--fmr {f:g} must lie strictly between 0 and 1.")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"--out {args.out} is a file; pass a folder for the variants.") from None
+    except (FileExistsError, NotADirectoryError) as error:
+        raise ValueError(f"--out {args.out} is a file; pass a folder for the variants.") from error
     except OSError as error:
-        raise ValueError(f"cannot create --out {args.out} ({error.strerror}); choose another folder.") from None
+        raise ValueError(f"cannot create --out {args.out} ({error.strerror}); choose another folder.") from error
     if args.benchmark and len(args.benchmark) > 1:
         raise ValueError("--benchmark names the one protocol of the scored images; run one ablation per benchmark.")
     for g in args.aggregations:

@@ -279,8 +279,8 @@ def score(
     """Returns the (B,) quality of baseline `name` (higher = better); `key` defaults to PRNGKey(0)."""
     try:
         baseline = BASELINES[name]
-    except KeyError:
-        raise KeyError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}.") from None
+    except KeyError as error:
+        raise KeyError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}.") from error
     if baseline.needs_key:
         key = jax.random.PRNGKey(0) if key is None else key
         return baseline.fn(variables, config, images, key, **options)

@@ -30,8 +30,8 @@ def __getattr__(name: str):
 
     try:
         return getattr(baseline_methods, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    except AttributeError as error:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from error
 
 
 def build_parser() -> cli.Parser:

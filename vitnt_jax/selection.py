@@ -62,12 +62,12 @@ def _parse_part(part: str, depth: int, spec: str) -> list[int]:
                 raise ValueError(f"block range {part!r} in {spec!r} runs backwards; write it low-high.")
             return list(range(lo, hi + 1))
         return [_resolve(_int(part), depth, spec)]
-    except _Unreadable:
-        raise ValueError(f"cannot read block selection {spec!r}; use e.g. '0-19', '0,2,4', '-4:' or 'all'.") from None
+    except _Unreadable as error:
+        raise ValueError(f"cannot read block selection {spec!r}; use e.g. '0-19', '0,2,4', '-4:' or 'all'.") from error
 
 
 def _int(text: str) -> int:
     try:
         return int(text)
-    except ValueError:
-        raise _Unreadable from None
+    except ValueError as error:
+        raise _Unreadable(text) from error
