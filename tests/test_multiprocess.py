@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from pipeline_helpers import assert_same_rows, faces_folder, free_port, read_csv, run
 
+pytestmark = pytest.mark.slow  # real processes, each starting JAX
+
 # Two fake CPU devices per process; the other XLA flags (e.g. --xla_cpu_max_isa=AVX2) are kept.
 _FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
 ENV = {
