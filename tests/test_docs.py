@@ -17,8 +17,8 @@ from experiments import cli_docs
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*(?![\w-])")
-# Flags of other programs that the pages mention: pip's, and the authors' evaluation script's.
-FOREIGN = {"--no-deps", "--index-url", "--color-channel"}
+# Flags of other programs that the pages mention: pip's, lint-imports', the authors' evaluation script's.
+FOREIGN = {"--no-deps", "--index-url", "--no-cache", "--color-channel"}
 OURS = cli_docs.PACKAGES
 
 
