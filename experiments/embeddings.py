@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     harness.add_input_flags(p)
     p.add_argument("--flip", action="store_true", help="concatenate the horizontally flipped image's embedding")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
-    p.add_argument("--workers", type=int, default=4, help="decoding threads (default: 4)")
+    p.add_argument(
+        "--workers", type=int, default=min(16, os.cpu_count() or 1), help="decoding threads (default: min(16, cores))"
+    )
     p.add_argument("--out", type=Path, required=True, help="embedding file (.npy); ids go to <out>.ids.txt")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its ids file) if they exist")
     cli.add_debug_flag(p)
@@ -110,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
         raise _UserError(f"--out {args.out} must end in .npy.")
     if args.batch_size < 1:
         raise _UserError("--batch-size must be at least 1.")
+    if args.workers < 1:
+        raise _UserError("--workers must be at least 1.")
     for path in (args.out, ids_path(args.out)):
         if path.exists() and not args.overwrite:
             raise _UserError(f"{path} already exists; pass --overwrite to replace it, or choose another --out.")

@@ -8,8 +8,11 @@ same flags, defaults and errors; `--model` and `--color` are the scorer's too.
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
 
-from vitnt_jax import cli, sources
+from vitnt_jax import cli, output, sources
 
 # One parser style for every command: one-line flag errors, exit status 2 (see vitnt_jax.cli).
 Parser = cli.Parser
@@ -39,3 +42,23 @@ def open_inputs(args: argparse.Namespace):
     except (models.ModelError, checkpoint.CheckpointError) as error:
         raise ValueError(str(error)) from error
     return source, config, variables
+
+
+def write_scores(
+    path: Path, source, quality: Sequence[float], errors: Sequence[str], *, overwrite: bool = False
+) -> None:
+    """Writes one row per source image to a score CSV, the scorer's own format (`vitnt_jax.output`).
+
+    quality[i] and errors[i] belong to source image i; a row with an error (or a NaN quality) has no
+    quality. The file is written whole and atomically; an existing one is refused unless `overwrite`
+    (ValueError, one sentence naming --overwrite).
+    """
+    rows = []
+    for i, (value, error) in enumerate(zip(quality, errors, strict=True)):
+        label = source.labels[i] if source.labels is not None else None
+        good = not error and not math.isnan(float(value))
+        rows.append(output.Row(source.ids[i], float(value) if good else None, label, error))
+    try:
+        output.write_results(path, rows, with_label=source.labels is not None, overwrite=overwrite)
+    except output.OutputError as error:
+        raise ValueError(error.render(cli.flag)) from error

@@ -252,3 +252,19 @@ def test_packs_of_every_pickle_protocol_are_evaluated_alike(bench, protocol):
     for row in rows:
         if row["method"] == "good":
             assert row == want["good"]
+
+
+def test_scores_written_by_the_experiments_are_read_back_by_the_same_code(tmp_path):
+    from experiments import harness
+    from vitnt_jax.sources import Source
+
+    source = Source("pack", ["0", "1", "2"], ["1", "1", "0"], None)
+    out = tmp_path / "serfiq.csv"
+    harness.write_scores(out, source, [0.5, float("nan"), 0.25], ["", "not a readable image", ""])
+    assert out.read_text().splitlines()[0] == "id,quality,label,error"
+    keys, values = evaluate.read_quality(out)
+    assert keys == ["0", "1", "2"] and values[0] == 0.5 and np.isnan(values[1]) and values[2] == 0.25
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        harness.write_scores(out, source, [0.1, 0.2, 0.3], ["", "", ""])
+    harness.write_scores(out, source, [0.1, 0.2, 0.3], ["", "", ""], overwrite=True)
+    assert evaluate.read_quality(out)[1].tolist() == [0.1, 0.2, 0.3]
