@@ -41,6 +41,11 @@ def open_inputs(args: argparse.Namespace):
         raise ValueError(error.render(cli.flag)) from error
     except (models.ModelError, checkpoint.CheckpointError) as error:
         raise ValueError(str(error)) from error
+    if source.align == "mtcnn":  # e.g. --tfds lfw: the experiments read aligned faces only
+        raise ValueError(
+            f"{source.name} holds unaligned photos; align them first with `python -m vitnt_jax.score ... "
+            "--align mtcnn --save-aligned DIR` and pass --images DIR."
+        )
     return source, config, variables
 
 

@@ -62,3 +62,13 @@ def test_embeddings_refuse_to_overwrite(tiny_checkpoint, pack, tmp_path, capsys)
     out.write_bytes(b"")
     assert embeddings.main(["--bin", str(pack), "--model", str(tiny_checkpoint), "--out", str(out)]) == 1
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_unaligned_sources_are_refused_in_one_line(tiny_checkpoint, tmp_path, capsys):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=3):  # LFW holds unaligned photos
+        argv = ["--tfds", "lfw", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "e.npy")]
+        assert embeddings.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tfds lfw:train holds unaligned photos") and "--align mtcnn" in err
+    assert "\n" not in err and not (tmp_path / "e.npy").exists()
