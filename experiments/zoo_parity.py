@@ -186,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
-    return cli.run_command(lambda: _run(args), debug=args.debug, errors=(ValueError,))
+    return cli.run_command(lambda: _compare(args), debug=args.debug, errors=(ValueError,))
 
 
-def _run(args) -> int:
+def _compare(args) -> int:
     if args.count < 1:
         raise ValueError("--count must be at least 1.")
     if args.out is not None and args.out.exists() and not args.overwrite:
