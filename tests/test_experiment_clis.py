@@ -199,3 +199,25 @@ def test_help_and_flag_errors_answer_without_jax(module):
         assert done.stdout.splitlines()[-1] == f"exit {status} False", (argv, done.stdout, done.stderr)
         if status == 2:
             assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("module", ["reference_parity", "zoo_parity", "benchmark", "baseline_timing"])
+def test_figure_scripts_keep_an_existing_out_without_overwrite(module, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(f"experiments.{module}").main
+    out = tmp_path / "figures.json"
+    out.write_text("{}\n")
+    argv = ["--out", str(out)] + (["--reference", str(tmp_path)] if module == "reference_parity" else [])
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists; pass --overwrite" in err
+    assert out.read_text() == "{}\n"
+
+
+def test_reference_parity_names_a_missing_clone_in_one_line(tmp_path, capsys):
+    from experiments import reference_parity
+
+    assert reference_parity.main(["--reference", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "backbones/vit/vit.py not found; pass --reference" in err
