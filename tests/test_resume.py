@@ -147,3 +147,18 @@ def test_existing_results_are_never_replaced_without_overwrite(tiny_checkpoint, 
     assert_same_floats(
         [float(r[1]) for r in read_csv(out)[1:]], [float(line.split(b",")[1]) for line in before.splitlines()[1:]]
     )
+
+
+def test_reference_resume_keeps_ids_that_end_in_spaces(tiny_checkpoint, folder, tmp_path):
+    # '<id> <score>' splits at the last space only: an id ending in a space (or a tab) is read back as written,
+    # so a resumed run sees its row as done and never writes it twice.
+    names = sorted(p.name for p in folder.iterdir())[:3]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([f"{folder / names[0]}", f"{folder / names[1]} ", f"{folder / names[2]}\t"]))
+    out = tmp_path / "s.txt"
+    argv = ["--list", str(listing), "--out", str(out), "--format", "reference"]
+    assert run(tiny_checkpoint, *argv) == 0
+    first = out.read_text()
+    assert len(first.splitlines()) == 3
+    assert run(tiny_checkpoint, *argv, "--resume") == 0
+    assert out.read_text() == first

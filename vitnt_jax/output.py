@@ -152,7 +152,9 @@ class ReferenceFormat(ResultFormat):
         for number, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
             if not line.strip():
                 continue
-            parts = line.rstrip().rsplit(maxsplit=1)
+            # The score follows the LAST space: an id may end in spaces or tabs, and resuming must read it as written.
+            ident, space, score = line.rstrip().rpartition(" ")
+            parts = [ident, score] if space else line.rsplit(maxsplit=1)  # a tab-separated file of another tool
             try:
                 value = float(parts[1])
             except (IndexError, ValueError) as error:
