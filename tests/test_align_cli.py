@@ -214,6 +214,7 @@ def test_missing_facenet_is_one_sentence(tiny_checkpoint, photos, tmp_path, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: alignment with MTCNN needs MTCNN weights") and "\n" not in err
     assert "pip install --no-deps facenet-pytorch==2.6.0" in err and "python -m converters.mtcnn" in err
+    assert err.endswith("written by `python -m converters.mtcnn` as --mtcnn-weights.")  # the flag that takes it
     assert not (tmp_path / "s.csv").exists()
 
 

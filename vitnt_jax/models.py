@@ -238,7 +238,8 @@ def mtcnn_weights(path: str | os.PathLike | None = None) -> Path:
         raise ModelError(
             "alignment with MTCNN needs MTCNN weights: install facenet-pytorch's with `pip install --no-deps "
             f"facenet-pytorch==2.6.0` (and torch) to have them converted into ${CACHE_ENV} on first use, or give "
-            "a weights file written by `python -m converters.mtcnn`."
+            "a weights file written by `python -m converters.mtcnn` as {mtcnn_weights}.",
+            field="mtcnn_weights",
         )
     log.info("converting facenet-pytorch's MTCNN weights into %s (once) ...", target)
     try:

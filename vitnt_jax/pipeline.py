@@ -741,7 +741,7 @@ def _detector(job: Job, align: str):
         # The named-model layer converts the default weights; the detector only reads a weights file.
         return mtcnn.Detector.load(models.mtcnn_weights(job.mtcnn_weights), min_face_size=size)
     except (mtcnn.MTCNNError, models.ModelError) as error:
-        raise JobError(str(error), field="mtcnn_weights") from error
+        raise JobError(error.template, field="mtcnn_weights") from error  # the command line names the setting
 
 
 def _span(blocks: tuple[int, ...]) -> str:
