@@ -199,6 +199,7 @@ def _compare(args) -> int:
     from converters import clip, insightface
     from converters import timm as timm_converter
 
+    torch.manual_seed(0)  # the published modules' own initialisation draws from the global generator
     rng = np.random.default_rng(0)
     results: dict = {"torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
