@@ -162,3 +162,23 @@ def test_reference_resume_keeps_ids_that_end_in_spaces(tiny_checkpoint, folder, 
     assert len(first.splitlines()) == 3
     assert run(tiny_checkpoint, *argv, "--resume") == 0
     assert out.read_text() == first
+
+
+def test_an_existing_result_is_refused_before_the_model_loads(tiny_checkpoint, folder, tmp_path, capsys, monkeypatch):
+    # Resolving a named model can mean a download and a conversion: an existing result is refused first.
+    from vitnt_jax import pipeline
+
+    out, crops, emb = tmp_path / "s.csv", tmp_path / "crops", tmp_path / "e.npy"
+    out.write_text("id,quality,error\n")
+    crops.mkdir()
+    (crops / "00000000_x.png").write_bytes(b"")
+    emb.write_bytes(b"taken")
+    monkeypatch.setattr(pipeline, "load_scorer", lambda *a, **k: pytest.fail("the model was loaded first"))
+    for extra, message in (
+        ([], f"{out} already exists; pass --resume to continue it, --overwrite to replace it"),
+        (["--out", str(tmp_path / "t.csv"), "--save-embeddings", str(emb)], f"{emb} already exists; pass --overwrite"),
+        (["--out", str(tmp_path / "t.csv"), "--save-aligned", str(crops)], "already holds crops"),
+    ):
+        assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), *extra) == 1
+        assert message in capsys.readouterr().err
+    assert out.read_text() == "id,quality,error\n" and emb.read_bytes() == b"taken"

@@ -293,6 +293,17 @@ class ArraySink:
         self.partial.unlink()
 
 
+def refuse_existing(path: Path) -> None:
+    """Raises OutputError if a result file exists at `path` (to be continued or replaced only when asked)."""
+    if path.exists():
+        raise OutputError(
+            f"{path} already exists; pass " + "{resume} to continue it, {overwrite} to replace it, or choose "
+            "another {out}.",
+            field="out",
+            also=("resume", "overwrite"),
+        )
+
+
 class ResultWriter:
     """Writes rows (and row-aligned arrays) for one output; see the module docstring."""
 
@@ -311,13 +322,8 @@ class ResultWriter:
         self.header = columns(with_label)
         self.with_label = with_label
         exists = path.exists()
-        if exists and not (resume or overwrite):
-            raise OutputError(
-                f"{path} already exists; pass " + "{resume} to continue it, {overwrite} to replace it, or choose "
-                "another {out}.",
-                field="out",
-                also=("resume", "overwrite"),
-            )
+        if not (resume or overwrite):
+            refuse_existing(path)
         self.done_ids: list[str] = read_ids(path, fmt, self.header) if (exists and resume) else []
         if len(set(self.done_ids)) != len(self.done_ids):
             raise OutputError(

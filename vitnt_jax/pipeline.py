@@ -48,7 +48,7 @@ import numpy as np
 
 from vitnt_jax.data import ALIGNS, Batch, ImageError, batches, read_image
 from vitnt_jax.errors import UserError
-from vitnt_jax.output import FORMATS, ResultWriter, Row, columns, part_path, read_ids
+from vitnt_jax.output import FORMATS, ResultWriter, Row, columns, part_path, read_ids, refuse_existing
 from vitnt_jax.sources import Source, SourceSpec
 
 logger = logging.getLogger(__name__)
@@ -723,6 +723,34 @@ def _make_folder(name: str, folder: Path) -> None:
         raise JobError(slot + f"{folder} is not writable (permission denied); choose another folder.", field=name)
 
 
+def _refuse_existing(job: Job, processes: int) -> None:
+    """Raises a UserError for an existing result the job neither resumes nor overwrites, before any model loads.
+
+    Also creates the crops folder. A multi-process run's parts are checked again by their writers.
+    """
+    if not (job.resume or job.overwrite):
+        if processes == 1:
+            refuse_existing(job.out)
+        names = [n for n in ("save_embeddings", "save_patch_quality") if getattr(job, n) is not None]
+        for name in names + (["out"] if processes > 1 else []):
+            path = getattr(job, name)
+            if path.exists():
+                raise JobError(
+                    f"{path} already exists; pass " + "{overwrite} or {resume}, or choose another path.",
+                    field=name,
+                    also=("overwrite", "resume"),
+                )
+    if job.save_aligned is not None:
+        _make_folder("save_aligned", job.save_aligned)
+        if not (job.resume or job.overwrite) and any(job.save_aligned.glob("*.png")):
+            raise JobError(
+                "{save_aligned} " + f"{job.save_aligned} already holds crops; pass " + "{overwrite} or {resume}, "
+                "or choose an empty folder.",
+                field="save_aligned",
+                also=("overwrite", "resume"),
+            )
+
+
 def _detector(job: Job, align: str):
     """Returns the MTCNN detector for align 'mtcnn' (None otherwise)."""
     if align != "mtcnn":
@@ -820,6 +848,7 @@ def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None)
     for name in ("out", "save_embeddings", "save_patch_quality"):
         if getattr(job, name) is not None:
             _check_writable(name, getattr(job, name))
+    _refuse_existing(job, processes)
     color = job.color or source.color or "rgb"
     align = job.align or source.align or "none"
     detector = _detector(job, align)
@@ -850,28 +879,8 @@ def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None)
         arrays["embedding"] = (job.save_embeddings, (config.embedding_dim,))
     if job.save_patch_quality is not None:
         arrays["patch_quality"] = (job.save_patch_quality, (config.grid_size, config.grid_size))
-    if not job.resume and not job.overwrite:
-        names = [n for n in ("save_embeddings", "save_patch_quality") if getattr(job, n) is not None]
-        names += ["out"] if processes > 1 else []
-        for name in names:
-            path = getattr(job, name)
-            if path.exists():
-                raise JobError(
-                    f"{path} already exists; pass " + "{overwrite} or {resume}, or choose another path.",
-                    field=name,
-                    also=("overwrite", "resume"),
-                )
     if processes > 1:
         arrays = {k: (part_path(p, process, processes), s) for k, (p, s) in arrays.items()}
-    if job.save_aligned is not None:
-        _make_folder("save_aligned", job.save_aligned)
-        if not (job.resume or job.overwrite) and any(job.save_aligned.glob("*.png")):
-            raise JobError(
-                "{save_aligned} " + f"{job.save_aligned} already holds crops; pass " + "{overwrite} or {resume}, "
-                "or choose an empty folder.",
-                field="save_aligned",
-                also=("overwrite", "resume"),
-            )
     try:
         writer = ResultWriter(
             out,
