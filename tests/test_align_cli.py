@@ -10,7 +10,7 @@ from PIL import Image
 
 from converters import mtcnn as converter
 from experiments import torch_mtcnn as tm
-from vitnt_jax import checkpoint, data, models, mtcnn, score
+from vitnt_jax import checkpoint, data, models, mtcnn, pipeline, score
 from vitnt_jax.align import align
 from vitnt_jax.scorer import Scorer
 from vitnt_jax.stability import ScoreSettings
@@ -278,9 +278,9 @@ def test_save_aligned_onto_a_file_is_one_sentence(tiny_checkpoint, weights, phot
 
 
 def test_crop_names_are_safe_and_unique():
-    assert score.crop_name(3, "b/deep/d.png") == "00000003_b_deep_d.png"
-    assert score.crop_name(12, "../../etc/passwd") == "00000012_etc_passwd.png"
-    assert score.crop_name(5, "lfw/train/5") == "00000005_lfw_train_5.png"
-    assert score.crop_name(7, "???") == "00000007_image.png"
-    assert score.crop_name(123456789, "x" * 300) == "123456789_" + "x" * 100 + ".png"
-    assert score.crop_name(1, "a b") != score.crop_name(2, "a_b")
+    assert pipeline.crop_name(3, "b/deep/d.png") == "00000003_b_deep_d.png"
+    assert pipeline.crop_name(12, "../../etc/passwd") == "00000012_etc_passwd.png"
+    assert pipeline.crop_name(5, "lfw/train/5") == "00000005_lfw_train_5.png"
+    assert pipeline.crop_name(7, "???") == "00000007_image.png"
+    assert pipeline.crop_name(123456789, "x" * 300) == "123456789_" + "x" * 100 + ".png"
+    assert pipeline.crop_name(1, "a b") != pipeline.crop_name(2, "a_b")

@@ -778,10 +778,6 @@ def _span(blocks: tuple[int, ...]) -> str:
     return ",".join(map(str, blocks))
 
 
-def _open(spec: SourceSpec) -> Source:
-    return spec.open()
-
-
 def _initialize(job: Job) -> tuple[int, int]:
     """Joins the job's process group (if any); returns (process index, process count)."""
     from vitnt_jax import distributed
@@ -840,7 +836,7 @@ def run(job: Job, *, progress_bar: bool | None = None) -> Summary:
 
 
 def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None) -> Summary:
-    source = _open(job.source)
+    source = job.source.open()
     for problem in source.problems:
         if job.on_error == "fail":
             raise JobError(f"{problem} (" + "{on_error} fail).", field="on_error")

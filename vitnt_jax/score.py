@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from vitnt_jax import cli, errors, sources
+from vitnt_jax import cli, sources
 from vitnt_jax.output import FORMATS
 
 EPILOG = """\
@@ -207,9 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-UserError = errors.UserError  # kept for callers of the former name
-
-
 def _join_negative_blocks(argv: list[str]) -> list[str]:
     # argparse takes '-4:' for an option; glue it to its flag so `--blocks -4:` works as documented.
     out, k = [], 0
@@ -276,13 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         names=_flag,
         interrupted=f"interrupted; the rows written so far are kept: rerun with --resume to continue {args.out}",
     )
-
-
-def crop_name(index: int, image_id: str) -> str:
-    """Returns the file name of a saved crop (see `vitnt_jax.pipeline.crop_name`)."""
-    from vitnt_jax.pipeline import crop_name as name
-
-    return name(index, image_id)
 
 
 if __name__ == "__main__":
