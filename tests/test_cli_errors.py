@@ -110,3 +110,18 @@ def test_metric_help_names_every_metric():
     text = next(a.help for a in score.build_parser()._actions if a.dest == "metric")
     named = text.split(":")[1].split("(")[0].replace(" or ", ", ").split(",")
     assert sorted(n.strip() for n in named) == sorted(METRICS)
+
+
+def test_progress_lines_are_printed_once_with_a_root_handler(tiny_checkpoint, folder, tmp_path, capsys, monkeypatch):
+    # A host (absl, logging.basicConfig) that gave the root logger a handler must not see every line twice.
+    import logging
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    root.addHandler(handler)
+    try:
+        assert run(tiny_checkpoint, "--images", str(folder), "--out", str(tmp_path / "s.csv")) == 0
+    finally:
+        root.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert err.count("scoring 2 of 2 inputs") == 1 and err.count("scored 2, failed 0") == 1, err
