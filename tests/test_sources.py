@@ -252,3 +252,26 @@ def test_unprepared_tfds_dataset_says_what_is_missing(monkeypatch):
         sources.tfds_source("lfw")
     assert got.value.field == "data_dir" and got.value.render(sources.flag_names()).endswith("pass --data-dir.")
     assert isinstance(got.value.__cause__, ModuleNotFoundError)  # the cause is kept for --debug
+
+
+def test_tfds_unreadable_after_preparing_keeps_the_real_cause(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    calls = []
+
+    def data_source(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise NotImplementedError("not prepared")
+        raise ValueError("prepared as TFRecord")
+
+    class Builder:
+        info = type("Info", (), {"splits": {"train": None}})()
+
+        def download_and_prepare(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+    with pytest.raises(sources.SourceError, match="cannot be read after preparing \\(prepared as TFRecord\\)") as got:
+        sources.tfds_source("lfw")
+    assert isinstance(got.value.__cause__, ValueError)  # --debug shows the failure that happened, not the first

@@ -181,7 +181,7 @@ def tfds_source(
             raise SourceError(
                 f"TFDS dataset {name} is not prepared in {data_dir or 'the default data dir'}."
             ) from first
-        data = _prepare_and_open(tfds, name, split, data_dir, first)
+        data = _prepare_and_open(tfds, name, split, data_dir)
     n = len(data)
     if n == 0:
         raise SourceError(f"TFDS {name}:{split} holds no examples.")
@@ -229,7 +229,7 @@ def _known_splits(tfds, name: str, data_dir: str | None) -> list[str]:
         return []
 
 
-def _prepare_and_open(tfds, name, split, data_dir, first_error):
+def _prepare_and_open(tfds, name, split, data_dir):
     logger.info("TFDS %s is not prepared in ArrayRecord format; preparing it (this downloads it)...", name)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -255,7 +255,7 @@ def _prepare_and_open(tfds, name, split, data_dir, first_error):
         raise SourceError(
             f"TFDS {name}:{split} cannot be read after preparing ({str(error).splitlines()[0]}); it may be prepared "
             f"as TFRecord: rebuild it with `tfds build {name} --file_format=array_record`."
-        ) from first_error
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------------- the registry
