@@ -99,6 +99,13 @@ def test_score_iter_takes_arrays_paths_bytes_and_pairs(scorer, folder):
     assert results[0].embedding.shape == (8,)
 
 
+def test_score_iter_streams_window_after_window_in_order(scorer):
+    images = smooth_faces(19, seed=4)
+    results = list(pipeline.score_iter(scorer, iter(images), batch_size=8, window=1))  # three windows of 8
+    assert [r.id for r in results] == [str(k) for k in range(19)]
+    assert_same_floats([r.quality for r in results], pipeline.score_array(scorer, images)["quality"])
+
+
 def test_score_source_with_any_batch_scorer_double_buffers_and_writes(folder, tmp_path):
     toy = MeanPixel()
     (folder / "05.png").write_bytes(b"broken")

@@ -440,8 +440,8 @@ def scored_batches(
     return _scored_batches(scorer, stream, on_error, source.ids, _resize_warning(size))
 
 
-def _rows(scored: ScoredBatch, source: Source, keys: Iterable[str], shapes: dict[str, tuple[int, ...]]):
-    """Returns (rows, arrays with NaN rows for failed inputs, failed count) of a scored batch."""
+def _rows(scored: ScoredBatch, source: Source, shapes: dict[str, tuple[int, ...]]):
+    """Returns (rows, {key: (rows, *shape) array, NaN rows for failed inputs}, failed count) of a scored batch."""
     n, batch, result = scored.rows, scored.batch, scored.result
     valid = batch.valid[:n]
     rows, failed = [], 0
@@ -453,10 +453,10 @@ def _rows(scored: ScoredBatch, source: Source, keys: Iterable[str], shapes: dict
             rows.append(Row(source.ids[index], None, label, batch.errors[row]))
             failed += 1
     arrays = {}
-    for key in keys:
+    for key, shape in shapes.items():
         values = np.array(result[key][:n], np.float32)
         values[~valid] = np.nan  # failed inputs keep their row, filled with NaN
-        arrays[key] = values.reshape(n, *shapes[key]) if key in shapes else values
+        arrays[key] = values.reshape(n, *shape)
     return rows, arrays, failed
 
 
@@ -527,7 +527,7 @@ def score_source(
     start = time.perf_counter()
     try:
         for item in stream:
-            rows, arrays, bad = _rows(item, source, shapes, shapes)
+            rows, arrays, bad = _rows(item, source, shapes)
             if crops is not None:
                 _save_crops(crops, source, item.batch, item.rows)
             if writer is not None:
@@ -608,10 +608,10 @@ def score_iter(
         if not chunk:
             return
         source = Source("items", [i for i, _ in chunk], None, lambda k, c=chunk: _decode(c[k][1]))
-        stream = batches(
-            source.load, range(len(chunk)), padded, size, color=color, align=align, workers=workers, detector=detector
+        stream = scored_batches(
+            scorer, source, batch_size=padded, size=size, color=color, align=align, detector=detector, workers=workers
         )
-        for item in _scored_batches(scorer, stream, "record", None, _resize_warning(size)):
+        for item in stream:
             result, batch = item.result, item.batch
             for row, index in enumerate(batch.indices):
                 ok = bool(batch.valid[row])
