@@ -90,10 +90,16 @@ class CsvFormat(ResultFormat):
         return ",".join(columns(with_label)) + "\n"
 
     def write_rows(self, file, rows: Sequence[Row], with_label: bool) -> None:
-        writer = csv.writer(file, lineterminator="\n")
+        # csv quotes a field holding a character of its line terminator only: with '\r\n' an id holding '\r'
+        # is quoted too (read back as written); each row then ends in '\n' alone.
+        line = io.StringIO()
+        writer = csv.writer(line, lineterminator="\r\n")
         for r in rows:
             q = "" if r.quality is None else repr(float(r.quality))
+            line.seek(0)
+            line.truncate()
             writer.writerow([r.id, q, r.label or "", r.error] if with_label else [r.id, q, r.error])
+            file.write(line.getvalue()[:-2] + "\n")
 
     def matches(self, text: str) -> bool:
         return text.lstrip("\ufeff").startswith("id,quality")
@@ -102,7 +108,10 @@ class CsvFormat(ResultFormat):
         return text.split("\n", 1)[1] if "\n" in text else ""
 
     def parse(self, text: str, where: str, with_label: bool | None = None) -> list[Row]:
-        lines = list(csv.reader(io.StringIO(text.lstrip("\ufeff"))))
+        try:
+            lines = list(csv.reader(io.StringIO(text.lstrip("\ufeff"))))
+        except csv.Error as error:
+            raise OutputError(f"{where} is not a valid CSV ({error}); choose a new " + "{out}.", field="out") from error
         if not lines:
             return []
         head = lines[0]
@@ -149,7 +158,9 @@ class ReferenceFormat(ResultFormat):
         if CSV.matches(text):
             raise OutputError(f"{where} is a CSV, not a {self.name}-format file; choose a new " + "{out}.", field="out")
         rows = []
-        for number, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
+        # Lines end at '\n' only (an id may hold any other character); a '\r' before it is a Windows line end.
+        for number, line in enumerate(text.lstrip("\ufeff").split("\n"), 1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             # The score follows the LAST space: an id may end in spaces or tabs, and resuming must read it as written.
@@ -367,11 +378,14 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
     append: keep what `out` (and each array file) already holds and add the parts after it
     (a --resume of a finished multi-process run). Refuses parts whose table and arrays disagree.
     """
+    form = _format(fmt)
     texts, counts = [], []
     for i in range(count):
-        text = _format(fmt).body(part_path(out, i, count).read_text(encoding="utf-8"))
-        texts.append(text)
-        counts.append(len(text.splitlines()))
+        # Read as written (no newline translation), rows counted as the format parses them: an id may hold '\n'.
+        path = part_path(out, i, count)
+        whole = path.read_bytes().decode("utf-8")
+        texts.append(form.body(whole))
+        counts.append(len(form.parse(whole, str(path))))
     for path in arrays:
         for i in range(count):
             rows = np.load(part_path(path, i, count), mmap_mode="r").shape[0]
@@ -382,10 +396,10 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
     tmp = out.with_name(out.name + ".merging")
     with open(tmp, "w", encoding="utf-8", newline="") as merged:
         if append and out.exists():
-            merged.write(out.read_text(encoding="utf-8"))
+            merged.write(out.read_bytes().decode("utf-8"))
         else:
-            first = part_path(out, 0, count).read_text(encoding="utf-8")
-            merged.write(first[: len(first) - len(_format(fmt).body(first))])
+            first = part_path(out, 0, count).read_bytes().decode("utf-8")
+            merged.write(first[: len(first) - len(form.body(first))])
         for text in texts:
             merged.write(text)
     for path in arrays:
