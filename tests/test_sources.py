@@ -169,6 +169,21 @@ def test_crafted_bin_is_refused_without_running_code(tmp_path):
     assert not os.path.exists(marker)
 
 
+class _OtherCodec:
+    def __reduce__(self):
+        import codecs
+
+        return (codecs.encode, ("abc", "rot13"))
+
+
+def test_a_bin_may_encode_latin1_bytes_only(tmp_path):
+    # Protocol 2 stores bytes as _codecs.encode(text, 'latin1'): the one call a pack may make, with that codec.
+    path = tmp_path / "codec.bin"
+    path.write_bytes(pickle.dumps(([_png_bytes(smooth_faces(1)[0]), _OtherCodec()], [True]), protocol=2))
+    with pytest.raises(sources.SourceError, match=r"codec 'rot13'\); refusing it"):
+        sources.insightface_bin(path)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

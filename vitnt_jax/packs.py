@@ -39,10 +39,15 @@ class _PackUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("_codecs", "encode"):  # bytes pickled by Python 3 at protocol 2
-            import _codecs
-
-            return _codecs.encode
+            return _latin1_bytes
         raise _Refused(f"it asks for {module}.{name}")
+
+
+def _latin1_bytes(text, encoding="utf-8", *rest):
+    """Returns the bytes Python 3 pickles at protocol 2 as `_codecs.encode(text, 'latin1')`: no other codec runs."""
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1") and not rest):
+        raise _Refused(f"it asks for _codecs.encode with {type(text).__name__} and codec {encoding!r}")
+    return text.encode("latin-1")
 
 
 def read_bin(path: str | Path) -> Pack:
