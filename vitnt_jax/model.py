@@ -312,8 +312,8 @@ class FaceViT(nn.Module):
             raise ValueError(
                 f"images are {h}x{w}x{c} but the model expects {cfg.img_size}x{cfg.img_size}x{cfg.in_channels}."
             )
+        # NHWC conv output, row-major over the grid: the patch order of torch's flatten(2).transpose(1, 2).
         x = self.patch_embed(images.astype(self.dtype)).reshape(b, cfg.num_patches, cfg.embed_dim)
-        # (row-major grid = torch's flatten(2).transpose(1, 2))
         if cfg.class_token:
             x = jnp.concatenate([jnp.broadcast_to(self.cls_token.astype(self.dtype), (b, 1, cfg.embed_dim)), x], 1)
         x = x + self.pos_embed.astype(self.dtype)

@@ -106,7 +106,10 @@ class Scorer:
     form), `parallel='pmap'` a literal jax.pmap; both give the same numbers. Batches whose size
     is not a multiple of the device count are padded with zeros and the padding dropped again.
     Parameters are truncated to the blocks that must run: nothing after the last selected block
-    is computed unless the embedding is asked for. One compilation per batch shape.
+    is computed unless the embedding is asked for. One compilation per batch shape, shared by every
+    Scorer with the same static settings (model config, score settings, outputs, precision, dtype,
+    kernel, micro-batch, devices): a second Scorer, other weights included, compiles nothing.
+    `lower(batch)` gives the program for inspection (HLO, memory and cost analysis).
 
     micro_batch: each device scores its share of the batch `micro_batch` images at a time, in a
     loop inside the same compiled call (the share is padded up to a multiple of it). "auto" (the
