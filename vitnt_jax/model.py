@@ -27,10 +27,10 @@ class Tap(Protocol):
     """What the blocks call after each block runs; see `vitnt_jax.stability` for the real ones."""
 
     # What the tap reads of each block's attention: None, or a function of the block's (B, heads,
-    # T_query, N_key) float32 softmax weights over every query token (class token included) and the N
-    # patch-token keys only (class-token models report the attention the PATCHES receive; the rows
-    # then sum to less than 1). The block applies it right after the softmax, so weights reduced
-    # there (e.g. `vitnt_jax.stability.attention_received`) need not outlive the block.
+    # T_query, T_key) float32 softmax weights that keeps the key axis last. The block applies it right
+    # after the softmax, so weights reduced there (e.g. `vitnt_jax.stability.attention_received`) need
+    # not outlive the block, and hands the tap the result's patch-token key columns only (class-token
+    # models report the attention the PATCHES receive; the weights' rows then sum to less than 1).
     attention: Callable[[Array], Array] | None
     # Optional: the block indices whose attention the tap reads (absent or None: every block).
     # The others get attention=None and run with fused attention, whose weights never materialise.
@@ -167,7 +167,10 @@ class Attention(nn.Module):
         return self._scores(q, k)
 
     def __call__(self, x: Array, reduce: Callable[[Array], Array] | None = None) -> tuple[Array, Array | None]:
-        """Returns (attention output (B, T, D), None or `reduce` of the float32 softmax weights' patch keys)."""
+        """Returns (attention output (B, T, D), None or `reduce(float32 softmax weights)` at the patch keys).
+
+        reduce: keeps the key axis last; its result's class-token key columns are dropped.
+        """
         cfg = self.config
         b, n, d = x.shape
         if reduce is None and self.kernel != "matmul":
@@ -183,7 +186,7 @@ class Attention(nn.Module):
         # never materialise; `reduce` right after the softmax keeps only its (smaller) result.
         out = jnp.matmul(weights.astype(self.dtype), v, precision=self.precision).transpose(0, 2, 1, 3)
         out = self.proj(out.reshape(b, n, d))
-        return out, (None if reduce is None else reduce(weights[..., cfg.num_prefix_tokens :]))
+        return out, (None if reduce is None else reduce(weights)[..., cfg.num_prefix_tokens :])
 
 
 class Mlp(nn.Module):
