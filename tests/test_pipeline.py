@@ -125,6 +125,39 @@ def test_score_source_with_any_batch_scorer_double_buffers_and_writes(folder, tm
     assert (again.scored, again.failed, again.skipped) == (0, 0, 13)
 
 
+class OutOfMemory(MeanPixel):
+    """A batch scorer that fails its second dispatch with `error`."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def dispatch(self, images):
+        if len(self.calls) == 1:
+            raise self.error
+        return super().dispatch(images)
+
+
+@pytest.mark.parametrize(
+    "error, where",
+    [
+        (MemoryError("Unable to allocate 279. TiB for an array"), "the host"),
+        (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB.\nmore"), "the devices"),
+    ],
+)
+def test_running_out_of_memory_names_the_batch_size(folder, tmp_path, error, where):
+    out = tmp_path / "s.csv"
+    with pytest.raises(JobError) as got:
+        pipeline.score_source(OutOfMemory(error), sources.image_folder(folder), out, batch_size=4, size=32)
+    first = str(error).splitlines()[0]
+    assert str(got.value) == f"{where} ran out of memory ({first}); lower batch_size."
+    assert got.value.render(score.cli.flag).endswith("lower --batch-size.") and got.value.__cause__ is error
+    assert [r[0] for r in read_csv(out)[1:]] == []  # the first batch was dispatched, never fetched: no row
+    other = RuntimeError("INTERNAL: a bug")
+    with pytest.raises(RuntimeError, match="INTERNAL: a bug"):
+        pipeline.score_source(OutOfMemory(other), sources.image_folder(folder), None, batch_size=4, size=32)
+
+
 def test_on_error_fail_keeps_the_rows_before_the_bad_input(folder, tmp_path):
     (folder / "06.png").write_bytes(b"broken")
     out = tmp_path / "s.csv"

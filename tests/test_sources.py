@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitnt_jax import sources
+from vitnt_jax import data, sources
 from vitnt_jax.data import ImageError, center_crop, prepare, read_image
 
 from helpers import smooth_faces
@@ -290,3 +290,33 @@ def test_tfds_unreadable_after_preparing_keeps_the_real_cause(monkeypatch):
     with pytest.raises(sources.SourceError, match="cannot be read after preparing \\(prepared as TFRecord\\)") as got:
         sources.tfds_source("lfw")
     assert isinstance(got.value.__cause__, ValueError)  # --debug shows the failure that happened, not the first
+
+
+def test_closing_batches_early_never_waits_for_the_decoders(tmp_path):
+    # The garbage collector may finalize an abandoned batch stream in any thread, one that holds the image
+    # open lock included: closing it must not wait for decoders that need that lock (it would never return).
+    import threading
+
+    paths = []
+    for i, face in enumerate(smooth_faces(16, seed=3)):
+        paths.append(tmp_path / f"{i:02d}.png")
+        Image.fromarray(face).save(paths[-1])
+    hold = threading.Event()
+
+    def load(i):
+        if i >= 4:
+            hold.wait(10)
+        return data.read_image(paths[i])
+
+    stream = data.batches(load, range(16), 4, 32, workers=2)
+    next(stream)
+
+    def finalize():
+        with data._OPEN_LOCK:
+            hold.set()
+            stream.close()
+
+    closer = threading.Thread(target=finalize, daemon=True)
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive(), "closing the stream waited for decoders that need the lock it holds"

@@ -263,13 +263,19 @@ def batches(
                 images[row], valid[row] = p.image, True
         return Batch(chunk, images, valid, [p.error for p in done], [p.resized_from for p in done])
 
-    with (
-        concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool,
-        concurrent.futures.ThreadPoolExecutor(1) as assembler,
-    ):
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+    assembler = concurrent.futures.ThreadPoolExecutor(1)
+    finished = False
+    try:
         pending = [assembler.submit(assemble, c) for c in chunks[:prefetch]]
         for next_index in range(prefetch, len(chunks) + prefetch):
             batch = pending.pop(0).result()
             if next_index < len(chunks):
                 pending.append(assembler.submit(assemble, chunks[next_index]))
             yield batch
+        finished = True
+    finally:
+        # Stopped early (closed, or an error): drop the queued work and do not wait for what runs. The garbage
+        # collector may close an abandoned stream in any thread, even one holding _OPEN_LOCK that decoders need.
+        for executor in (assembler, pool):
+            executor.shutdown(wait=finished, cancel_futures=not finished)

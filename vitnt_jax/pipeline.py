@@ -381,7 +381,23 @@ def _scored_batches(
     """Yields every batch of `stream` with its scores, dispatching batch k+1 before fetching batch k.
 
     on_error 'fail': the rows before the first bad input are yielded, then InputError is raised.
+    Running out of host or device memory is a JobError naming batch_size.
     """
+    try:
+        yield from _double_buffered(scorer, stream, on_error, source_ids, on_batch)
+    except (MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "RESOURCE_EXHAUSTED" not in str(error):
+            raise  # XLA's out-of-memory status; any other runtime error is not the user's to fix
+        where = "the host" if isinstance(error, MemoryError) else "the devices"
+        lines = str(error).strip().splitlines()
+        detail = lines[0][:200] if lines else type(error).__name__
+        raise JobError(f"{where} ran out of memory ({detail}); lower " + "{batch_size}.", field="batch_size") from error
+    finally:
+        if hasattr(stream, "close"):  # stop its decoders now, not whenever the garbage collector gets to it
+            stream.close()
+
+
+def _double_buffered(scorer, stream, on_error, source_ids, on_batch) -> Iterator[ScoredBatch]:
     pending = None
     for batch in stream:
         if on_batch is not None:
@@ -537,6 +553,7 @@ def score_source(
                 progress(len(rows))
         finished = True
     finally:
+        stream.close()
         if own:
             writer.close(finished)
     return Summary(scored, failed, len(done), time.perf_counter() - start, Path(writer.path) if writer else None)
