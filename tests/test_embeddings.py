@@ -1,24 +1,14 @@
 """The embedding extractor: the backbone's own embedding, flip concatenation, failed rows kept."""
 
-import io
-import pickle
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from experiments import embeddings
 from vitnt_jax import checkpoint
 from vitnt_jax.scorer import Scorer
 from vitnt_jax.stability import ScoreSettings
 
-from helpers import smooth_faces
-
-
-def _png(array):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+from helpers import smooth_faces, write_pack_with_a_bad_image
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +18,7 @@ def faces():
 
 @pytest.fixture
 def pack(tmp_path, faces):
-    blobs = [_png(f) for f in faces]
-    blobs[3] = b"not an image"
-    path = tmp_path / "tiny.bin"
-    with open(path, "wb") as f:
-        pickle.dump((blobs, [True, False, True]), f)
-    return path
+    return write_pack_with_a_bad_image(tmp_path / "tiny.bin", faces)
 
 
 def test_embeddings_rows_flip_and_failures(tiny_checkpoint, pack, faces, tmp_path):

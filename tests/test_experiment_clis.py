@@ -1,9 +1,7 @@
 """The ablation sweep and the baseline CLI: same numbers as the library's own scorer and CLI."""
 
 import csv
-import io
 import json
-import pickle
 import subprocess
 import sys
 import zlib
@@ -15,13 +13,7 @@ from PIL import Image
 from experiments import ablations
 from vitnt_jax import checkpoint, score
 
-from helpers import smooth_faces
-
-
-def _png(array):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+from helpers import smooth_faces, write_pack_with_a_bad_image
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +23,7 @@ def faces():
 
 @pytest.fixture
 def pack(tmp_path, faces):
-    blobs = [_png(f) for f in faces]
-    blobs[3] = b"not an image"
-    path = tmp_path / "tiny.bin"
-    with open(path, "wb") as f:
-        pickle.dump((blobs, [True, False, True]), f)
-    return path
+    return write_pack_with_a_bad_image(tmp_path / "tiny.bin", faces)
 
 
 def _read(path):

@@ -14,13 +14,7 @@ from PIL import Image
 from vitnt_jax import data, sources
 from vitnt_jax.data import ImageError, center_crop, prepare, read_image
 
-from helpers import smooth_faces
-
-
-def _png_bytes(array, mode=None):
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode).save(buffer, format="PNG")
-    return buffer.getvalue()
+from helpers import png_bytes, smooth_faces
 
 
 def test_read_image_converts_every_mode_to_rgb8(tmp_path):
@@ -138,7 +132,7 @@ def test_path_list(tmp_path):
 def _pack(tmp_path, protocol):
     faces = smooth_faces(4, seed=2)
     path = tmp_path / f"pack{protocol}.bin"
-    path.write_bytes(pickle.dumps(([_png_bytes(f) for f in faces], [True, False]), protocol=protocol))
+    path.write_bytes(pickle.dumps(([png_bytes(f) for f in faces], [True, False]), protocol=protocol))
     return path, faces
 
 
@@ -163,7 +157,7 @@ class _Exploit:
 def test_crafted_bin_is_refused_without_running_code(tmp_path):
     marker = str(tmp_path / "pwned")
     path = tmp_path / "evil.bin"
-    path.write_bytes(pickle.dumps(([_png_bytes(smooth_faces(1)[0]), _Exploit(marker)], [True])))
+    path.write_bytes(pickle.dumps(([png_bytes(smooth_faces(1)[0]), _Exploit(marker)], [True])))
     with pytest.raises(sources.SourceError, match="refusing it"):
         sources.insightface_bin(path)
     assert not os.path.exists(marker)
@@ -179,7 +173,7 @@ class _OtherCodec:
 def test_a_bin_may_encode_latin1_bytes_only(tmp_path):
     # Protocol 2 stores bytes as _codecs.encode(text, 'latin1'): the one call a pack may make, with that codec.
     path = tmp_path / "codec.bin"
-    path.write_bytes(pickle.dumps(([_png_bytes(smooth_faces(1)[0]), _OtherCodec()], [True]), protocol=2))
+    path.write_bytes(pickle.dumps(([png_bytes(smooth_faces(1)[0]), _OtherCodec()], [True]), protocol=2))
     with pytest.raises(sources.SourceError, match=r"codec 'rot13'\); refusing it"):
         sources.insightface_bin(path)
 
