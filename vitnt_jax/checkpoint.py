@@ -155,6 +155,29 @@ def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
     return config, meta
 
 
+def describe(directory: str | os.PathLike) -> str:
+    """Returns a short text naming the weights in `directory`: the folder and, where recorded, their source file.
+
+    E.g. "checkpoint /x/vit_b (from model.pt, sha256 3f2a...)". Conversions record the source file's
+    name and SHA-256; a checkpoint written without them (an older one, or random weights) is named by
+    its folder, with its family when known. Never raises: it is meant for a log line.
+    """
+    folder = Path(directory).absolute()
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+        source = meta.get("source") if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        source = None
+    if not isinstance(source, dict):
+        return f"checkpoint {folder}"
+    name, digest = source.get("file"), source.get("sha256")
+    if isinstance(name, str) and isinstance(digest, str):
+        return f"checkpoint {folder} (from {name}, sha256 {digest})"
+    if source.get("family") == "random":
+        return f"checkpoint {folder} (random weights, seed {source.get('seed')})"
+    return f"checkpoint {folder}"
+
+
 def load(directory: str | os.PathLike) -> tuple[ViTConfig, PyTree]:
     """Returns (config, variables) of the checkpoint in `directory`, checked strictly."""
     import orbax.checkpoint as ocp
