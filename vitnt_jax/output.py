@@ -10,9 +10,14 @@ complete row and never writes an id twice.
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
+import logging
 import math
 import os
+import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +26,137 @@ import numpy as np
 
 from vitnt_jax.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 class OutputError(UserError):
     """An output that cannot be written or resumed; the message names the fix."""
+
+
+def _slot(what: str | None) -> tuple[str, str, dict]:
+    """Returns (the placeholder naming setting `what` before a path, the words for "another one", UserError kwargs)."""
+    if what is None:
+        return "", "another path", {}
+    return "{" + what + "} ", "another {" + what + "}", {"field": what}
+
+
+class OutputLock:
+    """An exclusive lock on one output file, held by this run: `<file>.lock`, `flock`ed, removed on release.
+
+    The lock file names its holder (pid, host, start time) so a refused run can say who writes the output.
+    `flock` belongs to the open file, so a second lock on the same path conflicts even inside this
+    process, and the kernel releases it when the holder dies (kill -9 included): a lock file left
+    behind by a dead run blocks nothing; the next run locks it and overwrites its content.
+    Use as a context manager (`with lock_output(path): ...`) or call `release()`.
+    A file system that cannot lock at all (some FUSE mounts) gets a warning and no lock.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str | None = "out"):
+        self.path, self.what = Path(path), what
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._fd: int | None = None
+        self._unlockable = False  # acquired on a file system without locks: held, but by nothing
+
+    @property
+    def held(self) -> bool:
+        """Returns whether this object holds the lock now (acquired and not released)."""
+        return self._fd is not None or self._unlockable
+
+    def acquire(self) -> OutputLock:
+        """Takes the lock (never waits); returns self. Raises OutputError when another run holds it."""
+        if self.held:
+            return self
+        slot, other, kwargs = _slot(self.what)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # opening the lock file below says what is wrong
+        for _ in range(100):  # each retry follows a holder that removed the file we opened: bounded
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as error:
+                raise OutputError(
+                    slot + f"{self.path}: cannot create its lock file {self.lock_path} ({error.strerror}); "
+                    f"remove what is there or choose {other}.",
+                    **kwargs,
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                os.close(fd)
+                by = f" ({holder})" if holder else ""
+                raise OutputError(
+                    slot + f"{self.path} is being written by another run{by}; wait for it to finish or choose {other}.",
+                    **kwargs,
+                ) from None
+            except OSError as error:
+                os.close(fd)
+                if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise OutputError(
+                        slot + f"{self.path}: cannot lock {self.lock_path} ({error.strerror}); choose {other}.",
+                        **kwargs,
+                    ) from None
+                log.warning(
+                    "%s cannot be locked on this file system (%s): nothing stops another run writing it too",
+                    self.path,
+                    error.strerror,
+                )
+                self.lock_path.unlink(missing_ok=True)
+                self._unlockable = True
+                return self
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.lock_path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder removed it between our open and our lock: lock the file there now
+                os.close(fd)
+                continue
+            started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            info = f"pid {os.getpid()} on host {socket.gethostname()} since {started}\n".encode()
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, info, 0)
+            except OSError:
+                pass  # the lock holds without its note (a full disk): a refused run then names no holder
+            self._fd = fd
+            return self
+        raise OutputError(slot + f"{self.lock_path} keeps changing; choose {other}.", **kwargs)
+
+    def release(self) -> None:
+        """Removes the lock file and releases the lock (nothing when not held)."""
+        self._unlockable = False
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            # Removed while still locked: a run waiting on this file sees it gone and locks a new one.
+            if os.path.samestat(os.fstat(fd), os.stat(self.lock_path, follow_symlinks=False)):
+                self.lock_path.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self.release()
+
+
+def lock_output(path: str | os.PathLike, what: str | None = "out") -> OutputLock:
+    """Returns a held OutputLock on `path` (a context manager); raises OutputError when another run holds it.
+
+    what: the setting the path was given as, for the message (`{out}` renders as `--out` on the command
+    line); None names no setting. The message: "out x.csv is being written by another run (pid 123 on
+    host h since 2026-01-01 12:00:01 UTC); wait for it to finish or choose another out."
+    """
+    return OutputLock(path, what).acquire()
 
 
 @dataclass
@@ -315,8 +448,19 @@ def refuse_existing(path: Path) -> None:
         )
 
 
+# The settings the pipeline gives the array files as (the names of a lock's message).
+_ARRAY_FIELDS = {"embedding": "save_embeddings", "patch_quality": "save_patch_quality"}
+
+
 class ResultWriter:
-    """Writes rows (and row-aligned arrays) for one output; see the module docstring."""
+    """Writes rows (and row-aligned arrays) for one output; see the module docstring.
+
+    lock: True (default) takes `lock_output` on the table and on every array file BEFORE anything is read,
+      truncated or replaced, and releases them in `close`, so a second writer (a --resume, or an --overwrite
+      that would destroy this run's rows) is refused in one line; an OutputLock already held by the caller
+      (e.g. for a whole multi-process run, merge included) is used as the table's lock and left held by
+      `close` (array files are then locked here); False takes none.
+    """
 
     def __init__(
         self,
@@ -327,15 +471,34 @@ class ResultWriter:
         arrays: dict[str, tuple[Path, tuple[int, ...]]] | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        lock: bool | OutputLock = True,
     ):
         self.path, self.fmt = path, fmt
         self.format = _format(fmt)
         self.header = columns(with_label)
         self.with_label = with_label
+        self.locks: list[OutputLock] = []  # the locks this writer took (released by close)
+        self.file = None
+        self.sinks: dict[str, ArraySink] = {}
+        try:
+            if lock is not False:
+                if isinstance(lock, OutputLock):
+                    if not lock.held:
+                        raise ValueError(f"the lock given for {path} is not held")
+                else:
+                    self.locks.append(lock_output(path, "out"))
+                for name, (p, _) in (arrays or {}).items():
+                    self.locks.append(lock_output(p, _ARRAY_FIELDS.get(name)))
+            self._open(path, arrays or {}, resume, overwrite, with_label)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, path: Path, arrays, resume: bool, overwrite: bool, with_label: bool) -> None:
         exists = path.exists()
         if not (resume or overwrite):
             refuse_existing(path)
-        self.done_ids: list[str] = read_ids(path, fmt, self.header) if (exists and resume) else []
+        self.done_ids: list[str] = read_ids(path, self.fmt, self.header) if (exists and resume) else []
         if len(set(self.done_ids)) != len(self.done_ids):
             raise OutputError(
                 f"{path} already holds an id twice; it was not written by this tool, choose a new " + "{out}.",
@@ -348,9 +511,7 @@ class ResultWriter:
         if fresh:
             self.file.write(self.format.header(with_label))
             self.file.flush()  # before the first batch (and its compilation) can be interrupted
-        self.sinks = {
-            name: ArraySink(p, shape, len(self.done_ids), not fresh) for name, (p, shape) in (arrays or {}).items()
-        }
+        self.sinks = {name: ArraySink(p, shape, len(self.done_ids), not fresh) for name, (p, shape) in arrays.items()}
 
     def write(self, rows: Sequence[Row], arrays: dict[str, np.ndarray] | None = None) -> None:
         """Appends rows (and their array rows, written first) and flushes both to disk."""
@@ -361,10 +522,19 @@ class ResultWriter:
         self.file.flush()
 
     def close(self, finished: bool) -> None:
-        """Closes the files; when `finished`, the array files become .npy files."""
-        self.file.close()
-        for sink in self.sinks.values():
-            sink.finish() if finished else sink.close()
+        """Closes the files and releases the locks it took; when `finished`, the array files become .npy files."""
+        try:
+            if self.file is not None:
+                self.file.close()
+            for sink in self.sinks.values():
+                sink.finish() if finished else sink.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for held in reversed(self.locks):
+            held.release()
+        self.locks = []
 
 
 def part_path(path: Path, index: int, count: int) -> Path:
