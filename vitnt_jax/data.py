@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import errno
 import io
 import itertools
+import os
+import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The formats read_image decodes (PIL's names), whatever a file is called: PIL identifies content by its
+# bytes, and its other plugins (DDS, BLP, SPIDER, EPS through Ghostscript, ...) are not run on our input.
+IMAGE_FORMATS = ("PNG", "JPEG")
 # Refuse images above this many pixels before decoding them (decompression-bomb guard);
 # aligned faces are 112x112, so even large photos stay far below it. PIL's own guard
 # (Image.MAX_IMAGE_PIXELS, left as the user set it) stays as a second line of defence; its
@@ -23,6 +30,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PIXELS = 64_000_000
 # warnings.catch_warnings changes process-wide state: decoding threads take turns opening headers.
 _OPEN_LOCK = threading.Lock()
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "is a directory, not an image"),
+    (stat.S_ISFIFO, "is a named pipe (FIFO), not an image file"),
+    (stat.S_ISCHR, "is a character device, not an image file"),
+    (stat.S_ISBLK, "is a block device, not an image file"),
+    (stat.S_ISSOCK, "is a socket, not an image file"),
+)
 
 
 class ImageError(Exception):
@@ -52,38 +66,113 @@ def _upright(image: Image.Image) -> Image.Image:
     """Returns the image turned as its EXIF orientation says (phone photos), as OpenCV's imread does."""
     try:
         return ImageOps.exif_transpose(image)
+    except MemoryError:
+        raise
     except Exception:  # a damaged EXIF block must not cost the image: OpenCV ignores it too
         return image
 
 
-def _open(source: str | Path | bytes) -> Image.Image:
-    """Opens an image (header only) without PIL's decompression-bomb warning; read_image checks the size."""
+def _not_regular(mode: int) -> str | None:
+    """Returns why a file of this st_mode is not read (a FIFO, a device, ...), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((why for test, why in _NOT_REGULAR if test(mode)), "is not a regular file")
+
+
+def _regular_file(path: str | os.PathLike, follow_links: bool = True) -> BinaryIO:
+    """Returns `path` open for reading; raises ImageError unless it is a regular file.
+
+    Checked before opening (a device is never opened) and again on the open descriptor, which is opened
+    non-blocking so a FIFO put in the file's place meanwhile cannot hang the run. follow_links=False
+    refuses a link in the last path component.
+    """
+    info = os.stat(path) if follow_links else os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise ImageError("is a link, not read")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    why = _not_regular(info.st_mode)
+    if why is None:
+        fd = os.open(path, flags | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0)))
+        why = _not_regular(os.fstat(fd).st_mode)
+        if why is None:
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+    raise ImageError(why)
+
+
+def _content_format(stream: BinaryIO) -> str | None:
+    """Returns the PIL format name the stream's first bytes announce (prefix tests only: nothing decodes)."""
+    stream.seek(0)
+    prefix = stream.read(16)
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # some prefix tests fail on short input: that format it is not
+            continue
+    return None
+
+
+def _open(stream: BinaryIO) -> Image.Image:
+    """Opens a PNG or JPEG (header only) without PIL's decompression-bomb warning; read_image checks the size."""
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        return Image.open(stream, formats=IMAGE_FORMATS)
+
+
+def _decode(stream: BinaryIO) -> np.ndarray:
+    try:
+        image = _open(stream)
+    except UnidentifiedImageError as error:
+        other = _content_format(stream)
+        wanted = " or ".join(IMAGE_FORMATS)
+        if other is not None:
+            raise ImageError(f"not a {wanted} image (it holds {other} data)") from error
+        raise ImageError(f"not a readable image (no {wanted} data)") from error
+    with image:
+        w, h = image.size
+        if w * h > MAX_PIXELS:
+            raise ImageError(f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
+        image.load()
+        return to_rgb8(_upright(image))
 
 
 def read_image(source: str | Path | bytes) -> np.ndarray:
-    """Returns the (H, W, 3) uint8 array of an image file or encoded bytes; raises ImageError."""
+    """Returns the (H, W, 3) uint8 array of a PNG/JPEG file or encoded bytes; raises ImageError.
+
+    Only IMAGE_FORMATS are decoded, whatever the name says; only regular files are opened (a FIFO or a
+    device is an ImageError at once); every failure to decode, of any kind, is an ImageError.
+    """
+    return read_file(source)
+
+
+def read_file(source: str | os.PathLike | bytes, *, follow_links: bool = True) -> np.ndarray:
+    """Returns what read_image returns; follow_links=False refuses a link as the file's last component."""
     try:
-        with _open(source) as image:
-            w, h = image.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
-            image.load()
-            return to_rgb8(_upright(image))
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            stream: BinaryIO = io.BytesIO(source)
+        else:
+            stream = _regular_file(source, follow_links)
+        with stream:
+            return _decode(stream)
+    except (ImageError, MemoryError):
+        raise
     except FileNotFoundError as error:
         raise ImageError("file not found") from error
     except IsADirectoryError as error:
         raise ImageError("is a directory, not an image") from error
     except PermissionError as error:
         raise ImageError("permission denied") from error
-    except UnidentifiedImageError as error:
-        raise ImageError("not a readable image") from error
     except Image.DecompressionBombError as error:
         raise ImageError(f"refused as a decompression bomb ({error})") from error
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ImageError("is a link loop or a link, not read") from error
         raise ImageError(f"unreadable image ({error})") from error
+    except Exception as error:  # a decoder's own failure, of whatever type, is this image's error row
+        raise ImageError(f"unreadable image ({type(error).__name__}: {error})") from error
 
 
 # Fixed face box for unaligned photos whose face a detector centred (LFW: 250x250 crops at 2.2x

@@ -14,8 +14,16 @@ is one `SourceKind` in `SOURCES` (plus its tests):
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import logging
 import os
+import socket
+import stat
+import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from vitnt_jax.data import IMAGE_SUFFIXES, ImageError, read_image
+from vitnt_jax.data import IMAGE_SUFFIXES, ImageError, read_file, read_image
 from vitnt_jax.errors import UserError
 from vitnt_jax.packs import PackError, read_bin
 
@@ -65,10 +73,12 @@ def _check_unique(ids: list[str], what: str) -> None:
 
 
 def image_folder(root: str | Path) -> Source:
-    """Returns every PNG/JPEG under `root` (recursive, following folder links); id = relative path.
+    """Returns every PNG/JPEG under `root` (recursive, never following folder links); id = the relative path.
 
-    Ids are sorted. A sub-folder that cannot be listed is reported in `problems`, not skipped
-    silently; a folder link that leads back into the tree is visited once.
+    Ids are sorted. A folder link inside `root` is not entered and a sub-folder that cannot be listed
+    is reported in `problems`, not skipped silently. A file link keeps its row: its file is read when
+    the link resolves inside `root`, and is that row's error when it leads outside. Only regular
+    files are read (a FIFO or a device named like an image is an error row at once).
     """
     root = Path(root)
     if not root.is_dir():
@@ -76,49 +86,66 @@ def image_folder(root: str | Path) -> Source:
             "{images} " + f"{root} is not a folder; pass the folder that holds the face images.", field="images"
         )
     problems: list[str] = []
-    found: list[tuple[str, Path]] = []
-    seen: set[str] = set()
+    found: list[tuple[str, Callable[[], np.ndarray]]] = []
+    inside = os.path.realpath(root)
 
     def unreadable(error: OSError) -> None:
         problems.append(f"cannot list folder {error.filename} ({error.strerror}); its images are not scored")
 
-    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
-        real = os.path.realpath(folder)
-        if real in seen:  # a link cycle: this folder was listed already
-            dirs[:] = []
-            continue
-        seen.add(real)
+    for folder, dirs, files in os.walk(root, onerror=unreadable):  # folder links are listed, never entered
         dirs.sort()
+        for name in dirs:
+            if os.path.islink(os.path.join(folder, name)):
+                link = Path(folder, name).relative_to(root).as_posix()
+                problems.append(f"folder link {link} is not followed; its images are not scored (pass its target)")
         for name in files:
             if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                path = Path(folder) / name
-                found.append((path.relative_to(root).as_posix(), path))
+                path = os.path.join(folder, name)
+                found.append((Path(path).relative_to(root).as_posix(), _folder_reader(path, inside)))
     found.sort(key=lambda item: item[0])
     if not found:
         extra = f" ({problems[0]})" if problems else ""
         raise SourceError(
             f"no PNG or JPEG files under {root}{extra}; point " + "{images} at a folder of face images.", field="images"
         )
-    paths = [p for _, p in found]
-    return Source(f"folder {root}", [i for i, _ in found], None, lambda i: read_image(paths[i]), problems=problems)
+    readers = [r for _, r in found]
+    return Source(f"folder {root}", [i for i, _ in found], None, lambda i: readers[i](), problems=problems)
+
+
+def _folder_reader(path: str, inside: str) -> Callable[[], np.ndarray]:
+    """Returns how to read one listed file: itself without following links, or a link's target inside `inside`."""
+    if not os.path.islink(path):
+        return functools.partial(read_file, path, follow_links=False)  # swapped for a link since listing: refused
+    target = os.path.realpath(path)
+    if os.path.commonpath([inside, target]) != inside:
+        return functools.partial(_refuse, "is a link to a file outside the folder, not read (copy the file in)")
+    return functools.partial(read_file, target, follow_links=False)
+
+
+def _refuse(reason: str) -> np.ndarray:
+    raise ImageError(reason)
 
 
 def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
     """Returns the images named one per line in `list_file` (the authors' image_path_list.txt).
 
-    id = the line as written (without its newline); the path is `root / line` when root is given.
-    Blank lines are skipped.
+    id = the line as written, without its line end: lines end at LF only (a CR before it is dropped, for
+    files written on Windows), so a name may hold any other character (form feed, U+2028, NEL, ...).
+    The path is `root / line` when root is given. Empty lines (and lines of spaces and tabs only) are
+    skipped. Listed links are followed (the list is the user's own choice); only regular files are read.
+    The list itself may be a file or a pipe (`--list <(find ...)`), never a device.
     """
     list_file = Path(list_file)
     try:
-        text = list_file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first path
+        text = _list_text(list_file)
     except FileNotFoundError as error:
         raise SourceError("{list} " + f"{list_file} does not exist; check the path.", field="list") from error
     except (OSError, UnicodeDecodeError) as error:
         raise SourceError(
             "cannot read {list} " + f"{list_file} ({error}); it must be UTF-8 text, one path per line.", field="list"
         ) from error
-    ids = [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
+    lines = (line.removesuffix("\r") for line in text.split("\n"))
+    ids = [line for line in lines if line.strip(" \t")]
     if not ids:
         raise SourceError("{list} " + f"{list_file} names no images; write one image path per line.", field="list")
     _check_unique(ids, f"list {list_file}")
@@ -129,6 +156,19 @@ def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
         )
     paths = [base / i if base is not None else Path(i) for i in ids]
     return Source(f"list {list_file}", ids, None, lambda i: read_image(paths[i]))
+
+
+def _list_text(list_file: Path) -> str:
+    """Returns the text of a list file or pipe; raises OSError (a device, a folder) or UnicodeDecodeError."""
+    mode = os.stat(list_file).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise OSError(errno.EINVAL, "not a file or a pipe", str(list_file))
+    # Opened non-blocking so a pipe nobody writes to reads as empty instead of waiting forever.
+    fd = os.open(list_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    os.set_blocking(fd, True)
+    # A byte-order mark is no part of the first path; newline="": lines are split by path_list, on LF only.
+    with open(fd, encoding="utf-8-sig", newline="") as f:
+        return f.read()
 
 
 def insightface_bin(path: str | Path) -> Source:
@@ -229,11 +269,72 @@ def _known_splits(tfds, name: str, data_dir: str | None) -> list[str]:
         return []
 
 
+# How long the network probe before a TFDS download waits for a connection to the download host.
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Returns None when a TCP connection to host:port opens within about timeout_s, else why it did not.
+
+    The name lookup has no timeout of its own, so the attempt runs on a daemon thread that is waited for
+    a bounded time. Tests replace this function: they never reach the network.
+    """
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(str(error) or type(error).__name__)
+
+    thread = threading.Thread(target=attempt, name=f"probe {host}", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s"
+
+
+def _download_host(builder) -> tuple[str, int] | None:
+    """Returns the (host, port) a TFDS download reaches first (the https proxy, when one is set), or None."""
+    try:
+        urls = list(builder.url_infos or ())
+    except Exception:  # a dataset without registered checksums: nothing to probe
+        return None
+    if not urls:
+        return None
+    target = urllib.parse.urlsplit(urls[0])
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if not target.hostname:
+        return None
+    return target.hostname, target.port or (443 if target.scheme == "https" else 80)
+
+
+def _offline(name: str, data_dir: str | None, why: str) -> SourceError:
+    where = data_dir or "the default TFDS data dir"
+    return SourceError(
+        f"TFDS dataset {name} is not prepared in {where} and the network is unreachable ({why}); prepare it on "
+        f"a machine with network access (`tfds build {name} --file_format=array_record --data_dir DIR`), copy "
+        "DIR here and pass {data_dir} DIR.",
+        field="data_dir",
+    )
+
+
 def _prepare_and_open(tfds, name, split, data_dir):
-    logger.info("TFDS %s is not prepared in ArrayRecord format; preparing it (this downloads it)...", name)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        builder.download_and_prepare(file_format="array_record")
+    except Exception as error:
+        raise SourceError(f"preparing TFDS {name} failed ({type(error).__name__}: {error}).") from error
+    host = _download_host(builder)
+    if host is not None:  # fail in seconds, not after minutes of download retries
+        why = probe(*host)
+        if why is not None:
+            raise _offline(name, data_dir, f"{host[0]}: {why}")
+    logger.info("TFDS %s is not prepared in ArrayRecord format; preparing it (this downloads it)...", name)
+    try:
+        with _quiet_retries():
+            builder.download_and_prepare(file_format="array_record")
     except ModuleNotFoundError as error:
         if "tensorflow" in str(error):
             raise SourceError(
@@ -256,6 +357,18 @@ def _prepare_and_open(tfds, name, split, data_dir):
             f"TFDS {name}:{split} cannot be read after preparing ({str(error).splitlines()[0]}); it may be prepared "
             f"as TFRecord: rebuild it with `tfds build {name} --file_format=array_record`."
         ) from error
+
+
+@contextlib.contextmanager
+def _quiet_retries():
+    """Keeps urllib3's per-retry warnings out of the output while a download runs (a failure is one sentence)."""
+    chatty = logging.getLogger("urllib3")
+    level = chatty.level
+    chatty.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        chatty.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------- the registry
