@@ -34,10 +34,13 @@ SourceError, OutputError) naming the setting by its field name.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -46,10 +49,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vitnt_jax import fingerprint, output
 from vitnt_jax.data import ALIGNS, Batch, ImageError, batches, read_image
 from vitnt_jax.errors import UserError
-from vitnt_jax.output import FORMATS, ResultWriter, Row, columns, part_path, read_ids, refuse_existing
-from vitnt_jax.sources import Source, SourceSpec
+from vitnt_jax.output import (
+    FORMATS,
+    ResultWriter,
+    Row,
+    columns,
+    lock_output,
+    part_path,
+    read_ids,
+    refuse_existing,
+)
+from vitnt_jax.sources import Source, SourceError, SourceSpec
 
 logger = logging.getLogger(__name__)
 
@@ -397,30 +410,59 @@ def _scored_batches(
             stream.close()
 
 
+def _non_finite(batch: Batch, result: dict[str, np.ndarray]) -> None:
+    """Turns every valid row whose scores hold NaN or infinity into a failed one (its reason in `batch.errors`)."""
+    for key in ("quality", "embedding", "patch_quality"):
+        if key not in result:
+            continue
+        values = np.asarray(result[key])
+        n = min(len(batch.indices), values.shape[0])
+        finite = np.isfinite(values[:n].reshape(n, -1)).all(axis=1)
+        for row in np.flatnonzero(batch.valid[:n] & ~finite):
+            batch.valid[row] = False
+            shown = float(values[row]) if values.ndim == 1 else "nan or inf"
+            batch.errors[row] = (
+                f"non-finite score; the model gave {shown} as {key} for this input: check the checkpoint's "
+                "weights and config"
+            )
+
+
 def _double_buffered(scorer, stream, on_error, source_ids, on_batch) -> Iterator[ScoredBatch]:
+    def fetched(item):
+        batch, handle = item
+        result = scorer.fetch(handle)
+        _non_finite(batch, result)  # a NaN score is never counted as scored: the row fails with the reason
+        return batch, result
+
+    def finish(batch, result) -> Iterator[ScoredBatch]:
+        bad = next((k for k, e in enumerate(batch.errors) if e), None) if on_error == "fail" else None
+        if bad is None:
+            yield ScoredBatch(batch, result, len(batch.indices))
+            return
+        yield ScoredBatch(batch, result, bad)
+        index = batch.indices[bad]
+        name = source_ids[index] if source_ids is not None else str(index)
+        raise InputError(
+            f"{name}: {batch.errors[bad]} (" + "{on_error} fail)",
+            id=name,
+            reason=batch.errors[bad],
+            field="on_error",
+        )
+
     pending = None
     for batch in stream:
         if on_batch is not None:
             on_batch(batch)
         dispatched = (batch, scorer.dispatch(batch.images))
-        bad = next((k for k, e in enumerate(batch.errors) if e), None) if on_error == "fail" else None
-        if bad is not None:
+        if on_error == "fail" and any(batch.errors):  # stop here: nothing after the bad input is dispatched
             if pending is not None:
-                yield ScoredBatch(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
-            yield ScoredBatch(batch, scorer.fetch(dispatched[1]), bad)
-            index = batch.indices[bad]
-            name = source_ids[index] if source_ids is not None else str(index)
-            raise InputError(
-                f"{name}: {batch.errors[bad]} (" + "{on_error} fail)",
-                id=name,
-                reason=batch.errors[bad],
-                field="on_error",
-            )
+                yield from finish(*fetched(pending))
+            yield from finish(*fetched(dispatched))
         if pending is not None:
-            yield ScoredBatch(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
+            yield from finish(*fetched(pending))
         pending = dispatched
     if pending is not None:
-        yield ScoredBatch(pending[0], scorer.fetch(pending[1]), len(pending[0].indices))
+        yield from finish(*fetched(pending))
 
 
 def scored_batches(
@@ -524,7 +566,7 @@ def score_source(
         else out
     )
     done = set(writer.done_ids) if writer is not None else set()
-    todo = [k for k in (range(len(source)) if indices is None else indices) if source.ids[k] not in done]
+    todo = [k for k in (range(len(source)) if indices is None else indices) if _render(source.ids[k]) not in done]
     stream = scored_batches(
         scorer,
         source,
@@ -696,19 +738,33 @@ def crop_name(index: int, image_id: str) -> str:
 
 
 def _save_crops(folder: Path, source: Source, batch: Batch, n: int) -> None:
-    from PIL import Image
-
     for row, index in enumerate(batch.indices[:n]):
         if batch.valid[row]:
             path = folder / crop_name(index, source.ids[index])
             try:
-                Image.fromarray(batch.images[row]).save(path)
+                _write_png(path, batch.images[row])
             except OSError as error:
                 raise JobError(
                     f"cannot write {path} ({error.strerror or error}); free space or choose another "
                     + "{save_aligned}.",
                     field="save_aligned",
                 ) from error
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """Writes `image` as the PNG `path`: into a new file beside it, renamed onto the name at the end, so a link
+    already there is replaced and never written through, and no half crop is ever left under the name."""
+    from PIL import Image
+
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # as a plainly created file (mkstemp makes it 0600)
+            Image.fromarray(image).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _check_writable(name: str, path: Path) -> None:
@@ -827,8 +883,134 @@ def _wait_and_merge(job: Job, processes: int) -> None:
     logger.info("merged %d parts (%d new rows) into %s", processes, rows, job.out)
 
 
+def _render(image_id: str) -> str:
+    """Returns the text `image_id` is written as in a result file (what resuming compares against)."""
+    render = getattr(output, "render_id", None)
+    return render(image_id) if render is not None else image_id
+
+
+def _rendered_ids(source: Source) -> list[str]:
+    """Returns every id of `source` as a result file writes it; raises SourceError when two come out the same."""
+    rendered = [_render(i) for i in source.ids]
+    if len(set(rendered)) != len(rendered):
+        seen: dict[str, int] = {}
+        for k, text in enumerate(rendered):
+            if text in seen:
+                raise SourceError(
+                    f"{source.name} holds {source.ids[seen[text]]!r} and {source.ids[k]!r}, which a result file "
+                    f"writes as the same id {text!r}; rename one of them."
+                )
+            seen[text] = k
+    return rendered
+
+
+def _outputs(job: Job, process: int, processes: int) -> list[tuple[str, Path]]:
+    """Returns (setting, path) of every file this process writes: its table and arrays (parts when several
+    processes run), and for process 0 the final files it merges into."""
+    named = [(n, getattr(job, n)) for n in ("out", "save_embeddings", "save_patch_quality") if getattr(job, n)]
+    mine = [(n, part_path(p, process, processes) if processes > 1 else p) for n, p in named]
+    return mine + (named if processes > 1 and process == 0 else [])
+
+
+def _refuse_links(job: Job, process: int, processes: int) -> None:
+    """Raises JobError for an output path that is a symbolic link (a result is never written through a link)."""
+    paths = []
+    for name, path in _outputs(job, process, processes):
+        paths += [(name, path), (name, path.with_name(path.name + ".partial"))]
+    if process == 0:
+        paths.append(("out", fingerprint.settings_path(job.out)))
+    for name, path in paths:
+        if path.is_symlink():
+            raise JobError(
+                "{" + name + "} " + f"{path} is a symbolic link (to {os.readlink(path)}); results are never written "
+                "through a link: remove it, or give the file it points to.",
+                field=name,
+            )
+
+
+def _hold_locks(job: Job, process: int, processes: int, held: contextlib.ExitStack) -> None:
+    """Takes, for the whole run, the lock of every output this process writes (and process 0 the merged ones).
+
+    Taken before anything is removed, truncated or written, so a second run on the same outputs (fresh,
+    resumed or overwriting) is refused in one line and the first one's rows stay as they are.
+    """
+    for name, path in _outputs(job, process, processes):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        held.enter_context(lock_output(path, name))
+    if job.save_aligned is not None and process == 0:
+        _make_folder("save_aligned", job.save_aligned)
+        held.enter_context(lock_output(job.save_aligned, "save_aligned"))
+
+
+def _as_job_error(error: UserError, field: str) -> JobError:
+    main = error.field or field
+    return JobError(error.template, field=main, also=tuple(f for f in error.fields if f != main))
+
+
+def _resolve_model(job: Job):
+    """Returns (checkpoint folder, config, metadata, selected blocks) of the job's model, loading no weights.
+
+    Named models are converted once (see `vitnt_jax.models`); a model or block selection that cannot
+    work is a JobError before any source is opened.
+    """
+    from vitnt_jax import checkpoint, models
+    from vitnt_jax.selection import parse_blocks
+
+    try:
+        model_dir = models.resolve(job.model if job.model is not None else models.DEFAULT_MODEL)
+        config, meta = checkpoint.load_config(model_dir)
+    except (models.ModelError, checkpoint.CheckpointError) as error:
+        raise _as_job_error(error, "model") from error
+    try:
+        blocks = parse_blocks(job.blocks if job.blocks is not None else config.default_blocks, config.depth)
+    except ValueError as error:
+        raise JobError(str(error), field="blocks") from error
+    if job.save_embeddings is not None and config.head == "none":
+        raise JobError(
+            f"model {config.name} has no embedding head; drop " + "{save_embeddings}.", field="save_embeddings"
+        )
+    return model_dir, config, meta, blocks
+
+
+def _method_settings(job: Job, model: dict, blocks: tuple[int, ...]) -> dict[str, Any]:
+    """Returns the settings that decide a score and are known before the source opens (`vitnt_jax.fingerprint`)."""
+    return {
+        "model": model,
+        "blocks": list(blocks),
+        "alpha": float(job.alpha),
+        "metric": job.metric,
+        "aggregation": job.aggregation,
+        "attention": job.attention if job.aggregation == "attention" else None,  # mean aggregation reads none
+        "dtype": job.dtype,
+        "precision": job.precision,
+    }
+
+
+def _input_settings(job: Job, color: str, align: str) -> dict[str, Any]:
+    """Returns the settings that decide a score and depend on the source (its default colour and alignment)."""
+    if align != "mtcnn":
+        return {"color": color, "align": align, "mtcnn_weights": None, "min_face_size": None}
+    from vitnt_jax.mtcnn import DEFAULT_MIN_FACE
+
+    weights = fingerprint.file_identity(job.mtcnn_weights) if job.mtcnn_weights is not None else "default"
+    size = float(job.min_face_size if job.min_face_size is not None else DEFAULT_MIN_FACE)
+    return {"color": color, "align": align, "mtcnn_weights": weights, "min_face_size": size}
+
+
+def _has_result(job: Job, processes: int) -> bool:
+    """Returns whether rows of an earlier run may exist: the result file or any part of it."""
+    if job.out.exists():
+        return True
+    return processes > 1 and any(job.out.parent.glob(glob.escape(job.out.name) + ".part*-of-*"))
+
+
 def run(job: Job, *, progress_bar: bool | None = None) -> Summary:
     """Runs a scoring job (this process's share of it in a multi-process run); returns what it did.
+
+    Checks run cheapest first: the job's fields (when it is made), the output paths, the output locks,
+    existing results, the model and its block selection (no weights loaded), a resumed result's recorded
+    settings; then the source is opened, and only then are the weights loaded and compiled. Every output
+    is locked for the whole run (process 0 keeps the merged files' locks through the merge).
 
     Multi-process: every process reports success or its error (`vitnt_jax.distributed`), and process 0
     merges the parts into `job.out` once all succeeded, or raises JobError naming the failed one;
@@ -838,36 +1020,75 @@ def run(job: Job, *, progress_bar: bool | None = None) -> Summary:
     from vitnt_jax import distributed
 
     process, processes = _initialize(job)
-    if processes == 1:
-        return _run_part(job, 0, 1, progress_bar)
+    with contextlib.ExitStack() as held:
+        if processes == 1:
+            return _run_part(job, 0, 1, progress_bar, held)
+        try:
+            summary = _run_part(job, process, processes, progress_bar, held)
+        except BaseException as error:
+            reason = str(error) if isinstance(error, UserError) else type(error).__name__
+            distributed.report(process, f"failed: {reason}", timeout_s=job.process_timeout)
+            raise
+        distributed.report(process, "ok", timeout_s=job.process_timeout)
+        if process == 0:
+            _wait_and_merge(job, processes)
+        return summary
+
+
+def _writer(out: Path, job: Job, source: Source, arrays) -> ResultWriter:
     try:
-        summary = _run_part(job, process, processes, progress_bar)
-    except BaseException as error:
-        reason = str(error) if isinstance(error, UserError) else type(error).__name__
-        distributed.report(process, f"failed: {reason}", timeout_s=job.process_timeout)
-        raise
-    distributed.report(process, "ok", timeout_s=job.process_timeout)
-    if process == 0:
-        _wait_and_merge(job, processes)
-    return summary
+        return ResultWriter(
+            out,
+            fmt=job.format,
+            with_label=source.labels is not None,
+            arrays=arrays,
+            resume=job.resume,
+            overwrite=job.overwrite,
+            lock=False,  # this run holds the locks of the table and its arrays already (see _hold_locks)
+        )
+    except OSError as error:
+        raise JobError(
+            f"cannot write {error.filename or out} ({error.strerror}); choose a writable " + "{out}.", field="out"
+        ) from error
 
 
-def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None) -> Summary:
+def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None, held: contextlib.ExitStack) -> Summary:
+    from vitnt_jax import checkpoint
+
+    for name in ("out", "save_embeddings", "save_patch_quality"):
+        if getattr(job, name) is not None:
+            _check_writable(name, getattr(job, name))
+    _refuse_links(job, process, processes)
+    _hold_locks(job, process, processes, held)
+    _refuse_existing(job, processes)
+    model_dir, config, meta, blocks = _resolve_model(job)
+    weights = checkpoint.describe(model_dir)
+    settings = _method_settings(job, fingerprint.model_identity(model_dir, meta, weights), blocks)
+    resuming = job.resume and _has_result(job, processes)
+    if resuming:
+        fingerprint.check(job.out, settings, fingerprint.BEFORE_SOURCE)
+
     source = job.source.open()
     for problem in source.problems:
         if job.on_error == "fail":
             raise JobError(f"{problem} (" + "{on_error} fail).", field="on_error")
         logger.warning("%s", problem)
-    for name in ("out", "save_embeddings", "save_patch_quality"):
-        if getattr(job, name) is not None:
-            _check_writable(name, getattr(job, name))
-    _refuse_existing(job, processes)
+    rendered = _rendered_ids(source)
     color = job.color or source.color or "rgb"
     align = job.align or source.align or "none"
+    settings.update(_input_settings(job, color, align))
+    if resuming:
+        fingerprint.check(job.out, settings)
+        if process == 0 and fingerprint.read(job.out) is None:
+            logger.warning(
+                "%s records no scoring settings (written by an older version): resuming it as if its rows were "
+                "scored with this run's settings",
+                job.out,
+            )
     detector = _detector(job, align)
     embed = job.save_embeddings is not None
     scorer = load_scorer(
-        job.model,
+        model_dir,
         blocks=job.blocks,
         alpha=job.alpha,
         metric=job.metric,
@@ -894,29 +1115,34 @@ def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None)
         arrays["patch_quality"] = (job.save_patch_quality, (config.grid_size, config.grid_size))
     if processes > 1:
         arrays = {k: (part_path(p, process, processes), s) for k, (p, s) in arrays.items()}
+    writer = _writer(out, job, source, arrays)
     try:
-        writer = ResultWriter(
-            out,
-            fmt=job.format,
-            with_label=source.labels is not None,
-            arrays=arrays,
-            resume=job.resume,
-            overwrite=job.overwrite,
-        )
+        if process == 0:
+            if processes > 1 and job.overwrite:
+                # The merged files of the run being replaced go now: resuming this run must never count their rows.
+                for path in (job.out, job.save_embeddings, job.save_patch_quality):
+                    if path is not None:
+                        path.unlink(missing_ok=True)
+            fingerprint.write(job.out, settings)  # after the table is truncated or resumed, never before
     except OSError as error:
+        writer.close(False)
         raise JobError(
-            f"cannot write {error.filename or out} ({error.strerror}); choose a writable " + "{out}.", field="out"
+            f"cannot write {fingerprint.settings_path(job.out)} ({error.strerror or error}); choose a writable "
+            + "{out}.",
+            field="out",
         ) from error
     done = set(writer.done_ids)
     if processes > 1 and job.resume and job.out.exists():
         # A finished multi-process run: its merged rows count as written; new rows are appended.
         done |= set(read_ids(job.out, job.format, columns(source.labels is not None)))
-    todo = [k for k in range(lo, hi) if source.ids[k] not in done]
+    todo = [k for k in range(lo, hi) if rendered[k] not in done]
 
     dev = f"{scorer.num_devices} {scorer.devices[0].platform} device{'s' * (scorer.num_devices > 1)}"
     where = f" (process {process + 1}/{processes}: inputs {lo}..{hi - 1})" if processes > 1 else ""
     method = job.aggregation + ("/" + job.attention if job.aggregation == "attention" else "")
     skipping = f", skipping {len(done)} already written" if done else ""
+    # The run's first line (every check has passed): the weights actually used, then what is scored with them.
+    logger.info("model %s: %s", config.name, weights)
     logger.info(
         f"scoring {len(todo)} of {len(source)} inputs from {source.name}{where} with {config.name} on {dev}, "
         f"batch {batch_size}, blocks {_span(scorer.settings.blocks)}, alpha {job.alpha:g}, {method}, "
