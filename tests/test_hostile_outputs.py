@@ -1,5 +1,7 @@
 """Hostile and unlucky outputs: a second writer, odd file names, torn records, a full disk."""
 
+import csv
+import io
 import os
 import signal
 import subprocess
@@ -106,3 +108,113 @@ def test_a_link_where_the_lock_file_goes_is_never_followed(tmp_path):
     with pytest.raises(output.OutputError, match=r"s.csv: cannot create its lock file .*s.csv.lock \("):
         output.lock_output(tmp_path / "s.csv")
     assert target.read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------------------ hostile ids
+
+
+def test_render_id_escapes_each_undecodable_byte_and_keeps_valid_text():
+    assert output.render_id("bad_\udcff.png") == "bad_\\xff.png"  # os.fsdecode(b"bad_\xff.png")
+    assert output.render_id(os.fsdecode(b"a\xc3(\x80.png")) == "a\\xc3(\\x80.png"  # byte by byte
+    assert output.render_id("x\ud800y") == "x\\ud800y"  # a lone surrogate from elsewhere (a JSON list, TFDS)
+    for text in ("plain.png", "caf\u00e9 \u2028\U0001f600.jpg", "literal_\\xff.png", ""):
+        assert output.render_id(text) == text
+    assert output.render_id(output.render_id("bad_\udcff.png")) == "bad_\\xff.png"  # rendered ids are fixed points
+
+
+@pytest.mark.parametrize("fmt", ["csv", "reference"])
+def test_a_name_that_is_not_utf8_is_written_escaped_and_resumes(tmp_path, fmt):
+    path, bad = tmp_path / "s.out", os.fsdecode(b"bad_\xff.png")
+    writer = output.ResultWriter(path, fmt=fmt, arrays={"embedding": (tmp_path / "e.npy", (2,))})
+    rows = [output.Row("a.png", 0.5), output.Row(bad, None, error=f"{bad}: not a readable image")]
+    writer.write(rows, {"embedding": np.zeros((2, 2), np.float32)})
+    writer.close(True)
+    text = path.read_bytes().decode("utf-8")  # the file stays UTF-8
+    assert "bad_\\xff.png" in text
+    again = output.ResultWriter(path, fmt=fmt, resume=True, arrays={"embedding": (tmp_path / "e.npy", (2,))})
+    assert again.done_ids == ["a.png", "bad_\\xff.png"] == [output.render_id(r.id) for r in rows]
+    again.close(True)
+    back = output.read_results(path, fmt)
+    assert [r.id for r in back] == ["a.png", "bad_\\xff.png"]
+    if fmt == "csv":
+        assert back[1].error == "bad_\\xff.png: not a readable image"
+
+
+_BREAKS = ["\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def test_every_line_break_in_a_csv_id_is_quoted_and_resumes(tmp_path):
+    path = tmp_path / "s.csv"
+    ids = [f"a{c}b.png" for c in _BREAKS]
+    writer = output.ResultWriter(path)
+    writer.write([output.Row(i, 0.5, error=f"e{c}f") for i, c in zip(ids, _BREAKS, strict=True)])
+    writer.close(True)
+    text = path.read_bytes().decode("utf-8")
+    for i, c in zip(ids, _BREAKS, strict=True):
+        assert f'\n"{i}",0.5,"e{c}f"\n' in text  # quoted: no reader that honours quotes splits the row
+    outside = "".join(text.split('"')[::2])  # outside quotes: one '\n' per record, no other line break
+    assert outside.count("\n") == 1 + len(ids) and not set(outside) & (set("".join(_BREAKS)) - {"\n"})
+    resumed = output.ResultWriter(path, resume=True)
+    assert resumed.done_ids == ids
+    resumed.close(True)
+
+
+_FORMULAS = ["=1+1.png", "+a.png", "-a.png", "@a.png", "\ta.png", "\ra.png", "'a.png", "''a.png", "a=b.png", "'"]
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_start_with_an_apostrophe_and_read_back_exactly(tmp_path):
+    path = tmp_path / "s.csv"
+    writer = output.ResultWriter(path, with_label=True)
+    writer.write([output.Row(i, 0.5, label=f"@{k}", error=f"={k}") for k, i in enumerate(_FORMULAS)])
+    writer.close(True)
+    records = list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8"), newline="")))[1:]
+    cells = [r[0] for r in records]
+    assert cells[:8] == ["'=1+1.png", "'+a.png", "'-a.png", "'@a.png", "'\ta.png", "'\ra.png", "''a.png", "'''a.png"]
+    assert cells[8:] == ["a=b.png", "''"] and records[0][2:] == ["'@0", "'=0"]
+    back = output.read_results(path)
+    assert [r.id for r in back] == _FORMULAS and [r.label for r in back] == [f"@{k}" for k in range(len(_FORMULAS))]
+    assert [r.error for r in back] == [f"={k}" for k in range(len(_FORMULAS))]
+    resumed = output.ResultWriter(path, with_label=True, resume=True)
+    assert resumed.done_ids == _FORMULAS
+    resumed.close(True)
+
+
+def test_the_reference_format_refuses_an_id_with_a_line_break_before_writing_anything(tmp_path):
+    path, emb = tmp_path / "s.txt", tmp_path / "e.npy"
+    writer = output.ResultWriter(path, fmt="reference", arrays={"embedding": (emb, (2,))})
+    writer.write([output.Row("=a b.png", 0.5)], {"embedding": np.zeros((1, 2), np.float32)})  # kept as is
+    for c in _BREAKS:
+        with pytest.raises(output.OutputError) as caught:
+            writer.write([output.Row("c.png", 0.5), output.Row(f"x{c}y.png", 0.5)], {"embedding": np.zeros((2, 2))})
+        text = caught.value.render({"format": "--format"})
+        assert text == f"the id {f'x{c}y.png'!r} holds a line break, which the reference format cannot hold; use " + (
+            "--format csv, which quotes it."
+        )
+    writer.close(True)
+    assert path.read_text() == "=a b.png 0.500000000000000\n" and np.load(emb).shape == (1, 2)  # nothing half-written
+    with pytest.raises(output.OutputError, match="holds a line break"):
+        output.check_ids(["a.png", "b\u2028.png"], "reference")
+    assert output.check_ids(["a.png", "b\u2028.png", "bad_\udcff.png"], "csv") == [
+        "a.png",
+        "b\u2028.png",
+        "bad_\\xff.png",
+    ]
+    with pytest.raises(output.OutputError, match="holds a line break"):
+        output.write_results(tmp_path / "w.txt", [output.Row("a\rb", 0.5)], fmt="reference")
+    assert not (tmp_path / "w.txt").exists() and not (tmp_path / "w.txt.partial").exists()
+
+
+def test_merged_parts_keep_escaped_and_apostrophed_ids(tmp_path):
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    ids = [["=a.png", os.fsdecode(b"b\xfe.png")], ["'c.png", "d\u2028e.png", "-f.png"]]
+    for k, part in enumerate(ids):
+        writer = output.ResultWriter(
+            output.part_path(out, k, 2), arrays={"embedding": (output.part_path(emb, k, 2), (1,))}
+        )
+        writer.write([output.Row(i, 0.5) for i in part], {"embedding": np.full((len(part), 1), k, np.float32)})
+        writer.close(True)
+    parts = b"".join(output.part_path(out, k, 2).read_bytes().split(b"\n", 1)[1] for k in range(2))
+    assert output.merge_parts(out, 2, "csv", [emb]) == 5
+    assert out.read_bytes() == b"id,quality,error\n" + parts  # byte for byte
+    assert [r.id for r in output.read_results(out)] == ["=a.png", "b\\xfe.png", "'c.png", "d\u2028e.png", "-f.png"]
+    np.testing.assert_array_equal(np.load(emb)[:, 0], [0, 0, 1, 1, 1])

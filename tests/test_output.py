@@ -8,10 +8,12 @@ from vitnt_jax import output
 
 @pytest.mark.parametrize("fmt", ["csv", "reference"])
 def test_merge_keeps_ids_with_line_breaks_and_carriage_returns(tmp_path, fmt):
-    # File names may hold any character but '/': a row is a CSV record (or a reference line), not a text line.
-    ids = [["a.png", "b\rc.png", "d\u2028e.png"], ["f\x0cg.png", "h.png"]]
+    # File names may hold any character but '/': a row is a CSV record, not a text line. The reference format
+    # cannot quote, so it holds no line break (refused) but keeps spaces and formula characters as they are.
     if fmt == "csv":
-        ids[1].append("i\nj.png")
+        ids = [["a.png", "b\rc.png", "d\u2028e.png"], ["f\x0cg.png", "h.png", "i\nj.png", "=1+2.png", "'k.png"]]
+    else:
+        ids = [["a.png", "b c.png", " d.png "], ["=1+2.png", "h.png", "'k.png", "-l.png\t"]]
     out, emb = tmp_path / "s.out", tmp_path / "e.npy"
     for k, part in enumerate(ids):
         writer = output.ResultWriter(

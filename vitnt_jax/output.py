@@ -171,11 +171,52 @@ def columns(with_label: bool) -> list[str]:
     return ["id", "quality", "label", "error"] if with_label else ["id", "quality", "error"]
 
 
-def _truncate_torn_tail(path: Path) -> None:
-    # A crash mid-write can leave a last line without its newline: drop that partial row.
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+def render_id(image_id: str) -> str:
+    """Returns the text written to a result file for `image_id`: valid text unchanged, every undecodable byte escaped.
+
+    A file name that is not valid UTF-8 arrives surrogate-escaped (`os.fsdecode`: byte 0xHH as the
+    character U+DCHH); each such character is written as the four characters `\\xHH` (lower-case hex),
+    any other lone surrogate as the six characters `\\uXXXX`, so a result file is always valid UTF-8.
+    Character by character and deterministic: the same id always gives the same text, and a rendered
+    id renders to itself. Two ids can render alike (`bad_\\udcff.png` and the literal `bad_\\xff.png`):
+    a source holding both must be refused by its caller. `ResultWriter.done_ids` and `read_results`
+    return rendered ids: compare `render_id(source_id)` with them.
+    """
+    try:
+        image_id.encode("utf-8")
+        return image_id
+    except UnicodeEncodeError:
+        pass
+    return "".join(
+        (f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}")
+        if 0xD800 <= ord(c) <= 0xDFFF
+        else c
+        for c in image_id
+    )
+
+
+def _rendered(row: Row) -> Row:
+    label = None if row.label is None else render_id(row.label)
+    return Row(render_id(row.id), row.quality, label, render_id(row.error))
+
+
+# Characters str.splitlines ends a line at: many readers split on some of them, so a field holding one is quoted.
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+# A cell a spreadsheet would take for a formula (OWASP's list), and the apostrophe that marks such a cell.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+_NEEDS_QUOTES = _LINE_BREAKS | {",", '"'}
+
+
+def _csv_cell(text: str) -> str:
+    if text.startswith(_FORMULA_START):
+        text = "'" + text
+    if _NEEDS_QUOTES.isdisjoint(text):
+        return text
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _csv_text(cell: str) -> str:
+    return cell[1:] if cell.startswith("'") else cell
 
 
 class ResultFormat:
@@ -183,6 +224,8 @@ class ResultFormat:
 
     Subclasses define `name`, `help`, `header`, `write_rows` and `parse`; `FORMATS` holds one
     instance of each, so the scorer, the experiments and the evaluation share one definition.
+    Rows reach `write_rows` from `ResultWriter` and `write_results` with their text already rendered
+    (`render_id`).
     """
 
     name: str
@@ -198,7 +241,7 @@ class ResultFormat:
         raise NotImplementedError
 
     def parse(self, text: str, where: str, with_label: bool | None = None) -> list[Row]:
-        """Returns the rows of complete lines of `text`; raises OutputError naming `where` and the line.
+        """Returns the rows of complete records of `text`; raises OutputError naming `where` and the line.
 
         with_label: the columns a resumed file must have (None: whatever its header says).
         """
@@ -212,9 +255,23 @@ class ResultFormat:
         """Returns `text` without its header (for concatenating parts)."""
         return text
 
+    def complete(self, text: str) -> int:
+        """Returns the length of the part of `text` made of complete records (a crash may have torn the last one)."""
+        return text.rfind("\n") + 1
+
+    def check_id(self, image_id: str) -> None:
+        """Raises OutputError when this format cannot hold the (rendered) id so that it reads back as written."""
+
 
 class CsvFormat(ResultFormat):
-    """`id,quality[,label],error`: quality empty when the row failed, the reason in `error`."""
+    """`id,quality[,label],error`: quality empty when the row failed, the reason in `error`.
+
+    Text cells (id, label, error) are quoted when they hold a comma, a double quote or any line break
+    `str.splitlines` knows ('\\r', U+2028, form feed, NEL, ...), so a row is always one CSV record.
+    A text cell starting with `=`, `+`, `-`, `@`, a tab or '\\r' (a spreadsheet formula) is written with
+    an apostrophe before it, and one starting with an apostrophe gets one more: reading removes exactly
+    one leading apostrophe, so every id reads back as written.
+    """
 
     name, suffix = "csv", ".csv"
     help = "id,quality[,label],error"
@@ -223,16 +280,12 @@ class CsvFormat(ResultFormat):
         return ",".join(columns(with_label)) + "\n"
 
     def write_rows(self, file, rows: Sequence[Row], with_label: bool) -> None:
-        # csv quotes a field holding a character of its line terminator only: with '\r\n' an id holding '\r'
-        # is quoted too (read back as written); each row then ends in '\n' alone.
-        line = io.StringIO()
-        writer = csv.writer(line, lineterminator="\r\n")
-        for r in rows:
+        lines = []
+        for r in map(_rendered, rows):
             q = "" if r.quality is None else repr(float(r.quality))
-            line.seek(0)
-            line.truncate()
-            writer.writerow([r.id, q, r.label or "", r.error] if with_label else [r.id, q, r.error])
-            file.write(line.getvalue()[:-2] + "\n")
+            cells = [_csv_cell(r.id), q, _csv_cell(r.label or "")] if with_label else [_csv_cell(r.id), q]
+            lines.append(",".join([*cells, _csv_cell(r.error)]) + "\n")
+        file.write("".join(lines))
 
     def matches(self, text: str) -> bool:
         return text.lstrip("\ufeff").startswith("id,quality")
@@ -240,11 +293,21 @@ class CsvFormat(ResultFormat):
     def body(self, text: str) -> str:
         return text.split("\n", 1)[1] if "\n" in text else ""
 
+    def complete(self, text: str) -> int:
+        # A record ends at a '\n' outside quotes: after an even number of '"' (a doubled '""' counts twice).
+        quotes, end = text.count('"'), len(text)
+        while (newline := text.rfind("\n", 0, end)) >= 0:
+            quotes -= text.count('"', newline, end)  # now the quotes before this newline
+            if quotes % 2 == 0:
+                return newline + 1
+            end = newline
+        return 0
+
     def parse(self, text: str, where: str, with_label: bool | None = None) -> list[Row]:
         try:
-            lines = list(csv.reader(io.StringIO(text.lstrip("\ufeff"))))
+            lines = list(csv.reader(io.StringIO(text.lstrip("\ufeff")), strict=True))
         except csv.Error as error:
-            raise OutputError(f"{where} is not a valid CSV ({error}); choose a new " + "{out}.", field="out") from error
+            raise OutputError(f"{where} is not a valid CSV ({error}); choose a new " + "{out}.", field="out") from None
         if not lines:
             return []
         head = lines[0]
@@ -261,18 +324,24 @@ class CsvFormat(ResultFormat):
         rows = []
         for number, cells in enumerate(lines[1:], 2):
             if len(cells) != len(head):
-                raise OutputError(f"{where} line {number} has {len(cells)} cells, not {len(head)}.", field="out")
+                raise OutputError(f"{where} record {number} has {len(cells)} cells, not {len(head)}.", field="out")
             cell = cells[1].strip()
             try:
                 quality = float(cell) if cell else None
-            except ValueError as error:
-                raise OutputError(f"{where} line {number}: quality {cell!r} is not a number.", field="out") from error
-            rows.append(Row(cells[0], quality, cells[2] if labelled else None, cells[-1]))
+            except ValueError:
+                raise OutputError(f"{where} record {number}: quality {cell!r} is not a number.", field="out") from None
+            label = _csv_text(cells[2]) if labelled else None
+            rows.append(Row(_csv_text(cells[0]), quality, label, _csv_text(cells[-1])))
         return rows
 
 
 class ReferenceFormat(ResultFormat):
-    """The authors' `<id> <score>` lines (also CR-FIQA's); `nan` for a failed row, which keeps no error."""
+    """The authors' `<id> <score>` lines (also CR-FIQA's); `nan` for a failed row, which keeps no error.
+
+    Nothing is quoted or escaped (the authors' readers take the text as it is): an id may hold spaces
+    (the score follows the last one) and starts as it likes, but an id holding a line break is refused
+    (`check_id`), since their readers split lines on '\\r' and others too.
+    """
 
     name, suffix = "reference", ".txt"
     help = "the authors' '<id> <score>' lines"
@@ -280,9 +349,19 @@ class ReferenceFormat(ResultFormat):
     def header(self, with_label: bool) -> str:
         return ""
 
+    def check_id(self, image_id: str) -> None:
+        if not _LINE_BREAKS.isdisjoint(image_id):
+            raise OutputError(
+                f"the id {image_id!r} holds a line break, which the reference format cannot hold; use "
+                + "{format} csv, which quotes it.",
+                field="format",
+            )
+
     def write_rows(self, file, rows: Sequence[Row], with_label: bool) -> None:
+        rows = [_rendered(r) for r in rows]
         for r in rows:
-            file.write(f"{r.id} {'nan' if r.quality is None else format(r.quality, '.15f')}\n")
+            self.check_id(r.id)
+        file.write("".join(f"{r.id} {'nan' if r.quality is None else format(r.quality, '.15f')}\n" for r in rows))
 
     def matches(self, text: str) -> bool:
         return not CSV.matches(text)
@@ -291,7 +370,8 @@ class ReferenceFormat(ResultFormat):
         if CSV.matches(text):
             raise OutputError(f"{where} is a CSV, not a {self.name}-format file; choose a new " + "{out}.", field="out")
         rows = []
-        # Lines end at '\n' only (an id may hold any other character); a '\r' before it is a Windows line end.
+        # Lines end at '\n' only (files written before ids with line breaks were refused may hold other ones);
+        # a '\r' before it is a Windows line end.
         for number, line in enumerate(text.lstrip("\ufeff").split("\n"), 1):
             line = line.removesuffix("\r")
             if not line.strip():
@@ -301,11 +381,11 @@ class ReferenceFormat(ResultFormat):
             parts = [ident, score] if space else line.rsplit(maxsplit=1)  # a tab-separated file of another tool
             try:
                 value = float(parts[1])
-            except (IndexError, ValueError) as error:
+            except (IndexError, ValueError):
                 raise OutputError(
                     f"{where} line {number} is not '<id> <score>' ({line[:60]!r}); choose a new " + "{out}.",
                     field="out",
-                ) from error
+                ) from None
             rows.append(Row(parts[0], None if math.isnan(value) else value))
         return rows
 
@@ -320,63 +400,125 @@ def _format(name: str) -> ResultFormat:
     return FORMATS[name]
 
 
-def _complete_text(path: Path) -> str:
+def check_ids(ids: Sequence[str], fmt: str) -> list[str]:
+    """Returns the rendered ids (`render_id`); raises OutputError for the first one format `fmt` cannot hold.
+
+    For refusing a source before any work starts (a writer refuses such a row only when it comes).
+    """
+    form = _format(fmt)
+    shown = [render_id(i) for i in ids]
+    for image_id in shown:
+        form.check_id(image_id)
+    return shown
+
+
+def _read_text(path: Path) -> str:
+    """Returns the file's text; a UTF-8 character torn at its very end (a crash mid-write) is left out."""
+    data = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
+        if error.end == len(data) and error.reason == "unexpected end of data":
+            return data[: error.start].decode("utf-8")
         raise OutputError(
             f"{path} is not a text file written by this tool; choose a new " + "{out}.", field="out"
-        ) from error
-    return text[: text.rfind("\n") + 1]
+        ) from None
+
+
+def _complete_text(path: Path, form: ResultFormat | None = None) -> str:
+    """Returns the complete records of the file at `path` (`form` None: recognised from the content)."""
+    text = _read_text(path)
+    form = form or (CSV if CSV.matches(text) else REFERENCE)
+    return text[: form.complete(text)]
 
 
 def read_results(path: str | Path, fmt: str | None = None) -> list[Row]:
     """Returns the rows of a result file (`fmt` None: csv when it starts with the CSV header, else reference).
 
-    A torn last line (no newline yet) is ignored. Raises OutputError for a file that is not of the format.
+    A torn last record (a crash mid-write) is ignored. Raises OutputError for a file that is not of the format.
+    Ids (and labels, errors) are returned as written: rendered (`render_id`), CSV apostrophes removed.
     """
     path = Path(path)
     try:
-        text = _complete_text(path)
-    except FileNotFoundError as error:
-        raise OutputError(f"{path} does not exist; check the path.") from error
-    except IsADirectoryError as error:
-        raise OutputError(f"{path} is a folder, not a result file.") from error
+        text = _read_text(path)
+    except FileNotFoundError:
+        raise OutputError(f"{path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise OutputError(f"{path} is a folder, not a result file.") from None
     form = _format(fmt) if fmt is not None else (CSV if CSV.matches(text) else REFERENCE)
-    return form.parse(text, str(path))
+    return form.parse(text[: form.complete(text)], str(path))
+
+
+def _write_error(path: Path, error: OSError, again: str = "rerun with {resume}") -> OutputError:
+    """Returns the one-sentence OutputError for a failed write to `path` (a full disk above all)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = f"the disk is full ({error.strerror or 'no space left'}); free space, then {again}."
+    else:
+        why = f"{error.strerror or error}; fix that, then {again}."
+    return OutputError(f"cannot write {path}: {why}", field="resume" if "{resume}" in again else None)
 
 
 def write_results(
-    path: str | Path, rows: Sequence[Row], *, fmt: str = "csv", with_label: bool = False, overwrite: bool = False
+    path: str | Path,
+    rows: Sequence[Row],
+    *,
+    fmt: str = "csv",
+    with_label: bool = False,
+    overwrite: bool = False,
+    lock: bool = True,
 ) -> None:
     """Writes a whole result file at once (atomically: a temporary file renamed over `path`).
 
     Refuses an existing `path` unless `overwrite`. For tables computed whole (baselines, ablations).
+    lock: hold `lock_output(path)` while writing. A failed write (a full disk) leaves `path` as it was
+    and no temporary file.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(
-            f"{path} already exists; pass " + "{overwrite} to replace it, or choose another {out}.",
-            field="out",
-            also=("overwrite",),
-        )
     form = _format(fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        f.write(form.header(with_label))
-        form.write_rows(f, rows, with_label)
-    os.replace(tmp, path)
+    held = lock_output(path) if lock else None
+    try:
+        if path.exists() and not overwrite:
+            raise OutputError(
+                f"{path} already exists; pass " + "{overwrite} to replace it, or choose another {out}.",
+                field="out",
+                also=("overwrite",),
+            )
+        rows = [_rendered(r) for r in rows]
+        for r in rows:
+            form.check_id(r.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                f.write(form.header(with_label))
+                form.write_rows(f, rows, with_label)
+            os.replace(tmp, path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(path, error, "run it again") from None
+    finally:
+        if held is not None:
+            held.release()
 
 
 def read_ids(path: Path, fmt: str, header: list[str]) -> list[str]:
-    """Returns the ids already written to `path` (after dropping a torn last line).
+    """Returns the (rendered) ids already written to `path`, after cutting a torn last record off the file.
 
     The file is checked to be one of ours, of the same format and columns, BEFORE anything in it
-    is changed; a file with no complete line yet counts as empty.
+    is changed; a file with no complete record yet counts as empty. A torn record is cut by the
+    format's own rules (for CSV, a crash inside a quoted id holding a line break included).
     """
-    rows = _format(fmt).parse(_complete_text(path), str(path), with_label=len(header) == 4)
-    _truncate_torn_tail(path)
+    form = _format(fmt)
+    text = _read_text(path)
+    kept = text[: form.complete(text)]
+    rows = form.parse(kept, str(path), with_label=len(header) == 4)
+    size = len(kept.encode("utf-8"))
+    if size != path.stat().st_size:
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+        except OSError as error:
+            raise _write_error(path, error) from None
     return [r.id for r in rows]
 
 
@@ -388,21 +530,25 @@ class ArraySink:
         self.partial = path.with_name(path.name + ".partial")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.row_bytes = int(np.prod(self.row_shape)) * 4
-        if resume:
-            if not self.partial.exists() and path.exists():
-                self._unfinish(rows_done)
-            have = self.partial.stat().st_size // self.row_bytes if self.partial.exists() else 0
-            if have < rows_done:
-                raise OutputError(
-                    f"{self.partial} holds {have} rows but the table holds {rows_done}; the array file belongs to "
-                    "another run: remove it or start again without resuming."
-                )
-            with open(self.partial, "r+b" if self.partial.exists() else "wb") as f:
-                f.truncate(rows_done * self.row_bytes)  # rows written after the table's last flush
-        else:
-            self.partial.unlink(missing_ok=True)
-            self.partial.touch()
-        self.file = open(self.partial, "ab")  # noqa: SIM115 (closed in finish/close)
+        self.file = None
+        try:
+            if resume:
+                if not self.partial.exists() and path.exists():
+                    self._unfinish(rows_done)
+                have = self.partial.stat().st_size // self.row_bytes if self.partial.exists() else 0
+                if have < rows_done:
+                    raise OutputError(
+                        f"{self.partial} holds {have} rows but the table holds {rows_done}; the array file belongs "
+                        "to another run: remove it or start again without resuming."
+                    )
+                with open(self.partial, "r+b" if self.partial.exists() else "wb") as f:
+                    f.truncate(rows_done * self.row_bytes)  # rows written after the table's last flush
+            else:
+                self.partial.unlink(missing_ok=True)
+                self.partial.touch()
+            self.file = open(self.partial, "ab")  # noqa: SIM115 (closed in finish/close)
+        except OSError as error:
+            raise _write_error(self.partial, error) from None
 
     def _unfinish(self, rows_done: int) -> None:
         array = np.load(self.path, mmap_mode="r")
@@ -410,31 +556,71 @@ class ArraySink:
             raise OutputError(
                 f"{self.path} has rows of shape {array.shape[1:]}, not {self.row_shape}; choose a new path."
             )
-        with open(self.partial, "wb") as f:
-            f.write(np.ascontiguousarray(array[:rows_done], np.float32).tobytes())
+        try:
+            with open(self.partial, "wb") as f:
+                _copy_rows(f, [array[:rows_done]])
+        except BaseException:
+            self.partial.unlink(missing_ok=True)  # a half-made copy would pass for the rows written
+            raise
 
     def append(self, rows: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(rows, np.float32).tobytes())
+        try:
+            self.file.write(np.ascontiguousarray(rows, np.float32).tobytes())
+        except OSError as error:
+            raise _write_error(self.partial, error) from None
 
     def flush(self) -> None:
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError as error:
+            raise _write_error(self.partial, error) from None
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
     def finish(self) -> None:
-        """Writes PATH (.npy) from the partial rows and removes the partial file."""
+        """Writes PATH (.npy) from the partial rows and removes the partial file.
+
+        A failed write (a full disk) raises OutputError, leaves no temporary file and keeps the partial rows.
+        """
         self.close()
         n = self.partial.stat().st_size // self.row_bytes
         data = np.memmap(self.partial, np.float32, "r", shape=(n, *self.row_shape)) if n else None
         tmp = self.path.with_name(self.path.name + ".tmp.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *self.row_shape))
-        if n:
-            out[:] = data
-        out.flush()
-        del out, data
-        os.replace(tmp, self.path)
+        try:
+            _write_npy(tmp, (n, *self.row_shape), [data] if n else [])
+            os.replace(tmp, self.path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(self.path, error) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            del data
         self.partial.unlink()
+
+
+_CHUNK_BYTES = 1 << 24
+
+
+def _copy_rows(file, arrays: Sequence[np.ndarray]) -> None:
+    """Writes the float32 rows of each array to `file` in pieces of about 16 MiB (ordinary writes: a full
+    disk is an OSError, never the SIGBUS a memory map would get)."""
+    for array in arrays:
+        step = max(1, _CHUNK_BYTES // max(1, array[0].nbytes if len(array) else 1))
+        for start in range(0, len(array), step):
+            file.write(np.ascontiguousarray(array[start : start + step], np.float32).tobytes())
+
+
+def _write_npy(path: Path, shape: tuple[int, ...], arrays: Sequence[np.ndarray]) -> None:
+    """Writes a float32 .npy of `shape` at `path` from `arrays` stacked along axis 0."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+        )
+        _copy_rows(f, arrays)
 
 
 def refuse_existing(path: Path) -> None:
@@ -514,20 +700,43 @@ class ResultWriter:
         self.sinks = {name: ArraySink(p, shape, len(self.done_ids), not fresh) for name, (p, shape) in arrays.items()}
 
     def write(self, rows: Sequence[Row], arrays: dict[str, np.ndarray] | None = None) -> None:
-        """Appends rows (and their array rows, written first) and flushes both to disk."""
+        """Appends rows (and their array rows, written first) and flushes both to disk.
+
+        Ids, labels and errors are written rendered (`render_id`). Raises OutputError, writing nothing, for
+        an id the format cannot hold, and OutputError naming the file when a write fails (a full disk):
+        what reached the disk is then cut back to the last complete row by the next --resume.
+        """
+        rows = [_rendered(r) for r in rows]
+        for r in rows:
+            self.format.check_id(r.id)
         for name, sink in self.sinks.items():
             sink.append(arrays[name])
             sink.flush()
-        self.format.write_rows(self.file, rows, self.with_label)
-        self.file.flush()
+        try:
+            self.format.write_rows(self.file, rows, self.with_label)
+            self.file.flush()
+        except OSError as error:
+            raise _write_error(self.path, error) from None
 
     def close(self, finished: bool) -> None:
-        """Closes the files and releases the locks it took; when `finished`, the array files become .npy files."""
+        """Closes the files and releases the locks it took; when `finished`, the array files become .npy files.
+
+        Not `finished` (the run stops on an error): a failure to flush what a failed write left buffered
+        is not raised over that error; whatever reached the disk is cut back by the next --resume.
+        """
+        problem = None
         try:
-            if self.file is not None:
-                self.file.close()
-            for sink in self.sinks.values():
-                sink.finish() if finished else sink.close()
+            for closing, where in [(self.file, self.path), *((s, s.partial) for s in self.sinks.values())]:
+                try:
+                    if closing is not None:
+                        closing.close()
+                except OSError as error:
+                    problem = problem or _write_error(where, error)
+            if finished and problem is None:
+                for sink in self.sinks.values():
+                    sink.finish()
+            if finished and problem is not None:
+                raise problem
         finally:
             self._release()
 
@@ -547,13 +756,19 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
 
     append: keep what `out` (and each array file) already holds and add the parts after it
     (a --resume of a finished multi-process run). Refuses parts whose table and arrays disagree.
+    Rows are copied byte for byte (each part's complete records, as its format parses them, so quoted
+    and escaped ids stay as written). Every merged file is written whole beside its target first and
+    only then renamed over it: a failed write (a full disk) changes nothing, removes its temporary
+    files, keeps every part and raises OutputError. Takes no lock: a caller merging while others may
+    run holds `lock_output(out)`.
     """
     form = _format(fmt)
     texts, counts = [], []
     for i in range(count):
         # Read as written (no newline translation), rows counted as the format parses them: an id may hold '\n'.
         path = part_path(out, i, count)
-        whole = path.read_bytes().decode("utf-8")
+        whole = _read_text(path)
+        whole = whole[: form.complete(whole)]
         texts.append(form.body(whole))
         counts.append(len(form.parse(whole, str(path))))
     for path in arrays:
@@ -563,30 +778,35 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
                 raise OutputError(
                     f"part {i} of {path} holds {rows} rows but its table {counts[i]}; rerun that process resuming it."
                 )
-    tmp = out.with_name(out.name + ".merging")
-    with open(tmp, "w", encoding="utf-8", newline="") as merged:
-        if append and out.exists():
-            merged.write(out.read_bytes().decode("utf-8"))
-        else:
-            first = part_path(out, 0, count).read_bytes().decode("utf-8")
-            merged.write(first[: len(first) - len(form.body(first))])
-        for text in texts:
-            merged.write(text)
-    for path in arrays:
-        parts = [np.load(part_path(path, i, count), mmap_mode="r") for i in range(count)]
-        if append and path.exists():
-            parts.insert(0, np.load(path, mmap_mode="r"))
-        total = sum(p.shape[0] for p in parts)
-        tmp_npy = path.with_name(path.name + ".merging.npy")
-        result = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(total, *parts[0].shape[1:]))
-        row = 0
-        for p in parts:
-            result[row : row + p.shape[0]] = p
-            row += p.shape[0]
-        result.flush()
-        del result, parts
-        os.replace(tmp_npy, path)
-    os.replace(tmp, out)
+    temps: list[tuple[Path, Path]] = []  # (temporary, target), renamed only once all are written
+    try:
+        tmp = out.with_name(out.name + ".merging")
+        temps.append((tmp, out))
+        with open(tmp, "w", encoding="utf-8", newline="") as merged:
+            if append and out.exists():
+                kept = _read_text(out)
+                merged.write(kept[: form.complete(kept)])
+            else:
+                first = _read_text(part_path(out, 0, count))
+                merged.write(first[: len(first) - len(form.body(first))])
+            for text in texts:
+                merged.write(text)
+        for path in arrays:
+            parts = [np.load(part_path(path, i, count), mmap_mode="r") for i in range(count)]
+            if append and path.exists():
+                parts.insert(0, np.load(path, mmap_mode="r"))
+            tmp_npy = path.with_name(path.name + ".merging.npy")
+            temps.append((tmp_npy, path))
+            _write_npy(tmp_npy, (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), parts)
+            del parts
+    except BaseException as error:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _write_error(temps[-1][1], error) from None
+        raise
+    for tmp, target in reversed(temps):  # the table last: once it names the rows, the arrays hold them
+        os.replace(tmp, target)
     for i in range(count):
         for path in (out, *arrays):
             part_path(path, i, count).unlink(missing_ok=True)
