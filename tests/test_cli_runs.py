@@ -162,14 +162,17 @@ def test_one_compilation_for_a_whole_cli_run(tiny_checkpoint, folder, tmp_path, 
     assert len(made) == 1 and made[0][0].cache_size() - made[0][1] <= 1
 
 
-def test_linked_folders_are_followed_once(tiny_checkpoint, folder, tmp_path):
+def test_folder_links_are_reported_not_followed(tiny_checkpoint, folder, tmp_path, capsys):
     root = tmp_path / "linked"
-    root.mkdir()
-    (root / "people").symlink_to(folder, target_is_directory=True)
-    (folder / "back").symlink_to(root, target_is_directory=True)  # a cycle through the link
+    (root / "own").mkdir(parents=True)
+    Image.fromarray(smooth_faces(1)[0]).save(root / "own" / "a.png")
+    (root / "people").symlink_to(folder, target_is_directory=True)  # leads out of --images
+    (root / "own" / "back").symlink_to(root, target_is_directory=True)  # a cycle through a link
     out = tmp_path / "s.csv"
     assert run(tiny_checkpoint, "--images", str(root), "--out", str(out)) == 0
-    assert [r[0] for r in read_csv(out)[1:]] == [f"people/{i:02d}.png" for i in range(13)]
+    assert [r[0] for r in read_csv(out)[1:]] == ["own/a.png"]
+    err = capsys.readouterr().err
+    assert "warning: folder link people is not followed" in err and "warning: folder link own/back" in err
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read any folder")
