@@ -1,6 +1,7 @@
 """Hostile and unlucky outputs: a second writer, odd file names, torn records, a full disk."""
 
 import csv
+import errno
 import io
 import os
 import signal
@@ -218,3 +219,183 @@ def test_merged_parts_keep_escaped_and_apostrophed_ids(tmp_path):
     assert out.read_bytes() == b"id,quality,error\n" + parts  # byte for byte
     assert [r.id for r in output.read_results(out)] == ["=a.png", "b\\xfe.png", "'c.png", "d\u2028e.png", "-f.png"]
     np.testing.assert_array_equal(np.load(emb)[:, 0], [0, 0, 1, 1, 1])
+
+
+# ------------------------------------------------------------------------------------------------ torn writes
+
+
+def _written(tmp_path, rows, n_array=None):
+    """Returns (table path, array path) after writing `rows` (array row k = k) and stopping unfinished."""
+    path, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    writer = output.ResultWriter(path, arrays={"embedding": (emb, (1,))})
+    writer.write(rows, {"embedding": np.arange(len(rows), dtype=np.float32)[:, None]})
+    writer.close(False)  # a crash: the array rows stay in e.npy.partial
+    return path, emb
+
+
+@pytest.mark.parametrize(
+    "rows, cut_after",
+    [
+        ([output.Row("a.png", 0.5), output.Row("x\ny.png", 0.25), output.Row("c.png", 0.5)], '"x\n'),
+        ([output.Row("a.png", 0.5), output.Row("b.png", None, error="one\ntwo"), output.Row("c.png", 0.5)], '"one\n'),
+        ([output.Row("a.png", 0.5), output.Row("x,\u2028\ny.png", 0.25), output.Row("c.png", 0.5)], ",\u2028\n"),
+    ],
+    ids=["inside-a-quoted-id", "inside-a-quoted-error", "after-a-quoted-comma"],
+)
+def test_resume_cuts_a_record_torn_inside_quotes_and_keeps_the_arrays_aligned(tmp_path, rows, cut_after):
+    path, emb = _written(tmp_path, rows)
+    text = path.read_bytes().decode("utf-8")
+    path.write_bytes(text[: text.index(cut_after) + len(cut_after)].encode("utf-8"))  # a crash right after '\n'
+    resumed = output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (1,))})
+    assert resumed.done_ids == ["a.png"]
+    assert path.read_bytes() == b"id,quality,error\na.png,0.5,\n"  # cut back to the last complete record
+    resumed.write(rows[1:], {"embedding": np.arange(1, len(rows), dtype=np.float32)[:, None]})
+    resumed.close(True)
+    back = output.read_results(path)
+    assert [(r.id, r.quality, r.error) for r in back] == [(r.id, r.quality, r.error) for r in rows]
+    np.testing.assert_array_equal(np.load(emb)[:, 0], np.arange(len(rows)))  # row k of the array is row k
+
+
+def test_resume_drops_a_character_torn_in_half(tmp_path):
+    rows = [output.Row("a.png", 0.5), output.Row("\u00e9t\u00e9.png", 0.25)]
+    path, emb = _written(tmp_path, rows)
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index("\u00e9".encode()) + 1])  # the first byte of a two-byte character
+    resumed = output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (1,))})
+    assert resumed.done_ids == ["a.png"] and path.read_bytes() == b"id,quality,error\na.png,0.5,\n"
+    resumed.close(False)
+    assert output.read_results(path)[0].id == "a.png"
+
+
+def test_a_resumed_file_with_a_broken_record_in_the_middle_is_refused_unchanged(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_bytes(b'id,quality,error\n"a"b,0.5,\nc,0.5,\n')
+    with pytest.raises(output.OutputError, match=r"s.csv is not a valid CSV \(.*\); choose a new out\.$"):
+        output.ResultWriter(path, resume=True)
+    assert path.read_bytes() == b'id,quality,error\n"a"b,0.5,\nc,0.5,\n'
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+
+
+@pytest.fixture()
+def full_disk(monkeypatch):
+    """Returns set(budget, which): writes to files whose name ends in `which` fail with ENOSPC after
+    `budget` more bytes (a write that crosses it is written in part, as a real full disk does)."""
+    state = {"budget": None, "which": ()}
+
+    class Full:
+        def __init__(self, file):
+            self._file = file
+
+        def write(self, data):
+            raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+            if state["budget"] is not None and len(raw) > state["budget"]:
+                part = raw[: state["budget"]]
+                self._file.write(part.decode("utf-8", "ignore") if isinstance(data, str) else part)
+                self._file.flush()
+                state["budget"] = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if state["budget"] is not None:
+                state["budget"] -= len(raw)
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._file.close()
+
+    def fake_open(file, *args, **kwargs):
+        real = open(file, *args, **kwargs)
+        return Full(real) if str(file).endswith(state["which"]) else real
+
+    monkeypatch.setattr(output, "open", fake_open, raising=False)
+
+    def set_(budget, which):
+        state.update(budget=budget, which=tuple(which))
+
+    return set_
+
+
+def _one_line_about_the_disk(error, path):
+    text = error.render({"resume": "--resume"})
+    assert text == f"cannot write {path}: the disk is full (No space left on device); free space, then rerun with " + (
+        "--resume."
+    )
+    assert error.__cause__ is None and error.__suppress_context__  # no chained traceback
+
+
+@pytest.mark.parametrize("which, budget, kept", [("s.csv", 15, 4), ("e.npy.partial", 10, 3)])
+def test_a_full_disk_mid_batch_is_one_sentence_and_resume_keeps_table_and_arrays_aligned(
+    tmp_path, full_disk, which, budget, kept
+):
+    path, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    arrays = {"embedding": (emb, (2,))}
+    full_disk(None, [which])
+    writer = output.ResultWriter(path, arrays=arrays)
+    writer.write([output.Row(f"{k}.png", 0.5) for k in range(3)], {"embedding": np.zeros((3, 2), np.float32)})
+    full_disk(budget, [which])  # in the middle of the next batch
+    with pytest.raises(output.OutputError) as caught:
+        writer.write([output.Row(f"{k}.png", 0.5) for k in range(3, 6)], {"embedding": np.ones((3, 2), np.float32)})
+    _one_line_about_the_disk(caught.value, tmp_path / which)
+    writer.close(False)  # the run stops on that error: closing raises nothing over it
+    full_disk(None, [])  # space freed
+    resumed = output.ResultWriter(path, resume=True, arrays=arrays)
+    done = kept
+    assert resumed.done_ids == [f"{k}.png" for k in range(kept)]  # the rows complete in the table
+    resumed.write([output.Row(f"{k}.png", 0.5) for k in range(done, 6)], {"embedding": np.ones((6 - done, 2))})
+    resumed.close(True)
+    assert [r.id for r in output.read_results(path)] == [f"{k}.png" for k in range(6)]
+    np.testing.assert_array_equal(np.load(emb)[:, 0], [0, 0, 0] + [1] * 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "s.csv"]  # no partial, temporary or lock file
+
+
+def test_a_full_disk_while_the_npy_is_made_leaves_no_temporary_file_and_resume_finishes_it(tmp_path, full_disk):
+    path, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    writer = output.ResultWriter(path, arrays={"embedding": (emb, (4,))})
+    writer.write([output.Row("a.png", 0.5), output.Row("b.png", 0.5)], {"embedding": np.ones((2, 4), np.float32)})
+    full_disk(140, [".tmp.npy"])  # the header (128 bytes) and part of the rows
+    with pytest.raises(output.OutputError) as caught:
+        writer.close(True)
+    _one_line_about_the_disk(caught.value, emb)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy.partial", "s.csv"]  # the rows are kept
+    full_disk(None, [])
+    resumed = output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (4,))})
+    assert resumed.done_ids == ["a.png", "b.png"]
+    resumed.close(True)
+    np.testing.assert_array_equal(np.load(emb), np.ones((2, 4)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "s.csv"]
+
+
+@pytest.mark.parametrize("which", [".merging", ".merging.npy"])
+def test_a_full_disk_during_a_merge_changes_nothing_and_keeps_every_part(tmp_path, full_disk, which):
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    for k in range(2):
+        writer = output.ResultWriter(
+            output.part_path(out, k, 2), arrays={"embedding": (output.part_path(emb, k, 2), (2,))}
+        )
+        writer.write([output.Row(f"{k}.png", 0.5)], {"embedding": np.full((1, 2), k, np.float32)})
+        writer.close(True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    full_disk(20, [which])
+    with pytest.raises(output.OutputError) as caught:
+        output.merge_parts(out, 2, "csv", [emb])
+    _one_line_about_the_disk(caught.value, out if which == ".merging" else emb)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no merged file, no temporary one, every part
+    full_disk(None, [])
+    assert output.merge_parts(out, 2, "csv", [emb]) == 2
+    np.testing.assert_array_equal(np.load(emb)[:, 0], [0, 1])
+
+
+def test_a_full_disk_under_write_results_keeps_the_old_file_and_no_temporary_one(tmp_path, full_disk):
+    path = tmp_path / "s.csv"
+    output.write_results(path, [output.Row("a.png", 0.5)])
+    full_disk(10, [".partial"])
+    with pytest.raises(output.OutputError, match=r"s.csv: the disk is full .*; free space, then run it again\.$"):
+        output.write_results(path, [output.Row("b.png", 0.5)], overwrite=True)
+    assert [r.id for r in output.read_results(path)] == ["a.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]

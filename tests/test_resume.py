@@ -1,13 +1,22 @@
 """Bad inputs, --on-error, --resume and --overwrite: no row lost or written twice, foreign files untouched."""
 
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 from pipeline_helpers import assert_same_floats, assert_same_rows, faces_folder, read_csv, run
 
+from vitnt_jax import output
+
 from helpers import smooth_faces
+
+
+def _png(face) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(face).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @pytest.fixture()
@@ -182,3 +191,50 @@ def test_an_existing_result_is_refused_before_the_model_loads(tiny_checkpoint, f
         assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), *extra) == 1
         assert message in capsys.readouterr().err
     assert out.read_text() == "id,quality,error\n" and emb.read_bytes() == b"taken"
+
+
+def test_hostile_file_names_are_written_safely_and_resume_without_duplicates(tiny_checkpoint, tmp_path):
+    # A name that is not UTF-8, names with line breaks and names a spreadsheet would run: one row each, a valid
+    # UTF-8 CSV, and a --resume that finds every row done (it used to crash at the first such name, every time).
+    root = tmp_path / "faces"
+    root.mkdir()
+    names = [b"bad_\xff.png", b"cr\rname.png", b"ls\xe2\x80\xa8name.png", b"=HYPERLINK(1).png", b"-1.png", b"ok.png"]
+    for raw, face in zip(names, smooth_faces(len(names), seed=3), strict=True):
+        with open(os.path.join(os.fsencode(root), raw), "wb") as f:
+            f.write(_png(face))
+    out = tmp_path / "s.csv"
+    assert run(tiny_checkpoint, "--images", str(root), "--out", str(out)) == 0
+    text = out.read_bytes().decode("utf-8")
+    ids = [r.id for r in output.read_results(out)]
+    assert sorted(ids) == sorted(output.render_id(os.fsdecode(n)) for n in names)
+    assert "bad_\\xff.png" in ids and "'=HYPERLINK(1).png," in text and '"cr\rname.png"' in text
+    before = out.read_bytes()
+    assert run(tiny_checkpoint, "--images", str(root), "--out", str(out), "--resume") == 0
+    assert out.read_bytes() == before  # every row was found done: nothing scored twice
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tiny_checkpoint, folder, tmp_path, capsys, monkeypatch):
+    import errno
+
+    real_open = open
+
+    def full_npy(file, *args, **kwargs):  # the disk fills up while the .npy is written
+        if str(file).endswith(".tmp.npy"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(file, *args, **kwargs)
+
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    argv = ["--images", str(folder), "--out", str(out), "--save-embeddings", str(emb)]
+    monkeypatch.setattr(output, "open", full_npy, raising=False)
+    assert run(tiny_checkpoint, *argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    full = (
+        f"error: cannot write {emb}: the disk is full (No space left on device); free space, then rerun with --resume."
+    )
+    assert err[-1] == full
+    assert not any("Traceback" in line for line in err)
+    assert not list(tmp_path.glob("*.tmp.npy")) and (tmp_path / "e.npy.partial").exists()
+    monkeypatch.undo()
+    assert run(tiny_checkpoint, *argv, "--resume") == 0
+    assert len(output.read_results(out)) == 13 and np.load(emb).shape[0] == 13
+    assert not (tmp_path / "e.npy.partial").exists()
