@@ -1,10 +1,14 @@
-"""Append-only result files: one row per input, flushed per batch, resumable, mergeable.
+"""Append-only result files: one row per input, flushed per batch, resumable, mergeable, locked.
 
 Rows go to a CSV (`id,quality[,label],error`) or the authors' text format (`<id> <score>`).
 Per-row arrays (embeddings, patch-quality maps) are appended to `FILE.npy.partial` in the same
 row order and turned into `FILE.npy` when the run completes, so row i of the array belongs to
-row i of the table. A crash loses at most the batch in flight; `resume` continues after the last
-complete row and never writes an id twice.
+row i of the table. A crash loses at most the batch in flight; `resume` cuts the file back to its
+last complete record (a quoted one torn after an inner line break included) and never writes an
+id twice. Ids are written as `render_id` gives them (always valid UTF-8); CSV cells are quoted and
+guarded against spreadsheet formulas (`CsvFormat`). A failed write (a full disk) is one OutputError
+naming the file, leaves no temporary file and keeps what was written resumable. One writer per
+file: `lock_output` (`ResultWriter` takes it by default).
 """
 
 from __future__ import annotations
@@ -693,10 +697,15 @@ class ResultWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A file cut off before its header was complete holds nothing: start it afresh.
         fresh = not (exists and resume) or path.stat().st_size == 0
-        self.file = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
-        if fresh:
-            self.file.write(self.format.header(with_label))
-            self.file.flush()  # before the first batch (and its compilation) can be interrupted
+        try:
+            self.file = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
+            if fresh:
+                self.file.write(self.format.header(with_label))
+                self.file.flush()  # before the first batch (and its compilation) can be interrupted
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a path that cannot be written at all: the caller names the setting to change
+            raise _write_error(path, error) from None
         self.sinks = {name: ArraySink(p, shape, len(self.done_ids), not fresh) for name, (p, shape) in arrays.items()}
 
     def write(self, rows: Sequence[Row], arrays: dict[str, np.ndarray] | None = None) -> None:
