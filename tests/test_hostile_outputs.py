@@ -399,3 +399,27 @@ def test_a_full_disk_under_write_results_keeps_the_old_file_and_no_temporary_one
         output.write_results(path, [output.Row("b.png", 0.5)], overwrite=True)
     assert [r.id for r in output.read_results(path)] == ["a.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]
+
+
+_FORKS = textwrap.dedent(
+    """
+    import os, sys
+    from vitnt_jax import output
+    held = output.lock_output(sys.argv[1])
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy of the lock, as a forked worker's garbage collector would
+        held.release()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    try:
+        output.lock_output(sys.argv[1])
+    except output.OutputError:
+        print("still held", os.path.exists(sys.argv[1] + ".lock"))
+    """
+)
+
+
+def test_a_forked_child_never_removes_its_parents_lock(tmp_path):
+    # In a process of its own: this one has JAX's threads running, and forking it would warn.
+    done = subprocess.run([sys.executable, "-c", _FORKS, str(tmp_path / "s.csv")], capture_output=True, timeout=60)
+    assert done.stdout.decode().strip() == "still held True", done.stderr.decode()

@@ -59,6 +59,7 @@ class OutputLock:
         self.path, self.what = Path(path), what
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._fd: int | None = None
+        self._pid = os.getpid()  # a forked child inherits the object but not the right to remove the lock
         self._unlockable = False  # acquired on a file system without locks: held, but by nothing
 
     @property
@@ -123,7 +124,7 @@ class OutputLock:
                 os.pwrite(fd, info, 0)
             except OSError:
                 pass  # the lock holds without its note (a full disk): a refused run then names no holder
-            self._fd = fd
+            self._fd, self._pid = fd, os.getpid()
             return self
         raise OutputError(slot + f"{self.lock_path} keeps changing; choose {other}.", **kwargs)
 
@@ -133,6 +134,9 @@ class OutputLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        if os.getpid() != self._pid:
+            os.close(fd)  # this process's copy only: the process that took the lock still holds it
+            return
         try:
             # Removed while still locked: a run waiting on this file sees it gone and locks a new one.
             if os.path.samestat(os.fstat(fd), os.stat(self.lock_path, follow_symlinks=False)):
