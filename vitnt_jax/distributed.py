@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ DEFAULT_TIMEOUT_S = 3600.0  # how long process k > 0 waits in `report` for proce
 CONNECT_TIMEOUT_S = 300  # jax.distributed.initialize: how long to wait for every process to join
 HEARTBEAT_S = 100  # JAX's default: a process silent this long is declared dead and every process stops
 TICK_S = 60.0  # how often a long wait calls `on_wait`
+RESUME = "every part is kept: rerun all processes with --resume."  # how every lost-process message ends
 
 _own_status: str | None = None
 
@@ -179,20 +181,23 @@ def _exchange(peer: int, status: str, deadline: float, on_wait, what: str) -> st
             on_wait(peer, waited)
         else:
             log.info("waiting for %s (%.0f s)", what, waited)
+    waited = time.monotonic() - started
+    other = 0 if what.startswith("process 0") else peer  # the process this one waited for
     if worker.is_alive():
-        waited = time.monotonic() - started
-        if what.startswith("process 0"):
+        if other == 0:
             raise DistributedError(
-                f"process 0 did not collect this process's status within {waited:.0f} s; it crashed, failed "
-                "before collecting, or is still scoring."
+                f"process 0 did not collect this process's status within {waited:.0f} s; it crashed, hangs, "
+                f"failed before collecting or is still scoring; {RESUME}"
             )
         raise DistributedError(
-            f"process {peer} did not report within {waited:.0f} s; it crashed or is still running (its part is kept)."
+            f"process {peer} did not report within {waited:.0f} s; it crashed, hangs or is still scoring; {RESUME}"
         )
     if "error" in result:
         error = result["error"]
-        if isinstance(error, RuntimeError):  # XlaRuntimeError: the collective itself failed
-            raise DistributedError(f"the status exchange with process {peer} failed: {_first_line(error)}.") from error
+        if isinstance(error, RuntimeError):  # XlaRuntimeError: the collective lost its peer (e.g. 'Connection closed')
+            raise DistributedError(
+                f"process {other} stopped answering (killed or hung) after {waited:.0f} s; {RESUME}"
+            ) from error
         raise error  # anything else is a bug here, not the cluster's state: shown as it is
     return result["value"]
 
@@ -251,3 +256,140 @@ def _check_status(status: str) -> None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0].rstrip(".") if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------------ the supervisor
+# JAX's coordination client ends its process with a C++ fatal log (SIGABRT, exit 134, a stack trace) when it
+# loses the coordination service: process 0 died or hangs, or the cluster never formed. Nothing inside the
+# process can stop that (JAX 0.10 offers no switch, and its missed-heartbeat callback cannot be called from
+# Python), so the command line runs each process's work in a child and says what happened in one line.
+
+WORKER_ENV = "VITNT_JAX_WORKER"  # set in the child `supervise` starts: the child does the work itself
+HOLD_S = 2.0  # how long a C++ log record is held back: an abort follows its fatal record within milliseconds
+_CPP_RECORD = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ \]]+:\d+\] ")  # absl/glog line prefix
+_LOST_SERVICE = b"JAX distributed service detected fatal errors"  # the coordination client's fatal record
+_BENIGN = (b"Using experimental recoverable task feature",)  # logged because `initialize` asks for it
+
+
+def is_worker() -> bool:
+    """Returns whether this process is the child of a `supervise` (and so does the work itself)."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def supervise(
+    command: list[str],
+    *,
+    process: int | None = None,
+    processes: int | None = None,
+    coordinator: str | None = None,
+    debug: bool = False,
+) -> int:
+    """Returns the exit status of `command`, run as a child whose stderr passes through; a lost cluster is one line.
+
+    For the command line of a multi-process run: `command` re-runs it with `WORKER_ENV` set. When the child
+    is aborted by JAX's coordination client, its C++ fatal log (held back `HOLD_S` seconds) is replaced by one
+    line naming what was lost, and the status is 1; a child ended by another signal gets one line and 128 +
+    the signal. The child dies with this process (SIGKILL included) and receives its SIGTERM and SIGHUP;
+    Ctrl-C reaches it from the terminal. `debug`: C++ records pass through at once and are never dropped.
+    """
+    import select
+    import signal
+    import subprocess
+
+    parent = os.getpid()
+    try:  # loaded here: the child runs die_with_parent between fork and exec, where imports are unsafe
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError, ImportError):
+        prctl = None
+
+    def die_with_parent():
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killing the supervisor kills its worker
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+    child = subprocess.Popen(
+        command,
+        env={**os.environ, WORKER_ENV: "1"},
+        stderr=subprocess.PIPE,
+        preexec_fn=die_with_parent if prctl is not None else None,
+    )
+    forward = {s: signal.signal(s, lambda n, _: child.send_signal(n)) for s in (signal.SIGTERM, signal.SIGHUP)}
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends Ctrl-C to the child as well
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    held: list[tuple[float, bytes]] = []  # every line since the oldest C++ record not yet passed on, in order
+
+    def emit(line: bytes) -> None:
+        if any(text in line for text in _BENIGN):
+            return
+        if out is not None:
+            out.write(line)
+            out.flush()
+        else:  # a text stream standing in for stderr (tests)
+            sys.stderr.write(line.decode("utf-8", "replace"))
+
+    try:
+        fd, partial = child.stderr.fileno(), b""
+        while True:
+            wait = max(0.0, held[0][0] + HOLD_S - time.monotonic()) if held else None
+            if select.select([fd], [], [], wait)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                *lines, partial = (partial + chunk).split(b"\n")
+                now = time.monotonic()
+                for line in lines:
+                    line += b"\n"
+                    if held or (not debug and _CPP_RECORD.match(line)):
+                        held.append((now, line))
+                    else:
+                        emit(line)
+            while held and held[0][0] + HOLD_S <= time.monotonic():
+                emit(held.pop(0)[1])
+        code = child.wait()
+    finally:
+        for s, handler in forward.items():
+            signal.signal(s, handler)
+        signal.signal(signal.SIGINT, interrupt)
+        if child.poll() is None:  # this process is being stopped: the child goes with it
+            child.kill()
+            child.wait()
+    tail = b"".join(line for _, line in held) + partial
+    if code >= 0:
+        for _, line in held:
+            emit(line)
+        if partial:
+            emit(partial + b"\n")
+        return code
+    if _LOST_SERVICE in tail and not debug:
+        message = _lost_service_line(tail, process, processes, coordinator)
+        code = 1
+    else:
+        for _, line in held:
+            emit(line)
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        message = f"this process's worker ended by {name}; the rows written so far are kept: rerun with --resume."
+        code = 128 - code
+    emit(f"error: {message}\n".encode())
+    return code
+
+
+def _lost_service_line(log: bytes, process: int | None, processes: int | None, coordinator: str | None) -> str:
+    """The one line for a child that JAX's coordination client aborted, from its fatal log record."""
+    if b"RegisterTask" in log:  # the cluster never formed
+        where = f" at {coordinator}" if coordinator else ""
+        size = f"{processes}-process " if processes else ""
+        who = f"process {process}" if process is not None else "this process"
+        return (
+            f"{who} could not join the {size}cluster{where}: a process did not start in time or cannot reach "
+            "the coordinator; start every process with the same --coordinator and --num-processes."
+        )
+    if b"leader task" in log or b"Failed to send RPC to coordination service" in log:
+        return f"process 0 stopped answering (killed or hung); {RESUME}"
+    silent = re.search(rb"stopped sending heartbeats\):\s*([\d,\s]*\d)", log)  # the service names them
+    if silent:
+        ids = [int(i) for i in re.findall(rb"\d+", silent.group(1))]
+        who = "process " + ", ".join(map(str, ids)) if len(ids) == 1 else "processes " + ", ".join(map(str, ids))
+        return f"{who} stopped answering (killed or hung) for {HEARTBEAT_S} s; {RESUME}"
+    return f"another process stopped answering (killed or hung); {RESUME}"
