@@ -1,13 +1,18 @@
 """Checkpoints that are damaged, absurd or hostile: each is refused in one sentence, none runs code."""
 
+import hashlib
 import json
+import logging
+import shutil
 
 import numpy as np
+import pytest
 import torch
+from pipeline_helpers import faces_folder, run
 
 from converters import cvlface
 from vitnt_jax import checkpoint
-from vitnt_jax.config import PRESETS
+from vitnt_jax.config import PRESETS, ConfigError, ViTConfig
 from vitnt_jax.model import init_variables
 
 import torch_reference as tr
@@ -21,18 +26,265 @@ def _converted(tmp_path, name="model.pt"):
     return src, cvlface.convert(src, tmp_path / "ckpt", "testing")
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint of the testing layout, written once; tests copy it before damaging it."""
+    return checkpoint.save(tmp_path_factory.mktemp("saved") / "ckpt", CFG, init_variables(CFG, seed=3))
+
+
+def _copy(saved, tmp_path):
+    return shutil.copytree(saved, tmp_path / "copy")
+
+
+def _meta(ckpt):
+    return json.loads((ckpt / "config.json").read_text())
+
+
+def _write_meta(ckpt, meta):
+    (ckpt / "config.json").write_text(json.dumps(meta))
+
+
+def _one_line_error(call) -> str:
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and message.endswith(".")
+    return message
+
+
+# ------------------------------------------------------------------------------------- which weights
+
+
 def test_describe_names_the_folder_the_source_file_and_its_sha256(tmp_path):
     src, ckpt = _converted(tmp_path, "ViT-T-CASIA.pth")
-    digest = __import__("hashlib").sha256(src.read_bytes()).hexdigest()
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
     assert checkpoint.describe(ckpt) == f"checkpoint {ckpt} (from ViT-T-CASIA.pth, sha256 {digest})"
 
 
 def test_describe_of_a_checkpoint_without_a_recorded_source_names_the_folder(tmp_path):
     ckpt = checkpoint.save(tmp_path / "plain", CFG, init_variables(CFG))
     assert checkpoint.describe(ckpt) == f"checkpoint {ckpt}"
-    meta = json.loads((ckpt / "config.json").read_text())
+    meta = _meta(ckpt)
     meta.pop("source")  # as an older writer may have left it
-    (ckpt / "config.json").write_text(json.dumps(meta))
+    _write_meta(ckpt, meta)
     assert checkpoint.describe(ckpt) == f"checkpoint {ckpt}"
     assert checkpoint.describe(tmp_path / "missing") == f"checkpoint {tmp_path / 'missing'}"
-    assert np.isfinite(checkpoint.load(ckpt)[1]["params"]["pos_embed"]).all()
+
+
+# ------------------------------------------------------------------------------------------ checksums
+
+
+def test_the_weights_digest_is_recorded_at_conversion_and_is_that_of_the_loaded_arrays(saved, tmp_path):
+    digest = checkpoint.weights_digest(saved)
+    assert isinstance(digest, str) and len(digest) == 64
+    assert checkpoint.weights_sha256(checkpoint.load(saved)[1]) == digest
+    other = checkpoint.save(tmp_path / "other", CFG, init_variables(CFG, seed=4))
+    assert checkpoint.weights_digest(other) != digest
+
+
+def test_the_digest_covers_paths_dtypes_and_shapes_not_only_bytes():
+    a = {"x": np.zeros(4, np.float32)}
+    assert checkpoint.weights_sha256(a) != checkpoint.weights_sha256({"y": np.zeros(4, np.float32)})
+    assert checkpoint.weights_sha256(a) != checkpoint.weights_sha256({"x": np.zeros((2, 2), np.float32)})
+    assert checkpoint.weights_sha256(a) != checkpoint.weights_sha256({"x": np.zeros(4, np.int32)})
+    assert checkpoint.weights_sha256({"a": a["x"], "b": a["x"] + 1}) == checkpoint.weights_sha256(
+        {"b": a["x"] + 1, "a": a["x"]}
+    )
+
+
+def test_weights_saved_in_another_dtype_load_as_float32_with_their_checksum(tmp_path):
+    import jax
+
+    half = jax.tree.map(lambda a: np.asarray(a, np.float16), init_variables(CFG, seed=2))
+    ckpt = checkpoint.save(tmp_path / "half", CFG, half)
+    _, variables = checkpoint.load(ckpt)
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
+
+
+def test_a_flipped_bit_in_any_file_of_the_weights_is_refused_in_one_line(saved, tmp_path, capfd):
+    files = sorted(p.relative_to(saved) for p in (saved / "variables").rglob("*") if p.is_file())
+    largest = max(files, key=lambda p: (saved / p).stat().st_size)  # the array data
+    assert (saved / largest).stat().st_size > 40_000  # 14,176 float32 parameters live there
+    for name in files:
+        size = (saved / name).stat().st_size
+        for position in sorted({0, size // 2, size - 1}):
+            ckpt = tmp_path / f"flip-{len(list(tmp_path.iterdir()))}"
+            shutil.copytree(saved, ckpt)
+            data = bytearray((ckpt / name).read_bytes())
+            data[position] ^= 1 << (position % 8)
+            (ckpt / name).write_bytes(bytes(data))
+            message = _one_line_error(lambda: checkpoint.load(ckpt))  # noqa: B023
+            assert message == (
+                f"checkpoint {ckpt} is damaged: its weights do not match the checksum recorded when it was "
+                "converted; convert it again."
+            ), (name, position)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err  # nothing from TensorStore's threads either
+
+
+def test_a_missing_weights_file_is_named(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    victim = next(p for p in sorted((ckpt / "variables").rglob("*")) if p.is_file() and p.parent.name == "d")
+    victim.unlink()
+    message = _one_line_error(lambda: checkpoint.load(ckpt))
+    assert message.startswith(f"checkpoint {ckpt} is damaged: its weights file variables/")
+    assert message.endswith(" is missing; convert it again.")
+
+
+def test_arrays_that_differ_from_the_recorded_digest_are_refused_even_with_matching_files(saved, tmp_path):
+    # Another checkpoint's files, with their file checksums: only the weights digest can tell.
+    ckpt = _copy(saved, tmp_path)
+    other = checkpoint.save(tmp_path / "other", CFG, init_variables(CFG, seed=9))
+    shutil.rmtree(ckpt / "variables")
+    shutil.copytree(other / "variables", ckpt / "variables")
+    meta = _meta(ckpt)
+    meta["files_sha256"] = _meta(other)["files_sha256"]
+    _write_meta(ckpt, meta)
+    message = _one_line_error(lambda: checkpoint.load(ckpt))
+    assert message == (
+        f"checkpoint {ckpt} is damaged: its weights do not match the checksum recorded when it was converted; "
+        "convert it again."
+    )
+
+
+def test_an_edited_config_is_refused_as_damaged(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    meta = _meta(ckpt)
+    meta["config"]["layer_norm_eps"] = 1e-4  # valid, and different: scores would change silently
+    _write_meta(ckpt, meta)
+    message = _one_line_error(lambda: checkpoint.load_config(ckpt))
+    assert message.startswith(f"checkpoint {ckpt} is damaged: its config.json settings do not match the checksum")
+
+
+def test_a_checkpoint_without_checksums_loads_with_a_one_line_warning(saved, tmp_path, caplog):
+    ckpt = _copy(saved, tmp_path)
+    meta = _meta(ckpt)
+    for key in ("config_sha256", "weights_sha256", "files_sha256"):
+        meta.pop(key)  # as checkpoints written before the checksums
+    _write_meta(ckpt, meta)
+    with caplog.at_level(logging.WARNING, logger="vitnt_jax.checkpoint"):
+        config, variables = checkpoint.load(ckpt)
+    assert config == CFG and checkpoint.weights_digest(ckpt) is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "vitnt_jax.checkpoint"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0] == (
+        f"checkpoint {ckpt} records no checksum of its weights (written by an older vitnt-jax), so damage to it "
+        "cannot be detected; convert it again to add one."
+    )
+    np.testing.assert_array_equal(variables["params"]["pos_embed"], checkpoint.load(saved)[1]["params"]["pos_embed"])
+
+
+# ---------------------------------------------------------------------------------- absurd configs
+
+ABSURD = [
+    ("num_heads", 0, "num_heads is 0, but it must be a whole number from 1"),
+    ("num_heads", -2, "num_heads is -2"),
+    ("num_heads", 3, "num_heads is 3, but it must divide embed_dim (16)"),
+    ("embed_dim", -16, "embed_dim is -16, but it must be a whole number from 1"),
+    ("embed_dim", 0, "embed_dim is 0"),
+    ("depth", 0, "depth is 0, but it must be a whole number from 1"),
+    ("depth", 10**9, "depth is 1000000000"),
+    ("embed_dim", 2**40, "embed_dim is 1099511627776"),
+    ("img_size", 10**7, "img_size is 10000000"),
+    ("img_size", 0, "img_size is 0"),
+    ("patch_size", 0, "patch_size is 0"),
+    ("patch_size", 64, "patch_size is 64, but it must be a whole number from 1 to 32 (img_size)"),
+    ("in_channels", 4, "in_channels is 4, but it must be 3"),
+    ("activation", "swish", "activation is 'swish', but it must be one of 'relu6', 'gelu', 'gelu_tanh', 'quick_gelu'"),
+    ("activation", 6, "activation is 6"),
+    ("mean", [], "mean is (), but it must be three finite numbers"),
+    ("mean", [0.5], "mean is (0.5,)"),
+    ("mean", "0.5", "mean is '0.5'"),
+    ("std", [0.5, 0.5], "std is (0.5, 0.5)"),
+    (
+        "std",
+        [0.5, 0.0, 0.5],
+        "std is (0.5, 0.0, 0.5), but it must be three finite numbers (one per channel) from 0.001",
+    ),
+    ("std", [0.5, -0.5, 0.5], "std is (0.5, -0.5, 0.5)"),
+    ("std", [0.5, float("nan"), 0.5], "std is (0.5, nan, 0.5)"),
+    ("layer_norm_eps", -1e-5, "layer_norm_eps is -1e-05, but it must be a finite number from 1e-12 to 1"),
+    ("layer_norm_eps", 0.0, "layer_norm_eps is 0.0"),
+    ("layer_norm_eps", float("nan"), "layer_norm_eps is nan"),
+    ("layer_norm_eps", float("inf"), "layer_norm_eps is inf"),
+    ("head_batch_norm_eps", -2e-5, "head_batch_norm_eps is -2e-05"),
+    ("mlp_ratio", 0, "mlp_ratio is 0, but it must be a finite number above 0"),
+    ("mlp_ratio", -4.0, "mlp_ratio is -4.0"),
+    ("mlp_ratio", 0.01, "mlp_ratio is 0.01, but the MLP width embed_dim * mlp_ratio must be from 1"),
+    ("depth", 3.0, "depth is 3.0, but it must be a whole number"),
+    ("depth", "3", "depth is '3'"),
+    ("depth", True, "depth is True"),
+    ("num_heads", None, "num_heads is None"),
+    ("qkv_bias", 1, "qkv_bias is 1, but it must be true or false"),
+    ("class_token", "yes", "class_token is 'yes'"),
+    ("head", "arcface", "head is 'arcface', but it must be one of"),
+    ("head", "cls", "class_token is false, but head 'cls' reads the class token"),
+    ("embedding_dim", 0, "embedding_dim is 0"),
+    ("embedding_dim", None, "embedding_dim is None with head 'face', but it must be null exactly when head is 'none'"),
+    ("color", "grey", "color is 'grey', but it must be one of 'rgb', 'bgr'"),
+    ("default_blocks", "7", "default_blocks is '7', which is no selection out of 3 blocks"),
+    ("default_blocks", "1", "default_blocks is '1', but it must select at least two blocks"),
+    ("default_blocks", 3, "default_blocks is 3"),
+    ("name", "", "name is ''"),
+]
+
+
+@pytest.mark.parametrize("field, value, expected", ABSURD, ids=[f"{f}={v!r}" for f, v, _ in ABSURD])
+def test_an_absurd_config_value_is_one_sentence_naming_the_field(saved, tmp_path, field, value, expected):
+    ckpt = _copy(saved, tmp_path)
+    meta = _meta(ckpt)
+    meta.pop("config_sha256")  # as a checkpoint from before the checksums, or a crafted one
+    meta["config"][field] = value
+    _write_meta(ckpt, meta)
+    message = _one_line_error(lambda: checkpoint.load_config(ckpt))
+    assert message.startswith(f"{ckpt / 'config.json'} holds an invalid config: ")
+    assert expected in message and message.endswith("; convert the checkpoint again.")
+    with pytest.raises(ConfigError) as caught:
+        ViTConfig.from_dict(meta["config"])
+    assert field in str(caught.value) and expected in str(caught.value)
+
+
+def test_every_preset_and_the_tiny_layouts_stay_valid():
+    for config in PRESETS.values():
+        assert ViTConfig.from_json(config.to_json()) == config
+
+
+def test_a_config_that_is_no_object_is_one_sentence(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    meta = _meta(ckpt)
+    meta.pop("config_sha256")
+    meta["config"] = [1, 2]
+    _write_meta(ckpt, meta)
+    assert (
+        _one_line_error(lambda: checkpoint.load_config(ckpt))
+        == f"{ckpt / 'config.json'} holds no config; convert the checkpoint again."
+    )
+
+
+def test_a_config_whose_shapes_disagree_with_the_stored_arrays_is_named(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    meta = _meta(ckpt)
+    for key in ("config_sha256", "weights_sha256", "files_sha256"):
+        meta.pop(key)
+    meta["config"]["depth"] = 4  # valid on its own, but the arrays hold 3 blocks
+    _write_meta(ckpt, meta)
+    message = _one_line_error(lambda: checkpoint.load(ckpt))
+    assert message.startswith(f"checkpoint {ckpt} does not match config 'testing': ")
+    assert "params/blocks/attn/qkv/kernel is (3, 16, 48) but should be (4, 16, 48)" in message
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [("layer_norm_eps", -1e-5, "layer_norm_eps is -1e-05"), ("std", [0.5, 0.0, 0.5], "std is (0.5, 0.0, 0.5)")],
+)
+def test_the_scorer_refuses_an_absurd_config_in_one_line(saved, tmp_path, capsys, field, value, expected):
+    ckpt = _copy(saved, tmp_path)
+    meta = _meta(ckpt)
+    meta.pop("config_sha256")
+    meta["config"][field] = value
+    _write_meta(ckpt, meta)
+    folder = faces_folder(tmp_path / "faces", n=2)
+    assert run(ckpt, "--images", str(folder), "--out", str(tmp_path / "s.csv")) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and expected in err
+    assert not (tmp_path / "s.csv").exists()

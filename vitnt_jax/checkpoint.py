@@ -1,13 +1,22 @@
 """Self-describing converted checkpoints: a directory with config.json and Orbax variables.
 
 Layout of DIR:
-  config.json   {"format": "vitnt-jax", "version": 1, "config": {...ViTConfig...}, "source": {...}}
+  config.json   {"format": "vitnt-jax", "version": 1, "config": {...ViTConfig...}, "source": {...},
+                 "config_sha256": "...", "weights_sha256": "..."}
   variables/    Orbax StandardCheckpointer tree {'params': ..., 'batch_stats': ...}
+
+The two checksums are written at conversion and verified on every load, so a damaged file (a
+flipped bit, a truncated copy, a hand edit) is refused instead of scoring with other weights:
+`config_sha256` covers the "config" entry as written, `weights_sha256` every array (see
+`weights_sha256`). `source` records the converted file's name and SHA-256 (see `describe`).
+Checkpoints written before the checksums existed still load, with a one-line warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +29,7 @@ from vitnt_jax.config import ViTConfig
 from vitnt_jax.errors import UserError
 from vitnt_jax.model import variable_shapes
 
+log = logging.getLogger(__name__)
 FORMAT = "vitnt-jax"
 VERSION = 1
 PyTree = Any
@@ -36,6 +46,55 @@ class CheckpointError(UserError):
 def _paths_and_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _flat(tree: PyTree) -> list[tuple[str, Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return sorted(("/".join(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat)
+
+
+def weights_sha256(variables: PyTree) -> str:
+    """Returns the SHA-256 over every array's path, dtype, shape and bytes, in path order.
+
+    The path order makes it independent of how the tree was built; dtype and shape make two trees
+    with equal bytes but different layouts differ.
+    """
+    digest = hashlib.sha256()
+    for path, leaf in _flat(variables):
+        array = np.ascontiguousarray(leaf)
+        digest.update(json.dumps([path, array.dtype.str, list(array.shape)]).encode() + b"\n")
+        digest.update(array.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files_sha256(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): _file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _config_sha256(config: Any) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _damaged(directory: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {directory} is damaged: its {what} do not match the checksum recorded when it was converted; "
+        "convert it again."
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    # TensorStore appends its whole JSON spec to the first line: keep the sentence before it.
+    line = next((x for x in str(error).splitlines() if x.strip()), "no detail")
+    line = line.split(" [tensorstore_spec=")[0]
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def check_variables(config: ViTConfig, variables: PyTree, what: str) -> None:
@@ -91,11 +150,25 @@ def save(
     try:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        arrays = jax.tree.map(np.asarray, variables)
+        # Stored in the dtypes `load` restores them as, so the checksum of what is read back is this one.
+        dtypes = {path: leaf.dtype for path, leaf in _flat(variable_shapes(config))}
+        arrays = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: np.asarray(leaf, dtype=dtypes["/".join(str(getattr(k, "key", k)) for k in path)]),
+            variables,
+        )
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(temporary / "variables", arrays)
         checkpointer.wait_until_finished()
-        meta = {"format": FORMAT, "version": VERSION, "config": json.loads(config.to_json()), "source": source or {}}
+        config_dict = json.loads(config.to_json())
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": config_dict,
+            "source": source or {},
+            "config_sha256": _config_sha256(config_dict),
+            "weights_sha256": weights_sha256(arrays),
+            "files_sha256": _files_sha256(temporary / "variables"),
+        }
         (temporary / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
@@ -146,13 +219,29 @@ def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
         raise CheckpointError(
             f"{meta_path} is not a version-{VERSION} vitnt-jax checkpoint; convert the checkpoint again."
         )
+    recorded = meta.get("config_sha256")
+    if recorded is not None and recorded != _config_sha256(meta.get("config")):
+        raise _damaged(directory, "config.json settings")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{meta_path} holds no config; convert the checkpoint again.")
     try:
         config = ViTConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError, NotImplementedError) as error:
+    except ValueError as error:  # ConfigError: one sentence naming the field, its value and what is allowed
         raise CheckpointError(
-            f"{meta_path} holds an invalid config ({error}); convert the checkpoint again."
+            f"{meta_path} holds an invalid config: {str(error).rstrip('.')}; convert the checkpoint again."
         ) from error
     return config, meta
+
+
+def weights_digest(directory: str | os.PathLike) -> str | None:
+    """Returns the weights checksum recorded in `directory` at conversion (None when it records none).
+
+    Reads config.json only; `load` is what verifies the arrays against it. Two checkpoints with the
+    same digest hold the same arrays.
+    """
+    _, meta = load_config(directory)
+    digest = meta.get("weights_sha256")
+    return digest if isinstance(digest, str) else None
 
 
 def describe(directory: str | os.PathLike) -> str:
@@ -178,20 +267,66 @@ def describe(directory: str | os.PathLike) -> str:
     return f"checkpoint {folder}"
 
 
+def _check_files(directory: Path, recorded: Any) -> None:
+    """Raises CheckpointError unless every file written under variables/ is there with its recorded SHA-256.
+
+    Checked before Orbax reads anything, so a damaged file is named here rather than failing (or
+    not) somewhere inside TensorStore.
+    """
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise _damaged(directory, "weights")
+    folder = directory / "variables"
+    for name, digest in sorted(recorded.items()):
+        path = folder / name
+        if ".." in Path(name).parts or not path.is_file():
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged: its weights file variables/{name} is missing; convert it again."
+            )
+        try:
+            if _file_sha256(path) != digest:
+                raise _damaged(directory, "weights")
+        except OSError as error:
+            raise CheckpointError(
+                f"cannot read the weights file {path} ({error.strerror or error}); check its permissions."
+            ) from error
+
+
 def load(directory: str | os.PathLike) -> tuple[ViTConfig, PyTree]:
     """Returns (config, variables) of the checkpoint in `directory`, checked strictly."""
     import orbax.checkpoint as ocp
 
-    config, _ = load_config(directory)
+    config, meta = load_config(directory)
+    directory = Path(directory)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), variable_shapes(config))
+    recorded = meta.get("weights_sha256")
+    _check_files(directory, meta.get("files_sha256"))
     try:
-        variables = ocp.StandardCheckpointer().restore(Path(directory).absolute() / "variables", target)
-    # What Orbax and TensorStore raise for missing, truncated or foreign files: FileNotFoundError,
-    # JSONDecodeError, ValueError (NOT_FOUND, DATA_LOSS), KeyError/TypeError for another tree.
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        # Orbax restores the stored shapes whatever the target says, so memory stays what the files
+        # hold; check_variables below names any disagreement with the config.
+        variables = ocp.StandardCheckpointer().restore(directory.absolute() / "variables", target)
+    # Whatever Orbax and TensorStore raise for missing, truncated, damaged or foreign files
+    # (FileNotFoundError, JSONDecodeError, ValueError DATA_LOSS, KeyError, TypeError, ...): the
+    # files are ours to read, so any failure reading them means the checkpoint is unusable.
+    except Exception as error:
+        detail = f"{type(error).__name__}: {_first_line(error)}"
+        if recorded is not None:
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged: its weights could not be read ({detail}); convert it again."
+            ) from error
         raise CheckpointError(
-            f"could not read the variables of {directory} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); convert the checkpoint again."
+            f"could not read the variables of {directory} ({detail}); convert the checkpoint again."
         ) from error
-    check_variables(config, variables, f"checkpoint {directory}")
+    if recorded is None:
+        check_variables(config, variables, f"checkpoint {directory}")
+        log.warning(
+            "checkpoint %s records no checksum of its weights (written by an older vitnt-jax), so damage to it "
+            "cannot be detected; convert it again to add one.",
+            directory,
+        )
+    elif weights_sha256(variables) != recorded:
+        raise _damaged(directory, "weights")
+    else:
+        check_variables(config, variables, f"checkpoint {directory}")
     return config, variables

@@ -4,13 +4,133 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal
+import math
+from typing import Any, Literal, get_args
+
+from vitnt_jax.errors import UserError
 
 Activation = Literal["relu6", "gelu", "gelu_tanh", "quick_gelu"]
 # Embedding heads: "face" = final norm -> flatten -> Dense -> BN -> Dense -> BN (CVLface,
 # insightface); "transface" = the same after TransFace's token gate (senet); "clip" = final norm
 # of the class token @ proj; "cls" = final norm of the class token (timm pre-logits); "none".
 Head = Literal["face", "transface", "clip", "cls", "none"]
+Color = Literal["rgb", "bgr"]
+
+# Upper bounds far above every released face or vision ViT (ViT-L: width 768, depth 24; CLIP:
+# 224 px), low enough that no config within them describes a model that cannot fit in memory.
+MAX_IMG_SIZE = 4096
+MAX_WIDTH = 16384
+MAX_DEPTH = 512
+MAX_MLP_DIM = 65536
+
+
+class ConfigError(UserError, ValueError):
+    """A config field with a value no model can have; the message names the field, its value and what is allowed."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _problems(c: ViTConfig) -> list[str]:
+    """Returns one clause per invalid field, each naming the field, its value and what is allowed."""
+
+    def whole(name: str, low: int, high: int, also: str = "") -> bool:
+        value = getattr(c, name)
+        if not _is_int(value) or not low <= value <= high:
+            found.append(f"{name} is {value!r}, but it must be a whole number from {low} to {high}{also}")
+            return False
+        return True
+
+    def real(name: str, low: float, high: float, *, open_low: bool = False) -> bool:
+        value = getattr(c, name)
+        ok = _is_real(value) and math.isfinite(value) and (low < value if open_low else low <= value) and value <= high
+        if not ok:
+            bound = f"above {low:g}" if open_low else f"from {low:g}"
+            found.append(f"{name} is {value!r}, but it must be a finite number {bound} to {high:g}")
+        return ok
+
+    def choice(name: str, allowed: tuple) -> None:
+        value = getattr(c, name)
+        if not isinstance(value, str) or value not in allowed:
+            found.append(f"{name} is {value!r}, but it must be one of {', '.join(map(repr, allowed))}")
+
+    def flag(name: str) -> None:
+        value = getattr(c, name)
+        if not isinstance(value, bool):
+            found.append(f"{name} is {value!r}, but it must be true or false")
+
+    def triple(name: str, low: float, high: float) -> None:
+        value = getattr(c, name)
+        ok = isinstance(value, tuple) and len(value) == 3
+        ok = ok and all(_is_real(v) and math.isfinite(v) and low <= v <= high for v in value)
+        if not ok:
+            found.append(
+                f"{name} is {value!r}, but it must be three finite numbers (one per channel) from {low:g} to {high:g}"
+            )
+
+    found: list[str] = []
+    if not isinstance(c.name, str) or not c.name or len(c.name) > 200:
+        found.append(f"name is {c.name!r}, but it must be a non-empty text of at most 200 characters")
+    if whole("img_size", 1, MAX_IMG_SIZE) and _is_int(c.patch_size):
+        whole("patch_size", 1, c.img_size, " (img_size)")
+    else:
+        whole("patch_size", 1, MAX_IMG_SIZE)
+    if c.in_channels != 3 or not _is_int(c.in_channels):
+        found.append(f"in_channels is {c.in_channels!r}, but it must be 3 (images are scored as RGB or BGR)")
+    if whole("embed_dim", 1, MAX_WIDTH) and _is_int(c.num_heads) and 1 <= c.num_heads:
+        if c.embed_dim % c.num_heads:
+            found.append(f"num_heads is {c.num_heads!r}, but it must divide embed_dim ({c.embed_dim})")
+    else:
+        whole("num_heads", 1, MAX_WIDTH)
+    whole("depth", 1, MAX_DEPTH)
+    if real("mlp_ratio", 0.0, MAX_MLP_DIM, open_low=True) and _is_int(c.embed_dim):
+        if not 1 <= int(c.embed_dim * c.mlp_ratio) <= MAX_MLP_DIM:
+            found.append(
+                f"mlp_ratio is {c.mlp_ratio!r}, but the MLP width embed_dim * mlp_ratio must be from 1 to {MAX_MLP_DIM}"
+            )
+    choice("activation", get_args(Activation))
+    for name in ("qkv_bias", "class_token", "patch_bias", "ln_pre"):
+        flag(name)
+    real("layer_norm_eps", 1e-12, 1.0)
+    choice("head", get_args(Head))
+    if c.head == "none" or c.embedding_dim is None:
+        if (c.head == "none") != (c.embedding_dim is None):
+            found.append(
+                f"embedding_dim is {c.embedding_dim!r} with head {c.head!r}, "
+                "but it must be null exactly when head is 'none'"
+            )
+    elif whole("embedding_dim", 1, MAX_WIDTH) and c.head == "cls" and c.embedding_dim != c.embed_dim:
+        found.append(
+            f"embedding_dim is {c.embedding_dim!r}, but head 'cls' gives the class token, so it must equal "
+            f"embed_dim ({c.embed_dim})"
+        )
+    if c.head in ("clip", "cls") and c.class_token is False:
+        found.append(f"class_token is false, but head {c.head!r} reads the class token, so it must be true")
+    real("head_batch_norm_eps", 1e-12, 1.0)
+    choice("color", get_args(Color))
+    # mean and std apply to pixels scaled to [0, 1]; a std near zero would overflow float32.
+    triple("mean", -10.0, 10.0)
+    triple("std", 1e-3, 10.0)
+    if not isinstance(c.default_blocks, str) or len(c.default_blocks) > 1000:
+        found.append(
+            f"default_blocks is {c.default_blocks!r}, but it must be a block selection such as 'all' or '0-19'"
+        )
+    elif _is_int(c.depth) and 1 <= c.depth <= MAX_DEPTH:
+        from vitnt_jax.selection import parse_blocks
+
+        try:
+            if len(parse_blocks(c.default_blocks, c.depth)) < 2:
+                found.append(f"default_blocks is {c.default_blocks!r}, but it must select at least two blocks")
+        except ValueError as error:
+            found.append(
+                f"default_blocks is {c.default_blocks!r}, which is no selection out of {c.depth} blocks ({error})"
+            )
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,20 +158,15 @@ class ViTConfig:
     head: Head = "face"
     embedding_dim: int | None = 512  # output width of the head ("cls": embed_dim; "none": None)
     head_batch_norm_eps: float = 2e-5
-    color: Literal["rgb", "bgr"] = "rgb"  # channel order the network expects
+    color: Color = "rgb"  # channel order the network expects
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    default_blocks: str = "all"
+    default_blocks: str = "all"  # a block selection (see vitnt_jax.selection), of at least two blocks
 
     def __post_init__(self):
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.")
-        if self.img_size < self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}.")
-        if self.head in ("clip", "cls") and not self.class_token:
-            raise ValueError(f"head {self.head!r} reads the class token; set class_token=True.")
-        if (self.head == "none") != (self.embedding_dim is None):
-            raise ValueError("embedding_dim must be None exactly when head is 'none'.")
+        problems = _problems(self)
+        if problems:
+            raise ConfigError(f"{'; '.join(problems)}.")
 
     @property
     def grid_size(self) -> int:
@@ -85,14 +200,19 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
-        """Returns the config a JSON dict describes; unknown fields are an error."""
+        """Returns the config a JSON dict describes; unknown fields are an error, and so is any invalid value.
+
+        Raises ConfigError (a ValueError) naming every invalid field, its value and what is allowed.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"the config is {type(data).__name__} {data!r:.80}, but it must be a JSON object.")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown config fields {unknown}; this checkpoint needs a newer vitnt-jax.")
+            raise ConfigError(f"unknown config fields {unknown}; this checkpoint needs a newer vitnt-jax.")
         data = dict(data)
         for key in ("mean", "std"):
-            if key in data:
+            if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         return cls(**data)
 
