@@ -151,3 +151,127 @@ def test_a_process_waiting_for_process_0_gives_up_in_time(tmp_path):
     finally:
         _stop(procs)
     assert rc1 == 1 and out1["error"].startswith("process 0 did not collect this process's status within 3 s"), out1
+
+
+# ------------------------------------------------------------------------------------------------ the supervisor
+
+
+def _supervise(tmp_path, code: str, **where) -> tuple[int, str]:
+    """Runs `distributed.supervise` in a fresh Python over a child running `code`; returns (status, stderr)."""
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(code))
+    parent = (
+        "import sys; from vitnt_jax import distributed; "
+        f"sys.exit(distributed.supervise([sys.executable, {str(child)!r}], **{where!r}))"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop(distributed.WORKER_ENV, None)
+    done = subprocess.run([sys.executable, "-c", parent], env=env, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr
+
+
+C_LOG = ("F1201", "Check failure", "*** ", "    @ ", "Traceback")
+
+
+def test_the_supervisor_passes_a_normal_child_through_in_order(tmp_path):
+    code = """
+        import os, sys
+        from vitnt_jax import distributed
+        assert distributed.is_worker()
+        sys.stderr.write("first\\n")
+        sys.stderr.write("W1201 23:04:06.702040   16349 some_file.cc:147] a C++ warning\\n")
+        sys.stderr.write("its second line\\nlast\\n")
+        sys.exit(3)
+    """
+    rc, err = _supervise(tmp_path, code)
+    assert rc == 3
+    assert err.splitlines() == [
+        "first",
+        "W1201 23:04:06.702040   16349 some_file.cc:147] a C++ warning",
+        "its second line",
+        "last",
+    ]
+
+
+def test_a_lost_coordinator_is_one_line_instead_of_the_abort(tmp_path):
+    # The records JAX 0.10's coordination client writes when process 0 is gone, then its abort.
+    code = """
+        import os, sys
+        sys.stderr.write("scoring 7 of 13 inputs\\n")
+        sys.stderr.flush()
+        os.write(2, b"E1201 23:04:06.702073   16349 coordination_service_agent.cc:289] Polled an error\\n"
+                    b"F1201 23:04:06.702122   16349 client.h:80] Terminating process because the JAX distributed "
+                    b"service detected fatal errors. absl::Status: UNAVAILABLE: Failed to send RPC to coordination "
+                    b"service. Either the leader task was preempted/died/restarted unexpectedly\\n"
+                    b"*** Check failure stack trace: ***\\n    @     0x7eff99840634  absl::LogMessage::SendToLog()\\n")
+        os.abort()
+    """
+    rc, err = _supervise(tmp_path, code, process=1, processes=2)
+    assert rc == 1
+    assert err.splitlines() == [
+        "scoring 7 of 13 inputs",
+        "error: process 0 stopped answering (killed or hung); every part is kept: rerun all processes with --resume.",
+    ]
+
+
+def test_a_cluster_that_never_forms_is_one_line(tmp_path):
+    port = _free_port()  # nobody listens: process 0 never started
+    code = f"""
+        from vitnt_jax import distributed
+        distributed.initialize(2, 1, "127.0.0.1:{port}", timeout_s=1)
+    """
+    started = time.monotonic()
+    rc, err = _supervise(tmp_path, code, process=1, processes=2, coordinator=f"127.0.0.1:{port}")
+    assert rc == 1 and time.monotonic() - started < 60
+    assert err.strip().splitlines()[-1] == (
+        f"error: process 1 could not join the 2-process cluster at 127.0.0.1:{port}: a process did not start in "
+        "time or cannot reach the coordinator; start every process with the same --coordinator and --num-processes."
+    ), err
+    assert not any(marker in err for marker in C_LOG), err
+
+
+def test_a_worker_ended_by_a_signal_is_one_line_with_128_plus_the_signal(tmp_path):
+    rc, err = _supervise(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert rc == 137
+    assert err.strip() == (
+        "error: this process's worker ended by SIGKILL; the rows written so far are kept: rerun with --resume."
+    )
+
+
+def test_killing_the_supervisor_kills_its_worker(tmp_path):
+    marker = tmp_path / "alive"
+    child = tmp_path / "child.py"
+    child.write_text(f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(distributed.WORKER_ENV, None)
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from vitnt_jax import distributed; distributed.supervise([{sys.executable!r}, {str(child)!r}])",
+        ],
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (marker.exists() and marker.read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker = int(marker.read_text())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _running(worker):
+            assert time.monotonic() < deadline, "the worker outlived its supervisor"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
