@@ -423,3 +423,32 @@ def test_a_forked_child_never_removes_its_parents_lock(tmp_path):
     # In a process of its own: this one has JAX's threads running, and forking it would warn.
     done = subprocess.run([sys.executable, "-c", _FORKS, str(tmp_path / "s.csv")], capture_output=True, timeout=60)
     assert done.stdout.decode().strip() == "still held True", done.stderr.decode()
+
+
+_RAW_HOLDER = textwrap.dedent(
+    """
+    import fcntl, sys, time
+    f = open(sys.argv[1], "r+b")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_the_refusal_names_the_holder_in_one_printable_line_whatever_the_lock_file_holds(tmp_path):
+    lock = tmp_path / "s.csv.lock"
+    lock.write_bytes(b"pid 7 on host \x1b[31mevil\x07 since then\nsecond line\n" + b"x" * 500)
+    child = subprocess.Popen([sys.executable, "-c", _RAW_HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(output.OutputError) as caught:
+            output.lock_output(tmp_path / "s.csv")
+        assert str(caught.value) == (
+            f"out {tmp_path / 's.csv'} is being written by another run (pid 7 on host [31mevil since then); wait "
+            "for it to finish or choose another out."
+        )
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        child.stdout.close()

@@ -78,7 +78,10 @@ class OutputLock:
             pass  # opening the lock file below says what is wrong
         for _ in range(100):  # each retry follows a holder that removed the file we opened: bounded
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                try:
+                    fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                except PermissionError:  # another user's lock file: a read-only descriptor locks it just as well
+                    fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as error:
                 raise OutputError(
                     slot + f"{self.path}: cannot create its lock file {self.lock_path} ({error.strerror}); "
@@ -88,8 +91,9 @@ class OutputLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                note = os.pread(fd, 200, 0).decode("utf-8", "replace").strip().splitlines()
                 os.close(fd)
+                holder = "".join(c for c in note[0][:120] if c.isprintable()) if note else ""
                 by = f" ({holder})" if holder else ""
                 raise OutputError(
                     slot + f"{self.path} is being written by another run{by}; wait for it to finish or choose {other}.",
