@@ -504,6 +504,7 @@ def write_results(
             with open(tmp, "w", newline="", encoding="utf-8") as f:
                 f.write(form.header(with_label))
                 form.write_rows(f, rows, with_label)
+                _sync(f)
             os.replace(tmp, path)
         except OSError as error:
             tmp.unlink(missing_ok=True)
@@ -633,6 +634,13 @@ def _write_npy(path: Path, shape: tuple[int, ...], arrays: Sequence[np.ndarray])
             f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
         )
         _copy_rows(f, arrays)
+        _sync(f)
+
+
+def _sync(file) -> None:
+    """Flushes `file` to the disk: a file about to be renamed onto its final name is whole there first."""
+    file.flush()
+    os.fsync(file.fileno())
 
 
 def refuse_existing(path: Path) -> None:
@@ -808,6 +816,7 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
                 merged.write(first[: len(first) - len(form.body(first))])
             for text in texts:
                 merged.write(text)
+            _sync(merged)
         for path in arrays:
             parts = [np.load(part_path(path, i, count), mmap_mode="r") for i in range(count)]
             if append and path.exists():
