@@ -83,20 +83,21 @@ def test_second_writers_are_refused_while_a_run_writes(tiny_checkpoint, tmp_path
 
 
 def test_a_held_lock_refuses_every_kind_of_run_before_anything_else(tiny_checkpoint, folder, tmp_path, capsys):
-    """Another process holds the lock of --out (or of the embeddings file): a fresh run, a --resume and an
-    --overwrite are each refused in one line, before even a bad model is looked at, and the files stay as
-    they were."""
-    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
-    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--save-embeddings", str(emb)) == 0
-    before = out.read_bytes(), emb.read_bytes()
+    """Another process holds the lock of --out (or of the embeddings file, or of the crops folder): a fresh run,
+    a --resume and an --overwrite are each refused in one line, before even a bad model is looked at, and the
+    files stay as they were."""
+    out, emb, crops = tmp_path / "s.csv", tmp_path / "e.npy", tmp_path / "crops"
+    outputs = ["--out", str(out), "--save-embeddings", str(emb), "--save-aligned", str(crops)]
+    assert run(tiny_checkpoint, "--images", str(folder), *outputs) == 0
+    before = out.read_bytes(), emb.read_bytes(), sorted(p.name for p in crops.iterdir())
     capsys.readouterr()
-    for held, flag in ((out, "--out"), (emb, "--save-embeddings")):
+    for held, flag in ((out, "--out"), (emb, "--save-embeddings"), (crops, "--save-aligned")):
         holder = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
                 textwrap.dedent(f"""
-                    import sys, time
+                    import sys
                     from vitnt_jax.output import lock_output
                     with lock_output({str(held)!r}):
                         print("locked", flush=True)
@@ -112,12 +113,11 @@ def test_a_held_lock_refuses_every_kind_of_run_before_anything_else(tiny_checkpo
         try:
             assert holder.stdout.readline().strip() == "locked"
             for extra in ([], ["--resume"], ["--overwrite"], ["--overwrite", "--model", "no_such_model"]):
-                argv = ["--images", str(folder), "--out", str(out), "--save-embeddings", str(emb), *extra]
                 model = [] if "--model" in extra else ["--model", str(tiny_checkpoint)]
-                assert pipeline_main([*argv, *model]) == 1
+                assert pipeline_main(["--images", str(folder), *outputs, *extra, *model]) == 1
                 line = _one_error_line(capsys.readouterr().err)
                 assert line.startswith(f"error: {flag} {held} is being written by another run"), line
-                assert (out.read_bytes(), emb.read_bytes()) == before
+                assert (out.read_bytes(), emb.read_bytes(), sorted(p.name for p in crops.iterdir())) == before
         finally:
             holder.communicate("", timeout=30)
 
