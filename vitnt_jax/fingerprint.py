@@ -1,14 +1,15 @@
 """The scoring settings of a result file, kept beside it so that `--resume` never mixes rows scored two ways.
 
-A run records the settings that decide a score in `<out>.settings.json` (see `settings_path`): the
-model's weights, the block selection, alpha, the metric, the aggregation (and the attention it reads
-when it reads one), the channel order, the alignment (with MTCNN: its weights and smallest face),
-the compute dtype and the matmul precision. A resume whose settings differ is refused in one
-sentence naming each difference (old -> new). Settings that only change how a score is computed,
-not its value (batch size, workers, micro-batch, parallel mode, attention kernel, devices,
-processes, progress), are not recorded: a result may be resumed on another machine with another
-batch size. There is no flag to force a resume across different settings: the rows could not be
-told apart afterwards, so such rows go to a new `--out` (or replace the old ones with `--overwrite`).
+A run records the settings that decide a score in `<out>.settings.json` (see `settings_path`):
+the model's weights and config (`model_identity`), the block selection, alpha, the metric, the
+aggregation (and the attention it reads when it reads one), the channel order, the alignment (with
+MTCNN: its weights and smallest face), the compute dtype and the matmul precision. A resume whose
+settings differ is refused in one sentence naming each difference (old -> new). Settings that only
+change how a score is computed, not its value (batch size, workers, micro-batch, parallel mode,
+attention kernel, devices, processes, progress), are not recorded: a result may be resumed on
+another machine with another batch size. There is no flag to force a resume across different
+settings: the rows could not be told apart afterwards, so such rows go to a new `--out` (or
+replace the old ones with `--overwrite`).
 
 A result written before settings were recorded has no such file: it is resumed with a warning, and
 the file is written then.
@@ -55,17 +56,22 @@ def settings_path(out: str | os.PathLike) -> Path:
 
 
 def model_identity(directory: str | os.PathLike, meta: Mapping[str, Any], shown: str) -> dict[str, str]:
-    """Returns {'weights': an id of the checkpoint's weights, 'shown': `shown`} for the settings record.
+    """Returns {'weights': an id of the checkpoint's weights and config, 'shown': `shown`} for the settings record.
 
-    The id is the SHA-256 of the checkpoint's metadata (its config, and what the conversion recorded of its
-    source file and checksums), so the same conversion compares equal wherever its folder lies; metadata
-    that records no checksum at all (random or older checkpoints) adds the folder's absolute path.
+    The id is a SHA-256 over the checkpoint's config and the checksum of its arrays recorded at conversion
+    (`weights_sha256`, see `vitnt_jax.checkpoint.weights_digest`), so the same weights compare equal wherever
+    their folder lies and however Orbax named its files. An older checkpoint without that checksum is
+    identified by its config and what its conversion recorded of the source file (its SHA-256), and one
+    that records neither by its whole metadata and its folder's absolute path.
     """
-    recorded = json.dumps(meta, sort_keys=True, default=str)
+    config = json.dumps(meta.get("config"), sort_keys=True, default=str)
     source = meta.get("source") if isinstance(meta.get("source"), Mapping) else {}
-    extra = set(meta) - {"format", "version", "config", "source"}
-    if not (source.get("sha256") or extra) and source.get("family") != "random":
-        recorded += "\n" + str(Path(directory).absolute())
+    if isinstance(meta.get("weights_sha256"), str):
+        recorded = f"{config}\nweights {meta['weights_sha256']}"
+    elif isinstance(source.get("sha256"), str):
+        recorded = f"{config}\nsource {json.dumps(source, sort_keys=True, default=str)}"
+    else:
+        recorded = f"{json.dumps(meta, sort_keys=True, default=str)}\nfolder {Path(directory).absolute()}"
     return {"weights": hashlib.sha256(recorded.encode()).hexdigest(), "shown": shown}
 
 
