@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import os
 import pickle
+import pickletools
+import re
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -84,16 +86,55 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except _TORCH_UNREADABLE as error:
-        text = str(error)
-        if "Unsupported global" in text or "Unsupported class" in text:
-            raise ConversionError(
-                f"{path} holds Python objects besides tensors, and we refuse to unpickle them; "
-                "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or safetensors."
-            ) from error
+        refused = refusal(error)
+        if refused is not None:
+            raise ConversionError(f"{path} {refused}") from error
         raise ConversionError(
             f"could not read {path} ({type(error).__name__}): the file is truncated or not a "
             "PyTorch checkpoint; download it again."
         ) from error
+
+
+# What torch's tensor-only unpickler says when it refuses a pickle (torch 2.13 words; older torch
+# said "Unsupported global" / "Unsupported class"). Each names what the file asked for.
+_ASKED_FOR = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),
+    re.compile(r"call reduce for unrecognized function (.+?)(?: which belongs to .*)?$", re.MULTILINE),
+    re.compile(r"Can only (?:build|create new object for) .*?but got (.+?)$", re.MULTILINE),
+    re.compile(r"Unsupported class (\S+)"),
+    re.compile(r"persistent_load (?:id must be tuple or int, but got|of storage is allowed, but got) (.+?)$", re.M),
+)
+_OPCODE = re.compile(r"Unsupported operand (\d+)")
+
+
+def refusal(error: BaseException) -> str | None:
+    """Returns why torch.load(weights_only=True) refused a file, as the rest of a sentence; None when it did not.
+
+    The sentence starts after the file's name: "<file> holds Python objects other than tensors (...)".
+    """
+    text = str(error)
+    if not isinstance(error, pickle.UnpicklingError) or not (
+        text.startswith("Weights only load failed") or "Unsupported global" in text or "Unsupported class" in text
+    ):
+        return None
+    fix = (
+        "refusing it, since loading it could run code: export a plain state_dict (torch.save(model.state_dict(), ...))"
+    )
+    for pattern in _ASKED_FOR:
+        found = pattern.search(text)
+        if found:
+            return f"holds Python objects other than tensors ({found.group(1).strip()}); {fix}."
+    found = _OPCODE.search(text)
+    if found:
+        code = int(found.group(1))
+        op = pickletools.code2op.get(chr(code)) if code < 256 else None
+        name = f"opcode {op.name}, 0x{code:02x}" if op else f"opcode 0x{code:02x}"
+        return (
+            f"holds a pickle instruction that no plain state_dict uses ({name}); {fix}, "
+            "or download it again if it should be one."
+        )
+    return f"holds Python objects other than tensors; {fix}."
 
 
 def to_numpy(value: Any) -> np.ndarray:

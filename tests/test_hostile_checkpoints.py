@@ -99,6 +99,7 @@ def test_weights_saved_in_another_dtype_load_as_float32_with_their_checksum(tmp_
     ckpt = checkpoint.save(tmp_path / "half", CFG, half)
     _, variables = checkpoint.load(ckpt)
     assert {a.dtype for a in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
+    assert checkpoint.weights_digest(ckpt) == checkpoint.weights_sha256(variables)
 
 
 def test_a_flipped_bit_in_any_file_of_the_weights_is_refused_in_one_line(saved, tmp_path, capfd):
@@ -244,9 +245,13 @@ def test_an_absurd_config_value_is_one_sentence_naming_the_field(saved, tmp_path
     assert field in str(caught.value) and expected in str(caught.value)
 
 
-def test_every_preset_and_the_tiny_layouts_stay_valid():
+def test_every_preset_stays_valid_and_a_bad_field_is_a_user_error():
+    from vitnt_jax.errors import UserError
+
     for config in PRESETS.values():
         assert ViTConfig.from_json(config.to_json()) == config
+    with pytest.raises(UserError, match=r"^depth is '3', but it must be a whole number from 1 to 512\.$"):
+        ViTConfig(depth="3")
 
 
 def test_a_config_that_is_no_object_is_one_sentence(saved, tmp_path):
@@ -288,3 +293,67 @@ def test_the_scorer_refuses_an_absurd_config_in_one_line(saved, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and expected in err
     assert not (tmp_path / "s.csv").exists()
+
+
+# ------------------------------------------------------------------------------ refused pickles
+
+
+class Payload:
+    """A class of this test: torch.save pickles it by reference, so loading it would import and build it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if ever unpickled
+
+
+def _torch_zip_with(pickled: bytes, path):
+    """A torch.save zip whose data.pkl is `pickled` (every other member as torch writes it)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, zipfile.ZipFile(path, "w") as out:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            out.writestr(info.filename, pickled if info.filename.endswith("/data.pkl") else data)
+    return path
+
+
+def _system_call(marker) -> bytes:
+    command = f"touch {marker}".encode()
+    return b"\x80\x02cos\nsystem\nX" + len(command).to_bytes(4, "little") + command + b"\x85R."
+
+
+@pytest.mark.parametrize(
+    "make, asked",
+    [
+        (lambda path, marker: torch.save({"w": torch.zeros(2), "x": Payload(marker)}, path), "io.open"),
+        (lambda path, marker: _torch_zip_with(_system_call(marker), path), "os.system"),
+    ],
+    ids=["open-by-reduce", "os.system"],
+)
+def test_a_pickle_asking_for_code_is_refused_naming_what_it_asked_for(tmp_path, capsys, make, asked):
+    marker = tmp_path / "payload-ran"
+    make(tmp_path / "model.pt", marker)
+    assert cvlface.main([str(tmp_path / "model.pt"), str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err == (
+        f"error: {tmp_path / 'model.pt'} holds Python objects other than tensors ({asked}); refusing it, since "
+        "loading it could run code: export a plain state_dict (torch.save(model.state_dict(), ...))."
+    )
+    assert not marker.exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_a_pickle_instruction_no_state_dict_uses_is_named(tmp_path):
+    from converters.state_dict import ConversionError, read_checkpoint
+
+    marker = tmp_path / "payload-ran"
+    path = _torch_zip_with(b"(V" + f"touch {marker}".encode() + b"\nios\nsystem\n.", tmp_path / "inst.pt")
+    with pytest.raises(ConversionError) as caught:
+        read_checkpoint(path)
+    assert str(caught.value).startswith(f"{path} holds a pickle instruction that no plain state_dict uses (opcode ")
+    assert "download it again if it should be one" in str(caught.value) and not marker.exists()
