@@ -367,15 +367,16 @@ def test_a_link_in_the_crops_folder_is_replaced_never_followed(tiny_checkpoint, 
     ]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("flag", ["--out", "--save-embeddings"])
-def test_output_paths_that_are_links_are_refused(tiny_checkpoint, folder, tmp_path, capsys, flag):
+@pytest.mark.parametrize(
+    "flag, name", [("--out", "s.csv"), ("--save-embeddings", "e.npy"), ("--save-embeddings", "e.npy.partial")]
+)
+def test_output_paths_that_are_links_are_refused(tiny_checkpoint, folder, tmp_path, capsys, flag, name):
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    link = tmp_path / ("s.csv" if flag == "--out" else "e.npy")
+    link = tmp_path / name
     link.symlink_to(victim)
-    paths = {"--out": tmp_path / "s.csv", "--save-embeddings": tmp_path / "e.npy"}
-    argv = ["--images", str(folder), "--overwrite", *(x for k, p in paths.items() for x in (k, str(p)))]
-    assert run(tiny_checkpoint, *argv) == 1
+    argv = ["--images", str(folder), "--overwrite", "--out", str(tmp_path / "s.csv")]
+    assert run(tiny_checkpoint, *argv, "--save-embeddings", str(tmp_path / "e.npy")) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: {flag} {link} is a symbolic link (to {victim})"), line
     assert victim.read_bytes() == b"precious"

@@ -914,9 +914,11 @@ def _outputs(job: Job, process: int, processes: int) -> list[tuple[str, Path]]:
 
 def _refuse_links(job: Job, process: int, processes: int) -> None:
     """Raises JobError for an output path that is a symbolic link (a result is never written through a link)."""
+    # Each output and the files written on the way to it: an array's rows and its finished .npy, a merge's result.
+    steps = {"out": ("", ".merging"), "save_embeddings": ("", ".partial", ".tmp.npy", ".merging.npy")}
     paths = []
     for name, path in _outputs(job, process, processes):
-        paths += [(name, path), (name, path.with_name(path.name + ".partial"))]
+        paths += [(name, path.with_name(path.name + s)) for s in steps.get(name, steps["save_embeddings"])]
     if process == 0:
         paths.append(("out", fingerprint.settings_path(job.out)))
     for name, path in paths:
