@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -234,7 +235,8 @@ def test_a_worker_ended_by_a_signal_is_one_line_with_128_plus_the_signal(tmp_pat
     rc, err = _supervise(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
     assert rc == 137
     assert err.strip() == (
-        "error: this process's worker ended by SIGKILL; the rows written so far are kept: rerun with --resume."
+        "error: this process's worker ended by SIGKILL; the rows written so far are kept: rerun all processes "
+        "with --resume."
     )
 
 
@@ -275,3 +277,64 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# Joins with a 3 s heartbeat, then waits (a process scoring a long share).
+HEARTBEAT_WORKER = """
+import sys, time
+from vitnt_jax import distributed
+distributed.HEARTBEAT_S = 3
+distributed.initialize(2, int(sys.argv[1]), f"127.0.0.1:{sys.argv[2]}", timeout_s=60)
+print("joined", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_peer_hung_past_the_heartbeat_is_one_line_not_jax_abort(tmp_path, victim):
+    worker = tmp_path / "worker.py"
+    worker.write_text(HEARTBEAT_WORKER)
+    port = str(_free_port())
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop(distributed.WORKER_ENV, None)
+    supervisors = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from vitnt_jax import distributed; "
+                f"sys.exit(distributed.supervise([sys.executable, {str(worker)!r}, '{i}', '{port}'], process={i}))",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        for proc in supervisors:
+            assert proc.stdout.readline() == "joined\n"
+        hung = next(int(e) for e in os.listdir("/proc") if e.isdigit() and _parent(int(e)) == supervisors[victim].pid)
+        os.kill(hung, signal.SIGSTOP)
+        started = time.monotonic()
+        err = supervisors[1 - victim].communicate(timeout=60)[1]
+        took = time.monotonic() - started
+    finally:
+        for proc in supervisors:
+            proc.kill()  # and with it its (stopped) worker
+            proc.communicate()
+    assert supervisors[1 - victim].returncode == 1
+    assert err.strip() == (
+        f"error: process {victim} stopped answering (killed or hung); every part is kept: rerun all processes with "
+        "--resume."
+    ), err
+    assert took < 30  # a few heartbeats
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1

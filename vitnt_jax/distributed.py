@@ -268,7 +268,6 @@ WORKER_ENV = "VITNT_JAX_WORKER"  # set in the child `supervise` starts: the chil
 HOLD_S = 2.0  # how long a C++ log record is held back: an abort follows its fatal record within milliseconds
 _CPP_RECORD = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ \]]+:\d+\] ")  # absl/glog line prefix
 _LOST_SERVICE = b"JAX distributed service detected fatal errors"  # the coordination client's fatal record
-_BENIGN = (b"Using experimental recoverable task feature",)  # logged because `initialize` asks for it
 
 
 def is_worker() -> bool:
@@ -319,10 +318,9 @@ def supervise(
     interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends Ctrl-C to the child as well
     out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
     held: list[tuple[float, bytes]] = []  # every line since the oldest C++ record not yet passed on, in order
+    recent = b""  # the child's last lines, passed on or not: what an abort is told apart by
 
     def emit(line: bytes) -> None:
-        if any(text in line for text in _BENIGN):
-            return
         if out is not None:
             out.write(line)
             out.flush()
@@ -337,6 +335,7 @@ def supervise(
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     break
+                recent = (recent + chunk)[-65536:]
                 *lines, partial = (partial + chunk).split(b"\n")
                 now = time.monotonic()
                 for line in lines:
@@ -355,21 +354,24 @@ def supervise(
         if child.poll() is None:  # this process is being stopped: the child goes with it
             child.kill()
             child.wait()
-    tail = b"".join(line for _, line in held) + partial
     if code >= 0:
         for _, line in held:
             emit(line)
         if partial:
             emit(partial + b"\n")
         return code
-    if _LOST_SERVICE in tail and not debug:
-        message = _lost_service_line(tail, process, processes, coordinator)
+    if _LOST_SERVICE in recent:
+        message = _lost_service_line(recent, process, processes, coordinator)
         code = 1
     else:
-        for _, line in held:
+        for _, line in held:  # an abort of another kind: its log is the evidence
             emit(line)
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
-        message = f"this process's worker ended by {name}; the rows written so far are kept: rerun with --resume."
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        message = f"this process's worker ended by {name}; the rows written so far are kept: rerun all processes "
+        message += "with --resume."
         code = 128 - code
     emit(f"error: {message}\n".encode())
     return code
@@ -385,11 +387,12 @@ def _lost_service_line(log: bytes, process: int | None, processes: int | None, c
             f"{who} could not join the {size}cluster{where}: a process did not start in time or cannot reach "
             "the coordinator; start every process with the same --coordinator and --num-processes."
         )
-    if b"leader task" in log or b"Failed to send RPC to coordination service" in log:
+    to_process_0 = (b"leader task", b"Failed to send RPC to coordination service", b"CoordinationService/Heartbeat")
+    if process != 0 and any(text in log for text in to_process_0):  # process 0 hosts the coordination service
         return f"process 0 stopped answering (killed or hung); {RESUME}"
     silent = re.search(rb"stopped sending heartbeats\):\s*([\d,\s]*\d)", log)  # the service names them
     if silent:
         ids = [int(i) for i in re.findall(rb"\d+", silent.group(1))]
         who = "process " + ", ".join(map(str, ids)) if len(ids) == 1 else "processes " + ", ".join(map(str, ids))
-        return f"{who} stopped answering (killed or hung) for {HEARTBEAT_S} s; {RESUME}"
+        return f"{who} stopped answering (killed or hung); {RESUME}"
     return f"another process stopped answering (killed or hung); {RESUME}"
