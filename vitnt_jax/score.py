@@ -25,8 +25,9 @@ the template; of several faces it keeps the largest whose box contains the image
 largest; a photo without a face keeps its row with the error "no face found". --align center crops a
 fixed face box instead. Other sizes are resized bilinearly. --color names the channel order the
 SOURCE holds: 'bgr' for files extracted channel-swapped from insightface packs. Higher quality =
-better. A file that cannot be read keeps its row, with an empty quality and the reason in the error
-column.
+better. A file that cannot be read, or whose score is not a finite number, keeps its row, with an
+empty quality and the reason in the error column. A run locks its outputs (OUT.lock beside each) until
+it ends: a second run on them is refused.
 """
 
 
@@ -190,11 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
         "index = position in the source (8+ digits), id made file-safe",
     )
     w = o.add_mutually_exclusive_group()
-    w.add_argument("--resume", action="store_true", help="continue an interrupted run: skip ids already in --out")
+    w.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: skip ids already in --out; refused when --out was scored with other "
+        "settings (model, blocks, alpha, metric, aggregation, colour, alignment, dtype, precision: recorded in "
+        "OUT.settings.json)",
+    )
     w.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace --out (and the .npy files and --save-aligned crops) if they exist",
+        help="replace --out (and the .npy files, the --save-aligned crops and the recorded settings) if they exist",
     )
     o.add_argument(
         "--on-error",
