@@ -26,10 +26,17 @@ resolves the model, scores this process's share and writes through `vitnt_jax.ou
 the loop without the writer (it yields `ScoredBatch`es), for callers that use the results themselves.
 
 Bad inputs: with on_error="record" (the default) an unreadable image (or, aligning with MTCNN, a
-photo without a face) keeps its row with an empty quality and the reason; with "fail" the rows
-before it are written and `InputError` is raised. Progress and warnings go to the `vitnt_jax`
-loggers; errors a user can fix are `vitnt_jax.errors.UserError`s (JobError, InputError,
-SourceError, OutputError) naming the setting by its field name.
+photo without a face, or an input whose scores are not all finite numbers) keeps its row with an
+empty quality and the reason; with "fail" the rows before it are written and `InputError` is raised.
+
+`run` locks every output for the whole run (`vitnt_jax.output.lock_output`; a second run on them is
+refused), records the scoring settings beside the result (`vitnt_jax.fingerprint`; a resume with
+other settings is refused), writes no file through a symbolic link, and checks the cheap things
+(outputs, model, blocks, recorded settings) before it opens the source or loads any weights.
+
+Progress and warnings go to the `vitnt_jax` loggers; errors a user can fix are
+`vitnt_jax.errors.UserError`s (JobError, InputError, SourceError, OutputError) naming the setting
+by its field name.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vitnt_jax import fingerprint, output
+from vitnt_jax import fingerprint
 from vitnt_jax.data import ALIGNS, Batch, ImageError, batches, read_image
 from vitnt_jax.errors import UserError
 from vitnt_jax.output import (
@@ -61,6 +68,7 @@ from vitnt_jax.output import (
     part_path,
     read_ids,
     refuse_existing,
+    render_id,
 )
 from vitnt_jax.sources import Source, SourceError, SourceSpec
 
@@ -566,7 +574,7 @@ def score_source(
         else out
     )
     done = set(writer.done_ids) if writer is not None else set()
-    todo = [k for k in (range(len(source)) if indices is None else indices) if _render(source.ids[k]) not in done]
+    todo = [k for k in (range(len(source)) if indices is None else indices) if render_id(source.ids[k]) not in done]
     stream = scored_batches(
         scorer,
         source,
@@ -883,15 +891,9 @@ def _wait_and_merge(job: Job, processes: int) -> None:
     logger.info("merged %d parts (%d new rows) into %s", processes, rows, job.out)
 
 
-def _render(image_id: str) -> str:
-    """Returns the text `image_id` is written as in a result file (what resuming compares against)."""
-    render = getattr(output, "render_id", None)
-    return render(image_id) if render is not None else image_id
-
-
 def _rendered_ids(source: Source) -> list[str]:
     """Returns every id of `source` as a result file writes it; raises SourceError when two come out the same."""
-    rendered = [_render(i) for i in source.ids]
+    rendered = [render_id(i) for i in source.ids]
     if len(set(rendered)) != len(rendered):
         seen: dict[str, int] = {}
         for k, text in enumerate(rendered):
