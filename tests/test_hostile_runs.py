@@ -399,6 +399,7 @@ def test_the_model_is_checked_before_the_source_is_opened(tiny_checkpoint, folde
         ([*new, "--model", "no_such_model"], "--model 'no_such_model' is neither a converted checkpoint folder"),
         ([*new, "--model", str(tmp_path / "nowhere")], str(tmp_path / "nowhere")),
         ([*new, "--model", str(tiny_checkpoint), "--blocks", "7"], "7"),
+        ([*new, "--model", "no_such_model", "--align", "none", "--mtcnn-weights", "w.npz"], "only applies to --align"),
         (["--out", str(done), "--model", str(tiny_checkpoint), "--resume", "--alpha", "3"], "with other settings"),
     ):
         assert pipeline_main(["--images", str(folder), *argv]) == 1

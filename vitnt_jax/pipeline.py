@@ -1059,6 +1059,8 @@ def _writer(out: Path, job: Job, source: Source, arrays) -> ResultWriter:
 def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None, held: contextlib.ExitStack) -> Summary:
     from vitnt_jax import checkpoint
 
+    if job.align is not None and job.align != "mtcnn":
+        _detector(job, job.align)  # MTCNN-only flags without MTCNN: flags first (later, the source's default)
     for name in ("out", "save_embeddings", "save_patch_quality"):
         if getattr(job, name) is not None:
             _check_writable(name, getattr(job, name))
