@@ -1,0 +1,451 @@
+"""Hostile and unlucky inputs: foreign image formats, special files, links, odd names, pack bombs, offline TFDS.
+
+Every crafted input is made here, small enough to run in a fraction of a second, yet the same shape as
+the attack it stands for.
+"""
+
+import io
+import os
+import pickle
+import socket
+import struct
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from vitnt_jax import data, sources
+from vitnt_jax.data import ImageError, read_image
+
+from helpers import png_bytes, smooth_faces
+
+# ---------------------------------------------------------------------------------------------- decoders
+
+
+def _saved(fmt: str, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (8, 8), 100).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _dds_unknown_pixel_format() -> bytes:
+    # 'DDS ' + a 124-byte header whose pixel format names an unknown FourCC: PIL's DDS plugin raised
+    # NotImplementedError on it, which ended the whole run.
+    header = struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + bytes(44)
+    pixel_format = struct.pack("<2I4s5I", 32, 0x4, b"XXXX", 0, 0, 0, 0, 0)
+    return b"DDS " + header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + bytes(64)
+
+
+# PostScript that would loop forever in Ghostscript, where one is installed.
+_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n{} loop\n"
+
+FOREIGN = {
+    "dds": (lambda: _saved("DDS"), "holds DDS data"),
+    "dds_unknown_fourcc": (_dds_unknown_pixel_format, "holds DDS data"),
+    "blp": (lambda: _saved("BLP", "P"), "holds BLP data"),
+    "spider": (lambda: _saved("SPIDER", "F"), "not a readable image"),  # SPIDER has no signature to name it by
+    "eps": (lambda: _EPS, "holds EPS data"),
+    "ico": (lambda: _saved("ICO"), "holds ICO data"),
+    "tiff": (lambda: _saved("TIFF"), "holds TIFF data"),
+    "gif": (lambda: _saved("GIF", "P"), "holds GIF data"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN))
+def test_other_formats_under_an_image_name_are_refused_without_decoding(tmp_path, kind):
+    make, message = FOREIGN[kind]
+    content = make()
+    (tmp_path / "face.png").write_bytes(content)
+    for source in (tmp_path / "face.png", content):
+        with pytest.raises(ImageError, match=message):
+            read_image(source)
+
+
+def test_each_foreign_file_in_a_folder_is_exactly_one_error_row(tmp_path):
+    good = smooth_faces(2, seed=4)
+    for i, face in enumerate(good):
+        (tmp_path / f"good{i}.png").write_bytes(png_bytes(face))
+    for kind, (make, _) in FOREIGN.items():
+        (tmp_path / f"{kind}.png").write_bytes(make())
+    src = sources.image_folder(tmp_path)
+    assert len(src) == len(FOREIGN) + 2
+    rows = list(data.batches(src.load, range(len(src)), 4, 8, workers=2))
+    errors = dict(zip(src.ids, [e for b in rows for e in b.errors], strict=True))
+    valid = dict(zip(src.ids, [bool(v) for b in rows for v in b.valid[: len(b.indices)]], strict=True))
+    assert [i for i in src.ids if valid[i]] == ["good0.png", "good1.png"]
+    assert all(errors[f"{kind}.png"] for kind in FOREIGN)
+    assert errors["good0.png"] == errors["good1.png"] == ""
+
+
+def test_foreign_images_inside_a_bin_pack_are_error_rows(tmp_path):
+    face = smooth_faces(1, seed=5)[0]
+    path = tmp_path / "pack.bin"
+    path.write_bytes(pickle.dumps(([png_bytes(face), _dds_unknown_pixel_format(), _EPS, _saved("BLP", "P")], [1, 0])))
+    src = sources.insightface_bin(path)
+    np.testing.assert_array_equal(src.load(0), face)
+    for i, message in ((1, "DDS"), (2, "EPS"), (3, "BLP")):
+        with pytest.raises(ImageError, match=f"holds {message} data"):
+            src.load(i)
+
+
+@pytest.mark.parametrize("error", [NotImplementedError("odd"), KeyError("tag"), RuntimeError("x"), ZeroDivisionError()])
+def test_any_decoder_failure_is_an_image_error(tmp_path, monkeypatch, error):
+    (tmp_path / "a.png").write_bytes(png_bytes(smooth_faces(1)[0]))
+
+    def broken(self):
+        raise error
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
+    with pytest.raises(ImageError, match=type(error).__name__):
+        read_image(tmp_path / "a.png")
+
+
+@pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt, SystemExit])
+def test_running_out_of_memory_or_an_interrupt_is_not_an_image_error(tmp_path, monkeypatch, error):
+    (tmp_path / "a.png").write_bytes(png_bytes(smooth_faces(1)[0]))
+
+    def broken(self):
+        raise error()
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
+    with pytest.raises(error):
+        read_image(tmp_path / "a.png")
+
+
+# ---------------------------------------------------------------------------------------------- special files
+
+
+def _returns_within(seconds, call):
+    """Returns ('ok', value) or ('error', exception) of call(), or None when it is still running after `seconds`."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("ok", call()))
+        except BaseException as error:  # noqa: BLE001 - handed back to the test
+            outcome.append(("error", error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else None
+
+
+def _unblock(fifo) -> None:
+    """Releases a reader stuck opening `fifo` (so a failing test leaves no thread holding a lock)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader waits on it
+        pass
+
+
+def test_a_fifo_named_like_an_image_is_an_error_row_at_once(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(smooth_faces(1)[0]))
+    os.mkfifo(tmp_path / "pipe.png")
+    src = sources.image_folder(tmp_path)
+    assert src.ids == ["a.png", "pipe.png"]
+    got = _returns_within(10, lambda: src.load(1))
+    _unblock(tmp_path / "pipe.png")
+    assert got is not None, "reading a FIFO blocked"
+    assert got[0] == "error" and isinstance(got[1], ImageError) and "named pipe" in str(got[1])
+    assert src.load(0).shape == (32, 32, 3)
+
+
+def test_a_list_naming_a_device_or_a_fifo_gives_error_rows(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"/dev/zero\n{tmp_path / 'pipe.png'}\n{tmp_path}\n")
+    src = sources.path_list(listing)
+    for index, message in ((0, "character device"), (1, "named pipe"), (2, "directory")):
+        got = _returns_within(10, lambda index=index: src.load(index))
+        _unblock(tmp_path / "pipe.png")
+        assert got is not None, f"reading {src.ids[index]} blocked"
+        assert got[0] == "error" and message in str(got[1])
+
+
+def test_a_list_that_is_a_pipe_nobody_writes_to_reads_as_empty(tmp_path):
+    os.mkfifo(tmp_path / "list.txt")
+    got = _returns_within(10, lambda: sources.path_list(tmp_path / "list.txt"))
+    _unblock(tmp_path / "list.txt")
+    assert got is not None, "opening a list FIFO without a writer blocked"
+    assert got[0] == "error" and "names no images" in str(got[1])
+
+
+def test_folder_links_are_not_followed(tmp_path):
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (images / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (images / "sub" / "a.png").write_bytes(png_bytes(smooth_faces(1)[0]))
+    (outside / "secret.png").write_bytes(png_bytes(smooth_faces(1, seed=1)[0]))
+    os.symlink(outside, images / "out")  # a link out of the tree (a link to / listed other processes' files)
+    os.symlink(images, images / "sub" / "loop")  # a loop back into it
+    src = sources.image_folder(images)
+    assert src.ids == ["sub/a.png"]
+    assert sorted(p.split(" ")[2] for p in src.problems) == ["out", "sub/loop"]
+    assert all("not followed" in p for p in src.problems)
+
+
+def test_file_links_are_read_only_inside_the_folder(tmp_path):
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (images / "sub").mkdir(parents=True)
+    outside.mkdir()
+    inner, secret = smooth_faces(2, seed=6)
+    (images / "sub" / "real.png").write_bytes(png_bytes(inner))
+    (outside / "secret.png").write_bytes(png_bytes(secret))
+    os.symlink(images / "sub" / "real.png", images / "inside.png")
+    os.symlink(outside / "secret.png", images / "outside.png")
+    os.symlink(images / "nothing.png", images / "broken.png")
+    os.symlink(images / "loop_b.png", images / "loop_a.png")
+    os.symlink(images / "loop_a.png", images / "loop_b.png")
+    src = sources.image_folder(images)
+    assert src.ids == ["broken.png", "inside.png", "loop_a.png", "loop_b.png", "outside.png", "sub/real.png"]
+    np.testing.assert_array_equal(src.load(1), inner)
+    np.testing.assert_array_equal(src.load(5), inner)
+    with pytest.raises(ImageError, match="outside the folder"):
+        src.load(4)
+    with pytest.raises(ImageError, match="file not found"):
+        src.load(0)
+    for index in (2, 3):
+        got = _returns_within(10, lambda index=index: src.load(index))
+        assert got is not None and got[0] == "error" and isinstance(got[1], ImageError)
+
+
+def test_a_file_swapped_for_a_link_after_listing_is_not_followed(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(png_bytes(smooth_faces(1)[0]))
+    (tmp_path / "secret.png").write_bytes(png_bytes(smooth_faces(1, seed=2)[0]))
+    src = sources.image_folder(images)
+    (images / "a.png").unlink()
+    os.symlink(tmp_path / "secret.png", images / "a.png")
+    with pytest.raises(ImageError, match="link"):
+        src.load(0)
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_and_read(tmp_path):
+    # os.walk returns such a name surrogate-escaped; the id keeps it, and the file reads by the same name.
+    face = smooth_faces(1, seed=7)[0]
+    with open(os.path.join(os.fsencode(tmp_path), b"bad_\xff.png"), "wb") as f:
+        f.write(png_bytes(face))
+    src = sources.image_folder(tmp_path)
+    assert src.ids == ["bad_\udcff.png"]
+    np.testing.assert_array_equal(src.load(0), face)
+
+
+# ---------------------------------------------------------------------------------------------- --list lines
+
+
+def test_list_lines_end_at_line_feed_only(tmp_path):
+    # str.splitlines also splits on these; a file name may hold every one of them.
+    names = [f"a{c}b.png" for c in ("\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\r")]
+    faces = smooth_faces(len(names), seed=8)
+    for name, face in zip(names, faces, strict=True):
+        (tmp_path / name).write_bytes(png_bytes(face))
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("".join(f"{n}\r\n" for n in names[:4]).encode() + "".join(f"{n}\n" for n in names[4:]).encode())
+    src = sources.path_list(listing, tmp_path)
+    assert src.ids == names
+    for i, face in enumerate(faces):
+        np.testing.assert_array_equal(src.load(i), face)
+
+
+# ---------------------------------------------------------------------------------------------- pack bombs
+
+
+def _op(name: str) -> bytes:
+    return getattr(pickle, name)
+
+
+def _repeated_reference_pack(n: int, size: int, kind: str) -> bytes:
+    """A pack whose image list refers n times to one `size`-byte object through the pickle memo."""
+    body = b"\x80\x05" + _op("EMPTY_LIST") + _op("MARK")
+    if kind == "bytearray":
+        body += _op("BYTEARRAY8") + struct.pack("<Q", size) + os.urandom(size) + _op("MEMOIZE")
+    elif kind == "bytes":
+        body += _op("BINBYTES") + struct.pack("<I", size) + os.urandom(size) + _op("MEMOIZE")
+    body += (_op("LONG_BINGET") + struct.pack("<I", 0)) * (n - 1) + _op("APPENDS")
+    return body + _op("EMPTY_LIST") + _op("TUPLE2") + _op("STOP")
+
+
+def _repeated_codec_pack(n: int, size: int) -> bytes:
+    """A protocol-2 pack calling _codecs.encode n times on one memoised `size`-character string."""
+    text = ("x" * size).encode()
+    body = b"\x80\x02" + _op("GLOBAL") + b"_codecs\nencode\n" + _op("BINPUT") + b"\x00"
+    body += _op("BINUNICODE") + struct.pack("<I", size) + text + _op("SHORT_BINUNICODE") + b"\x06latin1"
+    body += _op("TUPLE2") + _op("BINPUT") + b"\x01" + _op("POP") + _op("EMPTY_LIST") + _op("MARK")
+    body += (_op("BINGET") + b"\x00" + _op("BINGET") + b"\x01" + _op("REDUCE")) * n + _op("APPENDS")
+    return body + _op("EMPTY_LIST") + _op("TUPLE2") + _op("STOP")
+
+
+def _peak_bytes(call) -> tuple[object, int]:
+    tracemalloc.start()
+    try:
+        try:
+            outcome = call()
+        except Exception as error:  # noqa: BLE001 - handed back to the test
+            outcome = error
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "bytes"])
+def test_a_pack_repeating_one_image_by_reference_is_refused_before_copying(tmp_path, kind):
+    path = tmp_path / "bomb.bin"
+    path.write_bytes(_repeated_reference_pack(2000, 64 << 10, kind))  # 64 KiB file bytes, 125 MiB of images
+    got, peak = _peak_bytes(lambda: sources.insightface_bin(path))
+    assert isinstance(got, sources.SourceError), got
+    assert str(got).startswith(f"bin {path} is refused: its images hold {2000 * (64 << 10)} bytes, more than")
+    assert peak < 8 * path.stat().st_size, peak
+
+
+def test_a_pack_encoding_one_string_again_and_again_is_refused(tmp_path):
+    path = tmp_path / "codec_bomb.bin"
+    path.write_bytes(_repeated_codec_pack(2000, 64 << 10))
+    got, peak = _peak_bytes(lambda: sources.insightface_bin(path))
+    assert isinstance(got, sources.SourceError), got
+    assert "is refused: its strings encode to more bytes than the file holds" in str(got)
+    assert peak < 8 * path.stat().st_size, peak
+
+
+def test_a_pack_naming_a_huge_memo_index_costs_no_memory(tmp_path):
+    # The C unpickler sizes its memo by the largest index named: this 9-byte file asked it for 256 MiB
+    # (and with 0x7ffffff0, 32 GiB).
+    path = tmp_path / "memo.bin"
+    path.write_bytes(b"\x80\x02" + _op("NONE") + _op("LONG_BINPUT") + struct.pack("<I", 1 << 24) + _op("STOP"))
+    got, peak = _peak_bytes(lambda: sources.insightface_bin(path))
+    assert isinstance(got, sources.SourceError) and "not a (images, issame) pair" in str(got)
+    assert peak < 4 << 20, peak
+
+
+def test_a_pack_of_colliding_dict_keys_is_refused_at_once(tmp_path):
+    # Integers equal modulo 2**61 - 1 share one hash: building a dict of them takes quadratic time.
+    keys = [k * (2**61 - 1) for k in range(1, 5001)]
+    path = tmp_path / "dict.bin"
+    path.write_bytes(pickle.dumps(({key: None for key in keys}, [])))
+    started = time.monotonic()
+    with pytest.raises(sources.SourceError, match=r"not a \(images, issame\) pair \(it holds a dict\)"):
+        sources.insightface_bin(path)
+    assert time.monotonic() - started < 5  # a generous bound: refusing reads only the file's first opcodes
+
+
+def test_a_pack_of_many_empty_lists_is_refused(tmp_path):
+    path = tmp_path / "lists.bin"
+    path.write_bytes(b"\x80\x02" + _op("EMPTY_LIST") * 200_000 + _op("STOP"))  # 11 MiB of lists from 200 kB
+    got, peak = _peak_bytes(lambda: sources.insightface_bin(path))
+    assert isinstance(got, sources.SourceError) and "more than 13524 lists or tuples" in str(got), got
+    # At most one list (56 bytes) per 16 bytes of file is built before the refusal, plus the stack's pointers.
+    assert peak < 6 * path.stat().st_size, peak
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x80\x04" + b"\x8e" + struct.pack("<Q", 1 << 40) + b"abc", "unreadable"),  # BINBYTES8 of 1 TiB
+        (b"\x80\x05" + b"\x96" + struct.pack("<Q", 1 << 33) + b"abc", "unreadable"),  # BYTEARRAY8 of 8 GiB
+        (b"\x80\x04" + b"\x95" + struct.pack("<Q", 1 << 40) + b"N.", "unreadable"),  # FRAME of 1 TiB
+        (b"L" + b"9" * 100_000 + b"L\n.", "unreadable"),  # a 100,000-digit integer (quadratic to parse)
+        (b"\x80\x02" + b"(i" + b"os\nsystem\n" + b".", "refusing it"),  # INST
+        (b"\x80\x02" + b"\x82\x01" + b".", "refusing it"),  # EXT1
+        (b"\x80\x02" + b"Pid\n" + b".", "refusing it"),  # PERSID
+    ],
+)
+def test_packs_claiming_huge_sizes_or_calling_code_are_one_line(tmp_path, content, message):
+    path = tmp_path / "claim.bin"
+    path.write_bytes(content)
+    got, peak = _peak_bytes(lambda: sources.insightface_bin(path))
+    assert isinstance(got, sources.SourceError) and message in str(got), got
+    assert peak < 4 << 20, peak
+
+
+def test_a_pack_may_not_call_encode_with_another_codec(tmp_path):
+    # punycode's decoder is quadratic: a 733 KB pack pinned a CPU for hours.
+    class Punycode:
+        def __reduce__(self):
+            import codecs
+
+            return (codecs.encode, ("abc", "punycode"))
+
+    path = tmp_path / "punycode.bin"
+    path.write_bytes(pickle.dumps(([png_bytes(smooth_faces(1)[0]), Punycode()], [True]), protocol=2))
+    with pytest.raises(sources.SourceError, match=r"codec 'punycode'\); refusing it"):
+        sources.insightface_bin(path)
+
+
+# ---------------------------------------------------------------------------------------------- TFDS offline
+
+
+class _UnpreparedBuilder:
+    url_infos = {"https://downloads.example.invalid/lfw.tgz": None}
+    downloads = 0
+
+    def download_and_prepare(self, **kwargs):
+        type(self).downloads += 1
+        raise AssertionError("a download started although the network probe failed")
+
+
+def test_unprepared_tfds_offline_fails_in_one_line_before_any_download(monkeypatch, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    probed = []
+
+    def not_prepared(*args, **kwargs):
+        raise NotImplementedError("not prepared")
+
+    monkeypatch.setattr(tfds, "data_source", not_prepared)
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: _UnpreparedBuilder())
+    monkeypatch.setattr(sources, "probe", lambda host, port: probed.append((host, port)) or "timed out")
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    with pytest.raises(sources.SourceError) as got:
+        sources.tfds_source("lfw", data_dir=str(tmp_path))
+    assert probed == [("downloads.example.invalid", 443)] and _UnpreparedBuilder.downloads == 0
+    line = got.value.render(sources.flag_names())
+    assert line == (
+        f"TFDS dataset lfw is not prepared in {tmp_path} and the network is unreachable (downloads.example.invalid: "
+        "timed out); prepare it on a machine with network access (`tfds build lfw --file_format=array_record "
+        "--data_dir DIR`), copy DIR here and pass --data-dir DIR."
+    )
+
+
+def test_real_tfds_lfw_offline_fails_in_seconds_without_touching_the_network(monkeypatch, tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    reached = []
+
+    def no_network(*args, **kwargs):
+        reached.append(args[:2])
+        raise OSError("the test blocks the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(sources, "probe", lambda host, port: "blocked by the test")
+    got = _returns_within(60, lambda: sources.tfds_source("lfw", data_dir=str(tmp_path)))
+    assert got is not None, "opening an unprepared TFDS dataset offline did not return"
+    assert got[0] == "error" and isinstance(got[1], sources.SourceError), got
+    assert "not prepared in" in str(got[1]) and "blocked by the test" in str(got[1])
+    assert reached == []  # nothing but the (replaced) probe would have reached out
+
+
+def test_the_probe_answers_within_its_timeout():
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert sources.probe("127.0.0.1", port, timeout_s=2)  # refused: a reason, not None
+
+
+def test_the_probe_bounds_a_name_lookup_that_never_answers(monkeypatch):
+    release = threading.Event()
+
+    def stuck_lookup(*args, **kwargs):
+        release.wait(30)
+        raise OSError("late")
+
+    monkeypatch.setattr(socket, "getaddrinfo", stuck_lookup)
+    started = time.monotonic()
+    try:
+        why = sources.probe("downloads.example.invalid", 443, timeout_s=0.2)
+    finally:
+        release.set()
+    assert why == "no answer within 0.2 s" and time.monotonic() - started < 5
