@@ -10,8 +10,9 @@ Scores use the 196 patch tokens after `ln_post` (the tower's final LayerNorm); t
 `ln_post(class token) @ proj` (no transpose). Input: 224x224 RGB with CLIP's mean/std.
 
 TorchScript: OpenAI's `.pt` files are TorchScript archives, which `torch.load(weights_only=True)`
-cannot read. This converter, and only this one, opens them with `torch.jit.load`: TorchScript
-runs its own restricted interpreter, not Python's unpickler, so no Python object is created.
+cannot read and `torch.jit.load` would run (a crafted archive's `__setstate__` can write files).
+This converter reads their tensors with `converters.torchscript`, which runs nothing of the
+archive: the same state_dict `torch.jit.load(...).state_dict()` gives, or a one-line refusal.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converters import torchscript
 from converters.face_layout import flax_shapes
 from converters.state_dict import (
     ConversionError,
@@ -88,22 +90,10 @@ def read_clip(path: str | Path) -> dict:
     path = Path(path)
     if path.is_file() and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
-        if torchscript:
-            import torch
-
-            try:
-                return torch.jit.load(str(path), map_location="cpu").state_dict()
-            except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # a damaged archive
-                raise ConversionError(
-                    f"could not read the TorchScript archive {path} ({_first_line(error)}); download it again."
-                ) from error
+            scripted = any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+        if scripted:
+            return torchscript.read_state_dict(path)
     return read_checkpoint(path)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def convert_state_dict(

@@ -1,5 +1,6 @@
 """Checkpoints that are damaged, absurd or hostile: each is refused in one sentence, none runs code."""
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -357,3 +358,163 @@ def test_a_pickle_instruction_no_state_dict_uses_is_named(tmp_path):
         read_checkpoint(path)
     assert str(caught.value).startswith(f"{path} holds a pickle instruction that no plain state_dict uses (opcode ")
     assert "download it again if it should be one" in str(caught.value) and not marker.exists()
+
+
+# ------------------------------------------------------------------------------------ TorchScript
+
+TINY_CLIP = dataclasses.replace(
+    PRESETS["clip_vit_b16"],
+    name="tiny_clip",
+    img_size=32,
+    patch_size=8,
+    embed_dim=16,
+    depth=3,
+    num_heads=2,
+    embedding_dim=8,
+)
+
+
+class Layers(torch.nn.Module):
+    """Parameters, a buffer, a Linear without bias, a Sequential and a ModuleList: what state_dict walks."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+        self.plain = torch.nn.Linear(4, 4, bias=False)
+        self.seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        self.stack = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+        self.scale = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(1)))
+        self.register_buffer("offset", torch.arange(4.0))
+
+    def forward(self, x):
+        y = self.seq(self.plain(self.lin(x))) * self.scale + self.offset
+        for layer in self.stack:
+            y = layer(y)
+        return y
+
+
+class Hook(torch.nn.Module):
+    """A module whose __setstate__, which torch.jit.load runs, writes a file at a path the archive holds."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.marker = marker
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return (self.weight, self.marker, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.weight = state[0]
+        self.marker = state[1]
+        self.training = state[2]
+        torch.save(self.weight, self.marker)
+
+
+class HostileClip(torch.nn.Module):
+    """A traced CLIP with the hook beside it: one archive, as torch.jit.save writes it."""
+
+    def __init__(self, clip, marker: str):
+        super().__init__()
+        self.clip = clip
+        self.hook = Hook(marker)
+
+    def forward(self, x):
+        return self.hook(self.clip(x))
+
+
+def _traced_tiny_clip(path=None):
+    model = tr.perturb(tr.Clip(TINY_CLIP), seed=5)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, images, check_trace=False)
+    if path is not None:
+        torch.jit.save(traced.half(), str(path))  # fp16, as OpenAI's
+    return traced
+
+
+def _bits(tensor):
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        _traced_tiny_clip,
+        lambda path: torch.jit.save(torch.jit.script(Layers()), str(path)),
+        lambda path: torch.jit.save(torch.jit.trace(Layers(), torch.zeros(1, 3)).to(torch.bfloat16), str(path)),
+    ],
+    ids=["traced-clip-fp16", "scripted-layers", "traced-layers-bf16"],
+)
+def test_torchscript_weights_are_read_as_torch_jit_load_gives_them_without_running_it(tmp_path, save):
+    from converters import torchscript
+
+    path = tmp_path / "model.pt"
+    save(path)
+    want = torch.jit.load(str(path)).state_dict()
+    got = torchscript.read_state_dict(path)
+    assert list(got) == list(want)
+    for key in want:
+        assert (got[key].dtype, got[key].shape) == (want[key].dtype, want[key].shape), key
+        assert torch.equal(_bits(got[key]), _bits(want[key])), key
+
+
+def test_a_torchscript_archive_whose_setstate_writes_a_file_is_refused_and_writes_nothing(tmp_path, capsys):
+    from converters import clip
+
+    marker = tmp_path / "written-by-the-archive"
+    archive = tmp_path / "ViT-B-16.pt"
+    torch.jit.save(torch.jit.script(HostileClip(_traced_tiny_clip(), str(marker))), str(archive))
+    assert not marker.exists()
+    assert clip.main([str(archive), str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: the TorchScript archive {archive} is refused: its module __torch__.test_hostile_checkpoints.Hook "
+        "runs a __setstate__ method of its own when loaded, and only running its code could say what its weights "
+        "are; export a plain state_dict (torch.save(model.state_dict(), ...))."
+    )
+    assert not marker.exists() and not (tmp_path / "ckpt").exists()
+    torch.jit.load(str(archive))  # what the converter used to do: the archive's code runs
+    assert marker.exists()
+
+
+def _rewrite(path, member_suffix, content):
+    import zipfile
+
+    with zipfile.ZipFile(path) as source:
+        members = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w") as out:
+        for info, data in members:
+            out.writestr(info, content(data) if info.filename.endswith(member_suffix) else data)
+
+
+def test_a_torchscript_pickle_asking_for_code_is_refused(tmp_path):
+    from converters import clip
+    from converters.state_dict import ConversionError
+
+    marker = tmp_path / "payload-ran"
+    archive = tmp_path / "ViT-B-16.pt"
+    _traced_tiny_clip(archive)
+    _rewrite(archive, "/data.pkl", lambda _: _system_call(marker))
+    with pytest.raises(ConversionError) as caught:
+        clip.read_clip(archive)
+    assert str(caught.value).startswith(f"the TorchScript archive {archive} is refused: it asks for os.system, ")
+    assert not marker.exists()
+
+
+def test_a_torchscript_storage_shorter_than_its_tensors_is_damaged(tmp_path):
+    from converters import clip
+    from converters.state_dict import ConversionError
+
+    archive = tmp_path / "ViT-B-16.pt"
+    _traced_tiny_clip(archive)
+    _rewrite(archive, "/data/0", lambda data: data[: len(data) // 2])
+    with pytest.raises(ConversionError) as caught:
+        clip.read_clip(archive)
+    assert str(caught.value).startswith(f"could not read the TorchScript archive {archive} (storage 0 holds ")
+    assert str(caught.value).endswith("the file is truncated or damaged, download it again.")
