@@ -449,3 +449,37 @@ def test_the_probe_bounds_a_name_lookup_that_never_answers(monkeypatch):
     finally:
         release.set()
     assert why == "no answer within 0.2 s" and time.monotonic() - started < 5
+
+
+def test_tfds_images_are_decoded_by_read_image_and_ids_decode_none(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    face = smooth_faces(1, seed=9)[0]
+    blobs = [png_bytes(face), _EPS, _dds_unknown_pixel_format()]
+    opened = []
+
+    class Records:
+        class dataset_info:  # noqa: N801 - the attribute TFDS data sources carry
+            features = {"image": tfds.features.Image(), "label": tfds.features.Text()}
+
+        def __init__(self, decoders):
+            self.encoded = decoders is not None and isinstance(decoders.get("image"), tfds.decode.SkipDecoding)
+
+        def __len__(self):
+            return len(blobs)
+
+        def __getitem__(self, i):
+            if not self.encoded:  # TFDS's own decoding opens any format PIL knows
+                raise AssertionError("TFDS decoded an image")
+            return {"image": blobs[i], "label": b"someone"}
+
+    def data_source(name, split=None, data_dir=None, download=True, decoders=None):
+        opened.append(decoders)
+        return Records(decoders)
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    src = sources.tfds_source("lfw")
+    assert src.ids == ["lfw/train/0", "lfw/train/1", "lfw/train/2"] and src.labels == ["someone"] * 3
+    np.testing.assert_array_equal(src.load(0), face)
+    for i, what in ((1, "EPS"), (2, "DDS")):
+        with pytest.raises(ImageError, match=f"holds {what} data"):
+            src.load(i)

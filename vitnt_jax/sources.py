@@ -225,7 +225,11 @@ def tfds_source(
     n = len(data)
     if n == 0:
         raise SourceError(f"TFDS {name}:{split} holds no examples.")
-    first_example = data[0]
+    data = _encoded_images(tfds, data, name, split, data_dir, image_key)
+    try:
+        first_example = data[0]
+    except Exception as error:
+        raise SourceError(f"TFDS {name}:{split} cannot be read ({type(error).__name__}: {error}).") from error
     for key, option in ((image_key, "image_key"), (id_key, "id_key")):
         if key is not None and key not in first_example:
             raise SourceError(
@@ -260,6 +264,29 @@ def tfds_source(
 
     # LFW holds unaligned 250x250 photos: detect and align the face (an explicit alignment overrides it).
     return Source(f"tfds {name}:{split}", ids, labels, load, align="mtcnn" if name == "lfw" else None)
+
+
+def _encoded_images(tfds, data, name: str, split: str, data_dir: str | None, image_key: str):
+    """Returns the data source with `image_key` left encoded when it is a TFDS Image, else `data` itself.
+
+    read_image then decodes it (PNG and JPEG only, every failure one error row), instead of TFDS's own
+    decoding, which opens any format PIL knows; reading ids and labels also decodes no image.
+    """
+    try:
+        encoded = isinstance(data.dataset_info.features[image_key], tfds.features.Image)
+    except Exception:  # no such feature (reported below) or no metadata: decoded as TFDS decodes it
+        return data
+    if not encoded:
+        return data
+    skip = {image_key: tfds.decode.SkipDecoding()}
+    try:
+        raw = tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=skip)
+        raw[0]
+    except ModuleNotFoundError:  # TFDS's mock data (tfds.testing) needs TensorFlow to hand encoded images over
+        return data
+    except Exception:  # a damaged first record: the caller reads it again and says so
+        pass
+    return raw
 
 
 def _known_splits(tfds, name: str, data_dir: str | None) -> list[str]:
