@@ -483,3 +483,12 @@ def test_tfds_images_are_decoded_by_read_image_and_ids_decode_none(monkeypatch):
     for i, what in ((1, "EPS"), (2, "DDS")):
         with pytest.raises(ImageError, match=f"holds {what} data"):
             src.load(i)
+
+
+def test_a_pack_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path):
+    os.mkfifo(tmp_path / "pipe.bin")
+    for path in (tmp_path / "pipe.bin", "/dev/zero"):
+        got = _returns_within(10, lambda path=path: sources.insightface_bin(path))
+        _unblock(tmp_path / "pipe.bin")
+        assert got is not None, f"opening {path} as a pack blocked"
+        assert got[0] == "error" and "is not a regular file" in str(got[1]), got

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,13 +178,25 @@ def read_bin(path: str | Path) -> Pack:
         return PackError("{bin} " + f"{path} {reason}", field="bin")
 
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            content = _PackUnpickler(f, size).load()
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            raise IsADirectoryError(path)
+        # Non-blocking, then checked: a FIFO or a device given as the pack is refused, never waited on.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise fail("is not a regular file (a pipe or a device); pass the .bin file itself.")
+            os.set_blocking(fd, True)
+            content = _PackUnpickler(f, info.st_size).load()
+            size = info.st_size
+    except PackError:
+        raise
     except FileNotFoundError as error:
         raise fail("does not exist; check the path.") from error
     except IsADirectoryError as error:
         raise fail("is a folder; pass the .bin file itself.") from error
+    except PermissionError as error:
+        raise fail("cannot be read (permission denied); check its permissions.") from error
     except _Refused as error:
         raise fail(
             f"is not a plain insightface pack ({error}); refusing it, since loading it could run code."
