@@ -190,3 +190,27 @@ def test_the_testing_model_scores_a_folder_end_to_end_offline(cache, monkeypatch
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "quality", "error"] and [r[0] for r in rows[1:]] == ["0.png", "1.png", "2.png"]
     assert all(0 < float(r[1]) <= 1 and r[2] == "" for r in rows[1:])
+
+
+def test_an_unknown_name_fails_at_once_before_jax_or_any_download():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from vitnt_jax import models\n"
+        "def download(*args):\n"
+        "    raise AssertionError('downloaded')\n"
+        "try:\n"
+        "    models.resolve('clip_vit_b16', download=download)\n"
+        "except models.ModelError as error:\n"
+        "    print(error)\n"
+        "print('jax' in sys.modules, 'vitnt_jax.checkpoint' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    message, imported = out.strip().splitlines()
+    assert message == (
+        "model 'clip_vit_b16' is neither a converted checkpoint folder nor a known model name; did you mean "
+        f"clip_vit_b16_openai? (known names: {', '.join(models.MODELS)}; python -m vitnt_jax.models lists them)."
+    )
+    assert imported == "False False"

@@ -9,6 +9,7 @@ on the Hugging Face Hub, you get one sentence saying what to download and how to
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import socket
@@ -148,20 +149,24 @@ def hub_download(repo_id: str, filename: str, target: Path) -> Path:
 def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] | None = None) -> Path:
     """Returns the checkpoint folder for `spec`: a converted folder as given, or a named model.
 
-    A named model is converted once into cache_dir()/NAME; later calls reuse it.
+    A named model is converted once into cache_dir()/NAME; later calls reuse it. A name that is
+    neither a folder nor a known model fails at once, before JAX is imported or anything downloaded.
     """
-    from vitnt_jax import checkpoint
-
     path = Path(spec)
     if path.exists() or os.sep in str(spec) or str(spec).startswith("."):
         return path
     name = str(spec)
     if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.6)
         raise ModelError(
-            "{model} " + f"{name!r} is neither a converted checkpoint folder nor a known model name; "
-            f"known names: {', '.join(MODELS)} (python -m vitnt_jax.models lists them).",
+            "{model} "
+            + f"{name!r} is neither a converted checkpoint folder nor a known model name; "
+            + (f"did you mean {close[0]}? (" if close else "(")
+            + f"known names: {', '.join(MODELS)}; python -m vitnt_jax.models lists them).",
             field="model",
         )
+    from vitnt_jax import checkpoint
+
     model = MODELS[name]
     target = cache_dir() / name
     if model.family == "random":
