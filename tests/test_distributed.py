@@ -243,7 +243,10 @@ def test_a_worker_ended_by_a_signal_is_one_line_with_128_plus_the_signal(tmp_pat
 def test_killing_the_supervisor_kills_its_worker(tmp_path):
     marker = tmp_path / "alive"
     child = tmp_path / "child.py"
-    child.write_text(f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    child.write_text(
+        "import os, time\nfrom vitnt_jax import distributed\nassert distributed.is_worker()\n"
+        f"open({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(distributed.WORKER_ENV, None)
     parent = subprocess.Popen(
@@ -283,6 +286,7 @@ def _running(pid: int) -> bool:
 HEARTBEAT_WORKER = """
 import sys, time
 from vitnt_jax import distributed
+assert distributed.is_worker()
 distributed.HEARTBEAT_S = 3
 distributed.initialize(2, int(sys.argv[1]), f"127.0.0.1:{sys.argv[2]}", timeout_s=60)
 print("joined", flush=True)

@@ -45,7 +45,7 @@ LAUNCHER = textwrap.dedent(
     if distributed.is_worker():
         sys.exit(score.main(argv))
     args = score.build_parser().parse_args(argv)
-    command = [sys.executable, "-m", "vitnt_jax.score", *argv]
+    command = [sys.executable, __file__, *argv]  # the worker: this script, run as `is_worker()`
     sys.exit(distributed.supervise(command, process=args.process_id, processes=args.num_processes,
                                    coordinator=args.coordinator))
     """

@@ -1,6 +1,6 @@
-"""Multi-process coordination: join a JAX cluster and exchange one end-of-run status per process.
+"""Multi-process coordination: join a JAX cluster, exchange one end-of-run status per process, survive a lost one.
 
-Built on public JAX APIs only (`jax.distributed`, meshes, `jax.jit` over the processes' CPU devices).
+Built on public JAX APIs (`jax.distributed`, meshes, `jax.jit` over the processes' CPU devices).
 Each process scores its own share and writes its own part; at the end every process reports
 'ok' or 'failed: <reason>', and process 0 merges the parts only after all of them reported 'ok'.
 
@@ -8,8 +8,15 @@ The status exchange is a small collective between process 0 and each other proce
 (a 2-device gather of a fixed-size status string, run on the CPU devices so no accelerator
 collective is involved). A process that crashed or hangs never reaches that collective, so every
 wait runs in a worker thread with a deadline and ends in a `DistributedError` that names the
-process. A process that dies outright is usually noticed sooner by JAX's own heartbeat
-(`HEARTBEAT_S`), which stops every process with JAX's message.
+process; a peer killed during the exchange ends it at once (its connection closes).
+
+JAX itself ends a process with a C++ fatal log and SIGABRT when its coordination client loses the
+service: process 0 (which hosts it) died or hangs, a peer stopped sending heartbeats for `HEARTBEAT_S`
+seconds, or the cluster did not form within the join timeout. No setting of JAX 0.10 prevents that
+inside the process (`jax_enable_recoverability` keeps process 0 alive but lets it exit before the others
+have shut down, which can abort them at the end of a successful run; the client's missed-heartbeat
+callback cannot be called from Python), so the command line runs each process's work as a child of
+`supervise`, which turns that abort into one line naming the lost process.
 
     process, processes = initialize(num_processes, process_id, coordinator)
     ...                       # score this process's share
@@ -36,7 +43,7 @@ log = logging.getLogger(__name__)
 STATUS_BYTES = 1024  # fixed size of one status message (UTF-8, zero-padded): the gather needs equal shapes
 DEFAULT_TIMEOUT_S = 3600.0  # how long process k > 0 waits in `report` for process 0 to collect its status
 CONNECT_TIMEOUT_S = 300  # jax.distributed.initialize: how long to wait for every process to join
-HEARTBEAT_S = 100  # JAX's default: a process silent this long is declared dead and every process stops
+HEARTBEAT_S = 100  # JAX's default: a process silent this long is declared dead and the others are aborted
 TICK_S = 60.0  # how often a long wait calls `on_wait`
 RESUME = "every part is kept: rerun all processes with --resume."  # how every lost-process message ends
 
@@ -264,15 +271,35 @@ def _first_line(error: BaseException) -> str:
 # process can stop that (JAX 0.10 offers no switch, and its missed-heartbeat callback cannot be called from
 # Python), so the command line runs each process's work in a child and says what happened in one line.
 
-WORKER_ENV = "VITNT_JAX_WORKER"  # set in the child `supervise` starts: the child does the work itself
+WORKER_ENV = "VITNT_JAX_WORKER"  # the supervisor's pid, in the environment of the child `supervise` starts
 HOLD_S = 2.0  # how long a C++ log record is held back: an abort follows its fatal record within milliseconds
 _CPP_RECORD = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ \]]+:\d+\] ")  # absl/glog line prefix
 _LOST_SERVICE = b"JAX distributed service detected fatal errors"  # the coordination client's fatal record
 
 
+_supervisor: int | None = None  # the pid of this process's supervisor, once `is_worker` has seen it
+
+
 def is_worker() -> bool:
-    """Returns whether this process is the child of a `supervise` (and so does the work itself)."""
-    return os.environ.get(WORKER_ENV) == "1"
+    """Returns whether this process is the child of a `supervise` (and so does the work itself).
+
+    The first call also makes the child die with its supervisor (Linux: the parent-death signal
+    SIGKILL), and ends it at once when the supervisor is gone already; the variable is then removed
+    from the environment, so the child's own children are not workers.
+    """
+    global _supervisor
+    if _supervisor is None and os.environ.get(WORKER_ENV, "").isdigit():
+        _supervisor = int(os.environ.pop(WORKER_ENV))
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: a killed supervisor leaves its worker running
+            pass
+        if os.getppid() != _supervisor:  # the supervisor died before the signal was armed
+            os._exit(1)
+    return _supervisor is not None
 
 
 def supervise(
@@ -285,35 +312,19 @@ def supervise(
 ) -> int:
     """Returns the exit status of `command`, run as a child whose stderr passes through; a lost cluster is one line.
 
-    For the command line of a multi-process run: `command` re-runs it with `WORKER_ENV` set. When the child
+    For the command line of a multi-process run: `command` re-runs it with `WORKER_ENV` set, and the child
+    calls `is_worker()` first (which also makes it die with this process, SIGKILL included). When the child
     is aborted by JAX's coordination client, its C++ fatal log (held back `HOLD_S` seconds) is replaced by one
     line naming what was lost, and the status is 1; a child ended by another signal gets one line and 128 +
-    the signal. The child dies with this process (SIGKILL included) and receives its SIGTERM and SIGHUP;
-    Ctrl-C reaches it from the terminal. `debug`: C++ records pass through at once and are never dropped.
+    the signal. The child receives this process's SIGTERM and SIGHUP; Ctrl-C reaches it from the terminal.
+    `debug`: C++ records pass through at once and are never dropped (the one line still ends the output).
     """
     import select
     import signal
     import subprocess
 
-    parent = os.getpid()
-    try:  # loaded here: the child runs die_with_parent between fork and exec, where imports are unsafe
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-    except (OSError, AttributeError, ImportError):
-        prctl = None
-
-    def die_with_parent():
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killing the supervisor kills its worker
-        if os.getppid() != parent:  # the supervisor died before prctl took effect
-            os._exit(1)
-
-    child = subprocess.Popen(
-        command,
-        env={**os.environ, WORKER_ENV: "1"},
-        stderr=subprocess.PIPE,
-        preexec_fn=die_with_parent if prctl is not None else None,
-    )
+    # No preexec_fn: forking a process that runs JAX's threads is unsafe; the child arms its own death signal.
+    child = subprocess.Popen(command, env={**os.environ, WORKER_ENV: str(os.getpid())}, stderr=subprocess.PIPE)
     forward = {s: signal.signal(s, lambda n, _: child.send_signal(n)) for s in (signal.SIGTERM, signal.SIGHUP)}
     interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends Ctrl-C to the child as well
     out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
