@@ -492,3 +492,14 @@ def test_a_pack_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path):
         _unblock(tmp_path / "pipe.bin")
         assert got is not None, f"opening {path} as a pack blocked"
         assert got[0] == "error" and "is not a regular file" in str(got[1]), got
+
+
+def test_a_list_naming_a_file_whose_name_is_not_utf8_reads_it(tmp_path):
+    face = smooth_faces(1, seed=10)[0]
+    with open(os.path.join(os.fsencode(tmp_path), b"bad_\xff.png"), "wb") as f:
+        f.write(png_bytes(face))
+    (tmp_path / "list.txt").write_bytes(b"good.png\nbad_\xff.png\n")
+    (tmp_path / "good.png").write_bytes(png_bytes(face))
+    src = sources.path_list(tmp_path / "list.txt", tmp_path)
+    assert src.ids == ["good.png", "bad_\udcff.png"]
+    np.testing.assert_array_equal(src.load(1), face)

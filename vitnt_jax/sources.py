@@ -133,7 +133,8 @@ def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
     files written on Windows), so a name may hold any other character (form feed, U+2028, NEL, ...).
     The path is `root / line` when root is given. Empty lines (and lines of spaces and tabs only) are
     skipped. Listed links are followed (the list is the user's own choice); only regular files are read.
-    The list itself may be a file or a pipe (`--list <(find ...)`), never a device.
+    The list itself may be a file or a pipe (`--list <(find ...)`), never a device. It is UTF-8 text; a
+    name that is not UTF-8 keeps its bytes (surrogate-escaped, as `os.walk` gives them) and reads as named.
     """
     list_file = Path(list_file)
     try:
@@ -167,7 +168,8 @@ def _list_text(list_file: Path) -> str:
     fd = os.open(list_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     os.set_blocking(fd, True)
     # A byte-order mark is no part of the first path; newline="": lines are split by path_list, on LF only.
-    with open(fd, encoding="utf-8-sig", newline="") as f:
+    # A name that is not UTF-8 (a list written by `find`) keeps its bytes, surrogate-escaped as os.walk does.
+    with open(fd, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         return f.read()
 
 
@@ -207,6 +209,11 @@ def tfds_source(
         raise SourceError("{tfds} needs tensorflow-datasets: pip install 'vitnt-jax[tfds]'.", field="tfds") from error
     name, _, split = spec.partition(":")
     split = split or "train"
+    with _quiet("absl"):  # TFDS's warnings about a folder it looked in: the outcome is said in one sentence
+        return _tfds_source(tfds, name, split, data_dir, image_key, id_key, label_key, prepare)
+
+
+def _tfds_source(tfds, name, split, data_dir, image_key, id_key, label_key, prepare) -> Source:
     try:
         data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except tfds.core.DatasetNotFoundError as error:
@@ -360,7 +367,7 @@ def _prepare_and_open(tfds, name, split, data_dir):
             raise _offline(name, data_dir, f"{host[0]}: {why}")
     logger.info("TFDS %s is not prepared in ArrayRecord format; preparing it (this downloads it)...", name)
     try:
-        with _quiet_retries():
+        with _quiet("urllib3"):  # no warning per retry: a failure is one sentence
             builder.download_and_prepare(file_format="array_record")
     except ModuleNotFoundError as error:
         if "tensorflow" in str(error):
@@ -387,9 +394,9 @@ def _prepare_and_open(tfds, name, split, data_dir):
 
 
 @contextlib.contextmanager
-def _quiet_retries():
-    """Keeps urllib3's per-retry warnings out of the output while a download runs (a failure is one sentence)."""
-    chatty = logging.getLogger("urllib3")
+def _quiet(name: str):
+    """Keeps the warnings of logger `name` out of the output for a while; its level is restored after."""
+    chatty = logging.getLogger(name)
     level = chatty.level
     chatty.setLevel(max(level, logging.ERROR))
     try:
