@@ -117,7 +117,11 @@ def _folder_reader(path: str, inside: str) -> Callable[[], np.ndarray]:
     if not os.path.islink(path):
         return functools.partial(read_file, path, follow_links=False)  # swapped for a link since listing: refused
     target = os.path.realpath(path)
-    if os.path.commonpath([inside, target]) != inside:
+    try:
+        outside = os.path.commonpath([inside, target]) != inside
+    except ValueError:  # another drive (Windows)
+        outside = True
+    if outside:
         return functools.partial(_refuse, "is a link to a file outside the folder, not read (copy the file in)")
     return functools.partial(read_file, target, follow_links=False)
 
