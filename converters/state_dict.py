@@ -221,9 +221,11 @@ def apply_table(
         raise ConversionError(f"{what}: {'; '.join(parts)}.")
     stacks: dict[str, dict[int, np.ndarray]] = {}
     flat: dict[str, np.ndarray] = {}
-    mismatched = []
+    mismatched, broken = [], []
     for row in rows:
         value = row.transform(to_numpy(state[row.torch_key]))
+        if not np.isfinite(value).all():
+            broken.append(row.torch_key)
         full = want_shapes[row.flax_path]
         want = full[1:] if row.block is not None else full
         if tuple(value.shape) != tuple(want):
@@ -238,6 +240,11 @@ def apply_table(
             stacks.setdefault(row.flax_path, {})[row.block] = value
     if mismatched:
         raise ConversionError(f"{what}: {'; '.join(mismatched)}.")
+    if broken:  # a NaN or infinite weight makes every score NaN: refuse the file rather than convert it
+        raise ConversionError(
+            f"{what}: {_clip(broken)} hold NaN or infinite values; the file is damaged or was saved from a diverged "
+            "training run, get a sound copy."
+        )
     for path, blocks in stacks.items():
         flat[path] = np.stack([blocks[i] for i in range(len(blocks))])
     nested: dict = {}

@@ -280,6 +280,38 @@ def test_a_config_whose_shapes_disagree_with_the_stored_arrays_is_named(saved, t
 
 
 @pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("[" * 100_000 + "]" * 100_000, "maximum recursion depth exceeded"),
+        ('{"config": "' + "x" * (2 << 20) + '"}', "it is larger than 1048576 bytes"),
+    ],
+    ids=["nested-100000-deep", "2-MiB"],
+)
+def test_a_crafted_config_json_is_one_sentence(saved, tmp_path, text, reason):
+    ckpt = _copy(saved, tmp_path)
+    (ckpt / "config.json").write_text(text)
+    message = _one_line_error(lambda: checkpoint.load(ckpt))
+    assert message.startswith(f"{ckpt / 'config.json'} is unreadable (") and reason in message
+    assert message.endswith("; convert the checkpoint again.") and len(message) < 400
+    assert checkpoint.describe(ckpt) == f"checkpoint {ckpt}" and not checkpoint.is_checkpoint(ckpt)
+
+
+def test_weights_holding_nan_or_infinity_are_not_converted(tmp_path, capsys):
+    state = dict(tr.randomize(tr.FaceViT(CFG), seed=0).state_dict())
+    state["blocks.1.norm1.weight"] = state["blocks.1.norm1.weight"].clone()
+    state["blocks.1.norm1.weight"][3] = float("nan")
+    state["norm.bias"] = torch.full_like(state["norm.bias"], float("inf"))
+    torch.save(state, tmp_path / "model.pt")
+    assert cvlface.main([str(tmp_path / "model.pt"), str(tmp_path / "ckpt"), "--variant", "testing"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: the checkpoint does not match CVLface ViT-testing: [norm.bias, blocks.1.norm1.weight] hold NaN or "
+        "infinite values; the file is damaged or was saved from a diverged training run, get a sound copy."
+    )
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
     "field, value, expected",
     [("layer_norm_eps", -1e-5, "layer_norm_eps is -1e-05"), ("std", [0.5, 0.0, 0.5], "std is (0.5, 0.0, 0.5)")],
 )

@@ -181,11 +181,23 @@ def save(
     return directory
 
 
+MAX_META_BYTES = 1 << 20  # a config.json is ~2 KB; anything this large is no checkpoint's
+
+
+def _read_meta(path: Path) -> Any:
+    """Returns the parsed config.json; ValueError for one too large or not JSON (RecursionError: nested too deep)."""
+    with open(path, "rb") as f:
+        text = f.read(MAX_META_BYTES + 1)
+    if len(text) > MAX_META_BYTES:
+        raise ValueError(f"it is larger than {MAX_META_BYTES} bytes")
+    return json.loads(text)
+
+
 def is_checkpoint(directory: str | os.PathLike) -> bool:
     """Returns whether `directory` holds a vitnt-jax checkpoint (by its config.json)."""
     try:
-        meta = json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, ValueError):
+        meta = _read_meta(Path(directory) / "config.json")
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
@@ -212,8 +224,8 @@ def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
             "weights with `python -m converters.cvlface SRC DST` first."
         )
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as error:
+        meta = _read_meta(meta_path)
+    except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f"{meta_path} is unreadable ({error}); convert the checkpoint again.") from error
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(
@@ -253,9 +265,9 @@ def describe(directory: str | os.PathLike) -> str:
     """
     folder = Path(directory).absolute()
     try:
-        meta = json.loads((folder / "config.json").read_text())
+        meta = _read_meta(folder / "config.json")
         source = meta.get("source") if isinstance(meta, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         source = None
     if not isinstance(source, dict):
         return f"checkpoint {folder}"

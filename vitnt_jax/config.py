@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import reprlib
 from typing import Any, Literal, get_args
 
 from vitnt_jax.errors import UserError
@@ -28,6 +29,15 @@ class ConfigError(UserError, ValueError):
     """A config field with a value no model can have; the message names the field, its value and what is allowed."""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _show(value: Any) -> str:
+    # Bounded: a crafted config may hold a megabyte of text or a deeply nested list in a field.
+    return _REPR.repr(value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -42,7 +52,7 @@ def _problems(c: ViTConfig) -> list[str]:
     def whole(name: str, low: int, high: int, also: str = "") -> bool:
         value = getattr(c, name)
         if not _is_int(value) or not low <= value <= high:
-            found.append(f"{name} is {value!r}, but it must be a whole number from {low} to {high}{also}")
+            found.append(f"{name} is {_show(value)}, but it must be a whole number from {low} to {high}{also}")
             return False
         return True
 
@@ -51,18 +61,18 @@ def _problems(c: ViTConfig) -> list[str]:
         ok = _is_real(value) and math.isfinite(value) and (low < value if open_low else low <= value) and value <= high
         if not ok:
             bound = f"above {low:g}" if open_low else f"from {low:g}"
-            found.append(f"{name} is {value!r}, but it must be a finite number {bound} to {high:g}")
+            found.append(f"{name} is {_show(value)}, but it must be a finite number {bound} to {high:g}")
         return ok
 
     def choice(name: str, allowed: tuple) -> None:
         value = getattr(c, name)
         if not isinstance(value, str) or value not in allowed:
-            found.append(f"{name} is {value!r}, but it must be one of {', '.join(map(repr, allowed))}")
+            found.append(f"{name} is {_show(value)}, but it must be one of {', '.join(map(repr, allowed))}")
 
     def flag(name: str) -> None:
         value = getattr(c, name)
         if not isinstance(value, bool):
-            found.append(f"{name} is {value!r}, but it must be true or false")
+            found.append(f"{name} is {_show(value)}, but it must be true or false")
 
     def triple(name: str, low: float, high: float) -> None:
         value = getattr(c, name)
@@ -70,28 +80,30 @@ def _problems(c: ViTConfig) -> list[str]:
         ok = ok and all(_is_real(v) and math.isfinite(v) and low <= v <= high for v in value)
         if not ok:
             found.append(
-                f"{name} is {value!r}, but it must be three finite numbers (one per channel) from {low:g} to {high:g}"
+                f"{name} is {_show(value)}, but it must be three finite numbers (one per channel) "
+                f"from {low:g} to {high:g}"
             )
 
     found: list[str] = []
     if not isinstance(c.name, str) or not c.name or len(c.name) > 200:
-        found.append(f"name is {c.name!r}, but it must be a non-empty text of at most 200 characters")
+        found.append(f"name is {_show(c.name)}, but it must be a non-empty text of at most 200 characters")
     if whole("img_size", 1, MAX_IMG_SIZE) and _is_int(c.patch_size):
         whole("patch_size", 1, c.img_size, " (img_size)")
     else:
         whole("patch_size", 1, MAX_IMG_SIZE)
     if c.in_channels != 3 or not _is_int(c.in_channels):
-        found.append(f"in_channels is {c.in_channels!r}, but it must be 3 (images are scored as RGB or BGR)")
+        found.append(f"in_channels is {_show(c.in_channels)}, but it must be 3 (images are scored as RGB or BGR)")
     if whole("embed_dim", 1, MAX_WIDTH) and _is_int(c.num_heads) and 1 <= c.num_heads:
         if c.embed_dim % c.num_heads:
-            found.append(f"num_heads is {c.num_heads!r}, but it must divide embed_dim ({c.embed_dim})")
+            found.append(f"num_heads is {_show(c.num_heads)}, but it must divide embed_dim ({c.embed_dim})")
     else:
         whole("num_heads", 1, MAX_WIDTH)
     whole("depth", 1, MAX_DEPTH)
     if real("mlp_ratio", 0.0, MAX_MLP_DIM, open_low=True) and _is_int(c.embed_dim):
         if not 1 <= int(c.embed_dim * c.mlp_ratio) <= MAX_MLP_DIM:
             found.append(
-                f"mlp_ratio is {c.mlp_ratio!r}, but the MLP width embed_dim * mlp_ratio must be from 1 to {MAX_MLP_DIM}"
+                f"mlp_ratio is {_show(c.mlp_ratio)}, "
+                f"but the MLP width embed_dim * mlp_ratio must be from 1 to {MAX_MLP_DIM}"
             )
     choice("activation", get_args(Activation))
     for name in ("qkv_bias", "class_token", "patch_bias", "ln_pre"):
@@ -101,16 +113,16 @@ def _problems(c: ViTConfig) -> list[str]:
     if c.head == "none" or c.embedding_dim is None:
         if (c.head == "none") != (c.embedding_dim is None):
             found.append(
-                f"embedding_dim is {c.embedding_dim!r} with head {c.head!r}, "
+                f"embedding_dim is {_show(c.embedding_dim)} with head {_show(c.head)}, "
                 "but it must be null exactly when head is 'none'"
             )
     elif whole("embedding_dim", 1, MAX_WIDTH) and c.head == "cls" and c.embedding_dim != c.embed_dim:
         found.append(
-            f"embedding_dim is {c.embedding_dim!r}, but head 'cls' gives the class token, so it must equal "
+            f"embedding_dim is {_show(c.embedding_dim)}, but head 'cls' gives the class token, so it must equal "
             f"embed_dim ({c.embed_dim})"
         )
     if c.head in ("clip", "cls") and c.class_token is False:
-        found.append(f"class_token is false, but head {c.head!r} reads the class token, so it must be true")
+        found.append(f"class_token is false, but head {_show(c.head)} reads the class token, so it must be true")
     real("head_batch_norm_eps", 1e-12, 1.0)
     choice("color", get_args(Color))
     # mean and std apply to pixels scaled to [0, 1]; a std near zero would overflow float32.
@@ -118,17 +130,18 @@ def _problems(c: ViTConfig) -> list[str]:
     triple("std", 1e-3, 10.0)
     if not isinstance(c.default_blocks, str) or len(c.default_blocks) > 1000:
         found.append(
-            f"default_blocks is {c.default_blocks!r}, but it must be a block selection such as 'all' or '0-19'"
+            f"default_blocks is {_show(c.default_blocks)}, but it must be a block selection such as 'all' or '0-19'"
         )
     elif _is_int(c.depth) and 1 <= c.depth <= MAX_DEPTH:
         from vitnt_jax.selection import parse_blocks
 
         try:
             if len(parse_blocks(c.default_blocks, c.depth)) < 2:
-                found.append(f"default_blocks is {c.default_blocks!r}, but it must select at least two blocks")
+                found.append(f"default_blocks is {_show(c.default_blocks)}, but it must select at least two blocks")
         except ValueError as error:
             found.append(
-                f"default_blocks is {c.default_blocks!r}, which is no selection out of {c.depth} blocks ({error})"
+                f"default_blocks is {_show(c.default_blocks)}, which is no selection out of {c.depth} blocks "
+                f"({str(error).rstrip('.')})"
             )
     return found
 
@@ -205,7 +218,7 @@ class ViTConfig:
         Raises ConfigError (a ValueError) naming every invalid field, its value and what is allowed.
         """
         if not isinstance(data, dict):
-            raise ConfigError(f"the config is {type(data).__name__} {data!r:.80}, but it must be a JSON object.")
+            raise ConfigError(f"the config is {type(data).__name__} {_show(data)}, but it must be a JSON object.")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
