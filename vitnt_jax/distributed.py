@@ -332,11 +332,14 @@ def supervise(
     recent = b""  # the child's last lines, passed on or not: what an abort is told apart by
 
     def emit(line: bytes) -> None:
-        if out is not None:
-            out.write(line)
-            out.flush()
-        else:  # a text stream standing in for stderr (tests)
-            sys.stderr.write(line.decode("utf-8", "replace"))
+        try:
+            if out is not None:
+                out.write(line)
+                out.flush()
+            else:  # a text stream standing in for stderr (tests)
+                sys.stderr.write(line.decode("utf-8", "replace"))
+        except (OSError, ValueError):  # stderr closed or a broken pipe: the worker goes on, unheard
+            pass
 
     try:
         fd, partial = child.stderr.fileno(), b""
