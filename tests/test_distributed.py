@@ -342,3 +342,34 @@ def _parent(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_sigterm_to_the_supervisor_reaches_its_worker(tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text("import sys, time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(distributed.WORKER_ENV, None)
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from vitnt_jax import distributed; "
+            f"sys.exit(distributed.supervise([{sys.executable!r}, {str(child)!r}]))",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout.readline() == "ready\n"
+        parent.send_signal(signal.SIGTERM)
+        err = parent.communicate(timeout=30)[1]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 128 + signal.SIGTERM
+    assert err.strip() == (
+        "error: this process's worker ended by SIGTERM; the rows written so far are kept: rerun all processes "
+        "with --resume."
+    )
