@@ -410,8 +410,12 @@ def test_unprepared_tfds_offline_fails_in_one_line_before_any_download(monkeypat
     )
 
 
-def test_real_tfds_lfw_offline_fails_in_seconds_without_touching_the_network(monkeypatch, tmp_path):
+def test_real_tfds_lfw_offline_fails_in_seconds_without_touching_the_network(monkeypatch, tmp_path, caplog):
     pytest.importorskip("tensorflow_datasets")
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    levels = {name: logging.getLogger(name).level for name in ("absl", "urllib3")}
     reached = []
 
     def no_network(*args, **kwargs):
@@ -426,6 +430,8 @@ def test_real_tfds_lfw_offline_fails_in_seconds_without_touching_the_network(mon
     assert got[0] == "error" and isinstance(got[1], sources.SourceError), got
     assert "not prepared in" in str(got[1]) and "blocked by the test" in str(got[1])
     assert reached == []  # nothing but the (replaced) probe would have reached out
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []  # TFDS's folder warnings stay out
+    assert {name: logging.getLogger(name).level for name in levels} == levels  # and are heard again after
 
 
 def test_the_probe_answers_within_its_timeout():
