@@ -20,6 +20,7 @@ import io
 import pickle
 import pickletools
 import re
+import reprlib
 import struct
 import zipfile
 from collections import OrderedDict
@@ -90,6 +91,19 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     return storage.as_strided(tuple(size), tuple(stride), offset)
 
 
+def _show(value: Any, limit: int = 120) -> str:
+    """Returns a short one-line rendering of something a crafted pickle made (tensors by their shape only)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    text = value if isinstance(value, str) else _REPR.repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
 def _ints(values) -> bool:
     return isinstance(values, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
@@ -132,28 +146,28 @@ class _ArchiveUnpickler(pickle._Unpickler):
             return _StorageType(name)
         if module == "__torch__" or module.startswith("__torch__."):
             return _record_class(f"{module}.{name}")
-        raise _Refused(f"it asks for {module}.{name}")
+        raise _Refused(f"it asks for {_show(f'{module}.{name}')}")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise _Refused(f"it holds a persistent id {str(pid)[:80]} that is no tensor storage")
+            raise _Refused(f"it holds a persistent id {_show(pid)} that is no tensor storage")
         _, kind, key, _location, numel = pid
         if not isinstance(kind, _StorageType) or not isinstance(key, str) or not isinstance(numel, int):
-            raise _Refused(f"it holds a storage id {str(pid)[:80]} of another form")
+            raise _Refused(f"it holds a storage id {_show(pid)} of another form")
         return self._storage(key, kind, numel)
 
     def load_reduce(self):
         args = self.stack.pop()
         func = self.stack[-1]
         if not (any(func is f for f in _CALLABLES.values()) and isinstance(args, tuple)):
-            raise _Refused(f"it calls {type(func).__name__} {str(func)[:60]}")
+            raise _Refused(f"it calls {type(func).__name__} {_show(func)}")
         self.stack[-1] = func(*args)
 
     def load_newobj(self):
         args = self.stack.pop()
         cls = self.stack.pop()
         if not (isinstance(cls, type) and issubclass(cls, _RecordClass) and args == ()):
-            raise _Refused(f"it creates a {str(cls)[:60]}")
+            raise _Refused(f"it creates a {_show(cls)}")
         self.append(cls.make())
 
     def load_build(self):
@@ -235,17 +249,17 @@ def read_state_dict(path: str | Path) -> OrderedDict:
             return _read(archive, torch)
     except _Refused as error:
         raise ConversionError(
-            f"the TorchScript archive {path} is refused: {error}, and only running its code could say what "
-            "its weights are; export a plain state_dict (torch.save(model.state_dict(), ...))."
+            f"the TorchScript archive {path} is refused: {_show(str(error), 300)}, and only running its code could say "
+            "what its weights are; export a plain state_dict (torch.save(model.state_dict(), ...))."
         ) from error
     except (_Damaged, zipfile.BadZipFile, EOFError, pickle.UnpicklingError, KeyError, IndexError) as error:
         raise ConversionError(
-            f"could not read the TorchScript archive {path} ({error or type(error).__name__}); the file is "
-            "truncated or damaged, download it again."
+            f"could not read the TorchScript archive {path} ({_show(str(error), 300) or type(error).__name__}); "
+            "the file is truncated or damaged, download it again."
         ) from error
-    except (ValueError, TypeError, AttributeError, RecursionError, struct.error) as error:
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError, struct.error) as error:
         raise ConversionError(
-            f"could not read the TorchScript archive {path} ({type(error).__name__}: {str(error)[:120]}); the file "
+            f"could not read the TorchScript archive {path} ({type(error).__name__}: {_show(str(error))}); the file "
             "is damaged or no TorchScript archive, download it again."
         ) from error
 
