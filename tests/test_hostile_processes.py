@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
@@ -35,21 +34,6 @@ if jax.config.jax_compilation_cache_dir:  # tests/conftest.py's persistent cache
     )
 ENV.pop(distributed.WORKER_ENV, None)
 
-# What `python -m vitnt_jax.score` does for a multi-process run: supervise itself as a worker.
-LAUNCHER = textwrap.dedent(
-    """
-    import sys
-    from vitnt_jax import distributed, score
-
-    argv = sys.argv[1:]
-    if distributed.is_worker():
-        sys.exit(score.main(argv))
-    args = score.build_parser().parse_args(argv)
-    command = [sys.executable, __file__, *argv]  # the worker: this script, run as `is_worker()`
-    sys.exit(distributed.supervise(command, process=args.process_id, processes=args.num_processes,
-                                   coordinator=args.coordinator))
-    """
-)
 N = 120  # inputs: enough that a process is still scoring when its part holds its first rows
 TIMEOUT_S = 5  # --process-timeout of these runs
 C_LOG = re.compile(r"^[IWEF]\d{4} |Check failure|\*\*\* |^\s+@\s+0x|Traceback", re.M)
@@ -66,13 +50,11 @@ def faces(tmp_path_factory):
 
 
 def _start(tmp_path, ckpt, folder, out, *extra):
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(LAUNCHER)
     port = free_port()
     flags = ["--images", str(folder), "--model", str(ckpt), "--out", str(out), "--batch-size", "4"]
     return [
         subprocess.Popen(
-            [sys.executable, str(launcher), *flags, "--num-processes", "2", "--process-id", str(i)]
+            [sys.executable, "-m", "vitnt_jax.score", *flags, "--num-processes", "2", "--process-id", str(i)]
             + ["--coordinator", f"127.0.0.1:{port}", "--process-timeout", str(TIMEOUT_S), *extra],
             env=ENV,
             stdout=subprocess.DEVNULL,

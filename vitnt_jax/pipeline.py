@@ -864,7 +864,13 @@ def _initialize(job: Job) -> tuple[int, int]:
     from vitnt_jax import distributed
 
     try:
-        return distributed.initialize(job.num_processes, job.process_id, job.coordinator, job.distributed)
+        return distributed.initialize(
+            job.num_processes,
+            job.process_id,
+            job.coordinator,
+            job.distributed,
+            timeout_s=min(job.process_timeout, distributed.CONNECT_TIMEOUT_S),
+        )
     except distributed.DistributedError as error:
         if job.num_processes is None:
             raise JobError("{distributed} " + str(error), field="distributed") from error

@@ -259,6 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     """Runs `python -m vitnt_jax.score`; returns the exit status (0 ok, 1 user error, 2 bad flags, 130 Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_join_negative_blocks(argv))
+    from vitnt_jax import distributed
+
+    if (args.distributed or (args.num_processes or 1) > 1) and not distributed.is_worker():
+        # JAX aborts a process that loses its cluster (C++ log, exit 134): a supervisor says it in one line.
+        return distributed.supervise(
+            [sys.executable, "-m", "vitnt_jax.score", *argv],
+            process=args.process_id,
+            processes=args.num_processes,
+            coordinator=args.coordinator,
+            debug=cli.debug_wanted(args.debug),
+        )
 
     def body() -> int:
         from vitnt_jax import distributed, pipeline
