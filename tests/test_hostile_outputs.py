@@ -452,3 +452,91 @@ def test_the_refusal_names_the_holder_in_one_printable_line_whatever_the_lock_fi
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
         child.stdout.close()
+
+
+# ------------------------------------------------------------------------------------------------ links planted late
+
+
+def _two_parts(tmp_path, fmt="csv", ids=(["0.png"], ["1.png"]), width=2):
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    for k, part in enumerate(ids):
+        writer = output.ResultWriter(
+            output.part_path(out, k, len(ids)),
+            fmt=fmt,
+            arrays={"embedding": (output.part_path(emb, k, len(ids)), (width,))},
+        )
+        writer.write([output.Row(i, 0.5) for i in part], {"embedding": np.full((len(part), width), k, np.float32)})
+        writer.close(True)
+    return out, emb
+
+
+def _plant(tmp_path, name):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / name).symlink_to(victim)
+    return victim
+
+
+def _link_sentence(name):
+    return rf"{name} is a symbolic link; results are never written through a link: remove it, or give the file it "
+
+
+@pytest.mark.parametrize("name", ["s.csv", "e.npy.partial"])
+def test_a_resume_never_writes_through_a_link_at_the_table_or_its_arrays(tmp_path, name):
+    path, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    writer = output.ResultWriter(path, arrays={"embedding": (emb, (2,))})
+    writer.write([output.Row("a.png", 0.5)], {"embedding": np.ones((1, 2), np.float32)})
+    writer.close(False)
+    (tmp_path / name).rename(tmp_path / "moved")
+    victim = _plant(tmp_path, name)
+    victim.write_bytes((tmp_path / "moved").read_bytes() + b"torn")  # a resume through the link would cut it
+    before = victim.read_bytes()
+    with pytest.raises(output.OutputError, match=_link_sentence(name)):
+        output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (2,))})
+    assert victim.read_bytes() == before and (tmp_path / name).is_symlink()
+
+
+def test_the_table_is_opened_without_following_a_link_planted_after_the_checks(tmp_path, monkeypatch):
+    path = tmp_path / "s.csv"
+    victim = _plant(tmp_path, "s.csv")
+    monkeypatch.setattr(output.Path, "is_symlink", lambda self: False)  # the link comes after every check
+    with pytest.raises(output.OutputError, match=_link_sentence("s.csv")):
+        output.ResultWriter(path, overwrite=True)
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_link_at_the_temporary_npy_name_is_refused_and_a_leftover_file_there_is_replaced(tmp_path):
+    path, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    writer = output.ResultWriter(path, arrays={"embedding": (emb, (2,))})
+    writer.write([output.Row("a.png", 0.5)], {"embedding": np.ones((1, 2), np.float32)})
+    victim = _plant(tmp_path, "e.npy.tmp.npy")
+    with pytest.raises(output.OutputError, match=_link_sentence("e.npy.tmp.npy")):
+        writer.close(True)
+    assert victim.read_bytes() == b"precious" and (tmp_path / "e.npy.partial").exists() and not emb.exists()
+    (tmp_path / "e.npy.tmp.npy").unlink()
+    (tmp_path / "e.npy.tmp.npy").write_bytes(b"left by a killed run")
+    output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (2,))}).close(True)
+    np.testing.assert_array_equal(np.load(emb), np.ones((1, 2)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "s.csv", "victim"]
+
+
+@pytest.mark.parametrize("name", ["s.csv.merging", "e.npy.merging.npy"])
+def test_a_link_at_a_merge_temporary_is_refused_and_a_leftover_file_there_is_replaced(tmp_path, name):
+    out, emb = _two_parts(tmp_path)
+    victim = _plant(tmp_path, name)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(output.OutputError, match=_link_sentence(name)):
+        output.merge_parts(out, 2, "csv", [emb])
+    assert victim.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == before
+    (tmp_path / name).unlink()
+    (tmp_path / name).write_bytes(b"left by a killed merge")
+    assert output.merge_parts(out, 2, "csv", [emb]) == 2
+    assert [r.id for r in output.read_results(out)] == ["0.png", "1.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "s.csv", "victim"]
+
+
+def test_write_results_never_writes_through_a_link_at_its_temporary(tmp_path):
+    victim = _plant(tmp_path, "w.csv.partial")
+    with pytest.raises(output.OutputError, match=_link_sentence("w.csv.partial")):
+        output.write_results(tmp_path / "w.csv", [output.Row("a.png", 0.5)])
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "w.csv").exists()

@@ -44,6 +44,47 @@ def _slot(what: str | None) -> tuple[str, str, dict]:
     return "{" + what + "} ", "another {" + what + "}", {"field": what}
 
 
+def _link_error(path: Path, what: str | None) -> OutputError:
+    slot, _, kwargs = _slot(what)
+    return OutputError(
+        slot + f"{path} is a symbolic link; results are never written through a link: remove it, or give the file "
+        "it points to.",
+        **kwargs,
+    )
+
+
+def _nofollow(path, flags: int) -> int:
+    """`open`'s opener: never follows a link at the last component (it fails with ELOOP instead)."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+
+
+def _open(path: Path, mode: str, what: str | None = "out", **kwargs):
+    """Returns `open(path, mode)` without following a link there, even one planted after the checks: OutputError."""
+    try:
+        return open(path, mode, opener=_nofollow, **kwargs)
+    except OSError as error:
+        if error.errno == errno.ELOOP and os.path.islink(path):
+            raise _link_error(path, what) from None
+        raise
+
+
+def _create(path: Path, mode: str, what: str | None = "out", **kwargs):
+    """Returns a new file at `path` opened for writing (O_CREAT|O_EXCL|O_NOFOLLOW): a temporary to be renamed.
+
+    A link there is refused, never followed; a file there is the leftover of a killed run (its caller holds the
+    lock of the output the temporary belongs to) and is replaced.
+    """
+    for attempt in range(2):
+        try:
+            return open(path, mode.replace("w", "x"), opener=_nofollow, **kwargs)
+        except FileExistsError:
+            if os.path.islink(path):
+                raise _link_error(path, what) from None
+            if attempt:
+                raise
+            path.unlink()
+
+
 class OutputLock:
     """An exclusive lock on one output file, held by this run: `<file>.lock`, `flock`ed, removed on release.
 
@@ -424,9 +465,16 @@ def check_ids(ids: Sequence[str], fmt: str) -> list[str]:
     return shown
 
 
-def _read_text(path: Path) -> str:
-    """Returns the file's text; a UTF-8 character torn at its very end (a crash mid-write) is left out."""
-    data = path.read_bytes()
+def _read_text(path: Path, follow: bool = True) -> str:
+    """Returns the file's text; a UTF-8 character torn at its very end (a crash mid-write) is left out.
+
+    follow: False refuses a link at `path` (OutputError), for a file about to be changed.
+    """
+    if follow:
+        data = path.read_bytes()
+    else:
+        with _open(path, "rb") as f:
+            data = f.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -437,9 +485,9 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _complete_text(path: Path, form: ResultFormat | None = None) -> str:
+def _complete_text(path: Path, form: ResultFormat | None = None, follow: bool = True) -> str:
     """Returns the complete records of the file at `path` (`form` None: recognised from the content)."""
-    text = _read_text(path)
+    text = _read_text(path, follow)
     form = form or (CSV if CSV.matches(text) else REFERENCE)
     return text[: form.complete(text)]
 
@@ -501,13 +549,13 @@ def write_results(
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
         try:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
+            with _create(tmp, "w", newline="", encoding="utf-8") as f:
                 f.write(form.header(with_label))
                 form.write_rows(f, rows, with_label)
                 _sync(f)
             os.replace(tmp, path)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise _write_error(path, error, "run it again") from None
     finally:
         if held is not None:
@@ -522,13 +570,13 @@ def read_ids(path: Path, fmt: str, header: list[str]) -> list[str]:
     format's own rules (for CSV, a crash inside a quoted id holding a line break included).
     """
     form = _format(fmt)
-    text = _read_text(path)
+    text = _read_text(path, follow=False)
     kept = text[: form.complete(text)]
     rows = form.parse(kept, str(path), with_label=len(header) == 4)
     size = len(kept.encode("utf-8"))
     if size != path.stat().st_size:
         try:
-            with open(path, "r+b") as f:
+            with _open(path, "r+b") as f:
                 f.truncate(size)
         except OSError as error:
             raise _write_error(path, error) from None
@@ -536,44 +584,93 @@ def read_ids(path: Path, fmt: str, header: list[str]) -> list[str]:
 
 
 class ArraySink:
-    """Appends fixed-shape float32 rows to PATH.partial; `finish` writes PATH as .npy."""
+    """Appends fixed-shape float32 rows to PATH.partial; `finish` writes PATH as .npy.
 
-    def __init__(self, path: Path, row_shape: tuple[int, ...], rows_done: int, resume: bool):
-        self.path, self.row_shape = path, tuple(row_shape)
+    The partial file starts with an .npy header naming the row shape (and 0 rows), so a resume with rows of
+    another shape (another model's embedding size) is refused; a partial file written before it had the
+    header holds the rows only and resumes as before. what: the setting PATH came from, for messages.
+    """
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...], rows_done: int, resume: bool, what: str | None = None):
+        self.path, self.row_shape, self.what = path, tuple(row_shape), what
         self.partial = path.with_name(path.name + ".partial")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.row_bytes = int(np.prod(self.row_shape)) * 4
         self.file = None
+        self.offset = 0  # where the rows start in the partial file (after its header)
         try:
-            if resume:
-                if not self.partial.exists() and path.exists():
-                    self._unfinish(rows_done)
-                have = self.partial.stat().st_size // self.row_bytes if self.partial.exists() else 0
-                if have < rows_done:
-                    raise OutputError(
-                        f"{self.partial} holds {have} rows but the table holds {rows_done}; the array file belongs "
-                        "to another run: remove it or start again without resuming."
-                    )
-                with open(self.partial, "r+b" if self.partial.exists() else "wb") as f:
-                    f.truncate(rows_done * self.row_bytes)  # rows written after the table's last flush
+            if resume and not self.partial.exists() and path.exists():
+                self._unfinish(rows_done)
+            if resume and self.partial.exists():
+                with _open(self.partial, "r+b", what) as f:
+                    self.offset = self._check_header(f)
+                    have = (os.fstat(f.fileno()).st_size - self.offset) // self.row_bytes
+                    if have < rows_done:
+                        raise OutputError(
+                            f"{self.partial} holds {have} rows but the table holds {rows_done}; the array file "
+                            "belongs to another run: remove it or start again without resuming."
+                        )
+                    f.truncate(self.offset + rows_done * self.row_bytes)  # rows written after the table's last flush
             else:
-                self.partial.unlink(missing_ok=True)
-                self.partial.touch()
-            self.file = open(self.partial, "ab")  # noqa: SIM115 (closed in finish/close)
+                if rows_done:
+                    raise OutputError(
+                        f"{self.partial} is missing but the table holds {rows_done} rows; start again without resuming."
+                    )
+                self.partial.unlink(missing_ok=True)  # a link there goes, never its target
+                with _open(self.partial, "wb", what) as f:
+                    self.offset = self._write_header(f)
+            self.file = _open(self.partial, "ab", what)
         except OSError as error:
             raise _write_error(self.partial, error) from None
 
-    def _unfinish(self, rows_done: int) -> None:
-        array = np.load(self.path, mmap_mode="r")
-        if array.shape[1:] != self.row_shape:
+    def _write_header(self, f) -> int:
+        np.lib.format.write_array_header_1_0(f, _npy_header((0, *self.row_shape)))
+        f.flush()
+        return f.tell()
+
+    def _check_header(self, f) -> int:
+        """Returns where the rows start in the open partial file; OutputError for a header of another shape."""
+        if f.read(6) != b"\x93NUMPY":
+            return 0  # written before partial files had a header: rows only
+        f.seek(0)
+        try:
+            np.lib.format.read_magic(f)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        except ValueError:
             raise OutputError(
-                f"{self.path} has rows of shape {array.shape[1:]}, not {self.row_shape}; choose a new path."
+                f"{self.partial} has a damaged header; remove it and start again without resuming."
+            ) from None
+        if dtype != np.float32 or fortran or tuple(shape[1:]) != self.row_shape:
+            raise OutputError(
+                f"{self.partial} holds {dtype} rows of shape {tuple(shape[1:])}, not float32 rows of shape "
+                f"{self.row_shape} (another model or setting wrote it); start again without resuming, or choose "
+                "another path."
+            )
+        return f.tell()
+
+    def _unfinish(self, rows_done: int) -> None:
+        try:
+            array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise OutputError(
+                f"{self.path} is not a readable .npy file ({error}); remove it and start again without resuming."
+            ) from None
+        if array.dtype != np.float32 or array.ndim < 1 or array.shape[1:] != self.row_shape:
+            raise OutputError(
+                f"{self.path} holds {array.dtype} rows of shape {array.shape[1:]}, not float32 rows of shape "
+                f"{self.row_shape}; choose a new path."
+            )
+        if array.shape[0] < rows_done:
+            raise OutputError(
+                f"{self.path} holds {array.shape[0]} rows but the table holds {rows_done}; the array file belongs "
+                "to another run: remove it or start again without resuming."
             )
         try:
-            with open(self.partial, "wb") as f:
+            with _create(self.partial, "wb", self.what) as f:
+                self._write_header(f)
                 _copy_rows(f, [array[:rows_done]])
         except BaseException:
-            self.partial.unlink(missing_ok=True)  # a half-made copy would pass for the rows written
+            _discard(self.partial)  # a half-made copy would pass for the rows written
             raise
 
     def append(self, rows: np.ndarray) -> None:
@@ -598,17 +695,17 @@ class ArraySink:
         A failed write (a full disk) raises OutputError, leaves no temporary file and keeps the partial rows.
         """
         self.close()
-        n = self.partial.stat().st_size // self.row_bytes
-        data = np.memmap(self.partial, np.float32, "r", shape=(n, *self.row_shape)) if n else None
+        n = (self.partial.stat().st_size - self.offset) // self.row_bytes
+        data = np.memmap(self.partial, np.float32, "r", self.offset, (n, *self.row_shape)) if n else None
         tmp = self.path.with_name(self.path.name + ".tmp.npy")
         try:
-            _write_npy(tmp, (n, *self.row_shape), [data] if n else [])
+            _write_npy(tmp, (n, *self.row_shape), [data] if n else [], self.what)
             os.replace(tmp, self.path)
         except OSError as error:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise _write_error(self.path, error) from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise
         finally:
             del data
@@ -627,12 +724,23 @@ def _copy_rows(file, arrays: Sequence[np.ndarray]) -> None:
             file.write(np.ascontiguousarray(array[start : start + step], np.float32).tobytes())
 
 
-def _write_npy(path: Path, shape: tuple[int, ...], arrays: Sequence[np.ndarray]) -> None:
-    """Writes a float32 .npy of `shape` at `path` from `arrays` stacked along axis 0."""
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
-        )
+def _discard(path: Path) -> None:
+    """Removes the temporary at `path` if it is one (a file; a link or a folder there is not ours to remove)."""
+    try:
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _npy_header(shape: tuple[int, ...]) -> dict:
+    return {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+
+
+def _write_npy(path: Path, shape: tuple[int, ...], arrays: Sequence[np.ndarray], what: str | None = None) -> None:
+    """Writes a float32 .npy of `shape` as a new file at `path` (never through a link) from `arrays` stacked."""
+    with _create(path, "wb", what) as f:
+        np.lib.format.write_array_header_1_0(f, _npy_header(shape))
         _copy_rows(f, arrays)
         _sync(f)
 
@@ -701,6 +809,8 @@ class ResultWriter:
             raise
 
     def _open(self, path: Path, arrays, resume: bool, overwrite: bool, with_label: bool) -> None:
+        if path.is_symlink():
+            raise _link_error(path, "out")
         exists = path.exists()
         if not (resume or overwrite):
             refuse_existing(path)
@@ -714,7 +824,7 @@ class ResultWriter:
         # A file cut off before its header was complete holds nothing: start it afresh.
         fresh = not (exists and resume) or path.stat().st_size == 0
         try:
-            self.file = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115
+            self.file = _open(path, "w" if fresh else "a", newline="", encoding="utf-8")
             if fresh:
                 self.file.write(self.format.header(with_label))
                 self.file.flush()  # before the first batch (and its compilation) can be interrupted
@@ -722,7 +832,10 @@ class ResultWriter:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise  # a path that cannot be written at all: the caller names the setting to change
             raise _write_error(path, error) from None
-        self.sinks = {name: ArraySink(p, shape, len(self.done_ids), not fresh) for name, (p, shape) in arrays.items()}
+        self.sinks = {
+            name: ArraySink(p, shape, len(self.done_ids), not fresh, _ARRAY_FIELDS.get(name))
+            for name, (p, shape) in arrays.items()
+        }
 
     def write(self, rows: Sequence[Row], arrays: dict[str, np.ndarray] | None = None) -> None:
         """Appends rows (and their array rows, written first) and flushes both to disk.
@@ -777,63 +890,117 @@ def part_path(path: Path, index: int, count: int) -> Path:
 
 
 def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, append: bool = False) -> int:
-    """Concatenates the parts of `count` processes into `out` (and each array file); returns the rows.
+    """Concatenates the parts of `count` processes into `out` (and each array file); returns the rows added.
 
     append: keep what `out` (and each array file) already holds and add the parts after it
-    (a --resume of a finished multi-process run). Refuses parts whose table and arrays disagree.
-    Rows are copied byte for byte (each part's complete records, as its format parses them, so quoted
-    and escaped ids stay as written). Every merged file is written whole beside its target first and
-    only then renamed over it: a failed write (a full disk) changes nothing, removes its temporary
-    files, keeps every part and raises OutputError. Takes no lock: a caller merging while others may
+    (a --resume of a finished multi-process run). Refuses, changing nothing, a missing part, parts whose
+    table and arrays disagree, arrays of another shape, and an id that two parts (or a part and `out`)
+    both hold. A part whose ids `out` already holds, every one, is the leftover of a merge killed while it
+    removed the parts: it is not added again. Rows are copied byte for byte (each part's complete records,
+    as its format parses them, so quoted and escaped ids stay as written). Every merged file is written
+    whole beside its target first and only then renamed over it, the table last: a failed write (a full
+    disk) changes nothing, removes its temporary files, keeps every part and raises OutputError; a merge
+    killed at any point is finished by merging again. Takes no lock: a caller merging while others may
     run holds `lock_output(out)`.
     """
     form = _format(fmt)
-    texts, counts = [], []
+    kept, have = "", []
+    if append and out.exists():
+        kept = _complete_text(out, form, follow=False)
+        have = [r.id for r in form.parse(kept, str(out))]
+    seen = dict.fromkeys(have, -1)  # id -> the part holding it (-1: out)
+    heads, texts, counts, merged = [], [], [], []
     for i in range(count):
         # Read as written (no newline translation), rows counted as the format parses them: an id may hold '\n'.
         path = part_path(out, i, count)
-        whole = _read_text(path)
-        whole = whole[: form.complete(whole)]
-        texts.append(form.body(whole))
-        counts.append(len(form.parse(whole, str(path))))
-    for path in arrays:
-        for i in range(count):
-            rows = np.load(part_path(path, i, count), mmap_mode="r").shape[0]
-            if rows != counts[i]:
+        try:
+            whole = _complete_text(path, form, follow=False)
+        except FileNotFoundError:
+            raise OutputError(
+                f"part {i} of {out} ({path}) is missing; rerun all processes with " + "{resume}.", field="resume"
+            ) from None
+        ids = [r.id for r in form.parse(whole, str(path))]
+        body = form.body(whole)
+        heads.append(whole[: len(whole) - len(body)])
+        counts.append(len(ids))
+        again = [k for k in ids if seen.get(k) == -1]
+        if ids and len(again) == len(ids) and len(set(ids)) == len(ids):
+            merged.append(False)  # left by a merge that was killed after renaming: already in out
+            texts.append("")
+            continue
+        for k in ids:
+            if k in seen:
+                where = f"{out}" if seen[k] == -1 else f"part {seen[k]}"
                 raise OutputError(
-                    f"part {i} of {path} holds {rows} rows but its table {counts[i]}; rerun that process resuming it."
+                    f"part {i} of {out} holds the id {k[:200]!r} that {where} holds too; the parts do not come "
+                    "from one run: remove them and rerun all processes with " + "{resume}.",
+                    field="resume",
+                )
+            seen[k] = i
+        merged.append(True)
+        texts.append(body)
+    shapes = {}
+    for path in arrays:
+        for i in (i for i in range(count) if merged[i]):
+            part = _load_npy(part_path(path, i, count), f"part {i} of {path}")
+            if part.shape[0] != counts[i]:
+                raise OutputError(
+                    f"part {i} of {path} holds {part.shape[0]} rows but its table {counts[i]}; rerun that process "
+                    "resuming it."
+                )
+            if shapes.setdefault(path, part.shape[1:]) != part.shape[1:]:
+                raise OutputError(
+                    f"part {i} of {path} has rows of shape {part.shape[1:]}, not {shapes[path]} as part 0; the parts "
+                    "do not come from one run: remove them and rerun all processes."
                 )
     temps: list[tuple[Path, Path]] = []  # (temporary, target), renamed only once all are written
     try:
         tmp = out.with_name(out.name + ".merging")
         temps.append((tmp, out))
-        with open(tmp, "w", encoding="utf-8", newline="") as merged:
-            if append and out.exists():
-                kept = _read_text(out)
-                merged.write(kept[: form.complete(kept)])
-            else:
-                first = _read_text(part_path(out, 0, count))
-                merged.write(first[: len(first) - len(form.body(first))])
+        with _create(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(kept if kept else heads[0])
             for text in texts:
-                merged.write(text)
-            _sync(merged)
+                f.write(text)
+            _sync(f)
         for path in arrays:
-            parts = [np.load(part_path(path, i, count), mmap_mode="r") for i in range(count)]
-            if append and path.exists():
-                parts.insert(0, np.load(path, mmap_mode="r"))
+            parts = [np.load(part_path(path, i, count), mmap_mode="r") for i in range(count) if merged[i]]
+            if kept:
+                before = _load_npy(path, str(path))
+                if before.shape[0] < len(have) or before.shape[1:] != shapes.setdefault(path, before.shape[1:]):
+                    raise OutputError(
+                        f"{path} holds {before.shape[0]} rows of shape {before.shape[1:]} but {out} {len(have)} and "
+                        f"the parts rows of shape {shapes[path]}; it belongs to another run: choose a new " + "{out}.",
+                        field="out",
+                    )
+                parts.insert(0, before[: len(have)])  # rows after those: a merge killed between its renames
             tmp_npy = path.with_name(path.name + ".merging.npy")
             temps.append((tmp_npy, path))
-            _write_npy(tmp_npy, (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), parts)
+            _write_npy(tmp_npy, (sum(p.shape[0] for p in parts), *shapes[path]), parts)
             del parts
     except BaseException as error:
         for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
         if isinstance(error, OSError):
             raise _write_error(temps[-1][1], error) from None
         raise
     for tmp, target in reversed(temps):  # the table last: once it names the rows, the arrays hold them
         os.replace(tmp, target)
     for i in range(count):
-        for path in (out, *arrays):
+        for path in (out, *arrays):  # the table's part first: arrays left without it are replaced by a resume
             part_path(path, i, count).unlink(missing_ok=True)
-    return sum(counts)
+    return sum(c for c, m in zip(counts, merged, strict=True) if m)
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    """Returns the float32 .npy at `path` as a read-only memory map; OutputError naming `what` otherwise."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise OutputError(
+            f"{what} ({path}) is missing; rerun all processes with " + "{resume}.", field="resume"
+        ) from None
+    except (ValueError, OSError, EOFError) as error:
+        raise OutputError(f"{what} ({path}) is not a readable .npy file ({error}); rerun that process.") from None
+    if array.dtype != np.float32 or array.ndim < 1:
+        raise OutputError(f"{what} ({path}) holds {array.dtype} of shape {array.shape}, not float32 rows.")
+    return array
