@@ -540,3 +540,178 @@ def test_write_results_never_writes_through_a_link_at_its_temporary(tmp_path):
     with pytest.raises(output.OutputError, match=_link_sentence("w.csv.partial")):
         output.write_results(tmp_path / "w.csv", [output.Row("a.png", 0.5)])
     assert victim.read_bytes() == b"precious" and not (tmp_path / "w.csv").exists()
+
+
+# ------------------------------------------------------------------------------------------------ merges
+
+
+def _merge_setup(tmp_path, append):
+    """Returns (out, emb, ranges): two parts of a 2-process run, after a finished merge of 'old' rows when `append`."""
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    if append:
+        writer = output.ResultWriter(out, arrays={"embedding": (emb, (3,))})
+        writer.write([output.Row(f"old{k}.png", 0.25) for k in range(3)], {"embedding": np.full((3, 3), 9.0)})
+        writer.close(True)
+    ranges = [[f"a{k}\n.png" for k in range(4)], [f"b{k}.png" for k in range(3)]]
+    for i, ids in enumerate(ranges):
+        writer = output.ResultWriter(
+            output.part_path(out, i, 2), arrays={"embedding": (output.part_path(emb, i, 2), (3,))}
+        )
+        writer.write([output.Row(k, 0.5) for k in ids], {"embedding": np.full((len(ids), 3), i, np.float32)})
+        writer.close(True)
+    return out, emb, ranges
+
+
+_KILL_AT = textwrap.dedent(
+    """
+    import os, pathlib, signal, sys
+    from vitnt_jax import output
+    left = int(sys.argv[1])
+    def counted(real):
+        def call(*args, **kwargs):
+            global left
+            left -= 1
+            if left == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return call
+    os.replace, os.fsync = counted(os.replace), counted(os.fsync)
+    pathlib.Path.unlink = counted(pathlib.Path.unlink)
+    output._copy_rows = counted(output._copy_rows)
+    out = pathlib.Path(sys.argv[2])
+    output.merge_parts(out, 2, "csv", [out.with_name("e.npy")], append=out.exists())
+    """
+)
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_a_merge_killed_at_any_point_changes_nothing_or_is_complete_and_a_resume_finishes_it(tmp_path, append):
+    done = tmp_path / "uninterrupted"
+    done.mkdir()
+    out, emb, ranges = _merge_setup(done, append)
+    output.merge_parts(out, 2, "csv", [emb], append=append)
+    want_table, want_emb = out.read_bytes(), np.load(emb)
+    for point in range(1, 40):
+        work = tmp_path / str(point)
+        work.mkdir()
+        out, emb, ranges = _merge_setup(work, append)
+        before = {p.name: p.read_bytes() for p in work.iterdir()}
+        child = subprocess.run([sys.executable, "-c", _KILL_AT, str(point), str(out)], capture_output=True)
+        if child.returncode == 0:
+            break  # past the merge's last step
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+        table = out.read_bytes() if out.exists() else None
+        if table != want_table:  # not merged yet: every part and the table as they were
+            assert table == before.get("s.csv")
+            assert all(before[n] == (work / n).read_bytes() for n in before if "part" in n), point
+        # Rerun all processes with --resume (each skips what its part or the merged table holds), then merge.
+        merged = set(output.read_ids(out, "csv", output.columns(False))) if out.exists() else set()
+        for i, ids in enumerate(ranges):
+            writer = output.ResultWriter(
+                output.part_path(out, i, 2), resume=True, arrays={"embedding": (output.part_path(emb, i, 2), (3,))}
+            )
+            todo = [k for k in ids if k not in set(writer.done_ids) | merged]
+            writer.write([output.Row(k, 0.5) for k in todo], {"embedding": np.full((len(todo), 3), i, np.float32)})
+            writer.close(True)
+        output.merge_parts(out, 2, "csv", [emb], append=out.exists())
+        assert out.read_bytes() == want_table, point
+        np.testing.assert_array_equal(np.load(emb), want_emb)
+        assert sorted(p.name for p in work.iterdir()) == ["e.npy", "s.csv"], point
+    else:
+        raise AssertionError("the merge was killed at every one of 39 points")
+    assert point > 8  # the kills reached the renames and the removal of the parts
+
+
+def test_a_missing_part_is_one_sentence_and_changes_nothing(tmp_path):
+    out, emb, _ = _merge_setup(tmp_path, append=False)
+    output.part_path(out, 1, 2).unlink()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(output.OutputError, match=r"part 1 of .*s.csv \(.*part00001-of-00002\) is missing; rerun all"):
+        output.merge_parts(out, 2, "csv", [emb])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("tamper", ["same ids in two parts", "an id the merged table holds", "rows of another width"])
+def test_parts_that_do_not_come_from_one_run_are_refused_not_merged(tmp_path, tamper):
+    out, emb, _ = _merge_setup(tmp_path, append=tamper == "an id the merged table holds")
+    if tamper == "rows of another width":
+        with open(output.part_path(emb, 1, 2), "wb") as f:
+            np.save(f, np.zeros((3, 5), np.float32))
+        match = r"part 1 of .*e.npy has rows of shape \(5,\), not \(3,\) as part 0"
+    else:
+        part = output.part_path(out, 1, 2)  # a part holding a row of another process's range, or of the merged table
+        other = "old0.png" if tamper == "an id the merged table holds" else '"a0\n.png"'
+        part.write_text(part.read_text().replace("b1.png", other))
+        match = r"part 1 of .*s.csv holds the id .* that (part 0|.*s.csv) holds too; the parts do not come from one run"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(output.OutputError, match=match):
+        output.merge_parts(out, 2, "csv", [emb], append=out.exists())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_merge_appending_to_a_table_with_a_torn_tail_keeps_table_and_arrays_aligned(tmp_path):
+    out, emb, ranges = _merge_setup(tmp_path, append=True)
+    with open(out, "ab") as f:
+        f.write(b"old3.png,0.2")  # torn after the merged table was written (its array already holds the row)
+    np.save(emb, np.concatenate([np.load(emb), np.full((1, 3), 9.0, np.float32)]))
+    assert output.merge_parts(out, 2, "csv", [emb], append=True) == 7
+    assert [r.id for r in output.read_results(out)] == [f"old{k}.png" for k in range(3)] + ranges[0] + ranges[1]
+    np.testing.assert_array_equal(np.load(emb)[:, 0], [9] * 3 + [0] * 4 + [1] * 3)
+
+
+# ------------------------------------------------------------------------------------------------ arrays on resume
+
+
+def _crashed_run(tmp_path, width=4):
+    path, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    writer = output.ResultWriter(path, arrays={"embedding": (emb, (width,))})
+    writer.write([output.Row(f"{k}.png", 0.5) for k in range(3)], {"embedding": np.ones((3, width), np.float32)})
+    writer.close(False)  # a crash: the rows stay in e.npy.partial
+    return path, emb
+
+
+def test_a_resume_with_rows_of_another_shape_is_refused_in_one_line(tmp_path):
+    # Another model's embedding size: 3 rows of 4 values hold as many bytes as 6 rows of 2.
+    path, emb = _crashed_run(tmp_path)
+    before = (tmp_path / "e.npy.partial").read_bytes()
+    with pytest.raises(
+        output.OutputError, match=r"e.npy.partial holds float32 rows of shape \(4,\), not float32 rows "
+    ):
+        output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (2,))})
+    assert (tmp_path / "e.npy.partial").read_bytes() == before
+    output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (4,))}).close(True)
+    np.testing.assert_array_equal(np.load(emb), np.ones((3, 4)))
+
+
+def test_a_damaged_partial_header_is_one_sentence_and_an_older_headerless_partial_still_resumes(tmp_path):
+    path, emb = _crashed_run(tmp_path)
+    partial = tmp_path / "e.npy.partial"
+    rows = partial.read_bytes()[-3 * 16 :]
+    partial.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': 1 +" + rows)
+    with pytest.raises(output.OutputError, match=r"e.npy.partial has a damaged header; remove it and start again"):
+        output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (4,))})
+    partial.write_bytes(rows + b"\x00\x00")  # written by an earlier version: rows only, the last one torn
+    output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (4,))}).close(True)
+    np.testing.assert_array_equal(np.load(emb), np.ones((3, 4)))
+
+
+@pytest.mark.parametrize(
+    "npy, match",
+    [
+        (b"\x93NUMPY\x01\x00garbage", r"e.npy is not a readable .npy file \(.*\); remove it and start again"),
+        (np.zeros((3, 4), np.float64), r"e.npy holds float64 rows of shape \(4,\), not float32 rows of shape \(4,\)"),
+        (np.zeros((3, 2), np.float32), r"e.npy holds float32 rows of shape \(2,\), not float32 rows of shape \(4,\)"),
+        (np.zeros((2, 4), np.float32), r"e.npy holds 2 rows but the table holds 3; the array file belongs to another"),
+    ],
+)
+def test_resuming_a_finished_run_refuses_an_npy_that_does_not_fit_its_table(tmp_path, npy, match):
+    path, emb = _crashed_run(tmp_path)
+    output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (4,))}).close(True)
+    if isinstance(npy, bytes):
+        emb.write_bytes(npy)
+    else:
+        np.save(emb, npy)
+    before = emb.read_bytes()
+    with pytest.raises(output.OutputError, match=match):
+        output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (4,))})
+    assert emb.read_bytes() == before and not (tmp_path / "e.npy.partial").exists()

@@ -636,7 +636,7 @@ class ArraySink:
         try:
             np.lib.format.read_magic(f)
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        except ValueError:
+        except Exception:  # numpy raises ValueError, SyntaxError or TokenError for a broken header
             raise OutputError(
                 f"{self.partial} has a damaged header; remove it and start again without resuming."
             ) from None
@@ -651,7 +651,7 @@ class ArraySink:
     def _unfinish(self, rows_done: int) -> None:
         try:
             array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
+        except Exception as error:  # a damaged header: ValueError, SyntaxError, TokenError, EOFError, ...
             raise OutputError(
                 f"{self.path} is not a readable .npy file ({error}); remove it and start again without resuming."
             ) from None
@@ -999,7 +999,7 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         raise OutputError(
             f"{what} ({path}) is missing; rerun all processes with " + "{resume}.", field="resume"
         ) from None
-    except (ValueError, OSError, EOFError) as error:
+    except Exception as error:  # a damaged header: ValueError, SyntaxError, TokenError, EOFError, ...
         raise OutputError(f"{what} ({path}) is not a readable .npy file ({error}); rerun that process.") from None
     if array.dtype != np.float32 or array.ndim < 1:
         raise OutputError(f"{what} ({path}) holds {array.dtype} of shape {array.shape}, not float32 rows.")
