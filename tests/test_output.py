@@ -1,5 +1,7 @@
 """Result files: parts of a multi-process run merge into one table (and its arrays) row for row."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,57 @@ def test_a_csv_that_csv_cannot_read_is_one_sentence(tmp_path):
     path.write_bytes(b"id,quality,error\nb\rc,0.5,\n")
     with pytest.raises(output.OutputError, match=r"s.csv is not a valid CSV \(.*\); choose a new out\.$"):
         output.ResultWriter(path, resume=True)
+
+
+def test_a_csv_saved_by_an_editor_resumes_bom_crlf_and_a_last_blank_line_included(tmp_path):
+    path, fmt = tmp_path / "s.csv", "csv"
+    body = "id,quality,error\r\na b.png,0.5,\r\n'=c.png,,bad\r\n\r\n"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    writer = output.ResultWriter(path, fmt=fmt, resume=True)
+    assert writer.done_ids == ["a b.png", "=c.png"]
+    writer.write([output.Row("d.png", 0.25)])
+    writer.close(True)
+    rows = output.read_results(path, fmt)
+    assert [(r.id, r.quality) for r in rows] == [("a b.png", 0.5), ("=c.png", None), ("d.png", 0.25)]
+
+
+def test_a_resumed_file_holding_an_id_twice_is_refused_naming_it(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("id,quality,error\na.png,0.5,\nb.png,0.5,\na.png,0.25,\n")
+    with pytest.raises(output.OutputError, match=r"s.csv already holds the id 'a.png' twice; .*: choose a new out\.$"):
+        output.ResultWriter(path, resume=True)
+    assert path.read_text().count("a.png") == 2
+
+
+@pytest.mark.parametrize("fmt", ["csv", "reference"])
+def test_a_non_finite_quality_is_never_counted_as_scored_when_written_or_read(tmp_path, fmt):
+    old = tmp_path / "old.out"  # written by an older version, which counted NaN scores as scored
+    old.write_text(
+        "id,quality,error\na.png,nan,\nb.png,inf,\nc.png,-1e999,\nd.png,0.5,\n"
+        if fmt == "csv"
+        else "a.png nan\nb.png inf\nc.png -1e999\nd.png 0.5\n"
+    )
+    assert [r.quality for r in output.read_results(old, fmt)] == [None, None, None, 0.5]
+    new = tmp_path / "new.out"
+    output.write_results(new, [output.Row("a.png", float("nan")), output.Row("b.png", float("-inf"))], fmt=fmt)
+    rows = output.read_results(new, fmt)
+    assert [r.quality for r in rows] == [None, None]
+    if fmt == "csv":
+        assert [r.error for r in rows] == ["non-finite score (nan)", "non-finite score (-inf)"]
+
+
+def test_an_id_of_a_megabyte_resumes(tmp_path):
+    path, ident, fmt = tmp_path / "s.csv", "x" * (1 << 20) + ".png", "csv"  # beyond the csv module's default limit
+    writer = output.ResultWriter(path, fmt=fmt)
+    writer.write([output.Row(ident, 0.5), output.Row("b.png", None, None, "e" * (1 << 18))])
+    writer.close(True)
+    assert output.ResultWriter(path, fmt=fmt, resume=True).done_ids == [ident, "b.png"]
+
+
+def test_a_fifo_at_the_lock_files_name_is_refused_at_once(tmp_path):
+    os.mkfifo(tmp_path / "s.csv.lock")  # opened, it would be locked, and a second run's read of its note would fail
+    with pytest.raises(output.OutputError, match=r"s.csv: its lock file .*s.csv.lock is not a regular file"):
+        output.lock_output(tmp_path / "s.csv")
+    with pytest.raises(output.OutputError, match=r"s.csv: its lock file .*s.csv.lock is not a regular file"):
+        output.ResultWriter(tmp_path / "s.csv")
+    assert not (tmp_path / "s.csv").exists()

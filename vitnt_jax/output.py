@@ -21,6 +21,8 @@ import logging
 import math
 import os
 import socket
+import stat
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,6 +87,10 @@ def _create(path: Path, mode: str, what: str | None = "out", **kwargs):
             path.unlink()
 
 
+# Never through a link, and never waiting on a FIFO planted at the lock's name (refused once open).
+_LOCK_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
 class OutputLock:
     """An exclusive lock on one output file, held by this run: `<file>.lock`, `flock`ed, removed on release.
 
@@ -120,15 +126,22 @@ class OutputLock:
         for _ in range(100):  # each retry follows a holder that removed the file we opened: bounded
             try:
                 try:
-                    fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                    fd = os.open(self.lock_path, _LOCK_FLAGS | os.O_RDWR | os.O_CREAT, 0o644)
                 except PermissionError:  # another user's lock file: a read-only descriptor locks it just as well
-                    fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    fd = os.open(self.lock_path, _LOCK_FLAGS | os.O_RDONLY)
             except OSError as error:
                 raise OutputError(
                     slot + f"{self.path}: cannot create its lock file {self.lock_path} ({error.strerror}); "
                     f"remove what is there or choose {other}.",
                     **kwargs,
                 ) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OutputError(
+                    slot + f"{self.path}: its lock file {self.lock_path} is not a regular file (a pipe, device or "
+                    f"socket); remove it or choose {other}.",
+                    **kwargs,
+                )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -249,8 +262,17 @@ def render_id(image_id: str) -> str:
 
 
 def _rendered(row: Row) -> Row:
+    """Returns `row` as written: text rendered (`render_id`), a non-finite quality as a failed row."""
     label = None if row.label is None else render_id(row.label)
-    return Row(render_id(row.id), row.quality, label, render_id(row.error))
+    quality, error = _finite(row.quality, row.error)
+    return Row(render_id(row.id), quality, label, render_id(error))
+
+
+def _finite(quality: float | None, error: str) -> tuple[float | None, str]:
+    """Returns (quality, error) with a NaN or infinite quality made a failure: it is never counted as scored."""
+    if quality is None or math.isfinite(quality):
+        return quality, error
+    return None, error or f"non-finite score ({quality})"
 
 
 # Characters str.splitlines ends a line at: many readers split on some of them, so a field holding one is quoted.
@@ -357,10 +379,15 @@ class CsvFormat(ResultFormat):
         return 0
 
     def parse(self, text: str, where: str, with_label: bool | None = None) -> list[Row]:
+        limit = csv.field_size_limit()
+        csv.field_size_limit(max(limit, min(len(text), sys.maxsize, 2**31 - 1)))  # an id may be as long as the file
         try:
-            lines = list(csv.reader(io.StringIO(text.lstrip("\ufeff")), strict=True))
+            # A blank line (a file ended by hand, an editor's last line) holds no record.
+            lines = [cells for cells in csv.reader(io.StringIO(text.lstrip("\ufeff")), strict=True) if cells]
         except csv.Error as error:
             raise OutputError(f"{where} is not a valid CSV ({error}); choose a new " + "{out}.", field="out") from None
+        finally:
+            csv.field_size_limit(limit)
         if not lines:
             return []
         head = lines[0]
@@ -377,14 +404,18 @@ class CsvFormat(ResultFormat):
         rows = []
         for number, cells in enumerate(lines[1:], 2):
             if len(cells) != len(head):
-                raise OutputError(f"{where} record {number} has {len(cells)} cells, not {len(head)}.", field="out")
+                raise OutputError(
+                    f"{where} record {number} has {len(cells)} cells, not {len(head)}; choose a new " + "{out}.",
+                    field="out",
+                )
             cell = cells[1].strip()
             try:
                 quality = float(cell) if cell else None
             except ValueError:
                 raise OutputError(f"{where} record {number}: quality {cell!r} is not a number.", field="out") from None
             label = _csv_text(cells[2]) if labelled else None
-            rows.append(Row(_csv_text(cells[0]), quality, label, _csv_text(cells[-1])))
+            quality, error = _finite(quality, _csv_text(cells[-1]))  # written by an older version
+            rows.append(Row(_csv_text(cells[0]), quality, label, error))
         return rows
 
 
@@ -439,7 +470,7 @@ class ReferenceFormat(ResultFormat):
                     f"{where} line {number} is not '<id> <score>' ({line[:60]!r}); choose a new " + "{out}.",
                     field="out",
                 ) from None
-            rows.append(Row(parts[0], None if math.isnan(value) else value))
+            rows.append(Row(parts[0], value if math.isfinite(value) else None))  # 'nan': a failed row
         return rows
 
 
@@ -816,8 +847,11 @@ class ResultWriter:
             refuse_existing(path)
         self.done_ids: list[str] = read_ids(path, self.fmt, self.header) if (exists and resume) else []
         if len(set(self.done_ids)) != len(self.done_ids):
+            seen: set[str] = set()
+            twice = next(i for i in self.done_ids if i in seen or seen.add(i))
             raise OutputError(
-                f"{path} already holds an id twice; it was not written by this tool, choose a new " + "{out}.",
+                f"{path} already holds the id {twice[:200]!r} twice; it was not written by one run of this tool, so "
+                "resuming it could not tell which row counts: choose a new " + "{out}.",
                 field="out",
             )
         path.parent.mkdir(parents=True, exist_ok=True)
