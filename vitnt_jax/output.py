@@ -326,6 +326,10 @@ class ResultFormat:
         """Returns whether `text` looks like this format (for reading a file of unknown format)."""
         raise NotImplementedError
 
+    def ids(self, text: str, where: str, with_label: bool | None = None) -> list[str]:
+        """Returns the ids of `parse(text, ...)` (checked as strictly), without building its rows."""
+        return [r.id for r in self.parse(text, where, with_label)]
+
     def body(self, text: str) -> str:
         """Returns `text` without its header (for concatenating parts)."""
         return text
@@ -379,18 +383,51 @@ class CsvFormat(ResultFormat):
         return 0
 
     def parse(self, text: str, where: str, with_label: bool | None = None) -> list[Row]:
+        rows = []
+        for cells, quality in self._records(text, where, with_label):
+            label = _csv_text(cells[2]) if len(cells) == 4 else None
+            quality, error = _finite(quality, _csv_text(cells[-1]))  # written by an older version
+            rows.append(Row(_csv_text(cells[0]), quality, label, error))
+        return rows
+
+    def ids(self, text: str, where: str, with_label: bool | None = None) -> list[str]:
+        return [_csv_text(cells[0]) for cells, _ in self._records(text, where, with_label)]
+
+    def _records(self, text: str, where: str, with_label: bool | None):
+        """Yields (cells, quality) of every record after the header, streamed (a table may hold millions)."""
         limit = csv.field_size_limit()
         csv.field_size_limit(max(limit, min(len(text), sys.maxsize, 2**31 - 1)))  # an id may be as long as the file
         try:
             # A blank line (a file ended by hand, an editor's last line) holds no record.
-            lines = [cells for cells in csv.reader(io.StringIO(text.lstrip("\ufeff")), strict=True) if cells]
-        except csv.Error as error:
-            raise OutputError(f"{where} is not a valid CSV ({error}); choose a new " + "{out}.", field="out") from None
+            records = enumerate((c for c in csv.reader(io.StringIO(text.lstrip("\ufeff")), strict=True) if c), 1)
+            try:
+                _, head = next(records, (0, None))
+                if head is None:
+                    return
+                self._check_head(head, where, with_label)
+                for number, cells in records:
+                    if len(cells) != len(head):
+                        raise OutputError(
+                            f"{where} record {number} has {len(cells)} cells, not {len(head)}; choose a new "
+                            + "{out}.",
+                            field="out",
+                        )
+                    cell = cells[1]
+                    try:
+                        quality = float(cell) if cell.strip() else None
+                    except ValueError:
+                        raise OutputError(
+                            f"{where} record {number}: quality {cell[:60]!r} is not a number.", field="out"
+                        ) from None
+                    yield cells, quality
+            except csv.Error as error:
+                raise OutputError(
+                    f"{where} is not a valid CSV ({error}); choose a new " + "{out}.", field="out"
+                ) from None
         finally:
             csv.field_size_limit(limit)
-        if not lines:
-            return []
-        head = lines[0]
+
+    def _check_head(self, head: list[str], where: str, with_label: bool | None) -> None:
         want = columns(with_label) if with_label is not None else None
         if want is not None and head != want:
             raise OutputError(
@@ -400,23 +437,6 @@ class CsvFormat(ResultFormat):
             )
         if head not in (columns(False), columns(True)):
             raise OutputError(f"{where} has columns {head}, not {columns(True)}; it is not a score CSV.", field="out")
-        labelled = len(head) == 4
-        rows = []
-        for number, cells in enumerate(lines[1:], 2):
-            if len(cells) != len(head):
-                raise OutputError(
-                    f"{where} record {number} has {len(cells)} cells, not {len(head)}; choose a new " + "{out}.",
-                    field="out",
-                )
-            cell = cells[1].strip()
-            try:
-                quality = float(cell) if cell else None
-            except ValueError:
-                raise OutputError(f"{where} record {number}: quality {cell!r} is not a number.", field="out") from None
-            label = _csv_text(cells[2]) if labelled else None
-            quality, error = _finite(quality, _csv_text(cells[-1]))  # written by an older version
-            rows.append(Row(_csv_text(cells[0]), quality, label, error))
-        return rows
 
 
 class ReferenceFormat(ResultFormat):
@@ -501,16 +521,21 @@ def _read_text(path: Path, follow: bool = True) -> str:
 
     follow: False refuses a link at `path` (OutputError), for a file about to be changed.
     """
+    return _read(path, follow)[0]
+
+
+def _read(path: Path, follow: bool = True) -> tuple[str, int]:
+    """Returns `_read_text(path, follow)` and the number of bytes that text takes in the file."""
     if follow:
         data = path.read_bytes()
     else:
         with _open(path, "rb") as f:
             data = f.read()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), len(data)
     except UnicodeDecodeError as error:
         if error.end == len(data) and error.reason == "unexpected end of data":
-            return data[: error.start].decode("utf-8")
+            return data[: error.start].decode("utf-8"), error.start
         raise OutputError(
             f"{path} is not a text file written by this tool; choose a new " + "{out}.", field="out"
         ) from None
@@ -601,17 +626,18 @@ def read_ids(path: Path, fmt: str, header: list[str]) -> list[str]:
     format's own rules (for CSV, a crash inside a quoted id holding a line break included).
     """
     form = _format(fmt)
-    text = _read_text(path, follow=False)
-    kept = text[: form.complete(text)]
-    rows = form.parse(kept, str(path), with_label=len(header) == 4)
-    size = len(kept.encode("utf-8"))
+    text, size = _read(path, follow=False)
+    end = form.complete(text)
+    ids = form.ids(text[:end], str(path), with_label=len(header) == 4)
+    size -= len(text[end:].encode("utf-8"))  # only the torn tail is encoded again: a table may be gigabytes
+    del text
     if size != path.stat().st_size:
         try:
             with _open(path, "r+b") as f:
                 f.truncate(size)
         except OSError as error:
             raise _write_error(path, error) from None
-    return [r.id for r in rows]
+    return ids
 
 
 class ArraySink:
@@ -941,7 +967,7 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
     kept, have = "", []
     if append and out.exists():
         kept = _complete_text(out, form, follow=False)
-        have = [r.id for r in form.parse(kept, str(out))]
+        have = form.ids(kept, str(out))
     seen = dict.fromkeys(have, -1)  # id -> the part holding it (-1: out)
     heads, texts, counts, merged = [], [], [], []
     for i in range(count):
@@ -953,7 +979,7 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
             raise OutputError(
                 f"part {i} of {out} ({path}) is missing; rerun all processes with " + "{resume}.", field="resume"
             ) from None
-        ids = [r.id for r in form.parse(whole, str(path))]
+        ids = form.ids(whole, str(path))
         body = form.body(whole)
         heads.append(whole[: len(whole) - len(body)])
         counts.append(len(ids))
