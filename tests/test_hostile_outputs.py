@@ -715,3 +715,14 @@ def test_resuming_a_finished_run_refuses_an_npy_that_does_not_fit_its_table(tmp_
     with pytest.raises(output.OutputError, match=match):
         output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (4,))})
     assert emb.read_bytes() == before and not (tmp_path / "e.npy.partial").exists()
+
+
+@pytest.mark.parametrize("arrays", [True, False])
+def test_a_part_with_a_torn_last_record_is_refused_not_merged_short(tmp_path, arrays):
+    out, emb, _ = _merge_setup(tmp_path, append=False)
+    part = output.part_path(out, 1, 2)
+    part.write_bytes(part.read_bytes()[:-3])  # its last row, torn: merged, it would be lost with the part
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(output.OutputError, match=r"part 1 of .*s.csv \(.*\) ends in a torn record, so its process did"):
+        output.merge_parts(out, 2, "csv", [emb] if arrays else [])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -974,7 +974,13 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
         # Read as written (no newline translation), rows counted as the format parses them: an id may hold '\n'.
         path = part_path(out, i, count)
         try:
-            whole = _complete_text(path, form, follow=False)
+            whole, size = _read(path, follow=False)
+            if form.complete(whole) != len(whole) or size != path.stat().st_size:
+                raise OutputError(
+                    f"part {i} of {out} ({path}) ends in a torn record, so its process did not finish it: rerun all "
+                    "processes with " + "{resume}.",
+                    field="resume",
+                )
         except FileNotFoundError:
             raise OutputError(
                 f"part {i} of {out} ({path}) is missing; rerun all processes with " + "{resume}.", field="resume"
