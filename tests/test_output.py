@@ -96,3 +96,27 @@ def test_a_fifo_at_the_lock_files_name_is_refused_at_once(tmp_path):
     with pytest.raises(output.OutputError, match=r"s.csv: its lock file .*s.csv.lock is not a regular file"):
         output.ResultWriter(tmp_path / "s.csv")
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_lock_in_a_folder_that_cannot_be_written_says_permission_denied(tmp_path, monkeypatch):
+    real = os.open
+
+    def read_only_folder(path, flags, *args):  # what a read-only folder (or another user's) does to a new file
+        if flags & os.O_CREAT and str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(output.os, "open", read_only_folder)
+    with pytest.raises(output.OutputError, match=r"cannot create its lock file .*s.csv.lock \(Permission denied\)"):
+        output.lock_output(tmp_path / "s.csv")
+
+
+def test_a_partial_array_torn_inside_its_header_resumes_when_the_table_holds_no_row(tmp_path):
+    path, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    output.ResultWriter(path, arrays={"embedding": (emb, (2,))}).close(False)
+    partial = tmp_path / "e.npy.partial"
+    partial.write_bytes(partial.read_bytes()[:20])  # killed (or the disk full) while its header was written
+    writer = output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (2,))})
+    writer.write([output.Row("a.png", 0.5)], {"embedding": np.ones((1, 2), np.float32)})
+    writer.close(True)
+    np.testing.assert_array_equal(np.load(emb), np.ones((1, 2)))

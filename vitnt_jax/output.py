@@ -127,8 +127,11 @@ class OutputLock:
             try:
                 try:
                     fd = os.open(self.lock_path, _LOCK_FLAGS | os.O_RDWR | os.O_CREAT, 0o644)
-                except PermissionError:  # another user's lock file: a read-only descriptor locks it just as well
-                    fd = os.open(self.lock_path, _LOCK_FLAGS | os.O_RDONLY)
+                except PermissionError as denied:  # another user's lock file: a read-only descriptor locks it as well
+                    try:
+                        fd = os.open(self.lock_path, _LOCK_FLAGS | os.O_RDONLY)
+                    except FileNotFoundError:  # no lock file, and none can be made (a read-only folder)
+                        raise denied from None
             except OSError as error:
                 raise OutputError(
                     slot + f"{self.path}: cannot create its lock file {self.lock_path} ({error.strerror}); "
@@ -658,7 +661,7 @@ class ArraySink:
         try:
             if resume and not self.partial.exists() and path.exists():
                 self._unfinish(rows_done)
-            if resume and self.partial.exists():
+            if resume and self.partial.exists() and rows_done:  # with no rows to keep, it is made afresh
                 with _open(self.partial, "r+b", what) as f:
                     self.offset = self._check_header(f)
                     have = (os.fstat(f.fileno()).st_size - self.offset) // self.row_bytes
