@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -509,3 +510,93 @@ def test_a_list_naming_a_file_whose_name_is_not_utf8_reads_it(tmp_path):
     src = sources.path_list(tmp_path / "list.txt", tmp_path)
     assert src.ids == ["good.png", "bad_\udcff.png"]
     np.testing.assert_array_equal(src.load(1), face)
+
+
+# ---------------------------------------------------------------------------------------------- decoding costs
+
+
+def _jpeg_segments(blob: bytes):
+    """Yields (marker, start, end) of a JPEG's segments; a scan's segment runs to the end of its entropy data."""
+    i = 2
+    while blob[i + 1] != 0xD9:
+        (length,) = struct.unpack(">H", blob[i + 2 : i + 4])
+        end = i + 2 + length
+        if blob[i + 1] == 0xDA:
+            while blob[end] != 0xFF or blob[end + 1] == 0 or 0xD0 <= blob[end + 1] <= 0xD7:
+                end += 1
+        yield blob[i + 1], i, end
+        i = end
+
+
+def _progressive_jpeg(repeats: int) -> bytes:
+    """A progressive grey JPEG whose last AC scan (a few bytes of end-of-block runs) stands `repeats` times."""
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(buffer, "JPEG", progressive=True)
+    blob = buffer.getvalue()
+    scans = [(start, end) for marker, start, end in _jpeg_segments(blob) if marker == 0xDA]
+    start, end = scans[-1]
+    return blob[:end] + blob[start:end] * (repeats - 1) + blob[end:]
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
+    # Every scan is a pass over all blocks: 10,000 scans of a 16 Mpixel JPEG (370 KB) took 3 minutes to decode.
+    assert read_image(_progressive_jpeg(1)).shape == (64, 64, 3)  # libjpeg's own 6 scans read as before
+    assert read_image(_progressive_jpeg(data.MAX_JPEG_SCANS - 6)).shape == (64, 64, 3)
+    (tmp_path / "scans.jpg").write_bytes(_progressive_jpeg(5000))
+    for source in (tmp_path / "scans.jpg", _progressive_jpeg(5000)):
+        with pytest.raises(ImageError, match=f"JPEG of more than {data.MAX_JPEG_SCANS} scans"):
+            read_image(source)
+
+
+def test_a_sixteen_bit_image_costs_no_wider_copy(tmp_path):
+    # The grey 16-bit path made three int64 copies: a 95 KB 7000x7000 PNG cost 1.2 GB.
+    (tmp_path / "deep.png").write_bytes(png_bytes(np.full((1000, 1000), 0xABCD, np.uint16)))
+    got, peak = _peak_bytes(lambda: read_image(tmp_path / "deep.png"))
+    assert isinstance(got, np.ndarray) and np.all(got == 0xAB)
+    assert peak < 9 * 1000 * 1000, peak  # the RGB result (3 bytes a pixel) and the 16-bit values, no more
+
+
+def _exif(orientation: int, order: str = "<", junk_tags: int = 0) -> bytes:
+    """An EXIF block holding Orientation and `junk_tags` tags whose data lies past the block's end."""
+    mark = b"II*\0" if order == "<" else b"MM\0*"
+    entries = [struct.pack(order + "HHIHH", 0x9000 + k, 7, 1 << 20, 8, 0) for k in range(junk_tags)]
+    entries.append(struct.pack(order + "HHIHH", 0x0112, 3, 1, orientation, 0))
+    return b"Exif\0\0" + mark + struct.pack(order + "IH", 8, len(entries)) + b"".join(entries) + bytes(4)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_every_exif_orientation_is_applied_as_pil_turns_it(fmt, order):
+    from PIL import ImageOps
+
+    upright = smooth_faces(1, size=16, seed=11)[0][:, :12]
+    for orientation in range(1, 9):
+        buffer = io.BytesIO()
+        Image.fromarray(upright).save(buffer, fmt, exif=_exif(orientation, order), quality=95)
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).convert("RGB"))
+        np.testing.assert_array_equal(read_image(buffer.getvalue()), expected, err_msg=f"orientation {orientation}")
+
+
+def test_decoding_warns_nothing(tmp_path):
+    # A palette PNG with transparency warned once per image (the open lock's filters reset Python's memory of
+    # warnings shown), and a crafted EXIF block once per damaged tag: thousands of stderr lines per file.
+    palette = Image.new("P", (8, 8))
+    palette.putpalette(bytes(range(256)) * 3)
+    buffer = io.BytesIO()
+    palette.save(buffer, "PNG", transparency=bytes([0, 255] * 128))
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), 90).save(jpeg, "JPEG", exif=_exif(6, junk_tags=2000))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert read_image(buffer.getvalue()).shape == (8, 8, 3)
+            assert read_image(jpeg.getvalue()).shape == (8, 8, 3)
+    assert [str(w.message) for w in shown] == []
+
+
+def test_a_system_error_row_does_not_repeat_a_long_path(tmp_path):
+    (tmp_path / "list.txt").write_text("x" * 5000 + ".png\n")
+    src = sources.path_list(tmp_path / "list.txt")
+    with pytest.raises(ImageError) as got:
+        src.load(0)
+    assert str(got.value) == "unreadable image (File name too long)"

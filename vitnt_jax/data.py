@@ -9,6 +9,7 @@ import io
 import itertools
 import os
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # The formats read_image decodes (PIL's names), whatever a file is called: PIL identifies content by its
@@ -28,6 +29,11 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 # (Image.MAX_IMAGE_PIXELS, left as the user set it) stays as a second line of defence; its
 # warning is silenced around our open only, since read_image refuses such images itself.
 MAX_PIXELS = 64_000_000
+# Refuse JPEGs of more scans than this before decoding them: each scan is a pass over every block of the image,
+# so a 370 KB progressive JPEG of 10,000 near-empty scans took 3 minutes to decode (16 Mpixel; hours at the
+# pixel limit). libjpeg writes 10 scans (6 for grey), baseline JPEGs 1 to 3; libjpeg-turbo advises a limit too.
+MAX_JPEG_SCANS = 100
+_SCAN_READ = 1 << 20  # the file is read for its scan markers in blocks of this many bytes
 # warnings.catch_warnings changes process-wide state: decoding threads take turns opening headers.
 _OPEN_LOCK = threading.Lock()
 _NOT_REGULAR = (
@@ -49,27 +55,66 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     Alpha is dropped and 16-bit values keep their top 8 bits, as OpenCV's imread (which the
     authors' evaluation uses) does.
     """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit grey: keep the top 8 bits rather than clipping at 255.
-        values = np.asarray(image, dtype=np.int64)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grey: keep the top 8 bits rather than clipping at 255 (in place: no wider copy of the image).
+        values = np.asarray(image).astype(np.uint16)
+        values >>= 8
+        image = Image.fromarray(values.astype(np.uint8), "L")
+    elif image.mode == "I":
+        values = np.asarray(image, dtype=np.int32)
         shift = 8 if values.max(initial=0) < 65536 else 24
         image = Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
         values = np.clip(np.asarray(image, dtype=np.float32), 0, 255)
         image = Image.fromarray(values.astype(np.uint8), "L")
     if image.mode != "RGB":
+        # Alpha and transparency are dropped anyway; without this, every palette PNG with a tRNS chunk warned.
+        image.info.pop("transparency", None)
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.uint8)
 
 
+# EXIF orientation (tag 0x0112) -> the turn that shows the image upright, as PIL's ImageOps.exif_transpose.
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(exif: bytes | None) -> int:
+    """Returns the EXIF orientation (1 to 8) an "Exif\\0\\0" + TIFF block holds in its first directory, else 1.
+
+    Only that one tag is read, as OpenCV's imread does (XMP orientation is not applied): PIL's parser reads
+    every tag, warning once per damaged one (thousands of lines from one crafted file).
+    """
+    if not isinstance(exif, bytes) or not exif.startswith(b"Exif\0\0"):
+        return 1
+    tiff = memoryview(exif)[6:]
+    order = {b"II*\0": "<", b"MM\0*": ">"}.get(bytes(tiff[:4]))
+    if order is None:
+        return 1
+    try:
+        (first,) = struct.unpack_from(order + "I", tiff, 4)
+        (count,) = struct.unpack_from(order + "H", tiff, first)
+        for entry in range(first + 2, min(first + 2 + 12 * count, len(tiff) - 11), 12):
+            tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+            if tag == 0x0112 and kind in (3, 4):  # SHORT or LONG
+                (value,) = struct.unpack_from(order + ("H" if kind == 3 else "I"), tiff, entry + 8)
+                return value if value in _TURNS else 1
+    except struct.error:  # a directory past the block's end: no orientation
+        pass
+    return 1
+
+
 def _upright(image: Image.Image) -> Image.Image:
     """Returns the image turned as its EXIF orientation says (phone photos), as OpenCV's imread does."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except MemoryError:
-        raise
-    except Exception:  # a damaged EXIF block must not cost the image: OpenCV ignores it too
-        return image
+    turn = _TURNS.get(exif_orientation(image.info.get("exif")))
+    return image if turn is None else image.transpose(turn)
 
 
 def _not_regular(mode: int) -> str | None:
@@ -116,10 +161,28 @@ def _content_format(stream: BinaryIO) -> str | None:
 
 
 def _open(stream: BinaryIO) -> Image.Image:
-    """Opens a PNG or JPEG (header only) without PIL's decompression-bomb warning; read_image checks the size."""
+    """Opens a PNG or JPEG (header only) without PIL's warnings; read_image checks the size.
+
+    PIL warns about a large image (read_image refuses it itself) and about damaged metadata (an MPO index, an
+    APNG header); a crafted file can vary those messages without end, each one line on stderr.
+    """
     with _OPEN_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore")
         return Image.open(stream, formats=IMAGE_FORMATS)
+
+
+def _jpeg_scans(stream: BinaryIO, limit: int) -> int:
+    """Returns how many scans (SOS markers) the JPEG in `stream` holds, counting no further than limit + 1.
+
+    A 0xFF 0xDA pair is a scan's start: inside entropy-coded data every 0xFF byte is followed by 0x00 or a
+    restart marker, so only metadata (an EXIF thumbnail) can add to the count.
+    """
+    stream.seek(0)
+    found, tail = 0, b""
+    while found <= limit and (block := stream.read(_SCAN_READ)):
+        found += (tail + block).count(b"\xff\xda")
+        tail = block[-1:]
+    return found
 
 
 def _decode(stream: BinaryIO) -> np.ndarray:
@@ -135,6 +198,11 @@ def _decode(stream: BinaryIO) -> np.ndarray:
         w, h = image.size
         if w * h > MAX_PIXELS:
             raise ImageError(f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
+        if image.format in ("JPEG", "MPO") and _jpeg_scans(stream, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+            raise ImageError(
+                f"JPEG of more than {MAX_JPEG_SCANS} scans (progressive passes), refused: decoding it would take "
+                "minutes; re-encode it (a JPEG writer makes at most about 10)"
+            )
         image.load()
         return to_rgb8(_upright(image))
 
@@ -170,7 +238,9 @@ def read_file(source: str | os.PathLike | bytes, *, follow_links: bool = True) -
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise ImageError("is a link loop or a link, not read") from error
-        raise ImageError(f"unreadable image ({error})") from error
+        # The row already names the file: a system error says what happened, not the (maybe 4 KB) path again.
+        why = error.strerror if error.filename is not None and error.strerror else str(error)
+        raise ImageError(f"unreadable image ({why})") from error
     except Exception as error:  # a decoder's own failure, of whatever type, is this image's error row
         raise ImageError(f"unreadable image ({type(error).__name__}: {error})") from error
 
