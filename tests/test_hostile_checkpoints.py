@@ -550,3 +550,103 @@ def test_a_torchscript_storage_shorter_than_its_tensors_is_damaged(tmp_path):
         clip.read_clip(archive)
     assert str(caught.value).startswith(f"could not read the TorchScript archive {archive} (storage 0 holds ")
     assert str(caught.value).endswith("the file is truncated or damaged, download it again.")
+
+
+# ------------------------------------------------------------------- every valid config runs
+
+
+def _random_tiny_configs(count: int, seed: int = 0):
+    """Yields valid tiny configs drawn at random over every field, edge cases (1x1 grid, MLP width 1) first."""
+    import random
+
+    yield ViTConfig(img_size=8, patch_size=8, embed_dim=2, depth=2, num_heads=1, mlp_ratio=0.5, embedding_dim=1)
+    yield ViTConfig(
+        img_size=9,
+        patch_size=9,
+        embed_dim=4,
+        depth=2,
+        num_heads=2,
+        class_token=True,
+        head="cls",
+        embedding_dim=4,
+        ln_pre=True,
+        patch_bias=False,
+    )
+    yield ViTConfig(
+        img_size=5,
+        patch_size=2,
+        embed_dim=3,
+        depth=2,
+        num_heads=3,
+        class_token=True,
+        head="face",
+        embedding_dim=2,
+        activation="quick_gelu",
+        qkv_bias=True,
+    )
+    rng, made = random.Random(seed), 0
+    while made < count:
+        img = rng.randint(1, 16)
+        width = rng.choice([1, 2, 3, 4, 6])
+        head = rng.choice(["face", "transface", "clip", "cls", "none"])
+        fields = dict(
+            img_size=img,
+            patch_size=rng.randint(1, img),
+            embed_dim=width,
+            depth=rng.randint(1, 3),
+            num_heads=rng.choice([h for h in (1, 2, 3) if width % h == 0]),
+            mlp_ratio=rng.choice([0.26, 0.5, 1.0, 2.5]),
+            activation=rng.choice(["relu6", "gelu", "gelu_tanh", "quick_gelu"]),
+            qkv_bias=rng.random() < 0.5,
+            class_token=rng.random() < 0.5,
+            patch_bias=rng.random() < 0.5,
+            ln_pre=rng.random() < 0.5,
+            head=head,
+            embedding_dim=None if head == "none" else width if head == "cls" else rng.randint(1, 4),
+            default_blocks=rng.choice(["all", "0-1", "0,2"]),
+        )
+        try:
+            config = ViTConfig(**fields)
+        except ConfigError:
+            continue
+        made += 1
+        yield config
+
+
+def test_every_config_that_passes_validation_scores_one_image():
+    # A hole in validation (TransFace's token gate given a class token) used to pass and then fail
+    # inside the model with a shape error on the first batch. Random configs are traced (shapes
+    # only, fast); the edge cases (1x1 grid, MLP width 1, a face head with a class token) also run.
+    import jax
+    import jax.numpy as jnp
+
+    from vitnt_jax.model import truncate_blocks, variable_shapes
+    from vitnt_jax.scorer import Scorer, score_streaming
+    from vitnt_jax.selection import parse_blocks
+    from vitnt_jax.stability import METRICS, ScoreSettings
+
+    with pytest.raises(ConfigError, match="head 'transface' gates patch tokens only"):
+        ViTConfig(img_size=8, patch_size=4, embed_dim=4, depth=2, num_heads=2, head="transface", class_token=True)
+    for i, config in enumerate(_random_tiny_configs(40)):
+        metric = sorted(METRICS)[i % len(METRICS)]
+        settings = ScoreSettings(parse_blocks(config.default_blocks, config.depth), metric=metric)
+        embed = config.head != "none"
+        if i < 3:
+            scorer = Scorer(config, init_variables(config, seed=i), settings, embed=embed, devices=jax.devices()[:1])
+            image = np.random.default_rng(i).integers(0, 256, (1, config.img_size, config.img_size, 3), np.uint8)
+            out = scorer(image)
+            assert all(np.isfinite(value).all() for value in out.values()), config
+        else:
+            images = jax.ShapeDtypeStruct((1, config.img_size, config.img_size, 3), jnp.float32)
+            run = settings.num_blocks_to_run
+            out = jax.eval_shape(
+                lambda v, x, c=config, s=settings, e=embed, r=run: score_streaming(
+                    c, v if e else truncate_blocks(v, r), x, s, embed=e
+                ),
+                variable_shapes(config),
+                images,
+            )
+        assert out["quality"].shape == (1,), config
+        assert out["patch_quality"].shape == (1, config.num_patches), config
+        if embed:
+            assert out["embedding"].shape == (1, config.embedding_dim), config

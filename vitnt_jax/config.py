@@ -123,6 +123,8 @@ def _problems(c: ViTConfig) -> list[str]:
         )
     if c.head in ("clip", "cls") and c.class_token is False:
         found.append(f"class_token is false, but head {_show(c.head)} reads the class token, so it must be true")
+    if c.head == "transface" and c.class_token is True:  # its token gate weighs the patch tokens only
+        found.append("class_token is true, but head 'transface' gates patch tokens only, so it must be false")
     real("head_batch_norm_eps", 1e-12, 1.0)
     choice("color", get_args(Color))
     # mean and std apply to pixels scaled to [0, 1]; a std near zero would overflow float32.
