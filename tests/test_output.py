@@ -1,6 +1,7 @@
 """Result files: parts of a multi-process run merge into one table (and its arrays) row for row."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -120,3 +121,18 @@ def test_a_partial_array_torn_inside_its_header_resumes_when_the_table_holds_no_
     writer.write([output.Row("a.png", 0.5)], {"embedding": np.ones((1, 2), np.float32)})
     writer.close(True)
     np.testing.assert_array_equal(np.load(emb), np.ones((1, 2)))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_reading_results_from_a_fifo_or_a_device_is_refused_at_once(tmp_path, kind):
+    path = tmp_path / "s.csv"
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody writes it: reading would wait forever
+    else:
+        path.symlink_to("/dev/zero")  # read_results follows links (a result may be linked in): endless zeros
+    name = "a named pipe (FIFO)" if kind == "fifo" else "a character device"
+    with pytest.raises(output.OutputError, match=rf"s.csv is {re.escape(name)}, not a result file\.$"):
+        output.read_results(path)
+    if kind == "fifo":
+        with pytest.raises(output.OutputError, match=r"s.csv is a named pipe \(FIFO\), not a result file\.$"):
+            output.ResultWriter(path, resume=True)

@@ -519,6 +519,15 @@ def check_ids(ids: Sequence[str], fmt: str) -> list[str]:
     return shown
 
 
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
 def _read_text(path: Path, follow: bool = True) -> str:
     """Returns the file's text; a UTF-8 character torn at its very end (a crash mid-write) is left out.
 
@@ -528,12 +537,22 @@ def _read_text(path: Path, follow: bool = True) -> str:
 
 
 def _read(path: Path, follow: bool = True) -> tuple[str, int]:
-    """Returns `_read_text(path, follow)` and the number of bytes that text takes in the file."""
-    if follow:
-        data = path.read_bytes()
-    else:
-        with _open(path, "rb") as f:
-            data = f.read()
+    """Returns `_read_text(path, follow)` and the number of bytes that text takes in the file.
+
+    Only a regular file is read: a FIFO would be waited on forever, a device (/dev/zero) read without end.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP and not follow and os.path.islink(path):
+            raise _link_error(path, "out") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OutputError(f"{path} is {_KINDS.get(stat.S_IFMT(mode), 'not a file')}, not a result file.")
+        data = f.read()
     try:
         return data.decode("utf-8"), len(data)
     except UnicodeDecodeError as error:
@@ -562,8 +581,6 @@ def read_results(path: str | Path, fmt: str | None = None) -> list[Row]:
         text = _read_text(path)
     except FileNotFoundError:
         raise OutputError(f"{path} does not exist; check the path.") from None
-    except IsADirectoryError:
-        raise OutputError(f"{path} is a folder, not a result file.") from None
     form = _format(fmt) if fmt is not None else (CSV if CSV.matches(text) else REFERENCE)
     return form.parse(text[: form.complete(text)], str(path))
 
