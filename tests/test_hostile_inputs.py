@@ -600,3 +600,185 @@ def test_a_system_error_row_does_not_repeat_a_long_path(tmp_path):
     with pytest.raises(ImageError) as got:
         src.load(0)
     assert str(got.value) == "unreadable image (File name too long)"
+
+
+# ---------------------------------------------------------------------------------------------- listing costs
+
+
+def _nest(top, depth: int) -> int:
+    """Makes `depth` nested folders `d` under top (by descriptor: no path grows); returns the innermost's fd."""
+    fd = os.open(top, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    return fd
+
+
+def _unnest(top, depth: int) -> None:
+    """Removes what _nest made, innermost first (shutil.rmtree recurses, and fails at this depth)."""
+    fds = [os.open(top, os.O_RDONLY)]
+    for _ in range(depth):
+        fds.append(os.open("d", os.O_RDONLY, dir_fd=fds[-1]))
+    for name in os.listdir(fds[-1]):
+        os.unlink(name, dir_fd=fds[-1])
+    for parent, child in zip(fds[-2::-1], fds[:0:-1], strict=True):
+        os.close(child)
+        os.rmdir("d", dir_fd=parent)
+    os.close(fds[0])
+
+
+def test_a_folder_nested_deeper_than_pythons_recursion_limit_is_listed(tmp_path):
+    # os.walk recursed once per level (Python 3.11): 1,100 levels (a 2.2 KB path) ended the run with RecursionError.
+    depth = 1100
+    fd = _nest(tmp_path, depth)
+    try:
+        with open(os.open("deep.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+            f.write(png_bytes(smooth_faces(1, seed=12)[0]))
+        os.close(fd)
+        src = sources.image_folder(tmp_path)
+        assert src.ids == ["d/" * depth + "deep.png"] and src.problems == []
+        np.testing.assert_array_equal(src.load(0), smooth_faces(1, seed=12)[0])
+    finally:
+        _unnest(tmp_path, depth)
+
+
+def test_listing_a_folder_keeps_only_the_ids(tmp_path):
+    # A Path, a partial and a tuple per file cost ~480 bytes: 20 GB for a 42-million-image folder.
+    for k in range(4):
+        (tmp_path / f"identity{k}").mkdir()
+        for i in range(1000):
+            (tmp_path / f"identity{k}" / f"{i:05d}.jpg").touch()
+    got, peak = _peak_bytes(lambda: sources.image_folder(tmp_path))
+    assert len(got) == 4000 and got.ids[0] == "identity0/00000.jpg" and got.ids[-1] == "identity3/00999.jpg"
+    assert peak < 150 * 4000, peak  # the id strings and the list of them
+
+
+def test_listing_a_path_list_keeps_only_the_ids(tmp_path):
+    # A Path per line kept ~380 bytes a line; the ids alone are ~75.
+    n = 20_000
+    (tmp_path / "list.txt").write_text("".join(f"identity/{i:06d}.jpg\n" for i in range(n)))
+    tracemalloc.start()
+    try:
+        got = sources.path_list(tmp_path / "list.txt", tmp_path)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(got) == n
+    assert kept < 120 * n, kept
+    assert peak < (1 << 20) + 200 * n, peak  # a block of the file read, its text, and the ids
+
+
+@pytest.mark.parametrize(
+    "content, kind",
+    [
+        ("a.png\nb.png\n".encode("utf-16"), "it is UTF-16 text"),  # Windows Notepad's "Unicode"
+        (b"a.png\n" + png_bytes(smooth_faces(1)[0]), "it is a binary file or UTF-16 text"),
+    ],
+)
+def test_a_list_holding_nul_bytes_is_refused_in_one_line(tmp_path, content, kind):
+    # Each line was an error row "embedded null byte": a run of nothing but failures.
+    (tmp_path / "list.txt").write_bytes(content)
+    with pytest.raises(sources.SourceError) as got:
+        sources.path_list(tmp_path / "list.txt")
+    assert str(got.value).startswith(f"list {tmp_path / 'list.txt'} holds a NUL byte (line ")
+    assert str(got.value).endswith(f"{kind}; save it as UTF-8 text.")
+
+
+def test_a_list_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(sources.SourceError) as got:
+        sources.path_list(tmp_path)
+    assert str(got.value) == f"list {tmp_path} is a folder; pass a text file, one image path per line."
+
+
+def test_a_duplicate_list_line_is_named_within_one_line_of_text(tmp_path):
+    name = "x" * 100_000
+    (tmp_path / "list.txt").write_text(f"{name}\n{name}\n")
+    with pytest.raises(sources.SourceError, match="twice") as got:
+        sources.path_list(tmp_path / "list.txt")
+    assert len(str(got.value)) < 400
+
+
+# ---------------------------------------------------------------------------------------------- TFDS records
+
+
+def _fake_tfds(monkeypatch, records, calls=None):
+    """Replaces tfds.data_source by one serving `records` (dicts); returns the tfds module."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class Records:
+        def __len__(self):
+            return len(records)
+
+        def __getitem__(self, i):
+            return records[i]()
+
+    def data_source(*args, **kwargs):
+        if calls is not None:
+            calls.append(kwargs.get("split"))
+        return Records()
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    return tfds
+
+
+def test_tfds_ids_that_are_not_utf8_stay_apart(monkeypatch):
+    # Decoded with 'replace', b"a\xff" and b"a\xfe" both became "a\ufffd": the dataset was refused as duplicated.
+    face = png_bytes(smooth_faces(1)[0])
+    _fake_tfds(monkeypatch, [lambda: {"image": face, "id": b"a\xff"}, lambda: {"image": face, "id": b"a\xfe"}])
+    src = sources.tfds_source("lfw", id_key="id", label_key=None)
+    assert src.ids == ["a\udcff", "a\udcfe"]
+
+
+def test_tfds_ids_and_labels_are_read_one_record_at_a_time(monkeypatch):
+    # Every record (images included) was held at once while ids were read: a large dataset's whole size.
+    live, most = [0], [0]
+
+    class Record(dict):
+        def __init__(self, i):
+            super().__init__(image=b"", label=b"p%d" % i)
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+
+        def __del__(self):
+            live[0] -= 1
+
+    _fake_tfds(monkeypatch, [lambda i=i: Record(i) for i in range(50)])
+    src = sources.tfds_source("lfw")
+    assert src.labels == [f"p{i}" for i in range(50)]
+    assert most[0] <= 3, most[0]  # the first record (checked for its features), the last one and the next
+
+
+@pytest.mark.parametrize("split", ["train[abc]", "train[", "train[1:2:3]"])
+def test_a_malformed_tfds_split_is_one_line_before_anything_is_opened(monkeypatch, split):
+    # It failed like an unprepared dataset: a network probe, then "not prepared ... network unreachable".
+    calls = []
+    tfds = _fake_tfds(monkeypatch, [], calls)
+    monkeypatch.setattr(tfds, "builder", lambda *args, **kwargs: calls.append("builder"))
+    monkeypatch.setattr(sources, "probe", lambda host, port: calls.append("probe") or "timed out")
+    with pytest.raises(sources.SourceError) as got:
+        sources.tfds_source(f"lfw:{split}")
+    assert str(got.value).startswith(f"TFDS split {split!r} is not one TFDS reads (") and calls == []
+
+
+def test_a_tfds_split_sum_is_checked_part_by_part(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def not_prepared(*args, **kwargs):
+        raise NotImplementedError("not prepared")
+
+    class Builder:
+        info = type("Info", (), {"splits": {"train": None, "test": None}})()
+        url_infos = {}
+
+        def download_and_prepare(self, **kwargs):
+            raise ModuleNotFoundError("No module named 'tensorflow'")
+
+    monkeypatch.setattr(tfds, "data_source", not_prepared)
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+    with pytest.raises(sources.SourceError, match="needs TensorFlow"):  # train+test exists: it goes on to prepare
+        sources.tfds_source("lfw:train+test[:10]")  # was refused as a split named 'train+test'
+
+    with pytest.raises(sources.SourceError, match="has no split 'train\\+val'; choose one of test, train"):
+        sources.tfds_source("lfw:train+val")

@@ -15,7 +15,6 @@ is one `SourceKind` in `SOURCES` (plus its tests):
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -64,11 +63,19 @@ class Source:
         return self.loader(index)
 
 
+def _shown(text: str, limit: int = 200) -> str:
+    """Returns repr(text), its middle cut when it is longer than `limit` characters (a 10 MB list line)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[: limit // 2]}...{shown[-limit // 2 :]}"
+
+
 def _check_unique(ids: list[str], what: str) -> None:
     seen: dict[str, int] = {}
     for i, x in enumerate(ids):
         if x in seen:
-            raise SourceError(f"{what} lists {x!r} twice (entries {seen[x] + 1} and {i + 1}); remove the duplicate.")
+            raise SourceError(
+                f"{what} lists {_shown(x)} twice (entries {seen[x] + 1} and {i + 1}); remove the duplicate."
+            )
         seen[x] = i
 
 
@@ -78,44 +85,60 @@ def image_folder(root: str | Path) -> Source:
     Ids are sorted. A folder link inside `root` is not entered and a sub-folder that cannot be listed
     is reported in `problems`, not skipped silently. A file link keeps its row: its file is read when
     the link resolves inside `root`, and is that row's error when it leads outside. Only regular
-    files are read (a FIFO or a device named like an image is an error row at once).
+    files are read (a FIFO or a device named like an image is an error row at once). The walk keeps its
+    own stack, so no nesting depth is too deep, and holds only the ids (tens of bytes a file).
     """
     root = Path(root)
     if not root.is_dir():
         raise SourceError(
             "{images} " + f"{root} is not a folder; pass the folder that holds the face images.", field="images"
         )
+    top, inside = os.fspath(root), os.path.realpath(root)
     problems: list[str] = []
-    found: list[tuple[str, Callable[[], np.ndarray]]] = []
-    inside = os.path.realpath(root)
-
-    def unreadable(error: OSError) -> None:
-        problems.append(f"cannot list folder {error.filename} ({error.strerror}); its images are not scored")
-
-    for folder, dirs, files in os.walk(root, onerror=unreadable):  # folder links are listed, never entered
-        dirs.sort()
-        for name in dirs:
-            if os.path.islink(os.path.join(folder, name)):
-                link = Path(folder, name).relative_to(root).as_posix()
-                problems.append(f"folder link {link} is not followed; its images are not scored (pass its target)")
-        for name in files:
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                path = os.path.join(folder, name)
-                found.append((Path(path).relative_to(root).as_posix(), _folder_reader(path, inside)))
-    found.sort(key=lambda item: item[0])
-    if not found:
+    ids: list[str] = []
+    links: dict[str, Callable[[], np.ndarray]] = {}  # how each file link is read (they are few)
+    folders = [(top, "")]  # (path, id prefix) still to list
+    while folders:
+        folder, prefix = folders.pop()
+        inner = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        is_folder = entry.is_dir()  # a link to a folder counts as one, and is never entered
+                    except OSError:
+                        is_folder = False
+                    if is_folder and entry.is_symlink():
+                        problems.append(
+                            f"folder link {prefix}{entry.name} is not followed; its images are not scored (pass its "
+                            "target)"
+                        )
+                    elif is_folder:
+                        inner.append((entry.path, f"{prefix}{entry.name}/"))
+                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                        ids.append(prefix + entry.name)
+                        if entry.is_symlink():
+                            links[ids[-1]] = _link_reader(entry.path, inside)
+        except OSError as error:
+            problems.append(f"cannot list folder {error.filename} ({error.strerror}); its images are not scored")
+        folders.extend(sorted(inner, reverse=True))  # listed in name order
+    ids.sort()
+    if not ids:
         extra = f" ({problems[0]})" if problems else ""
         raise SourceError(
             f"no PNG or JPEG files under {root}{extra}; point " + "{images} at a folder of face images.", field="images"
         )
-    readers = [r for _, r in found]
-    return Source(f"folder {root}", [i for i, _ in found], None, lambda i: readers[i](), problems=problems)
+
+    def load(i: int) -> np.ndarray:
+        link = links.get(ids[i])
+        # Not a link when listed: read without following one (a file swapped for a link since is refused).
+        return link() if link is not None else read_file(os.path.join(top, ids[i]), follow_links=False)
+
+    return Source(f"folder {root}", ids, None, load, problems=problems)
 
 
-def _folder_reader(path: str, inside: str) -> Callable[[], np.ndarray]:
-    """Returns how to read one listed file: itself without following links, or a link's target inside `inside`."""
-    if not os.path.islink(path):
-        return functools.partial(read_file, path, follow_links=False)  # swapped for a link since listing: refused
+def _link_reader(path: str, inside: str) -> Callable[[], np.ndarray]:
+    """Returns how to read a listed file link: its target when it lies inside `inside`, else that row's error."""
     target = os.path.realpath(path)
     try:
         outside = os.path.commonpath([inside, target]) != inside
@@ -139,42 +162,65 @@ def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
     skipped. Listed links are followed (the list is the user's own choice); only regular files are read.
     The list itself may be a file or a pipe (`--list <(find ...)`), never a device. It is UTF-8 text; a
     name that is not UTF-8 keeps its bytes (surrogate-escaped, as `os.walk` gives them) and reads as named.
+    A list holding a NUL byte (a binary file, UTF-16 text) is refused: no file name holds one.
     """
     list_file = Path(list_file)
-    try:
-        text = _list_text(list_file)
-    except FileNotFoundError as error:
-        raise SourceError("{list} " + f"{list_file} does not exist; check the path.", field="list") from error
-    except (OSError, UnicodeDecodeError) as error:
-        raise SourceError(
-            "cannot read {list} " + f"{list_file} ({error}); it must be UTF-8 text, one path per line.", field="list"
-        ) from error
+    text = _list_text(list_file)
     lines = (line.removesuffix("\r") for line in text.split("\n"))
     ids = [line for line in lines if line.strip(" \t")]
+    del text
     if not ids:
         raise SourceError("{list} " + f"{list_file} names no images; write one image path per line.", field="list")
     _check_unique(ids, f"list {list_file}")
-    base = Path(root) if root is not None else None
-    if base is not None and not base.is_dir():
+    base = os.fspath(root) if root is not None else None
+    if base is not None and not os.path.isdir(base):
         raise SourceError(
             "{root} " + f"{base} is not a folder; pass the folder the listed paths are relative to.", field="root"
         )
-    paths = [base / i if base is not None else Path(i) for i in ids]
-    return Source(f"list {list_file}", ids, None, lambda i: read_image(paths[i]))
+    # Each path is made when it is read: a Path object per line cost hundreds of bytes on lists of millions.
+    return Source(
+        f"list {list_file}", ids, None, lambda i: read_image(ids[i] if base is None else os.path.join(base, ids[i]))
+    )
+
+
+_LIST_READ = 1 << 20  # a list is read in blocks of this many bytes, each checked for NUL bytes first
 
 
 def _list_text(list_file: Path) -> str:
-    """Returns the text of a list file or pipe; raises OSError (a device, a folder) or UnicodeDecodeError."""
-    mode = os.stat(list_file).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
-        raise OSError(errno.EINVAL, "not a file or a pipe", str(list_file))
-    # Opened non-blocking so a pipe nobody writes to reads as empty instead of waiting forever.
-    fd = os.open(list_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    os.set_blocking(fd, True)
-    # A byte-order mark is no part of the first path; newline="": lines are split by path_list, on LF only.
-    # A name that is not UTF-8 (a list written by `find`) keeps its bytes, surrogate-escaped as os.walk does.
-    with open(fd, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        return f.read()
+    """Returns the text of a list file or pipe; raises SourceError for a folder, a device or a binary file."""
+
+    def refuse(why: str) -> SourceError:
+        return SourceError("{list} " + f"{list_file} {why}", field="list")
+
+    try:
+        mode = os.stat(list_file).st_mode
+        if stat.S_ISDIR(mode):
+            raise refuse("is a folder; pass a text file, one image path per line.")
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise refuse("is not a file or a pipe (a device or a socket); pass a text file, one image path per line.")
+        # Opened non-blocking so a pipe nobody writes to reads as empty instead of waiting forever.
+        fd = os.open(list_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        os.set_blocking(fd, True)
+        blocks, lines = [], 0
+        with open(fd, "rb") as f:
+            while block := f.read(_LIST_READ):
+                if b"\0" in block:  # refused at the first such block: a 10 GB archive given as a list is not read
+                    line = lines + block[: block.index(b"\0")].count(b"\n") + 1
+                    utf16 = (blocks[0] if blocks else block)[:2] in (b"\xff\xfe", b"\xfe\xff")
+                    kind = "UTF-16 text" if utf16 else "a binary file or UTF-16 text"
+                    raise refuse(f"holds a NUL byte (line {line}): it is {kind}; save it as UTF-8 text.")
+                lines += block.count(b"\n")
+                blocks.append(block)
+    except FileNotFoundError as error:
+        raise refuse("does not exist; check the path.") from error
+    except OSError as error:
+        raise SourceError(
+            "cannot read {list} " + f"{list_file} ({error.strerror or error}); it must be UTF-8 text, one path a line.",
+            field="list",
+        ) from error
+    # A byte-order mark is no part of the first path; lines are split by path_list, on LF only. A name that is
+    # not UTF-8 (a list written by `find`) keeps its bytes, surrogate-escaped as os.walk does.
+    return b"".join(blocks).decode("utf-8-sig", errors="surrogateescape")
 
 
 def insightface_bin(path: str | Path) -> Source:
@@ -213,6 +259,14 @@ def tfds_source(
         raise SourceError("{tfds} needs tensorflow-datasets: pip install 'vitnt-jax[tfds]'.", field="tfds") from error
     name, _, split = spec.partition(":")
     split = split or "train"
+    try:  # a malformed split is said so, before it can pass for a dataset that is not prepared yet
+        tfds.core.ReadInstruction.from_spec(split)
+    except ValueError as error:
+        raise SourceError(
+            f"TFDS split {split!r} is not one TFDS reads ({str(error).splitlines()[0]}); write NAME:SPLIT, e.g. "
+            f"{name}:train, {name}:test[:100] or {name}:train[:10%]+test.",
+            field="tfds",
+        ) from error
     with _quiet("absl"):  # TFDS's warnings about a folder it looked in: the outcome is said in one sentence
         return _tfds_source(tfds, name, split, data_dir, image_key, id_key, label_key, prepare)
 
@@ -224,7 +278,7 @@ def _tfds_source(tfds, name, split, data_dir, image_key, id_key, label_key, prep
         raise SourceError(f"TFDS has no dataset {name!r}; check the name (tfds.list_builders()).") from error
     except Exception as first:  # not prepared yet (or prepared as TFRecord), or no such split
         splits = _known_splits(tfds, name, data_dir)
-        if splits and split.split("[")[0] not in splits:
+        if splits and any(part.split("[")[0].strip() not in splits for part in split.split("+")):
             raise SourceError(
                 f"TFDS {name} has no split {split!r}; choose one of {', '.join(sorted(splits))}."
             ) from first
@@ -250,18 +304,21 @@ def _tfds_source(tfds, name, split, data_dir, image_key, id_key, label_key, prep
     has_label = label_key is not None and label_key in first_example
 
     def text(value) -> str:
-        value = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        # Bytes that are not UTF-8 keep their identity (surrogate-escaped, as file names): two such ids never merge.
+        value = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
         return str(value.item() if isinstance(value, np.generic) else value)
 
-    # Reading ids and labels touches every record once; images are decoded only when loaded.
-    if id_key is None and not has_label:
-        ids = [f"{name}/{split}/{i}" for i in range(n)]
-        labels = None
-    else:
-        examples = [data[i] for i in range(n)]
-        ids = [text(e[id_key]) for e in examples] if id_key else [f"{name}/{split}/{i}" for i in range(n)]
-        labels = [text(e[label_key]) for e in examples] if has_label else None
-        del examples
+    # Reading ids and labels touches every record once, one at a time; images are decoded only when loaded.
+    ids = [f"{name}/{split}/{i}" for i in range(n)] if id_key is None else []
+    labels: list[str] | None = [] if has_label else None
+    if id_key is not None or has_label:
+        for i in range(n):
+            example = data[i]
+            if id_key is not None:
+                ids.append(text(example[id_key]))
+            if labels is not None:
+                labels.append(text(example[label_key]))
+        del example
     _check_unique(ids, f"TFDS {name}:{split} ({id_key})")
 
     def load(i: int) -> np.ndarray:
