@@ -726,3 +726,19 @@ def test_a_part_with_a_torn_last_record_is_refused_not_merged_short(tmp_path, ar
     with pytest.raises(output.OutputError, match=r"part 1 of .*s.csv \(.*\) ends in a torn record, so its process did"):
         output.merge_parts(out, 2, "csv", [emb] if arrays else [])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_arrays_asked_for_only_when_resuming_are_refused_saying_why(tmp_path):
+    # The first run saved no embeddings: resuming with them cannot give the rows already written one.
+    path, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    writer = output.ResultWriter(path)
+    writer.write([output.Row("a.png", 0.5)])
+    writer.close(True)
+    with pytest.raises(output.OutputError, match=r"neither .*e.npy nor .*e.npy.partial exists but the table holds 1"):
+        output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (2,))})
+    out, emb, _ = _merge_setup(tmp_path / "merged", append=True)
+    emb.unlink()
+    with pytest.raises(
+        output.OutputError, match=r"e.npy does not exist but .*s.csv holds 3 rows, so their arrays were"
+    ):
+        output.merge_parts(out, 2, "csv", [emb], append=True)

@@ -691,7 +691,9 @@ class ArraySink:
             else:
                 if rows_done:
                     raise OutputError(
-                        f"{self.partial} is missing but the table holds {rows_done} rows; start again without resuming."
+                        f"neither {self.path} nor {self.partial} exists but the table holds {rows_done} rows, so their "
+                        "arrays were not saved (arrays are saved from a run's start): start again without resuming, "
+                        "or resume without saving them."
                     )
                 self.partial.unlink(missing_ok=True)  # a link there goes, never its target
                 with _open(self.partial, "wb", what) as f:
@@ -1051,6 +1053,12 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
         for path in arrays:
             parts = [np.load(part_path(path, i, count), mmap_mode="r") for i in range(count) if merged[i]]
             if kept:
+                if not path.exists():
+                    raise OutputError(
+                        f"{path} does not exist but {out} holds {len(have)} rows, so their arrays were not saved "
+                        "(arrays are saved from a run's start): start again without resuming, or resume without "
+                        "saving them."
+                    )
                 before = _load_npy(path, str(path))
                 if before.shape[0] < len(have) or before.shape[1:] != shapes.setdefault(path, before.shape[1:]):
                     raise OutputError(
