@@ -8,7 +8,9 @@ last complete record (a quoted one torn after an inner line break included) and 
 id twice. Ids are written as `render_id` gives them (always valid UTF-8); CSV cells are quoted and
 guarded against spreadsheet formulas (`CsvFormat`). A failed write (a full disk) is one OutputError
 naming the file, leaves no temporary file and keeps what was written resumable. One writer per
-file: `lock_output` (`ResultWriter` takes it by default).
+file: `lock_output` (`ResultWriter` takes it by default). Nothing is written through a link, even one
+planted after the caller's checks: files are opened with O_NOFOLLOW, temporaries created with O_EXCL
+(`_open`, `_create`). A merge killed at any point is finished by merging again (`merge_parts`).
 """
 
 from __future__ import annotations
