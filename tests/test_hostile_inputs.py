@@ -337,7 +337,7 @@ def test_a_pack_of_many_empty_lists_is_refused(tmp_path):
     path = tmp_path / "lists.bin"
     path.write_bytes(b"\x80\x02" + _op("EMPTY_LIST") * 200_000 + _op("STOP"))  # 11 MiB of lists from 200 kB
     got, peak = _peak_bytes(lambda: sources.insightface_bin(path))
-    assert isinstance(got, sources.SourceError) and "more than 13524 lists or tuples" in str(got), got
+    assert isinstance(got, sources.SourceError) and "more than 13524 pickle instructions" in str(got), got
     # At most one list (56 bytes) per 16 bytes of file is built before the refusal, plus the stack's pointers.
     assert peak < 6 * path.stat().st_size, peak
 
@@ -782,3 +782,58 @@ def test_a_tfds_split_sum_is_checked_part_by_part(monkeypatch):
 
     with pytest.raises(sources.SourceError, match="has no split 'train\\+val'; choose one of test, train"):
         sources.tfds_source("lfw:train+val")
+
+
+# ---------------------------------------------------------------------------------------------- packs, second look
+
+
+def test_a_pack_of_memo_entries_is_refused_in_proportion_to_its_size(tmp_path):
+    # MEMOIZE is one byte and keeps a memo entry (~80 bytes): 2 MB of them kept 165 MB before the pack was refused.
+    path = tmp_path / "memo.bin"
+    path.write_bytes(b"\x80\x04N" + _op("MEMOIZE") * 200_000 + _op("STOP"))
+    got, peak = _peak_bytes(lambda: sources.insightface_bin(path))
+    assert isinstance(got, sources.SourceError) and "pickle instructions" in str(got), got
+    assert peak < 6 * path.stat().st_size, peak
+
+
+# Packs as Python 2's pickle wrote them (insightface's lfw.bin, cfp_fp.bin, agedb_30.bin): str is bytes there,
+# written with STRING (protocol 0) or SHORT_BINSTRING / BINSTRING (1 and 2); bools as INT 01/00 before protocol 2.
+_LONG = bytes(range(256)) + b"\xff\xd8" * 30  # 316 bytes: BINSTRING, not SHORT_BINSTRING
+_PY2_IMAGES = (b"\xff\xd8\x00'\"\\", b"c\nd", _LONG, b"")
+_PY2_PACKS = {
+    0: b"((lp0\nS'\\xff\\xd8\\x00\\'\"\\\\'\np1\naS'c\\nd'\np2\naS'"
+    + "".join(f"\\x{b:02x}" for b in _LONG).encode()
+    + b"'\np3\naS''\np4\na(lp5\nI01\naI00\natp6\n.",
+    1: b"(]q\x00(U\x06\xff\xd8\x00'\"\\q\x01U\x03c\ndq\x02T"
+    + struct.pack("<I", len(_LONG))
+    + _LONG
+    + b"q\x03U\x00q\x04e]q\x05(I01\nI00\netq\x06.",
+    2: b"\x80\x02]q\x00(U\x06\xff\xd8\x00'\"\\q\x01U\x03c\ndq\x02T"
+    + struct.pack("<I", len(_LONG))
+    + _LONG
+    + b"q\x03U\x00q\x04e]q\x05(\x88\x89e\x86q\x06.",
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(_PY2_PACKS))
+def test_packs_written_by_python2_read_as_bytes(tmp_path, protocol):
+    from vitnt_jax.packs import read_bin
+
+    content = _PY2_PACKS[protocol]
+    # The crafted stream is what the stock unpickler reads as Python 2's str: bytes, with encoding='bytes'.
+    assert pickle.loads(content, encoding="bytes") == (list(_PY2_IMAGES), [True, False])
+    path = tmp_path / "py2.bin"
+    path.write_bytes(content)
+    pack = read_bin(path)
+    assert pack.images == _PY2_IMAGES and all(type(b) is bytes for b in pack.images)
+    assert pack.issame == (True, False)
+
+
+def test_a_pack_path_that_cannot_be_opened_says_why(tmp_path):
+    os.symlink(tmp_path / "loop_b.bin", tmp_path / "loop_a.bin")
+    os.symlink(tmp_path / "loop_a.bin", tmp_path / "loop_b.bin")
+    loop = (tmp_path / "loop_a.bin", "Too many levels of symbolic links")
+    for path, why in (loop, ("x" * 5000, "File name too long")):
+        with pytest.raises(sources.SourceError) as got:
+            sources.insightface_bin(path)
+        assert str(got.value) == f"bin {path} cannot be read ({why}); check the path and the disk."

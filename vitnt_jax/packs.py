@@ -9,7 +9,7 @@ A pack also costs memory and time in proportion to its file, or is refused befor
 copied: only the opcodes that build lists, tuples, bytes, strings, numbers and that one call run
 (no dict or set, whose crafted keys could collide); every read is checked against the bytes the
 file still holds (a claimed 2**60-byte string is no allocation); the latin-1 call may produce at
-most as many bytes as the file holds; lists and tuples number at most one per 16 bytes of file;
+most as many bytes as the file holds; instructions number at most one per 16 bytes of file;
 and the images together must not hold more bytes than the file (one image referenced 20,000
 times through the pickle memo is refused, not copied 20,000 times).
 """
@@ -39,10 +39,11 @@ _FOREIGN_OPCODES = {
     **dict.fromkeys(("EMPTY_DICT", "DICT", "SETITEM", "SETITEMS"), "dict"),
     **dict.fromkeys(("EMPTY_SET", "ADDITEMS", "FROZENSET"), "set"),
 }
-# Opcodes that keep a new list or tuple (tens of bytes) for one byte of file: counted against BYTES_PER_CONTAINER.
-_CONTAINER_OPCODES = frozenset({"MARK", "EMPTY_LIST", "TUPLE1", "TUPLE2", "TUPLE3"})
-BYTES_PER_CONTAINER = 16
-_SPARE_CONTAINERS = 1024  # a tiny pack still holds its two lists, a tuple, and a MARK per thousand items
+# Every instruction is counted: a one-byte one can keep tens of bytes (a list, a tuple, a memo entry: 2 MB of
+# MEMOIZE kept 165 MB), so a pack may hold one per BYTES_PER_INSTRUCTION bytes of file. An insightface pack holds
+# about three per image (the bytes, a memo entry, an append), each image kilobytes long.
+BYTES_PER_INSTRUCTION = 16
+_SPARE_INSTRUCTIONS = 1024  # a tiny pack (a test's) still holds its lists, flags and memo entries
 
 
 class PackError(UserError):
@@ -99,10 +100,11 @@ def _refuse_opcode(name: str):
 
 def _counted(load):
     def count(self):
-        self._containers += 1
-        if self._containers > self._max_containers:
+        self._instructions += 1
+        if self._instructions > self._max_instructions:
             raise _Bomb(
-                f"it builds more than {self._max_containers} lists or tuples, more than a pack of its size holds"
+                f"it holds more than {self._max_instructions} pickle instructions (lists, tuples, memo entries, "
+                "...), more than a pack of its size holds"
             )
         load(self)
 
@@ -118,7 +120,7 @@ def _dispatch() -> dict:
         if name not in _ALLOWED_OPCODES:
             table[code] = _refuse_opcode(name)
         else:
-            table[code] = _counted(load) if name in _CONTAINER_OPCODES else load
+            table[code] = _counted(load)
     return table
 
 
@@ -134,8 +136,8 @@ class _PackUnpickler(pickle._Unpickler):
     def __init__(self, f, size: int):
         super().__init__(_Bounded(f, size), encoding="bytes")
         self._budget = size  # bytes the latin-1 call may still produce
-        self._containers = 0
-        self._max_containers = _SPARE_CONTAINERS + size // BYTES_PER_CONTAINER
+        self._instructions = 0
+        self._max_instructions = _SPARE_INSTRUCTIONS + size // BYTES_PER_INSTRUCTION
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("_codecs", "encode"):  # bytes pickled by Python 3 at protocol 2
@@ -161,7 +163,7 @@ class _PackUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError("pickle data was truncated")
         self.append(bytearray(data))
 
-    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    dispatch[pickle.BYTEARRAY8[0]] = _counted(load_bytearray8)
 
 
 def _empty_bytes(*args):
@@ -209,6 +211,8 @@ def read_bin(path: str | Path) -> Pack:
         ) from error
     except MemoryError:
         raise
+    except OSError as error:  # a path too long, a link loop, an I/O error: not the pack's content
+        raise fail(f"cannot be read ({error.strerror or error}); check the path and the disk.") from error
     except Exception as error:  # any other failure to parse means a damaged or foreign file
         raise fail(f"is unreadable ({type(error).__name__}); it is truncated or not a .bin pack.") from error
     if not (isinstance(content, (tuple, list)) and len(content) == 2):
