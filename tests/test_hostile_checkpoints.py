@@ -552,6 +552,129 @@ def test_a_torchscript_storage_shorter_than_its_tensors_is_damaged(tmp_path):
     assert str(caught.value).endswith("the file is truncated or damaged, download it again.")
 
 
+# --------------------------------------------------------------- hostile folders (second wave)
+
+
+def _finishes(call, seconds=10.0):
+    """Returns call()'s result, failing the test (not hanging it) when it does not return in time."""
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return thread.is_alive(), box.get("result")
+
+
+def test_a_fifo_as_config_json_is_never_waited_on(saved, tmp_path):
+    import os
+
+    ckpt = _copy(saved, tmp_path)
+    (ckpt / "config.json").unlink()
+    os.mkfifo(ckpt / "config.json")
+    try:
+        hung, text = _finishes(lambda: checkpoint.describe(ckpt))
+        assert not hung and text == f"checkpoint {ckpt}"
+        hung, found = _finishes(lambda: checkpoint.is_checkpoint(ckpt))
+        assert not hung and found is False
+    finally:  # releases a reader the old code left waiting
+        fd = os.open(ckpt / "config.json", os.O_RDWR | os.O_NONBLOCK)
+        os.close(fd)
+
+
+def test_describe_escapes_control_characters_of_a_crafted_source(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    meta = _meta(ckpt)
+    meta["source"] = {"file": "model\x1b[2J\x1b]0;owned\x07.pt\nerror: fake", "sha256": "ab\rcd" + "e" * 100}
+    _write_meta(ckpt, meta)
+    text = checkpoint.describe(ckpt)
+    assert text.isprintable() and "\x1b" not in text
+    assert text.startswith(f"checkpoint {ckpt} (from model\\x1b[2J\\x1b]0;owned\\x07.pt\\nerror: fake, sha256 ab")
+    assert len(text) < len(str(ckpt)) + 200
+
+
+def test_a_config_json_naming_a_key_twice_is_refused(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    text = (ckpt / "config.json").read_text()
+    (ckpt / "config.json").write_text(text.replace('"format": "vitnt-jax"', '"format": "x", "format": "vitnt-jax"'))
+    message = _one_line_error(lambda: checkpoint.load_config(ckpt))
+    assert (
+        message
+        == f"{ckpt / 'config.json'} is unreadable (it names the key 'format' twice); convert the checkpoint again."
+    )
+
+
+def test_no_file_is_hashed_unless_every_weights_file_has_its_recorded_size(saved, tmp_path, monkeypatch):
+    # A weights file replaced by a 1 GiB sparse one, and a recorded name outside variables/: both are
+    # refused from their sizes and names alone, without reading a byte of either.
+    ckpt = _copy(saved, tmp_path)
+    victim = max((p for p in (ckpt / "variables").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(1 << 30)
+    hashed = []
+    original = checkpoint._file_sha256
+    monkeypatch.setattr(checkpoint, "_file_sha256", lambda path: hashed.append(path) or original(path))
+    assert _one_line_error(lambda: checkpoint.load(ckpt)).endswith(
+        "its weights do not match the checksum recorded when it was converted; convert it again."
+    )
+    assert victim not in hashed
+    ckpt = _copy(saved, tmp_path / "second")
+    meta = _meta(ckpt)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"x")
+    meta["files_sha256"][str(outside)] = "0" * 64
+    _write_meta(ckpt, meta)
+    hashed.clear()
+    assert "is damaged" in _one_line_error(lambda: checkpoint.load(ckpt))
+    assert outside not in hashed and all(str(p).startswith(str(ckpt / "variables")) for p in hashed)
+
+
+def test_a_fifo_in_place_of_a_weights_file_is_named_as_such(saved, tmp_path):
+    import os
+
+    ckpt = _copy(saved, tmp_path)
+    victim = next(p for p in sorted((ckpt / "variables").rglob("*")) if p.is_file() and p.parent.name == "d")
+    victim.unlink()
+    os.mkfifo(victim)
+    hung, _ = _finishes(lambda: pytest.raises(checkpoint.CheckpointError, checkpoint.load, ckpt))
+    assert not hung
+    message = _one_line_error(lambda: checkpoint.load(ckpt))
+    assert message.endswith(" is no regular file; convert it again.")
+
+
+def test_a_checkpoint_another_process_wrote_meanwhile_is_kept(saved, tmp_path, monkeypatch):
+    # Two conversions of one named model at once: the one that finishes second must not delete the
+    # first one's checkpoint (a third process may be reading it).
+    target = tmp_path / "model"
+    original = checkpoint.weights_sha256
+
+    def other_process_finishes_first(variables):
+        if not target.exists():
+            shutil.copytree(saved, target)
+        return original(variables)
+
+    monkeypatch.setattr(checkpoint, "weights_sha256", other_process_finishes_first)
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        checkpoint.save(target, CFG, init_variables(CFG, seed=5))
+    assert "was written by another process meanwhile" in str(caught.value)
+    monkeypatch.setattr(checkpoint, "weights_sha256", original)
+    assert checkpoint.weights_digest(target) == checkpoint.weights_digest(saved)
+    checkpoint.load(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+
+
+def test_overwriting_a_link_to_a_checkpoint_replaces_the_link_not_its_target(saved, tmp_path):
+    kept = _copy(saved, tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(kept, target_is_directory=True)
+    out = checkpoint.save(link, CFG, init_variables(CFG, seed=6), overwrite=True)
+    assert out == link and not link.is_symlink()
+    assert checkpoint.weights_digest(kept) == checkpoint.weights_digest(saved)
+    assert checkpoint.weights_digest(link) != checkpoint.weights_digest(saved)
+    checkpoint.load(link)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "link"]
+
+
 # ------------------------------------------------------------------- every valid config runs
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +68,36 @@ def weights_sha256(variables: PyTree) -> str:
     return digest.hexdigest()
 
 
+def _open_file(path: Path):
+    """Returns `path` opened for reading, or OSError when it is no regular file (a FIFO is never waited on)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device"
+            raise OSError(f"it is {kind}, not a file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_file(path) as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _files_sha256(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): _file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+def _weight_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """Returns `text` with every control character escaped (no terminal escape reaches a log line), bounded."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _config_sha256(config: Any) -> str:
@@ -160,6 +181,8 @@ def save(
         checkpointer.save(temporary / "variables", arrays)
         checkpointer.wait_until_finished()
         config_dict = json.loads(config.to_json())
+        variables = temporary / "variables"
+        files = _weight_files(variables)
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -167,12 +190,13 @@ def save(
             "source": source or {},
             "config_sha256": _config_sha256(config_dict),
             "weights_sha256": weights_sha256(arrays),
-            "files_sha256": _files_sha256(temporary / "variables"),
+            "files_sha256": {p.relative_to(variables).as_posix(): _file_sha256(p) for p in files},
+            # Compared before any file is hashed, so a file grown since (or a huge one put in its
+            # place) is refused at once rather than read to the end.
+            "files_bytes": {p.relative_to(variables).as_posix(): p.stat().st_size for p in files},
         }
         (temporary / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(temporary, directory)
+        _move_into_place(temporary, directory, overwrite)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
         raise CheckpointError(
@@ -181,16 +205,61 @@ def save(
     return directory
 
 
+def _move_into_place(temporary: Path, directory: Path, overwrite: bool) -> None:
+    """Renames the finished `temporary` onto `directory`; a checkpoint there is replaced only with `overwrite`.
+
+    Another process may have written `directory` since `save` looked (two conversions of one named
+    model): without `overwrite` its checkpoint is kept and this one dropped, so no reader ever sees
+    a folder half removed. With `overwrite` the old one is first renamed aside, then deleted.
+    """
+    aside = None
+    if overwrite and (directory.exists() or directory.is_symlink()):
+        aside = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(directory, aside)
+    try:
+        os.rename(temporary, directory)  # fails when another process put a non-empty folder there first
+    except OSError as error:
+        if aside is not None:
+            os.replace(aside, directory)
+        elif directory.is_dir() and is_checkpoint(directory):
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise CheckpointError(
+                f"{directory} was written by another process meanwhile; use it, or replace it with " + "{overwrite}.",
+                field="overwrite",
+            ) from error
+        raise
+    if aside is not None:
+        if aside.is_symlink() or not aside.is_dir():
+            aside.unlink()
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
 MAX_META_BYTES = 1 << 20  # a config.json is ~2 KB; anything this large is no checkpoint's
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"it names the key {_printable(twice, 60)!r} twice")
+    return out
+
+
 def _read_meta(path: Path) -> Any:
-    """Returns the parsed config.json; ValueError for one too large or not JSON (RecursionError: nested too deep)."""
-    with open(path, "rb") as f:
+    """Returns the parsed config.json; ValueError for one too large or not strict JSON, OSError for no file.
+
+    RecursionError: nested too deep. A key given twice is refused: a reader of the file would see
+    one value and the loader use the other. A FIFO is refused at once, never waited on. (NaN and
+    Infinity literals parse; every config field that must be a number refuses them.)
+    """
+    with _open_file(path) as f:
         text = f.read(MAX_META_BYTES + 1)
     if len(text) > MAX_META_BYTES:
         raise ValueError(f"it is larger than {MAX_META_BYTES} bytes")
-    return json.loads(text)
+    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
@@ -226,7 +295,8 @@ def load_config(directory: str | os.PathLike) -> tuple[ViTConfig, dict]:
     try:
         meta = _read_meta(meta_path)
     except (OSError, ValueError, RecursionError) as error:
-        raise CheckpointError(f"{meta_path} is unreadable ({error}); convert the checkpoint again.") from error
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise CheckpointError(f"{meta_path} is unreadable ({detail}); convert the checkpoint again.") from error
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(
             f"{meta_path} is not a version-{VERSION} vitnt-jax checkpoint; convert the checkpoint again."
@@ -269,33 +339,43 @@ def describe(directory: str | os.PathLike) -> str:
         source = meta.get("source") if isinstance(meta, dict) else None
     except (OSError, ValueError, RecursionError):
         source = None
+    text = f"checkpoint {_printable(str(folder), 1000)}"
     if not isinstance(source, dict):
-        return f"checkpoint {folder}"
+        return text
     name, digest = source.get("file"), source.get("sha256")
-    if isinstance(name, str) and isinstance(digest, str):
-        return f"checkpoint {folder} (from {name}, sha256 {digest})"
+    if isinstance(name, str) and isinstance(digest, str):  # both come from the file: shown escaped and bounded
+        return f"{text} (from {_printable(name, 200)}, sha256 {_printable(digest, 64)})"
     if source.get("family") == "random":
-        return f"checkpoint {folder} (random weights, seed {source.get('seed')})"
-    return f"checkpoint {folder}"
+        return f"{text} (random weights, seed {_printable(str(source.get('seed')), 40)})"
+    return text
 
 
-def _check_files(directory: Path, recorded: Any) -> None:
+def _check_files(directory: Path, recorded: Any, sizes: Any) -> None:
     """Raises CheckpointError unless every file written under variables/ is there with its recorded SHA-256.
 
     Checked before Orbax reads anything, so a damaged file is named here rather than failing (or
-    not) somewhere inside TensorStore.
+    not) somewhere inside TensorStore. Sizes (recorded since they were) are compared first, so no
+    file is hashed unless every file has the size it had.
     """
     if recorded is None:
         return
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not (sizes is None or isinstance(sizes, dict)):
         raise _damaged(directory, "weights")
     folder = directory / "variables"
+    for name in sorted(recorded):
+        path = folder / name
+        shown = _printable(name, 200)
+        if ".." in Path(name).parts or Path(name).is_absolute() or not name:
+            raise _damaged(directory, "weights")
+        if not path.is_file():
+            what = "is missing" if not (path.exists() or path.is_symlink()) else "is no regular file"
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged: its weights file variables/{shown} {what}; convert it again."
+            )
+        if sizes is not None and path.stat().st_size != sizes.get(name):
+            raise _damaged(directory, "weights")
     for name, digest in sorted(recorded.items()):
         path = folder / name
-        if ".." in Path(name).parts or not path.is_file():
-            raise CheckpointError(
-                f"checkpoint {directory} is damaged: its weights file variables/{name} is missing; convert it again."
-            )
         try:
             if _file_sha256(path) != digest:
                 raise _damaged(directory, "weights")
@@ -313,7 +393,7 @@ def load(directory: str | os.PathLike) -> tuple[ViTConfig, PyTree]:
     directory = Path(directory)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), variable_shapes(config))
     recorded = meta.get("weights_sha256")
-    _check_files(directory, meta.get("files_sha256"))
+    _check_files(directory, meta.get("files_sha256"), meta.get("files_bytes"))
     try:
         # Orbax restores the stored shapes whatever the target says, so memory stays what the files
         # hold; check_variables below names any disagreement with the config.
