@@ -837,3 +837,43 @@ def test_a_pack_path_that_cannot_be_opened_says_why(tmp_path):
         with pytest.raises(sources.SourceError) as got:
             sources.insightface_bin(path)
         assert str(got.value) == f"bin {path} cannot be read ({why}); check the path and the disk."
+
+
+def test_decoding_many_good_and_bad_files_on_many_threads_gives_what_one_thread_gives(tmp_path):
+    # The decoders share PIL's plugin tables, the open lock and warning filters: results must not depend on timing.
+    faces = smooth_faces(6, seed=13)
+    kinds = [
+        lambda k: png_bytes(faces[k % 6]),
+        lambda k: _jpeg_of(faces[k % 6], progressive=k % 2 == 0),
+        lambda k: png_bytes(faces[k % 6])[: 40 + k],  # truncated
+        lambda k: FOREIGN[sorted(FOREIGN)[k % len(FOREIGN)]][0](),
+        lambda k: b"",
+        lambda k: _progressive_jpeg(200),  # too many scans
+        lambda k: _jpeg_of(faces[k % 6], exif=_exif(1 + k % 8, "<>"[k % 2], junk_tags=k % 50)),
+    ]
+    for k in range(210):
+        (tmp_path / f"{k:03d}.png").write_bytes(kinds[k % len(kinds)](k))
+    src = sources.image_folder(tmp_path)
+
+    def outcome(i):
+        try:
+            return src.load(i).tobytes()
+        except ImageError as error:
+            return str(error)
+
+    alone = [outcome(i) for i in range(len(src))]
+    assert sum(isinstance(x, bytes) for x in alone) == 90
+    for _ in range(2):
+        rows = list(data.batches(src.load, range(len(src)), 16, 32, workers=8))
+        errors = [e for b in rows for e in b.errors]
+        assert errors == [x if isinstance(x, str) else "" for x in alone]
+        images = [b.images[r] for b in rows for r in range(len(b.indices))]
+        for x, image in zip(alone, images, strict=True):
+            if isinstance(x, bytes):
+                assert image.tobytes() == x  # 32x32 already: no resize
+
+
+def _jpeg_of(face, progressive=False, exif=b""):
+    buffer = io.BytesIO()
+    Image.fromarray(face).save(buffer, "JPEG", progressive=progressive, exif=exif, quality=95)
+    return buffer.getvalue()

@@ -200,8 +200,8 @@ def _decode(stream: BinaryIO) -> np.ndarray:
             raise ImageError(f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
         if image.format in ("JPEG", "MPO") and _jpeg_scans(stream, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
             raise ImageError(
-                f"JPEG of more than {MAX_JPEG_SCANS} scans (progressive passes), refused: decoding it would take "
-                "minutes; re-encode it (a JPEG writer makes at most about 10)"
+                f"JPEG of more than {MAX_JPEG_SCANS} scans (progressive passes; an MPO's frames count too), refused: "
+                "so many can take minutes to decode; re-encode it (a JPEG writer makes at most about 10 a frame)"
             )
         image.load()
         return to_rgb8(_upright(image))
