@@ -238,3 +238,18 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tiny_checkpoint, f
     assert run(tiny_checkpoint, *argv, "--resume") == 0
     assert len(output.read_results(out)) == 13 and np.load(emb).shape[0] == 13
     assert not (tmp_path / "e.npy.partial").exists()
+
+
+def test_a_csv_saved_by_an_editor_resumes_to_one_row_per_input(tiny_checkpoint, folder, tmp_path):
+    # Opened and saved on Windows: a byte-order mark, CRLF line ends and a blank last line; then half the rows.
+    reference = tmp_path / "ref.csv"
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(reference)) == 0
+    lines = reference.read_text().splitlines()
+    out = tmp_path / "s.csv"
+    out.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines[: 1 + len(lines) // 2] + ["", ""]).encode())
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--resume") == 0
+    got, want = output.read_results(out), output.read_results(reference)
+    assert [(r.id, r.error) for r in got] == [(r.id, r.error) for r in want]  # one row per input, none twice
+    np.testing.assert_array_max_ulp(
+        np.array([r.quality for r in got], np.float32), np.array([r.quality for r in want], np.float32), 4
+    )
