@@ -136,3 +136,23 @@ def test_reading_results_from_a_fifo_or_a_device_is_refused_at_once(tmp_path, ki
     if kind == "fifo":
         with pytest.raises(output.OutputError, match=r"s.csv is a named pipe \(FIFO\), not a result file\.$"):
             output.ResultWriter(path, resume=True)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "reference"])
+def test_a_file_with_old_mac_line_ends_is_refused_unchanged_not_cut_to_nothing(tmp_path, fmt):
+    path = tmp_path / "s.out"  # no '\n' at all: every record would count as one torn record
+    before = b"id,quality,error\ra.png,0.5,\rb.png,0.25,\r" if fmt == "csv" else b"a.png 0.5\rb.png 0.25\r"
+    path.write_bytes(before)
+    match = r"s.out has records ending in a carriage return alone .*; convert its line ends to LF or CRLF, or choose"
+    with pytest.raises(output.OutputError, match=match):
+        output.ResultWriter(path, fmt=fmt, resume=True)
+    with pytest.raises(output.OutputError, match=match):
+        output.read_results(path, fmt)
+    assert path.read_bytes() == before
+
+
+def test_a_record_torn_inside_a_quoted_id_holding_a_carriage_return_is_still_cut(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_bytes(b'id,quality,error\na.png,0.5,\n"b\rc\r')  # torn inside the quotes: one record, cut
+    assert output.ResultWriter(path, resume=True).done_ids == ["a.png"]
+    assert path.read_bytes() == b"id,quality,error\na.png,0.5,\n"

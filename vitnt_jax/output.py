@@ -343,6 +343,14 @@ class ResultFormat:
         """Returns the length of the part of `text` made of complete records (a crash may have torn the last one)."""
         return text.rfind("\n") + 1
 
+    def torn(self, tail: str) -> bool:
+        """Returns whether `tail` (what follows the complete records) can be one record torn by a crash.
+
+        Not when a lone carriage return ends a record in it: a file with old-Mac line ends, whose every
+        record would otherwise count as one torn record and be cut off.
+        """
+        return "\r" not in tail.rstrip("\r")
+
     def check_id(self, image_id: str) -> None:
         """Raises OutputError when this format cannot hold the (rendered) id so that it reads back as written."""
 
@@ -376,6 +384,10 @@ class CsvFormat(ResultFormat):
 
     def body(self, text: str) -> str:
         return text.split("\n", 1)[1] if "\n" in text else ""
+
+    def torn(self, tail: str) -> bool:
+        parts = tail.split('"')  # the even-numbered pieces lie outside quotes
+        return all("\r" not in (p if k < len(parts) - 1 else p.rstrip("\r")) for k, p in enumerate(parts) if k % 2 == 0)
 
     def complete(self, text: str) -> int:
         # A record ends at a '\n' outside quotes: after an even number of '"' (a doubled '""' counts twice).
@@ -569,7 +581,19 @@ def _complete_text(path: Path, form: ResultFormat | None = None, follow: bool = 
     """Returns the complete records of the file at `path` (`form` None: recognised from the content)."""
     text = _read_text(path, follow)
     form = form or (CSV if CSV.matches(text) else REFERENCE)
-    return text[: form.complete(text)]
+    return text[: _complete(form, text, str(path))]
+
+
+def _complete(form: ResultFormat, text: str, where: str) -> int:
+    """Returns `form.complete(text)`; OutputError when what follows is more than one torn record."""
+    end = form.complete(text)
+    if not form.torn(text[end:]):
+        raise OutputError(
+            f"{where} has records ending in a carriage return alone (old Mac line ends), which this tool never "
+            "writes; convert its line ends to LF or CRLF, or choose a new " + "{out}.",
+            field="out",
+        )
+    return end
 
 
 def read_results(path: str | Path, fmt: str | None = None) -> list[Row]:
@@ -584,7 +608,7 @@ def read_results(path: str | Path, fmt: str | None = None) -> list[Row]:
     except FileNotFoundError:
         raise OutputError(f"{path} does not exist; check the path.") from None
     form = _format(fmt) if fmt is not None else (CSV if CSV.matches(text) else REFERENCE)
-    return form.parse(text[: form.complete(text)], str(path))
+    return form.parse(text[: _complete(form, text, str(path))], str(path))
 
 
 def _write_error(path: Path, error: OSError, again: str = "rerun with {resume}") -> OutputError:
@@ -649,7 +673,7 @@ def read_ids(path: Path, fmt: str, header: list[str]) -> list[str]:
     """
     form = _format(fmt)
     text, size = _read(path, follow=False)
-    end = form.complete(text)
+    end = _complete(form, text, str(path))
     ids = form.ids(text[:end], str(path), with_label=len(header) == 4)
     size -= len(text[end:].encode("utf-8"))  # only the torn tail is encoded again: a table may be gigabytes
     del text
