@@ -742,3 +742,34 @@ def test_arrays_asked_for_only_when_resuming_are_refused_saying_why(tmp_path):
         output.OutputError, match=r"e.npy does not exist but .*s.csv holds 3 rows, so their arrays were"
     ):
         output.merge_parts(out, 2, "csv", [emb], append=True)
+
+
+_KILLED_REOPENING = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import numpy as np
+    from vitnt_jax import output
+    def half(file, arrays):
+        file.write(np.ascontiguousarray(arrays[0][:1]).tobytes())
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    output._copy_rows = half
+    path = Path(sys.argv[1])
+    output.ResultWriter(path, resume=True, arrays={"embedding": (path.with_name("e.npy"), (2,))})
+    """
+)
+
+
+def test_a_resume_killed_while_it_reopens_the_finished_npy_resumes_again(tmp_path):
+    path, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    writer = output.ResultWriter(path, arrays={"embedding": (emb, (2,))})
+    writer.write([output.Row(f"{k}.png", 0.5) for k in range(3)], {"embedding": np.arange(6.0).reshape(3, 2)})
+    writer.close(True)
+    child = subprocess.run([sys.executable, "-c", _KILLED_REOPENING, str(path)], capture_output=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    resumed = output.ResultWriter(path, resume=True, arrays={"embedding": (emb, (2,))})
+    resumed.write([output.Row("3.png", 0.5)], {"embedding": np.full((1, 2), 6.0)})
+    resumed.close(True)
+    np.testing.assert_array_equal(np.load(emb), np.concatenate([np.arange(6.0).reshape(3, 2), np.full((1, 2), 6.0)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "s.csv"]

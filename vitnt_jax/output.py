@@ -770,12 +770,15 @@ class ArraySink:
                 f"{self.path} holds {array.shape[0]} rows but the table holds {rows_done}; the array file belongs "
                 "to another run: remove it or start again without resuming."
             )
+        # Made beside it and renamed: a half-made copy (a kill) must never pass for the rows written.
+        tmp = self.path.with_name(self.path.name + ".tmp.npy")
         try:
-            with _create(self.partial, "wb", self.what) as f:
+            with _create(tmp, "wb", self.what) as f:
                 self._write_header(f)
                 _copy_rows(f, [array[:rows_done]])
+            os.replace(tmp, self.partial)
         except BaseException:
-            _discard(self.partial)  # a half-made copy would pass for the rows written
+            _discard(tmp)
             raise
 
     def append(self, rows: np.ndarray) -> None:
