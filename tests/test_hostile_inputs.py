@@ -548,6 +548,22 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
             read_image(source)
 
 
+def test_the_scan_count_follows_the_segments_as_libjpeg_reads_them():
+    # Stray bytes before the scans are skipped by libjpeg: they must not hide the scans from the count either.
+    bomb = _progressive_jpeg(5000)
+    scans = [start for marker, start, _ in _jpeg_segments(bomb) if marker == 0xDA]
+    hidden = bomb[: scans[0]] + b"\x00\x17" + bomb[scans[0] :]
+    with pytest.raises(ImageError, match="scans"):
+        read_image(hidden)
+    # FF DA byte pairs inside a comment (or an EXIF thumbnail) and an MPO's further frames are no scans it decodes.
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 50).save(buffer, "JPEG", comment=b"\xff\xda" * 500)
+    assert read_image(buffer.getvalue()).shape == (8, 8, 3)
+    frames = io.BytesIO()
+    Image.new("RGB", (8, 8), 50).save(frames, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8), 9)] * 150)
+    assert read_image(frames.getvalue()).shape == (8, 8, 3)
+
+
 def test_a_sixteen_bit_image_costs_no_wider_copy(tmp_path):
     # The grey 16-bit path made three int64 copies: a 95 KB 7000x7000 PNG cost 1.2 GB.
     (tmp_path / "deep.png").write_bytes(png_bytes(np.full((1000, 1000), 0xABCD, np.uint16)))

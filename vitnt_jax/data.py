@@ -8,6 +8,7 @@ import errno
 import io
 import itertools
 import os
+import re
 import stat
 import struct
 import threading
@@ -33,7 +34,7 @@ MAX_PIXELS = 64_000_000
 # so a 370 KB progressive JPEG of 10,000 near-empty scans took 3 minutes to decode (16 Mpixel; hours at the
 # pixel limit). libjpeg writes 10 scans (6 for grey), baseline JPEGs 1 to 3; libjpeg-turbo advises a limit too.
 MAX_JPEG_SCANS = 100
-_SCAN_READ = 1 << 20  # the file is read for its scan markers in blocks of this many bytes
+_SCAN_READ = 1 << 20  # a scan's data is searched for the next marker in blocks of this many bytes
 # warnings.catch_warnings changes process-wide state: decoding threads take turns opening headers.
 _OPEN_LOCK = threading.Lock()
 _NOT_REGULAR = (
@@ -171,18 +172,49 @@ def _open(stream: BinaryIO) -> Image.Image:
         return Image.open(stream, formats=IMAGE_FORMATS)
 
 
-def _jpeg_scans(stream: BinaryIO, limit: int) -> int:
-    """Returns how many scans (SOS markers) the JPEG in `stream` holds, counting no further than limit + 1.
+# A marker as libjpeg looks for one between segments and after a scan's entropy-coded data: 0xFF, then a byte that
+# is not 0x00 (a stuffed 0xFF), 0xFF (fill) or a restart marker (those stand inside a scan).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
 
-    A 0xFF 0xDA pair is a scan's start: inside entropy-coded data every 0xFF byte is followed by 0x00 or a
-    restart marker, so only metadata (an EXIF thumbnail) can add to the count.
+
+def _jpeg_scans(stream: BinaryIO, limit: int) -> int:
+    """Returns how many scans (SOS segments) the first image of a JPEG holds, counting no further than limit + 1.
+
+    Walks the segments as libjpeg reads them: each segment skipped by its length (an EXIF thumbnail inside
+    APP1 counts for nothing), a scan's data searched for the next marker, stray bytes between segments passed
+    over as libjpeg passes them; the first EOI ends the image (an MPO's further frames are not decoded).
     """
-    stream.seek(0)
-    found, tail = 0, b""
-    while found <= limit and (block := stream.read(_SCAN_READ)):
-        found += (tail + block).count(b"\xff\xda")
-        tail = block[-1:]
-    return found
+    scans, position = 0, 2  # after SOI
+    while scans <= limit:
+        position = _next_jpeg_marker(stream, position)
+        if position < 0:
+            return scans
+        stream.seek(position + 1)
+        head = stream.read(3)
+        if len(head) < 3 or head[0] == 0xD9:  # EOI (or the file's end): the image is complete
+            return scans
+        if head[0] in (0x01, 0xD8):  # TEM and SOI stand alone
+            position += 2
+            continue
+        length = int.from_bytes(head[1:3], "big")
+        if length < 2:  # libjpeg refuses such a segment: the decoder will say so
+            return scans
+        scans += head[0] == 0xDA
+        position += 2 + length
+    return scans
+
+
+def _next_jpeg_marker(stream: BinaryIO, position: int) -> int:
+    """Returns the offset of the first JPEG marker at or after `position`, or -1 at the end of the stream."""
+    while True:
+        stream.seek(position)
+        block = stream.read(_SCAN_READ)
+        if len(block) < 2:
+            return -1
+        found = _JPEG_MARKER.search(block)
+        if found is not None:
+            return position + found.start()
+        position += len(block) - 1  # a marker may straddle two blocks
 
 
 def _decode(stream: BinaryIO) -> np.ndarray:
@@ -200,8 +232,8 @@ def _decode(stream: BinaryIO) -> np.ndarray:
             raise ImageError(f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
         if image.format in ("JPEG", "MPO") and _jpeg_scans(stream, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
             raise ImageError(
-                f"JPEG of more than {MAX_JPEG_SCANS} scans (progressive passes; an MPO's frames count too), refused: "
-                "so many can take minutes to decode; re-encode it (a JPEG writer makes at most about 10 a frame)"
+                f"JPEG of more than {MAX_JPEG_SCANS} scans (progressive passes), refused: so many can take minutes "
+                "to decode; re-encode it (a JPEG writer makes at most about 10)"
             )
         image.load()
         return to_rgb8(_upright(image))
