@@ -893,3 +893,15 @@ def _jpeg_of(face, progressive=False, exif=b""):
     buffer = io.BytesIO()
     Image.fromarray(face).save(buffer, "JPEG", progressive=progressive, exif=exif, quality=95)
     return buffer.getvalue()
+
+
+def test_a_folder_of_many_folder_links_reports_a_bounded_number_of_lines(tmp_path):
+    # Every link was its own warning line (and string kept): a million links, a million lines.
+    (tmp_path / "a.png").write_bytes(png_bytes(smooth_faces(1)[0]))
+    (tmp_path / "target").mkdir()
+    for k in range(sources.MAX_PROBLEMS + 50):
+        os.symlink(tmp_path / "target", tmp_path / f"link{k:03d}")
+    src = sources.image_folder(tmp_path)
+    assert src.ids == ["a.png"] and len(src.problems) == sources.MAX_PROBLEMS + 1
+    assert src.problems[0].startswith("folder link link000 is not followed")
+    assert src.problems[-1] == "50 more folder links or folders that cannot be listed; their images are not scored"

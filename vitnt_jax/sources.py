@@ -79,6 +79,10 @@ def _check_unique(ids: list[str], what: str) -> None:
         seen[x] = i
 
 
+# The most problems a folder walk reports one by one; the rest are counted in one more line.
+MAX_PROBLEMS = 100
+
+
 def image_folder(root: str | Path) -> Source:
     """Returns every PNG/JPEG under `root` (recursive, never following folder links); id = the relative path.
 
@@ -95,12 +99,20 @@ def image_folder(root: str | Path) -> Source:
         )
     top, inside = os.fspath(root), os.path.realpath(root)
     problems: list[str] = []
+    untold = [0]  # problems past MAX_PROBLEMS: counted, not kept (a folder of a million links)
+
+    def note(problem: str) -> None:
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(problem)
+        else:
+            untold[0] += 1
+
     ids: list[str] = []
     links: dict[str, Callable[[], np.ndarray]] = {}  # how each file link is read (they are few)
     folders = [(top, "")]  # (path, id prefix) still to list
     while folders:
         folder, prefix = folders.pop()
-        inner = []
+        inner, linked = [], []
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
@@ -108,20 +120,19 @@ def image_folder(root: str | Path) -> Source:
                         is_folder = entry.is_dir()  # a link to a folder counts as one, and is never entered
                     except OSError:
                         is_folder = False
-                    if is_folder and entry.is_symlink():
-                        problems.append(
-                            f"folder link {prefix}{entry.name} is not followed; its images are not scored (pass its "
-                            "target)"
-                        )
-                    elif is_folder:
-                        inner.append((entry.path, f"{prefix}{entry.name}/"))
+                    if is_folder:
+                        (linked if entry.is_symlink() else inner).append((entry.path, f"{prefix}{entry.name}"))
                     elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
                         ids.append(prefix + entry.name)
                         if entry.is_symlink():
                             links[ids[-1]] = _link_reader(entry.path, inside)
         except OSError as error:
-            problems.append(f"cannot list folder {error.filename} ({error.strerror}); its images are not scored")
-        folders.extend(sorted(inner, reverse=True))  # listed in name order
+            note(f"cannot list folder {error.filename} ({error.strerror}); its images are not scored")
+        for _, link in sorted(linked):
+            note(f"folder link {link} is not followed; its images are not scored (pass its target)")
+        folders.extend((path, f"{name}/") for path, name in sorted(inner, reverse=True))  # listed in name order
+    if untold[0]:
+        problems.append(f"{untold[0]} more folder links or folders that cannot be listed; their images are not scored")
     ids.sort()
     if not ids:
         extra = f" ({problems[0]})" if problems else ""
