@@ -156,3 +156,19 @@ def test_a_record_torn_inside_a_quoted_id_holding_a_carriage_return_is_still_cut
     path.write_bytes(b'id,quality,error\na.png,0.5,\n"b\rc\r')  # torn inside the quotes: one record, cut
     assert output.ResultWriter(path, resume=True).done_ids == ["a.png"]
     assert path.read_bytes() == b"id,quality,error\na.png,0.5,\n"
+
+
+def test_an_id_starting_with_a_byte_order_mark_is_refused_by_the_reference_format_and_kept_by_csv(tmp_path):
+    # First in a reference file, it would be read as an editor's mark and dropped: resuming would score it again.
+    ident = "\ufeffx.png"
+    with pytest.raises(output.OutputError, match=r"starts with a byte-order mark \(U\+FEFF\), .*; use format csv"):
+        output.check_ids(["a.png", ident], "reference")
+    writer = output.ResultWriter(tmp_path / "s.txt", fmt="reference")
+    with pytest.raises(output.OutputError, match=r"starts with a byte-order mark"):
+        writer.write([output.Row(ident, 0.5)])
+    writer.close(True)
+    assert (tmp_path / "s.txt").read_bytes() == b""
+    writer = output.ResultWriter(tmp_path / "s.csv")
+    writer.write([output.Row(ident, 0.5)])
+    writer.close(True)
+    assert output.ResultWriter(tmp_path / "s.csv", resume=True).done_ids == [ident]

@@ -477,6 +477,12 @@ class ReferenceFormat(ResultFormat):
                 + "{format} csv, which quotes it.",
                 field="format",
             )
+        if image_id.startswith("\ufeff"):  # at the file's start it reads as the mark an editor adds, and is dropped
+            raise OutputError(
+                f"the id {image_id!r} starts with a byte-order mark (U+FEFF), which the reference format cannot tell "
+                "from one an editor adds; use " + "{format} csv, whose header comes first.",
+                field="format",
+            )
 
     def write_rows(self, file, rows: Sequence[Row], with_label: bool) -> None:
         rows = [_rendered(r) for r in rows]
