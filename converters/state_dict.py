@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import pickle
 import pickletools
@@ -83,6 +84,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"could not read {path}: it is neither safetensors (by its name) nor a PyTorch checkpoint; "
             "pass the model.pt or model.safetensors file."
         )
+    if magic.startswith(b"PK"):
+        _check_expansion(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except _TORCH_UNREADABLE as error:
@@ -93,6 +96,30 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"could not read {path} ({type(error).__name__}): the file is truncated or not a "
             "PyTorch checkpoint; download it again."
         ) from error
+
+
+MAX_EXPANSION = 16  # torch.save stores its members uncompressed: contents are at most the file's size
+
+
+def _check_expansion(path: Path) -> None:
+    """Raises ConversionError when the zip at `path` declares contents far larger than itself (a zip bomb).
+
+    torch.load allocates what a member declares and inflates it: a deflated stream of zeros would
+    cost gigabytes of memory for a file of a megabyte. A zip the zipfile module cannot read is left
+    to torch.load, which names the damage.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return
+    size = path.stat().st_size
+    if declared > MAX_EXPANSION * size + (64 << 20):
+        raise ConversionError(
+            f"{path} declares {declared} bytes of contents in a file of {size} bytes (compressed members); "
+            "refusing it, since torch.load would allocate all of them: torch.save compresses nothing, so the file "
+            "is crafted or damaged, get a sound copy."
+        )
 
 
 # What torch's tensor-only unpickler says when it refuses a pickle (torch 2.13 words; older torch
@@ -223,17 +250,17 @@ def apply_table(
     flat: dict[str, np.ndarray] = {}
     mismatched, broken = [], []
     for row in rows:
-        value = row.transform(to_numpy(state[row.torch_key]))
-        if not np.isfinite(value).all():
-            broken.append(row.torch_key)
         full = want_shapes[row.flax_path]
         want = full[1:] if row.block is not None else full
-        if tuple(value.shape) != tuple(want):
-            mismatched.append(
-                f"{row.torch_key} has shape {tuple(to_numpy(state[row.torch_key]).shape)}, "
-                f"expected {_torch_shape(row.transform, want)}"
-            )
+        # Sizes first, before a value is converted: a crafted tensor may claim any number of values
+        # (a stride-0 view of a tiny storage), and every transform keeps the count.
+        shape = tuple(getattr(state[row.torch_key], "shape", np.shape(state[row.torch_key])))
+        value = row.transform(to_numpy(state[row.torch_key])) if math.prod(shape) == math.prod(want) else None
+        if value is None or tuple(value.shape) != tuple(want):
+            mismatched.append(f"{row.torch_key} has shape {shape}, expected {_torch_shape(row.transform, want)}")
             continue
+        if not np.isfinite(value).all():
+            broken.append(row.torch_key)
         if row.block is None:
             flat[row.flax_path] = value
         else:

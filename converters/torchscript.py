@@ -17,6 +17,7 @@ is refused, since only its code could say what its weights are.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import pickletools
 import re
@@ -30,7 +31,8 @@ from typing import Any
 from converters.state_dict import ConversionError
 
 MAX_DEPTH = 64  # nested modules; CLIP nests 6 deep
-MAX_EXPANDED = 1 << 28  # bytes a compressed member may expand to (CLIP's largest code file: ~100 KB)
+MAX_MODULES = 100_000  # module visits; CLIP ViT-B/16 has ~200 modules (a shared one counts at every path)
+MAX_EXPANDED = 1 << 28  # bytes all compressed members together may expand to (CLIP's code: ~1 MB)
 # Storage classes by name (torch.<Name>Storage) -> torch dtype name.
 _STORAGES = {
     "HalfStorage": "float16",
@@ -83,8 +85,14 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
         raise _Damaged(f"a tensor has size {size!r}, stride {stride!r} and offset {offset!r}")
     if hooks or metadata:
         raise _Refused("a tensor carries backward hooks or metadata")
+    if any(n < 0 for n in size):
+        raise _Damaged(f"a tensor has the negative size {_show(size)}")
     if any(s == 0 for s in size):
         return storage.new_empty(tuple(size))
+    # A view repeating its storage's values (stride 0) would cost memory and time far beyond the file
+    # once converted; no saved state_dict holds one.
+    if math.prod(size) > storage.numel():
+        raise _Damaged(f"a tensor of size {_show(size)} holds more values than its storage ({storage.numel()})")
     extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if offset < 0 or any(s < 0 for s in stride) or extent >= storage.numel():
         raise _Damaged(f"a tensor of size {tuple(size)} reaches past the end of its storage")
@@ -225,9 +233,7 @@ def _declarations(archive: zipfile.ZipFile, prefix: str) -> dict[str, dict[str, 
 
 def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     # A stored member costs what the file holds; a compressed one (torch deflates the code) could
-    # expand far past it, so its declared size is capped and never exceeded while reading.
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_EXPANDED:
-        raise _Refused(f"its member {info.filename} expands to {info.file_size} bytes, more than a module holds")
+    # expand far past it, so its declared size (capped in `_read`) is never exceeded while reading.
     with archive.open(info) as f:
         data = f.read(info.file_size + 1)
     if len(data) != info.file_size:
@@ -268,6 +274,10 @@ def _read(archive: zipfile.ZipFile, torch) -> OrderedDict:
     pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise _Damaged(f"it holds {len(pickles)} top-level data.pkl members, not one")
+    # A compressed member costs what it expands to: all of them together are capped before any is read.
+    expanded = sum(i.file_size for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED)
+    if expanded > MAX_EXPANDED:
+        raise _Refused(f"its compressed members expand to {expanded} bytes, more than a module's code holds")
     prefix = pickles[0].split("/")[0]
     names = set(archive.namelist())
     if f"{prefix}/byteorder" in names and archive.read(f"{prefix}/byteorder").strip() != b"little":
@@ -296,17 +306,26 @@ def _read(archive: zipfile.ZipFile, torch) -> OrderedDict:
         raise _Refused(f"its data.pkl holds a {type(root).__name__}, not a TorchScript module")
     declared = _declarations(archive, prefix)
     out: OrderedDict = OrderedDict()
-    _collect(root, "", declared, out, 0)
+    _collect(root, "", declared, out, 0, [MAX_MODULES])
     return out
 
 
-def _collect(record: ScriptModuleRecord, prefix: str, declared: dict, out: OrderedDict, depth: int) -> None:
-    """Adds the record's parameters, then its buffers, then its submodules' (torch's state_dict order)."""
+def _collect(
+    record: ScriptModuleRecord, prefix: str, declared: dict, out: OrderedDict, depth: int, budget: list[int]
+) -> None:
+    """Adds the record's parameters, then its buffers, then its submodules' (torch's state_dict order).
+
+    `budget` counts module visits down: a module shared by two parents is visited at each path (as
+    torch's state_dict does), so a chain of shared modules would otherwise double the work per level.
+    """
     import torch
 
     name = record.qualified_name
     if depth > MAX_DEPTH:
         raise _Refused(f"its modules nest more than {MAX_DEPTH} deep")
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Refused(f"it holds more than {MAX_MODULES} modules, counted along every path")
     if name not in declared or declared[name]["parameters"] is None or declared[name]["buffers"] is None:
         raise _Damaged(f"its code declares no parameters and buffers for {name}")
     if declared[name]["setstate"]:
@@ -324,4 +343,4 @@ def _collect(record: ScriptModuleRecord, prefix: str, declared: dict, out: Order
             out[prefix + attribute] = value
     for attribute, value in state.items():
         if isinstance(value, ScriptModuleRecord):
-            _collect(value, f"{prefix}{attribute}.", declared, out, depth + 1)
+            _collect(value, f"{prefix}{attribute}.", declared, out, depth + 1, budget)

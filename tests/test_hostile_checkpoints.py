@@ -12,6 +12,7 @@ import torch
 from pipeline_helpers import faces_folder, run
 
 from converters import cvlface
+from converters.state_dict import ConversionError
 from vitnt_jax import checkpoint
 from vitnt_jax.config import PRESETS, ConfigError, ViTConfig
 from vitnt_jax.model import init_variables
@@ -773,3 +774,202 @@ def test_every_config_that_passes_validation_scores_one_image():
         assert out["patch_quality"].shape == (1, config.num_patches), config
         if embed:
             assert out["embedding"].shape == (1, config.embedding_dim), config
+
+
+# ---------------------------------------------------------- crafted TorchScript and torch zips
+
+
+def _crafted_archive(path, root, storages, classes, compress=False):
+    """Writes a TorchScript-shaped zip whose data.pkl pickles `root` (module records and tensors) as torch would.
+
+    Module records are instances of classes named `__torch__.<Name>` (see `_module_class`); `_Tensor`
+    pickles as torch's _rebuild_tensor_v2 on the float storage "0".
+    """
+    import io
+    import pickle
+    import zipfile
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return obj[1:] if isinstance(obj, tuple) and obj and obj[0] == "pid" else None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(root)
+    code = "".join(f'class {c}(Module):\n  __parameters__ = ["weight", ]\n  __buffers__ = []\n' for c in classes)
+    mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w") as out:
+        out.writestr("archive/data.pkl", buffer.getvalue())
+        for key, data in storages.items():
+            out.writestr(f"archive/data/{key}", data)
+        out.writestr("archive/code/__torch__.py", code, compress_type=mode)
+        if compress:  # a second code file, as large: each alone stays under the cap the test sets
+            out.writestr("archive/code/__torch__/more.py", " " * len(code), compress_type=mode)
+    return path
+
+
+def _module_class(monkeypatch, name="M"):
+    import sys
+    import types
+
+    module = sys.modules.get("__torch__") or types.ModuleType("__torch__")
+    monkeypatch.setitem(sys.modules, "__torch__", module)
+    cls = type(name, (), {"__module__": "__torch__", "__qualname__": name})
+    monkeypatch.setattr(module, name, cls, raising=False)
+    return cls
+
+
+class _Tensor:
+    def __init__(self, size, stride, offset=0):
+        self.args = (size, stride, offset)
+
+    def __reduce__(self):
+        import collections
+
+        size, stride, offset = self.args
+        pid = ("pid", "storage", torch.FloatStorage, "0", "cpu", 4)
+        return (torch._utils._rebuild_tensor_v2, (pid, offset, size, stride, False, collections.OrderedDict()))
+
+
+def _record(cls, **state):
+    record = cls.__new__(cls)
+    record.__dict__.update({"training": False, **state})
+    return record
+
+
+@pytest.mark.parametrize(
+    "size, stride, reason",
+    [
+        ((-1,), (1,), "a tensor has the negative size (-1,)"),
+        ((0, -1), (1, 1), "a tensor has the negative size (0, -1)"),
+        ((1 << 40,), (0,), "a tensor of size (1099511627776,) holds more values than its storage (4)"),
+    ],
+)
+def test_a_crafted_torchscript_tensor_shape_is_one_sentence(tmp_path, monkeypatch, size, stride, reason):
+    from converters import torchscript
+    from converters.state_dict import ConversionError
+
+    cls = _module_class(monkeypatch)
+    path = _crafted_archive(tmp_path / "x.pt", _record(cls, weight=_Tensor(size, stride)), {"0": bytes(16)}, ["M"])
+    with pytest.raises(ConversionError) as caught:
+        torchscript.read_state_dict(path)
+    assert str(caught.value) == (
+        f"could not read the TorchScript archive {path} ({reason}); "
+        "the file is truncated or damaged, download it again."
+    )
+
+
+def test_a_torchscript_chain_of_shared_modules_is_refused_not_walked_along_every_path(tmp_path, monkeypatch):
+    # 40 levels, each module holding the one below twice: 2**40 paths from a 3 KB file.
+    from converters import torchscript
+    from converters.state_dict import ConversionError
+
+    cls = _module_class(monkeypatch)
+    node = _record(cls, weight=_Tensor((1,), (1,)))
+    for _ in range(40):
+        node = _record(cls, weight=_Tensor((1,), (1,)), a=node, b=node)
+    path = _crafted_archive(tmp_path / "x.pt", node, {"0": bytes(16)}, ["M"])
+    hung, outcome = _finishes(lambda: pytest.raises(ConversionError, torchscript.read_state_dict, path), 20)
+    assert not hung
+    assert "it holds more than 100000 modules, counted along every path" in str(outcome.value)
+    small = _record(cls, weight=_Tensor((1,), (1,)), a=_record(cls, weight=_Tensor((2,), (1,))))
+    small = _record(cls, weight=_Tensor((1,), (1,)), a=small, b=small)  # sharing itself is read as torch reads it
+    got = torchscript.read_state_dict(_crafted_archive(tmp_path / "y.pt", small, {"0": bytes(16)}, ["M"]))
+    assert list(got) == ["weight", "a.weight", "a.a.weight", "b.weight", "b.a.weight"]
+
+
+def test_torchscript_compressed_members_are_capped_together(tmp_path, monkeypatch):
+    import zipfile
+
+    from converters import torchscript
+    from converters.state_dict import ConversionError
+
+    cls = _module_class(monkeypatch)
+    path = _crafted_archive(
+        tmp_path / "x.pt", _record(cls, weight=_Tensor((4,), (1,))), {"0": bytes(16)}, ["M"] * 4000, compress=True
+    )
+    assert len(torchscript.read_state_dict(path)) == 1
+    with zipfile.ZipFile(path) as archive:
+        each = max(i.file_size for i in archive.infolist() if i.filename.endswith(".py"))
+    monkeypatch.setattr(torchscript, "MAX_EXPANDED", each + 1000)  # each member fits, both together do not
+    with pytest.raises(ConversionError, match="its compressed members expand to .* bytes, more than a module's code"):
+        torchscript.read_state_dict(path)
+
+
+def test_200_single_byte_mutations_of_a_torchscript_pickle_read_or_are_one_conversion_error(tmp_path):
+    # Seeded, so every run tries the same archives; each is read or refused in one sentence, none hangs.
+    import io
+    import random
+    import zipfile
+
+    from converters import torchscript
+    from converters.state_dict import ConversionError
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(Layers()), buffer)
+    with zipfile.ZipFile(buffer) as source:
+        members = [(info, source.read(info)) for info in source.infolist()]
+    pickled = next(data for info, data in members if info.filename.endswith("/data.pkl"))
+    rng, outcomes = random.Random(13), {"read": 0, "refused": 0}
+    for i in range(200):
+        data = bytearray(pickled)
+        data[rng.randrange(len(data))] = rng.randrange(256)
+        path = tmp_path / f"m{i}.pt"
+        with zipfile.ZipFile(path, "w") as out:
+            for info, content in members:
+                out.writestr(info, bytes(data) if info.filename.endswith("/data.pkl") else content)
+        try:
+            torchscript.read_state_dict(path)
+            outcomes["read"] += 1
+        except ConversionError as error:
+            assert "\n" not in str(error) and str(error).endswith("."), error
+            outcomes["refused"] += 1
+        path.unlink()
+    assert outcomes["refused"] > 100 and sum(outcomes.values()) == 200
+
+
+def test_a_torch_file_whose_tensor_repeats_one_value_2_to_the_40_times_is_refused_by_its_shape(tmp_path):
+    state = dict(tr.randomize(tr.FaceViT(CFG), seed=0).state_dict())
+    state["pos_embed"] = torch.zeros(1).expand(1 << 20, 1 << 20)  # a stride-0 view: 4 bytes stored
+    torch.save(state, tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").stat().st_size < 1 << 20
+    hung, outcome = _finishes(
+        lambda: pytest.raises(ConversionError, cvlface.convert, tmp_path / "model.pt", tmp_path / "ckpt", "testing")
+    )
+    assert not hung
+    assert str(outcome.value) == (
+        "the checkpoint does not match CVLface ViT-testing: pos_embed has shape (1048576, 1048576), "
+        "expected (1, 16, 16)."
+    )
+
+
+def test_a_torch_zip_bomb_is_refused_before_torch_reads_it(tmp_path, monkeypatch):
+    import zipfile
+
+    from converters.state_dict import read_checkpoint
+
+    src = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(4)}, src)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(src) as source, zipfile.ZipFile(bomb, "w") as out:
+        for info in source.infolist():
+            if info.filename.endswith("/data/0"):  # the storage, deflated, followed by 1 GiB of zeros
+                deflated = zipfile.ZipInfo(info.filename)
+                deflated.compress_type = zipfile.ZIP_DEFLATED
+                with out.open(deflated, "w", force_zip64=True) as member:
+                    member.write(source.read(info))
+                    zero = bytes(1 << 24)
+                    for _ in range(64):
+                        member.write(zero)
+            else:
+                out.writestr(info, source.read(info))
+    assert bomb.stat().st_size < 4 << 20  # a few MB on disk
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was reached"))
+    with pytest.raises(ConversionError) as caught:
+        read_checkpoint(bomb)
+    with zipfile.ZipFile(bomb) as archive:
+        declared = sum(info.file_size for info in archive.infolist())
+    assert declared > 1 << 30
+    assert str(caught.value).startswith(f"{bomb} declares {declared} bytes of contents in a file of ")
+    assert str(caught.value).endswith(
+        "torch.save compresses nothing, so the file is crafted or damaged, get a sound copy."
+    )

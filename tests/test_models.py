@@ -214,3 +214,18 @@ def test_an_unknown_name_fails_at_once_before_jax_or_any_download():
         f"clip_vit_b16_openai? (known names: {', '.join(models.MODELS)}; python -m vitnt_jax.models lists them)."
     )
     assert imported == "False False"
+
+
+@pytest.mark.parametrize("name", ["testing", "cvlface_vit_base_webface4m"])
+def test_a_cache_that_is_a_file_is_one_sentence_naming_the_variable(tmp_path, monkeypatch, name):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setattr(models, "hub_download", lambda *args: pytest.fail("a download was started"))
+    with pytest.raises(models.ModelError) as caught:
+        models.resolve(name)
+    assert str(caught.value) == (
+        f"${models.CACHE_ENV} ({tmp_path / 'cache'}) is a file, not a folder; point ${models.CACHE_ENV} at a folder "
+        "where converted models may be kept."
+    )
+    with pytest.raises(models.ModelError, match="is a file, not a folder"):
+        models.mtcnn_weights()

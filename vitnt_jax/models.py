@@ -146,6 +146,17 @@ def hub_download(repo_id: str, filename: str, target: Path) -> Path:
         hub_logging.set_verbosity(previous)  # the process's own logging set-up is left as it was
 
 
+def _cache() -> Path:
+    """Returns cache_dir(), or ModelError when it names something other than a folder (nothing is created here)."""
+    folder = cache_dir()
+    if folder.exists() and not folder.is_dir():
+        where = f"${CACHE_ENV} ({folder})" if os.environ.get(CACHE_ENV) else f"the model cache {folder}"
+        raise ModelError(
+            f"{where} is a file, not a folder; point ${CACHE_ENV} at a folder where converted models may be kept."
+        )
+    return folder
+
+
 def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] | None = None) -> Path:
     """Returns the checkpoint folder for `spec`: a converted folder as given, or a named model.
 
@@ -168,7 +179,7 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
     from vitnt_jax import checkpoint
 
     model = MODELS[name]
-    target = cache_dir() / name
+    target = _cache() / name
     if model.family == "random":
         log.warning("model %r: %s", name, RANDOM_WEIGHTS)
     if checkpoint.is_checkpoint(target):
@@ -183,7 +194,7 @@ def resolve(spec: str | os.PathLike, download: Callable[[str, str, Path], Path] 
     log.info("%s: downloading %s from %s (once) ...", name, model.filename, model.repo_id)
     download = download or hub_download
     try:
-        source = download(model.repo_id, model.filename, cache_dir() / "downloads")
+        source = download(model.repo_id, model.filename, target.parent / "downloads")
     except ModelError:
         raise
     except (OSError, ValueError) as error:  # network, HTTP and hub errors are OSErrors; a bad repo id a ValueError
@@ -232,7 +243,7 @@ def mtcnn_weights(path: str | os.PathLike | None = None) -> Path:
         return Path(path)
     from vitnt_jax.mtcnn import WEIGHTS_NAME
 
-    target = cache_dir() / WEIGHTS_NAME
+    target = _cache() / WEIGHTS_NAME
     if target.is_file():
         return target
     from converters import mtcnn as converter
