@@ -373,3 +373,38 @@ def test_sigterm_to_the_supervisor_reaches_its_worker(tmp_path):
         "error: this process's worker ended by SIGTERM; the rows written so far are kept: rerun all processes "
         "with --resume."
     )
+
+
+def test_a_long_line_without_end_is_passed_on_before_it_ends(tmp_path):
+    """A worker writing on stderr without a line end (a progress bar's carriage returns) is heard as it writes,
+    and the supervisor never holds more than a bounded piece of it."""
+    import select
+
+    child = tmp_path / "child.py"
+    child.write_text("import sys, time\nsys.stderr.write('x' * 300000); sys.stderr.flush()\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(distributed.WORKER_ENV, None)
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from vitnt_jax import distributed; "
+            f"sys.exit(distributed.supervise([{sys.executable!r}, {str(child)!r}]))",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    got = b""
+    try:
+        deadline = time.monotonic() + 20
+        while len(got) < 200000 and time.monotonic() < deadline:
+            if select.select([parent.stderr], [], [], 1)[0]:
+                got += os.read(parent.stderr.fileno(), 1 << 20)
+    finally:
+        parent.send_signal(signal.SIGTERM)  # reaches the child too
+        try:
+            parent.communicate(timeout=30)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+    assert len(got) >= 200000 and set(got) == {ord("x")}

@@ -134,7 +134,7 @@ def test_process_0_keeps_the_lock_of_the_merged_file_through_the_merge(tiny_chec
     out = tmp_path / "s.csv"
     seen = []
 
-    def merge(job, processes):
+    def merge(job, processes, settings):
         for path in (job.out, job.save_embeddings, output.part_path(job.out, 0, 2)):
             with pytest.raises(output.OutputError, match="is being written by another run"):
                 output.lock_output(path)

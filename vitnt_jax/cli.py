@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -88,10 +90,14 @@ def run_command(
     """Runs a command's body; returns its exit status, or 1 after printing a user error as one line.
 
     errors: further exception types that are user errors (their str is the sentence).
-    interrupted: the line printed on Ctrl-C (exit status 130); None lets KeyboardInterrupt through.
+    interrupted: the line printed on Ctrl-C (exit status 130) and on SIGTERM (143, e.g. a batch scheduler
+      stopping the job: the body's cleanup runs as for Ctrl-C); None lets KeyboardInterrupt through.
     """
     configure_logging()
     debug = debug_wanted(debug)
+    previous = None
+    if interrupted is not None and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return body()
     except (UserError, *errors) as error:
@@ -100,8 +106,20 @@ def run_command(
         text = error.render(names) if isinstance(error, UserError) else str(error)
         print(f"error: {text}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if interrupted is None:
             raise
         print(interrupted, file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: raised in the main thread so the command stops as it does on Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()

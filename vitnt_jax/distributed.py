@@ -272,6 +272,7 @@ def _first_line(error: BaseException) -> str:
 # Python), so the command line runs each process's work in a child and says what happened in one line.
 
 WORKER_ENV = "VITNT_JAX_WORKER"  # the supervisor's pid, in the environment of the child `supervise` starts
+LINE_BYTES = 65536  # a longer line of the worker's stderr is passed on before its end arrives
 HOLD_S = 2.0  # how long a C++ log record is held back: an abort follows its fatal record within milliseconds
 _CPP_RECORD = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ \]]+:\d+\] ")  # absl/glog line prefix
 _LOST_SERVICE = b"JAX distributed service detected fatal errors"  # the coordination client's fatal record
@@ -358,6 +359,12 @@ def supervise(
                         held.append((now, line))
                     else:
                         emit(line)
+                if len(partial) > LINE_BYTES:  # a line without end: passed on in pieces, never held whole
+                    if held:
+                        held.append((now, partial))
+                    else:
+                        emit(partial)
+                    partial = b""
             while held and held[0][0] + HOLD_S <= time.monotonic():
                 emit(held.pop(0)[1])
         code = child.wait()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ from vitnt_jax.output import OutputError
 
 FORMAT = "vitnt-jax-settings"
 VERSION = 1
+MAX_BYTES = 1 << 20  # a record is a few hundred bytes; a larger file is not one of ours (and is not read whole)
 
 # The recorded settings, in the order a refusal names them; each is a field of `vitnt_jax.pipeline.Job`.
 KEYS = (
@@ -113,12 +115,20 @@ def read(out: str | os.PathLike) -> dict[str, Any] | None:
     """Returns the settings recorded for the result `out`, or None when it has no record (an older result)."""
     path = settings_path(out)
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        # Non-blocking, so a FIFO planted under the record's name is refused instead of waited on.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("it is not a regular file")
+            data = f.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            raise ValueError(f"it is larger than {MAX_BYTES // 1024} KiB")
+        meta = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
+        detail = "it is nested too deeply" if isinstance(error, RecursionError) else None
         raise OutputError(
-            f"cannot read {path} ({getattr(error, 'strerror', None) or error}); it records the settings of "
+            f"cannot read {path} ({detail or getattr(error, 'strerror', None) or error}); it records the settings of "
             + "{out}: remove it to resume without the check, or replace the result with {overwrite}.",
             field="out",
             also=("overwrite",),
@@ -127,6 +137,15 @@ def read(out: str | os.PathLike) -> dict[str, Any] | None:
         raise OutputError(
             f"{path} is not a settings record of this tool; remove it to resume without the check, or replace "
             + "the result with {overwrite}.",
+            field="out",
+            also=("overwrite",),
+        )
+    version = meta.get("version")
+    if not (isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= VERSION):
+        raise OutputError(
+            f"{path} is a settings record of format version {str(version)[:20]}, which this version of vitnt-jax "
+            f"(format {VERSION}) cannot read; resume with the version that wrote it, or replace the result with "
+            + "{overwrite}.",
             field="out",
             also=("overwrite",),
         )

@@ -46,6 +46,7 @@ import glob
 import logging
 import math
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -124,6 +125,54 @@ def _micro_batch_value(value):
         "{micro_batch} must be a number of images (0 = off), 'auto' or None " + f"(got {value!r}).",
         field="micro_batch",
     )
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    """Returns (host, port) of 'HOST:PORT' ('[v6]:PORT' too), or None when it is not one."""
+    host, colon, port = str(text).rpartition(":")
+    if not (colon and host.strip("[]") and port.isdigit() and 1 <= int(port) <= 65535):
+        return None
+    return host, int(port)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _refuse_overlaps(job: Job) -> None:
+    """Raises JobError when an output would be written into what the run reads, or into the crops folder.
+
+    A run never writes its own input: no output lies in the --images folder being scored (crops included),
+    and none is the --list or --bin file. Results and crops stay apart (a crop must not replace a result).
+    """
+    files = [(n, getattr(job, n)) for n in ("out", "save_embeddings", "save_patch_quality") if getattr(job, n)]
+    written = [(n, p.resolve()) for n, p in files] + [("out", fingerprint.settings_path(job.out).resolve())]
+    crops = job.save_aligned.resolve() if job.save_aligned is not None else None
+    for name, path in written:
+        if crops is not None and _inside(path, crops):
+            where = "is" if path == crops else "lies in"
+            raise JobError(
+                "{" + name + "} " + f"{path} {where} the " + "{save_aligned} " + f"folder {job.save_aligned}; "
+                "keep results and crops apart: choose another path for one of them.",
+                field=name,
+                also=("save_aligned",),
+            )
+    kind, location = job.source.kind, job.source.location
+    if kind not in ("images", "list", "bin") or not isinstance(location, (str, os.PathLike)):
+        return
+    source = Path(location).resolve()
+    for name, path in written + ([("save_aligned", crops)] if crops is not None else []):
+        if path == source or (kind == "images" and _inside(path, source)):
+            where = "lies in the {images} folder" if kind == "images" else "is the {" + kind + "} file"
+            raise JobError(
+                "{" + name + "} " + f"{path} " + where + f" {location} that this run reads; a run never writes into "
+                "its own input: choose a path outside it.",
+                field=name,
+                also=(kind,),
+            )
 
 
 @dataclass(frozen=True)
@@ -223,6 +272,11 @@ class Job:
             )
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise JobError("{alpha} " + f"must be a positive number (got {self.alpha}).", field="alpha")
+        if self.alpha > FLOAT32_MAX:  # the score runs in float32: alpha would become infinity there, and d = 0 NaN
+            raise JobError(
+                "{alpha} " + f"must be at most {FLOAT32_MAX:.3g}, the float32 range (got {self.alpha:g}).",
+                field="alpha",
+            )
         multi = [self.num_processes, self.process_id, self.coordinator]
         if any(v is not None for v in multi) and not all(v is not None for v in multi):
             raise JobError(
@@ -235,6 +289,11 @@ class Job:
                 "{process_id} " + f"must be in 0..{self.num_processes - 1} (got {self.process_id}).",
                 field="process_id",
             )
+        if self.coordinator is not None and _host_port(self.coordinator) is None:
+            raise JobError(
+                "{coordinator} " + f"must be HOST:PORT, a port from 1 to 65535 (got {self.coordinator!r}).",
+                field="coordinator",
+            )
         for name in ("save_embeddings", "save_patch_quality"):
             path = getattr(self, name)
             if path is not None and path.suffix != ".npy":
@@ -246,7 +305,8 @@ class Job:
                 "{min_face_size} " + f"must be at least 12 pixels, MTCNN's window (got {size:g}).",
                 field="min_face_size",
             )
-        if not (isinstance(self.process_timeout, (int, float)) and self.process_timeout > 0):
+        timeout = self.process_timeout
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise JobError(
                 "{process_timeout} " + f"must be a positive number of seconds (got {self.process_timeout}).",
                 field="process_timeout",
@@ -262,6 +322,7 @@ class Job:
                 field="out",
                 also=("save_embeddings", "save_patch_quality"),
             )
+        _refuse_overlaps(self)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -780,6 +841,9 @@ def _check_writable(name: str, path: Path) -> None:
     slot = "{" + name + "} "
     if path.is_dir():
         raise JobError(slot + f"{path} is a folder; give a file path.", field=name)
+    kind = _special_kind(path)
+    if kind is not None:  # opening one would wait on it (a FIFO) or write into a device
+        raise JobError(slot + f"{path} is {kind}, not a file; give a file path.", field=name)
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -787,6 +851,21 @@ def _check_writable(name: str, path: Path) -> None:
         raise JobError(slot + f"{path} lies under {parent}, which is a file; choose another path.", field=name)
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise JobError(slot + f"{path} is not writable (permission denied); choose another path.", field=name)
+
+
+def _special_kind(path: Path) -> str | None:
+    """Returns what `path` is when it exists and is neither a regular file nor a folder (e.g. 'a named pipe')."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = {
+        stat.S_ISFIFO: "a named pipe (FIFO)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((shown for test, shown in kinds.items() if test(mode)), None)
 
 
 def _make_folder(name: str, folder: Path) -> None:
@@ -877,7 +956,36 @@ def _initialize(job: Job) -> tuple[int, int]:
         raise
 
 
-def _wait_and_merge(job: Job, processes: int) -> None:
+def _refuse_mixed_settings(job: Job, processes: int, settings: dict[str, Any]) -> None:
+    """Raises JobError when another process scored its part with other settings than process 0 (its part's record).
+
+    Each process records its settings beside its part (`fingerprint.write` of the part path); a part scored
+    with another model, blocks, source colour, ... must never be merged with process 0's rows.
+    """
+    for i in range(1, processes):
+        part = part_path(job.out, i, processes)
+        recorded = fingerprint.read(part)
+        changed = fingerprint.differences(settings, recorded) if recorded is not None else []
+        if recorded is not None and not changed:
+            continue
+        what = (
+            "recorded no settings beside it"
+            if recorded is None
+            else "differing: " + ", ".join("{" + k + "}" for k in changed)
+        )
+        fix = (
+            "start every process with the same flags and rerun all of them with {overwrite} (or remove "
+            + f"{part} and its arrays, then rerun all with "
+            + "{resume})."
+        )
+        raise JobError(
+            f"process {i} scored its part with other settings than process 0 ({what}); nothing was merged: " + fix,
+            field="overwrite",
+            also=("resume", *changed),
+        )
+
+
+def _wait_and_merge(job: Job, processes: int, settings: dict[str, Any]) -> None:
     from vitnt_jax import distributed
     from vitnt_jax.output import merge_parts
 
@@ -892,8 +1000,11 @@ def _wait_and_merge(job: Job, processes: int) -> None:
             "processes with {resume}.",
             field="resume",
         )
+    _refuse_mixed_settings(job, processes, settings)
     arrays = [p for p in (job.save_embeddings, job.save_patch_quality) if p is not None]
     rows = merge_parts(job.out, processes, job.format, arrays, append=job.resume and job.out.exists())
+    for i in range(processes):  # the merged table's own record stands for them now
+        fingerprint.settings_path(part_path(job.out, i, processes)).unlink(missing_ok=True)
     logger.info("merged %d parts (%d new rows) into %s", processes, rows, job.out)
 
 
@@ -929,6 +1040,8 @@ def _refuse_links(job: Job, process: int, processes: int) -> None:
         paths += [(name, path.with_name(path.name + s)) for s in steps.get(name, steps["save_embeddings"])]
     if process == 0:
         paths.append(("out", fingerprint.settings_path(job.out)))
+    if processes > 1:
+        paths.append(("out", fingerprint.settings_path(part_path(job.out, process, processes))))
     for name, path in paths:
         if path.is_symlink():
             raise JobError(
@@ -1007,11 +1120,30 @@ def _input_settings(job: Job, color: str, align: str) -> dict[str, Any]:
     return {"color": color, "align": align, "mtcnn_weights": weights, "min_face_size": size}
 
 
-def _has_result(job: Job, processes: int) -> bool:
-    """Returns whether rows of an earlier run may exist: the result file or any part of it."""
-    if job.out.exists():
-        return True
-    return processes > 1 and any(job.out.parent.glob(glob.escape(job.out.name) + ".part*-of-*"))
+def _holds_rows(job: Job, processes: int) -> bool:
+    """Returns whether rows of an earlier run may exist: in the result file or any part of it.
+
+    A file holding its header only (an --overwrite stopped before its first batch) holds none, so its
+    old settings record does not stand in the way of resuming it with others.
+    """
+    paths = [job.out]
+    if processes > 1:
+        paths += job.out.parent.glob(glob.escape(job.out.name) + ".part*-of-*")
+    form = FORMATS[job.format]
+    headers = (form.header(False), form.header(True))
+    for path in paths:
+        try:
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # never waits on a FIFO
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    return True  # not a result at all: the writer says so
+                start = f.read(4096).decode("utf-8", "replace")
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True
+        if not any(h.startswith(start) for h in headers):
+            return True
+    return False
 
 
 def run(job: Job, *, progress_bar: bool | None = None) -> Summary:
@@ -1032,16 +1164,17 @@ def run(job: Job, *, progress_bar: bool | None = None) -> Summary:
     process, processes = _initialize(job)
     with contextlib.ExitStack() as held:
         if processes == 1:
-            return _run_part(job, 0, 1, progress_bar, held)
+            return _run_part(job, 0, 1, progress_bar, held, {})
+        recorded: dict[str, Any] = {}
         try:
-            summary = _run_part(job, process, processes, progress_bar, held)
+            summary = _run_part(job, process, processes, progress_bar, held, recorded)
         except BaseException as error:
             reason = str(error) if isinstance(error, UserError) else type(error).__name__
             distributed.report(process, f"failed: {reason}", timeout_s=job.process_timeout)
             raise
         distributed.report(process, "ok", timeout_s=job.process_timeout)
         if process == 0:
-            _wait_and_merge(job, processes)
+            _wait_and_merge(job, processes, recorded)
         return summary
 
 
@@ -1062,21 +1195,28 @@ def _writer(out: Path, job: Job, source: Source, arrays) -> ResultWriter:
         ) from error
 
 
-def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None, held: contextlib.ExitStack) -> Summary:
+def _run_part(
+    job: Job,
+    process: int,
+    processes: int,
+    progress_bar: bool | None,
+    held: contextlib.ExitStack,
+    recorded: dict[str, Any],
+) -> Summary:
+    """Scores this process's share of the job (see `run`); fills `recorded` with the settings it recorded."""
     from vitnt_jax import checkpoint
 
     if job.align is not None and job.align != "mtcnn":
         _detector(job, job.align)  # MTCNN-only flags without MTCNN: flags first (later, the source's default)
-    for name in ("out", "save_embeddings", "save_patch_quality"):
-        if getattr(job, name) is not None:
-            _check_writable(name, getattr(job, name))
+    for name, path in _outputs(job, process, processes):
+        _check_writable(name, path)
     _refuse_links(job, process, processes)
     _hold_locks(job, process, processes, held)
     _refuse_existing(job, processes)
     model_dir, config, meta, blocks = _resolve_model(job)
     weights = checkpoint.describe(model_dir)
     settings = _method_settings(job, fingerprint.model_identity(model_dir, meta, weights), blocks)
-    resuming = job.resume and _has_result(job, processes)
+    resuming = job.resume and _holds_rows(job, processes)
     if resuming:
         fingerprint.check(job.out, settings, fingerprint.BEFORE_SOURCE)
 
@@ -1136,11 +1276,13 @@ def _run_part(job: Job, process: int, processes: int, progress_bar: bool | None,
                     if path is not None:
                         path.unlink(missing_ok=True)
             fingerprint.write(job.out, settings)  # after the table is truncated or resumed, never before
+        if processes > 1:
+            fingerprint.write(out, settings)  # beside the part: process 0 merges only parts scored as its own
+        recorded.update(settings)
     except OSError as error:
         writer.close(False)
         raise JobError(
-            f"cannot write {fingerprint.settings_path(job.out)} ({error.strerror or error}); choose a writable "
-            + "{out}.",
+            f"cannot write {fingerprint.settings_path(out)} ({error.strerror or error}); choose a writable " + "{out}.",
             field="out",
         ) from error
     done = set(writer.done_ids)
