@@ -671,8 +671,9 @@ def test_listing_a_folder_keeps_only_the_ids(tmp_path):
     assert peak < 150 * 4000, peak  # the id strings and the list of them
 
 
-def test_listing_a_path_list_keeps_only_the_ids(tmp_path):
-    # A Path per line kept ~380 bytes a line; the ids alone are ~75.
+def test_listing_a_path_list_keeps_only_the_ids(tmp_path, monkeypatch):
+    # A Path per line kept ~380 bytes a line; the ids alone are ~75. The text is read and split block by block.
+    monkeypatch.setattr(sources, "_LIST_READ", 1 << 16)
     n = 20_000
     (tmp_path / "list.txt").write_text("".join(f"identity/{i:06d}.jpg\n" for i in range(n)))
     tracemalloc.start()
@@ -683,7 +684,15 @@ def test_listing_a_path_list_keeps_only_the_ids(tmp_path):
         tracemalloc.stop()
     assert len(got) == n
     assert kept < 120 * n, kept
-    assert peak < (1 << 20) + 200 * n, peak  # a block of the file read, its text, and the ids
+    assert peak < 130 * n, peak  # the ids, and one block of the file read
+
+
+def test_list_lines_split_across_read_blocks_read_as_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "_LIST_READ", 3)  # a BOM, CR LF pairs and multi-byte characters straddle blocks
+    names = ["a.png", "b\u2028c.png", "é\x85.png", "bad_\udcff.png", "x\ry.png"]
+    body = b"".join(n.encode("utf-8", "surrogateescape") + b"\r\n" for n in names)
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbf" + body + b"  \n\t\nlast.png")
+    assert sources.path_list(tmp_path / "list.txt").ids == [*names, "last.png"]
 
 
 @pytest.mark.parametrize(

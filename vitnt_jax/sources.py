@@ -14,6 +14,7 @@ is one `SourceKind` in `SOURCES` (plus its tests):
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import logging
@@ -176,10 +177,7 @@ def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
     A list holding a NUL byte (a binary file, UTF-16 text) is refused: no file name holds one.
     """
     list_file = Path(list_file)
-    text = _list_text(list_file)
-    lines = (line.removesuffix("\r") for line in text.split("\n"))
-    ids = [line for line in lines if line.strip(" \t")]
-    del text
+    ids = _list_lines(list_file)
     if not ids:
         raise SourceError("{list} " + f"{list_file} names no images; write one image path per line.", field="list")
     _check_unique(ids, f"list {list_file}")
@@ -197,11 +195,27 @@ def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
 _LIST_READ = 1 << 20  # a list is read in blocks of this many bytes, each checked for NUL bytes first
 
 
-def _list_text(list_file: Path) -> str:
-    """Returns the text of a list file or pipe; raises SourceError for a folder, a device or a binary file."""
+def _list_lines(list_file: Path) -> list[str]:
+    """Returns the names a list file or pipe holds (see path_list); raises SourceError for a folder, a device or a
+    binary file. Read and split block by block: memory holds the names and one block, not the whole text too.
+    """
 
     def refuse(why: str) -> SourceError:
         return SourceError("{list} " + f"{list_file} {why}", field="list")
+
+    # A byte-order mark is no part of the first path. A name that is not UTF-8 (a list written by `find`) keeps
+    # its bytes, surrogate-escaped as os.walk does.
+    text = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")
+    names: list[str] = []
+    rest, lines = "", 0
+
+    def add(chunk: str) -> str:
+        *complete, tail = (rest + chunk).split("\n")  # lines end at LF only
+        for line in complete:
+            line = line.removesuffix("\r")
+            if line.strip(" \t"):
+                names.append(line)
+        return tail
 
     try:
         mode = os.stat(list_file).st_mode
@@ -212,16 +226,17 @@ def _list_text(list_file: Path) -> str:
         # Opened non-blocking so a pipe nobody writes to reads as empty instead of waiting forever.
         fd = os.open(list_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         os.set_blocking(fd, True)
-        blocks, lines = [], 0
         with open(fd, "rb") as f:
+            first = True
             while block := f.read(_LIST_READ):
                 if b"\0" in block:  # refused at the first such block: a 10 GB archive given as a list is not read
                     line = lines + block[: block.index(b"\0")].count(b"\n") + 1
-                    utf16 = (blocks[0] if blocks else block)[:2] in (b"\xff\xfe", b"\xfe\xff")
+                    utf16 = first and block[:2] in (b"\xff\xfe", b"\xfe\xff")
                     kind = "UTF-16 text" if utf16 else "a binary file or UTF-16 text"
                     raise refuse(f"holds a NUL byte (line {line}): it is {kind}; save it as UTF-8 text.")
                 lines += block.count(b"\n")
-                blocks.append(block)
+                rest = add(text.decode(block))
+                first = False
     except FileNotFoundError as error:
         raise refuse("does not exist; check the path.") from error
     except OSError as error:
@@ -229,9 +244,8 @@ def _list_text(list_file: Path) -> str:
             "cannot read {list} " + f"{list_file} ({error.strerror or error}); it must be UTF-8 text, one path a line.",
             field="list",
         ) from error
-    # A byte-order mark is no part of the first path; lines are split by path_list, on LF only. A name that is
-    # not UTF-8 (a list written by `find`) keeps its bytes, surrogate-escaped as os.walk does.
-    return b"".join(blocks).decode("utf-8-sig", errors="surrogateescape")
+    add(text.decode(b"", final=True) + "\n")
+    return names
 
 
 def insightface_bin(path: str | Path) -> Source:
