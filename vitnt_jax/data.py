@@ -206,9 +206,11 @@ def _jpeg_scans(stream: BinaryIO, limit: int) -> int:
 
 def _next_jpeg_marker(stream: BinaryIO, position: int) -> int:
     """Returns the offset of the first JPEG marker at or after `position`, or -1 at the end of the stream."""
+    size = 64  # the next marker most often stands right there: only a scan's data needs whole blocks
     while True:
         stream.seek(position)
-        block = stream.read(_SCAN_READ)
+        block = stream.read(size)
+        size = _SCAN_READ
         if len(block) < 2:
             return -1
         found = _JPEG_MARKER.search(block)
