@@ -294,7 +294,8 @@ def _torch_shape(transform, flax_shape):
 
 
 def _clip(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
+    # Keys come from the file: control characters are escaped, so none reaches the terminal as is.
+    shown = ", ".join("".join(c if c.isprintable() else ascii(c)[1:-1] for c in k[:200]) for k in keys[:limit])
     return f"[{shown}{f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''}]"
 
 

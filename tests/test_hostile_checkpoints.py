@@ -973,3 +973,23 @@ def test_a_torch_zip_bomb_is_refused_before_torch_reads_it(tmp_path, monkeypatch
     assert str(caught.value).endswith(
         "torch.save compresses nothing, so the file is crafted or damaged, get a sound copy."
     )
+
+
+def test_keys_from_a_file_are_shown_with_control_characters_escaped(tmp_path):
+    state = dict(tr.randomize(tr.FaceViT(CFG), seed=0).state_dict())
+    state["evil\x1b]0;owned\x07\x1b[2J"] = torch.zeros(1)
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(ConversionError) as caught:
+        cvlface.convert(tmp_path / "model.pt", tmp_path / "ckpt", "testing")
+    assert str(caught.value).isprintable()
+    assert "unexpected keys [evil\\x1b]0;owned\\x07\\x1b[2J]" in str(caught.value)
+
+
+def test_a_crafted_weights_digest_is_not_passed_on(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    meta = _meta(ckpt)
+    meta["weights_sha256"] = "\x1b[2J" + meta["weights_sha256"]
+    _write_meta(ckpt, meta)
+    assert checkpoint.weights_digest(ckpt) is None
+    assert "is damaged" in _one_line_error(lambda: checkpoint.load(ckpt))
+    assert checkpoint.weights_digest(saved) == _meta(saved)["weights_sha256"]

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -323,7 +324,8 @@ def weights_digest(directory: str | os.PathLike) -> str | None:
     """
     _, meta = load_config(directory)
     digest = meta.get("weights_sha256")
-    return digest if isinstance(digest, str) else None
+    # Only a digest as `save` writes it: other text (a crafted one) would reach messages and records.
+    return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
 
 
 def describe(directory: str | os.PathLike) -> str:
