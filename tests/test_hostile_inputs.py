@@ -914,3 +914,22 @@ def test_a_folder_of_many_folder_links_reports_a_bounded_number_of_lines(tmp_pat
     assert src.ids == ["a.png"] and len(src.problems) == sources.MAX_PROBLEMS + 1
     assert src.problems[0].startswith("folder link link000 is not followed")
     assert src.problems[-1] == "50 more folder links or folders that cannot be listed; their images are not scored"
+
+
+def test_the_scan_count_reads_each_byte_of_many_small_segments_a_bounded_number_of_times():
+    # Reading a whole block at every segment made 100,000 four-byte comments cost 100,000 blocks.
+    class Counted(io.BytesIO):
+        read_bytes = 0
+
+        def read(self, n=-1):
+            out = super().read(n)
+            self.read_bytes += len(out)
+            return out
+
+    blob = _progressive_jpeg(1)
+    scans = [start for marker, start, _ in _jpeg_segments(blob) if marker == 0xDA]
+    many = blob[: scans[1]] + b"\xff\xfe\x00\x02" * 100_000 + blob[scans[1] :]
+    stream = Counted(many)
+    assert data._jpeg_scans(stream, data.MAX_JPEG_SCANS) == len(scans)
+    assert stream.read_bytes < 40 * len(many), stream.read_bytes
+    assert read_image(many).shape == (64, 64, 3)
