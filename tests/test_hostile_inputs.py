@@ -933,3 +933,13 @@ def test_the_scan_count_reads_each_byte_of_many_small_segments_a_bounded_number_
     assert data._jpeg_scans(stream, data.MAX_JPEG_SCANS) == len(scans)
     assert stream.read_bytes < 40 * len(many), stream.read_bytes
     assert read_image(many).shape == (64, 64, 3)
+
+
+def test_batches_of_millions_of_indices_are_made_as_they_are_queued():
+    # Every batch's index list was made up front: 5 million indices cost 180 MB before the first image was read.
+    face = smooth_faces(1, size=8)[0]
+    stream = data.batches(lambda i: face, range(5_000_000), 4, 8, workers=1)
+    first, peak = _peak_bytes(lambda: next(stream))
+    stream.close()
+    assert first.indices == [0, 1, 2, 3] and first.valid.all()
+    assert peak < 4 << 20, peak

@@ -389,7 +389,10 @@ def batches(
         raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
     if align == "mtcnn" and detector is None:
         raise ValueError("align 'mtcnn' needs a detector")
-    chunks = [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+    count = -(-len(indices) // batch_size)
+
+    def chunk(k: int) -> list[int]:  # made when it is queued: a run of 40 million indices is no list of lists
+        return list(indices[k * batch_size : (k + 1) * batch_size])
 
     def one(index: int) -> Prepared:
         try:
@@ -460,11 +463,11 @@ def batches(
     assembler = concurrent.futures.ThreadPoolExecutor(1)
     finished = False
     try:
-        pending = [assembler.submit(assemble, c) for c in chunks[:prefetch]]
-        for next_index in range(prefetch, len(chunks) + prefetch):
+        pending = [assembler.submit(assemble, chunk(k)) for k in range(min(prefetch, count))]
+        for next_index in range(prefetch, count + prefetch):
             batch = pending.pop(0).result()
-            if next_index < len(chunks):
-                pending.append(assembler.submit(assemble, chunks[next_index]))
+            if next_index < count:
+                pending.append(assembler.submit(assemble, chunk(next_index)))
             yield batch
         finished = True
     finally:
