@@ -917,7 +917,7 @@ def test_a_folder_of_many_folder_links_reports_a_bounded_number_of_lines(tmp_pat
 
 
 def test_the_scan_count_reads_each_byte_of_many_small_segments_a_bounded_number_of_times():
-    # Reading a whole block at every segment made 100,000 four-byte comments cost 100,000 blocks.
+    # Reading a whole block at every segment made 100,000 four-byte comments cost 100,000 blocks (20 GB).
     class Counted(io.BytesIO):
         read_bytes = 0
 
@@ -927,19 +927,24 @@ def test_the_scan_count_reads_each_byte_of_many_small_segments_a_bounded_number_
             return out
 
     blob = _progressive_jpeg(1)
-    scans = [start for marker, start, _ in _jpeg_segments(blob) if marker == 0xDA]
-    many = blob[: scans[1]] + b"\xff\xfe\x00\x02" * 100_000 + blob[scans[1] :]
+    markers = list(_jpeg_segments(blob))
+    scans = [start for marker, start, _ in markers if marker == 0xDA]
+    many = blob[: scans[1]] + b"\xff\xfe\x00\x02" * 900 + blob[scans[1] :]
     stream = Counted(many)
-    assert data._jpeg_scans(stream, data.MAX_JPEG_SCANS) == len(scans)
+    assert data._jpeg_counts(stream) == (len(markers) + 900, len(scans))
     assert stream.read_bytes < 40 * len(many), stream.read_bytes
     assert read_image(many).shape == (64, 64, 3)
 
 
-def test_batches_of_millions_of_indices_are_made_as_they_are_queued():
-    # Every batch's index list was made up front: 5 million indices cost 180 MB before the first image was read.
-    face = smooth_faces(1, size=8)[0]
-    stream = data.batches(lambda i: face, range(5_000_000), 4, 8, workers=1)
-    first, peak = _peak_bytes(lambda: next(stream))
-    stream.close()
-    assert first.indices == [0, 1, 2, 3] and first.valid.all()
-    assert peak < 4 << 20, peak
+@pytest.mark.parametrize("segment", [b"\xff\xe5\x00\x02", b"\xff\xfe\x00\x02"])
+def test_a_jpeg_of_a_million_tiny_segments_is_refused_before_pil_parses_it(segment):
+    # PIL parses the segments before the image data in Python (~4 s a MB) holding the lock all decoders open under.
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 1).save(buffer, "JPEG")
+    blob = buffer.getvalue()
+    opened = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "_open", lambda stream: opened.append(1))
+        with pytest.raises(ImageError, match=f"JPEG of more than {data.MAX_JPEG_SEGMENTS} segments"):
+            read_image(blob[:2] + segment * 1_000_000 + blob[2:])
+    assert opened == []

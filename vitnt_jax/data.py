@@ -34,6 +34,10 @@ MAX_PIXELS = 64_000_000
 # so a 370 KB progressive JPEG of 10,000 near-empty scans took 3 minutes to decode (16 Mpixel; hours at the
 # pixel limit). libjpeg writes 10 scans (6 for grey), baseline JPEGs 1 to 3; libjpeg-turbo advises a limit too.
 MAX_JPEG_SCANS = 100
+# And JPEGs of more segments (markers) than this: PIL parses those before the image data in Python, about 4 s a MB
+# of empty APP segments, holding the lock every decoding thread opens images under. Cameras write a few dozen
+# (an ICC profile of 16 MB, the most there is, takes 255).
+MAX_JPEG_SEGMENTS = 1000
 _SCAN_READ = 1 << 20  # a scan's data is searched for the next marker in blocks of this many bytes
 # warnings.catch_warnings changes process-wide state: decoding threads take turns opening headers.
 _OPEN_LOCK = threading.Lock()
@@ -177,31 +181,50 @@ def _open(stream: BinaryIO) -> Image.Image:
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
 
 
-def _jpeg_scans(stream: BinaryIO, limit: int) -> int:
-    """Returns how many scans (SOS segments) the first image of a JPEG holds, counting no further than limit + 1.
+def _jpeg_counts(stream: BinaryIO) -> tuple[int, int]:
+    """Returns (segments, scans) of the first image of a JPEG, counting no further than either limit + 1.
 
     Walks the segments as libjpeg reads them: each segment skipped by its length (an EXIF thumbnail inside
     APP1 counts for nothing), a scan's data searched for the next marker, stray bytes between segments passed
     over as libjpeg passes them; the first EOI ends the image (an MPO's further frames are not decoded).
     """
-    scans, position = 0, 2  # after SOI
-    while scans <= limit:
+    segments, scans, position = 0, 0, 2  # after SOI
+    while segments <= MAX_JPEG_SEGMENTS and scans <= MAX_JPEG_SCANS:
         position = _next_jpeg_marker(stream, position)
         if position < 0:
-            return scans
+            break
         stream.seek(position + 1)
         head = stream.read(3)
         if len(head) < 3 or head[0] == 0xD9:  # EOI (or the file's end): the image is complete
-            return scans
+            break
+        segments += 1
         if head[0] in (0x01, 0xD8):  # TEM and SOI stand alone
             position += 2
             continue
         length = int.from_bytes(head[1:3], "big")
         if length < 2:  # libjpeg refuses such a segment: the decoder will say so
-            return scans
+            break
         scans += head[0] == 0xDA
         position += 2 + length
-    return scans
+    return segments, scans
+
+
+def _refuse_costly_jpeg(stream: BinaryIO) -> None:
+    """Raises ImageError for a JPEG of more segments or scans than the limits; checked before PIL parses it."""
+    stream.seek(0)
+    if stream.read(3) != b"\xff\xd8\xff":
+        return
+    segments, scans = _jpeg_counts(stream)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError(
+            f"JPEG of more than {MAX_JPEG_SCANS} scans (progressive passes), refused: so many can take minutes "
+            "to decode; re-encode it (a JPEG writer makes at most about 10)"
+        )
+    if segments > MAX_JPEG_SEGMENTS:
+        raise ImageError(
+            f"JPEG of more than {MAX_JPEG_SEGMENTS} segments, refused: reading so many takes minutes; re-encode it "
+            "(a JPEG holds a few dozen)"
+        )
 
 
 def _next_jpeg_marker(stream: BinaryIO, position: int) -> int:
@@ -220,6 +243,7 @@ def _next_jpeg_marker(stream: BinaryIO, position: int) -> int:
 
 
 def _decode(stream: BinaryIO) -> np.ndarray:
+    _refuse_costly_jpeg(stream)  # before PIL's header parser, which runs holding _OPEN_LOCK
     try:
         image = _open(stream)
     except UnidentifiedImageError as error:
@@ -232,11 +256,6 @@ def _decode(stream: BinaryIO) -> np.ndarray:
         w, h = image.size
         if w * h > MAX_PIXELS:
             raise ImageError(f"image is {w}x{h} pixels, above the {MAX_PIXELS} pixel limit")
-        if image.format in ("JPEG", "MPO") and _jpeg_scans(stream, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
-            raise ImageError(
-                f"JPEG of more than {MAX_JPEG_SCANS} scans (progressive passes), refused: so many can take minutes "
-                "to decode; re-encode it (a JPEG writer makes at most about 10)"
-            )
         image.load()
         return to_rgb8(_upright(image))
 
