@@ -344,23 +344,21 @@ def _parent(pid: int) -> int:
         return -1
 
 
+def _supervising(child, **popen):
+    """Returns a started `python -c` process that supervises the script `child` (stderr piped)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(distributed.WORKER_ENV, None)
+    command = (
+        f"import sys; from vitnt_jax import distributed; "
+        f"sys.exit(distributed.supervise([{sys.executable!r}, {str(child)!r}]))"
+    )
+    return subprocess.Popen([sys.executable, "-c", command], env=env, stderr=subprocess.PIPE, **popen)
+
+
 def test_sigterm_to_the_supervisor_reaches_its_worker(tmp_path):
     child = tmp_path / "child.py"
     child.write_text("import sys, time\nprint('ready', flush=True)\ntime.sleep(60)\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(distributed.WORKER_ENV, None)
-    parent = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; from vitnt_jax import distributed; "
-            f"sys.exit(distributed.supervise([{sys.executable!r}, {str(child)!r}]))",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    parent = _supervising(child, stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout.readline() == "ready\n"
         parent.send_signal(signal.SIGTERM)
@@ -382,18 +380,7 @@ def test_a_long_line_without_end_is_passed_on_before_it_ends(tmp_path):
 
     child = tmp_path / "child.py"
     child.write_text("import sys, time\nsys.stderr.write('x' * 300000); sys.stderr.flush()\ntime.sleep(60)\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(distributed.WORKER_ENV, None)
-    parent = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; from vitnt_jax import distributed; "
-            f"sys.exit(distributed.supervise([{sys.executable!r}, {str(child)!r}]))",
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
+    parent = _supervising(child)
     got = b""
     try:
         deadline = time.monotonic() + 20

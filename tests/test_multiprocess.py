@@ -82,7 +82,9 @@ def test_a_failing_process_stops_the_merge_with_one_line(tiny_checkpoint, folder
     assert not out.exists()  # nothing merged; the parts are kept for --resume
     assert sorted(p.name for p in tmp_path.iterdir() if "part" in p.name) == [
         "m.csv.part00000-of-00002",
+        "m.csv.part00000-of-00002.settings.json",  # each part keeps the settings it was scored with
         "m.csv.part00001-of-00002",
+        "m.csv.part00001-of-00002.settings.json",
     ]
 
 

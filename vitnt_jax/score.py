@@ -256,7 +256,8 @@ def _flag(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs `python -m vitnt_jax.score`; returns the exit status (0 ok, 1 user error, 2 bad flags, 130 Ctrl-C)."""
+    """Runs `python -m vitnt_jax.score`; returns the exit status (0 ok, 1 user error, 2 bad flags, 130 Ctrl-C,
+    143 SIGTERM)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_join_negative_blocks(argv))
     from vitnt_jax import distributed
