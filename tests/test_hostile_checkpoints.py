@@ -280,6 +280,26 @@ def test_a_config_whose_shapes_disagree_with_the_stored_arrays_is_named(saved, t
     assert "params/blocks/attn/qkv/kernel is (3, 16, 48) but should be (4, 16, 48)" in message
 
 
+def test_stored_shapes_of_an_unverified_checkpoint_are_checked_before_any_array_is_read(saved, tmp_path, monkeypatch):
+    # Orbax allocates the shapes its metadata claims: a claim that disagrees with the config is
+    # refused from the metadata alone (here the arrays hold 6 blocks, the config says 3).
+    import orbax.checkpoint as ocp
+
+    ckpt = _copy(saved, tmp_path)
+    bigger = dataclasses.replace(CFG, depth=6)
+    other = checkpoint.save(tmp_path / "bigger", bigger, init_variables(bigger, seed=1))
+    shutil.rmtree(ckpt / "variables")
+    shutil.copytree(other / "variables", ckpt / "variables")
+    meta = _meta(ckpt)
+    for key in ("weights_sha256", "files_sha256", "files_bytes"):
+        meta.pop(key, None)
+    _write_meta(ckpt, meta)
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", lambda *a, **k: pytest.fail("arrays were restored"))
+    message = _one_line_error(lambda: checkpoint.load(ckpt))
+    assert message.startswith(f"checkpoint {ckpt} does not match config 'testing': ")
+    assert "params/blocks/attn/qkv/kernel is (6, 16, 48) but should be (3, 16, 48)" in message
+
+
 @pytest.mark.parametrize(
     "text, reason",
     [

@@ -396,10 +396,19 @@ def load(directory: str | os.PathLike) -> tuple[ViTConfig, PyTree]:
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), variable_shapes(config))
     recorded = meta.get("weights_sha256")
     _check_files(directory, meta.get("files_sha256"), meta.get("files_bytes"))
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        # Orbax restores the stored shapes whatever the target says, so memory stays what the files
-        # hold; check_variables below names any disagreement with the config.
-        variables = ocp.StandardCheckpointer().restore(directory.absolute() / "variables", target)
+        if meta.get("files_sha256") is None:
+            # Files not verified (an older checkpoint): Orbax restores the shapes its metadata claims,
+            # whatever the target says, so they are checked against the config before any array is
+            # allocated (a crafted claim of a huge shape would otherwise be allocated first).
+            stored = checkpointer.metadata(directory.absolute() / "variables")
+            stored = getattr(stored, "item_metadata", stored)
+            shapes_ok = _paths_and_shapes(stored) == _paths_and_shapes(target)
+        else:
+            shapes_ok = True
+        if shapes_ok:
+            variables = checkpointer.restore(directory.absolute() / "variables", target)
     # Whatever Orbax and TensorStore raise for missing, truncated, damaged or foreign files
     # (FileNotFoundError, JSONDecodeError, ValueError DATA_LOSS, KeyError, TypeError, ...): the
     # files are ours to read, so any failure reading them means the checkpoint is unusable.
@@ -412,6 +421,8 @@ def load(directory: str | os.PathLike) -> tuple[ViTConfig, PyTree]:
         raise CheckpointError(
             f"could not read the variables of {directory} ({detail}); convert the checkpoint again."
         ) from error
+    if not shapes_ok:
+        check_variables(config, stored, f"checkpoint {directory}")
     if recorded is None:
         check_variables(config, variables, f"checkpoint {directory}")
         log.warning(
