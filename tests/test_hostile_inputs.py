@@ -948,3 +948,24 @@ def test_a_jpeg_of_a_million_tiny_segments_is_refused_before_pil_parses_it(segme
         with pytest.raises(ImageError, match=f"JPEG of more than {data.MAX_JPEG_SEGMENTS} segments"):
             read_image(blob[:2] + segment * 1_000_000 + blob[2:])
     assert opened == []
+
+
+def _png_with(chunk_type: bytes, count: int, face) -> bytes:
+    """The PNG of `face` with `count` empty chunks of `chunk_type` before its image data."""
+    import zlib
+
+    blob = png_bytes(face)
+    chunk = struct.pack(">I", 0) + chunk_type + struct.pack(">I", zlib.crc32(chunk_type))
+    return blob[:33] + chunk * count + blob[33:]  # after the signature (8) and IHDR (25)
+
+
+@pytest.mark.parametrize("chunk_type, count", [(b"abCd", 200_000), (b"tEXt", 200_000), (b"IDAT", 200_000)])
+def test_a_png_of_a_million_tiny_chunks_is_refused_before_pil_parses_it(chunk_type, count):
+    face = smooth_faces(1, size=8)[0]
+    assert np.array_equal(read_image(_png_with(chunk_type, 500, face)), face)  # many, but not absurdly many
+    opened = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "_open", lambda stream: opened.append(1))
+        with pytest.raises(ImageError, match="PNG of more than"):
+            read_image(_png_with(chunk_type, count, face))
+    assert opened == []

@@ -38,6 +38,10 @@ MAX_JPEG_SCANS = 100
 # of empty APP segments, holding the lock every decoding thread opens images under. Cameras write a few dozen
 # (an ICC profile of 16 MB, the most there is, takes 255).
 MAX_JPEG_SEGMENTS = 1000
+# Likewise PNG chunks: ~15 us each in PIL's Python parser (those before the image data under that lock). Writers
+# put a few dozen besides the image data (IDAT), whose chunks number at most tens of thousands (8 KB each).
+MAX_PNG_CHUNKS = 1000
+MAX_PNG_DATA_CHUNKS = 100_000
 _SCAN_READ = 1 << 20  # a scan's data is searched for the next marker in blocks of this many bytes
 # warnings.catch_warnings changes process-wide state: decoding threads take turns opening headers.
 _OPEN_LOCK = threading.Lock()
@@ -209,10 +213,34 @@ def _jpeg_counts(stream: BinaryIO) -> tuple[int, int]:
     return segments, scans
 
 
-def _refuse_costly_jpeg(stream: BinaryIO) -> None:
-    """Raises ImageError for a JPEG of more segments or scans than the limits; checked before PIL parses it."""
+def _png_chunks(stream: BinaryIO) -> tuple[int, int]:
+    """Returns (chunks other than IDAT, IDAT chunks) of a PNG up to IEND, counting no further than a limit + 1."""
+    metadata, data, position = 0, 0, 8  # after the signature
+    while metadata <= MAX_PNG_CHUNKS and data <= MAX_PNG_DATA_CHUNKS:
+        stream.seek(position)
+        head = stream.read(8)
+        if len(head) < 8 or head[4:] == b"IEND":
+            break
+        if head[4:] in (b"IDAT", b"fdAT", b"fcTL"):  # an APNG's frames count as image data
+            data += 1
+        else:
+            metadata += 1
+        position += 12 + int.from_bytes(head[:4], "big")  # length, type, data, CRC
+    return metadata, data
+
+
+def _refuse_costly(stream: BinaryIO) -> None:
+    """Raises ImageError for a PNG or JPEG of more chunks, segments or scans than the limits, before PIL parses it."""
     stream.seek(0)
-    if stream.read(3) != b"\xff\xd8\xff":
+    signature = stream.read(8)
+    if signature == b"\x89PNG\r\n\x1a\n":
+        metadata, data = _png_chunks(stream)
+        if metadata > MAX_PNG_CHUNKS or data > MAX_PNG_DATA_CHUNKS:
+            raise ImageError(
+                f"PNG of more than {MAX_PNG_CHUNKS} chunks besides its image data, or more than {MAX_PNG_DATA_CHUNKS} "
+                "image data chunks, refused: reading so many takes minutes; re-encode it (a PNG holds a few dozen)"
+            )
+    if not signature.startswith(b"\xff\xd8\xff"):
         return
     segments, scans = _jpeg_counts(stream)
     if scans > MAX_JPEG_SCANS:
@@ -243,7 +271,7 @@ def _next_jpeg_marker(stream: BinaryIO, position: int) -> int:
 
 
 def _decode(stream: BinaryIO) -> np.ndarray:
-    _refuse_costly_jpeg(stream)  # before PIL's header parser, which runs holding _OPEN_LOCK
+    _refuse_costly(stream)  # before PIL's header parser, which runs holding _OPEN_LOCK
     try:
         image = _open(stream)
     except UnidentifiedImageError as error:
