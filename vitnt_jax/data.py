@@ -214,7 +214,7 @@ def _jpeg_counts(stream: BinaryIO) -> tuple[int, int]:
 
 
 def _png_chunks(stream: BinaryIO) -> tuple[int, int]:
-    """Returns (chunks other than IDAT, IDAT chunks) of a PNG up to IEND, counting no further than a limit + 1."""
+    """Returns (metadata chunks, image data chunks) of a PNG up to IEND, counting no further than a limit + 1."""
     metadata, data, position = 0, 0, 8  # after the signature
     while metadata <= MAX_PNG_CHUNKS and data <= MAX_PNG_DATA_CHUNKS:
         stream.seek(position)
@@ -272,6 +272,7 @@ def _next_jpeg_marker(stream: BinaryIO, position: int) -> int:
 
 def _decode(stream: BinaryIO) -> np.ndarray:
     _refuse_costly(stream)  # before PIL's header parser, which runs holding _OPEN_LOCK
+    stream.seek(0)
     try:
         image = _open(stream)
     except UnidentifiedImageError as error:
