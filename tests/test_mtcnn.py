@@ -426,3 +426,25 @@ def test_integral_image_and_level_parts_are_exact():
     np.testing.assert_array_equal(sat, want)
     whole = mtcnn.area_resize(sat, 0, 300, 0, 530, 181, 319)[0]
     np.testing.assert_array_equal(mtcnn.area_level(sat, 181, 319, (17, 180), (3, 250)), whole[17:180, 3:250])
+
+
+def test_weights_files_claiming_more_than_they_hold_are_refused_before_any_array_is_read(tmp_path):
+    # An array header claiming 2**40 values over 16 bytes, and a deflated member of 1 GiB of zeros:
+    # np.load would allocate (or inflate) all of it; each is one sentence, from the claims alone.
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (1 << 40,)})
+    with zipfile.ZipFile(tmp_path / "claim.npz", "w") as out:
+        out.writestr("x.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + bytes(16))
+    deflated = zipfile.ZipInfo("x.npy")
+    deflated.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as out, out.open(deflated, "w", force_zip64=True) as member:
+        member.write(b"\x93NUMPY\x01\x00" + header.getvalue()[8:])
+        for _ in range(64):
+            member.write(bytes(1 << 24))
+    for name in ("claim.npz", "bomb.npz"):
+        with pytest.raises(mtcnn.MTCNNError) as caught:
+            mtcnn.load_variables(tmp_path / name)
+        assert str(caught.value).startswith(f"MTCNN weights {tmp_path / name} are damaged or unreadable (ValueError)")

@@ -266,10 +266,37 @@ _UNREADABLE = (
 )  # fmt: skip
 
 
+MAX_WEIGHTS_BYTES = 64 << 20  # the three nets' float32 weights are about 2 MB
+
+
+def _check_claims(path: Path) -> None:
+    """Raises ValueError when the .npz at `path` claims more than MTCNN weights hold (before any array is read).
+
+    np.load allocates what an array header claims and inflates what a member declares: a crafted
+    file of a few kilobytes could otherwise ask for terabytes. Not a zip: left to np.load.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with archive:
+        members = archive.infolist()
+        if sum(info.file_size for info in members) > MAX_WEIGHTS_BYTES:
+            raise ValueError(f"its members expand to more than {MAX_WEIGHTS_BYTES} bytes")
+        for info in members:
+            with archive.open(info) as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            if int(np.prod(shape, dtype=object)) * dtype.itemsize > info.file_size:
+                raise ValueError(f"array {info.filename} claims shape {shape}, more than its {info.file_size} bytes")
+
+
 def load_variables(path: str | os.PathLike) -> dict[str, dict]:
     """Returns the nested variables stored by `save_variables`, checked strictly; raises MTCNNError."""
     path = Path(path)
     try:
+        _check_claims(path)
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise ValueError("a single array, not an .npz archive")
