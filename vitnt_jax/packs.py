@@ -43,7 +43,7 @@ _FOREIGN_OPCODES = {
 # MEMOIZE kept 165 MB), so a pack may hold one per BYTES_PER_INSTRUCTION bytes of file. An insightface pack holds
 # about three per image (the bytes, a memo entry, an append), each image kilobytes long.
 BYTES_PER_INSTRUCTION = 16
-_SPARE_INSTRUCTIONS = 1024  # a tiny pack (a test's) still holds its lists, flags and memo entries
+_SPARE_INSTRUCTIONS = 4096  # a tiny pack (a test's, of one-byte images) still holds its lists, flags and memo entries
 
 
 class PackError(UserError):
