@@ -54,6 +54,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConversionError(f"checkpoint {path} is a folder; pass the .pt or .safetensors file inside it.")
     if not path.exists():
         raise ConversionError(f"checkpoint {path} does not exist; check the path.")
+    if not path.is_file():  # a FIFO would be waited on, a device read forever
+        raise ConversionError(
+            f"checkpoint {path} is a named pipe or a device, not a file; pass the .pt or .safetensors file itself."
+        )
     if not os.access(path, os.R_OK):
         raise ConversionError(f"checkpoint {path} is not readable (permission denied); fix its permissions.")
     if path.stat().st_size == 0:

@@ -1013,3 +1013,18 @@ def test_a_crafted_weights_digest_is_not_passed_on(saved, tmp_path):
     assert checkpoint.weights_digest(ckpt) is None
     assert "is damaged" in _one_line_error(lambda: checkpoint.load(ckpt))
     assert checkpoint.weights_digest(saved) == _meta(saved)["weights_sha256"]
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
+def test_a_fifo_or_a_device_given_as_the_source_is_named_as_such(tmp_path, name):
+    import os
+
+    from converters.state_dict import read_checkpoint
+
+    os.mkfifo(tmp_path / name)
+    for path in (tmp_path / name, "/dev/zero"):
+        with pytest.raises(ConversionError) as caught:
+            read_checkpoint(path)
+        assert str(caught.value) == (
+            f"checkpoint {path} is a named pipe or a device, not a file; pass the .pt or .safetensors file itself."
+        )
