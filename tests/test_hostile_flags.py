@@ -264,3 +264,28 @@ def test_sigterm_to_a_single_process_run_is_one_line_and_keeps_the_rows(tiny_che
     assert 8 <= kept < 40
     assert run(tiny_checkpoint, *argv[:2], "--out", str(out), "--batch-size", "8", "--resume") == 0
     assert [r[0] for r in read_csv(out)[1:]] == [f"{i:02d}.png" for i in range(40)]
+
+
+def test_a_coordinator_port_in_use_is_one_line_naming_it(tiny_checkpoint, folder, tmp_path):
+    """Process 0 of a second run on a port already taken (by another run's process 0, or any program)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--images", str(folder), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.csv")]
+        argv += ["--num-processes", "2", "--process-id", "0", "--coordinator", f"127.0.0.1:{port}"]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+        done = subprocess.run(
+            [sys.executable, "-m", "vitnt_jax.score", *argv, "--process-timeout", "20"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: process 0 could not start the coordination service at 127.0.0.1:{port}: its port is taken (by "
+        "another program, or another run's process 0); give every process another --coordinator port."
+    ), done.stderr

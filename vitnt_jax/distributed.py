@@ -27,6 +27,7 @@ callback cannot be called from Python), so the command line runs each process's 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -87,6 +88,8 @@ def initialize(
                     f"it cannot join again as process {process_id} of {num_processes}."
                 )
             return process_id, num_processes
+        if process_id == 0 and _port_in_use(coordinator):  # JAX 0.10 may crash (SIGSEGV) failing to bind it
+            raise DistributedError(_port_taken(coordinator))
         try:
             jax.distributed.initialize(
                 coordinator,
@@ -96,6 +99,8 @@ def initialize(
                 heartbeat_timeout_seconds=HEARTBEAT_S,
             )
         except (RuntimeError, ValueError, TypeError) as error:  # XlaRuntimeError is a RuntimeError
+            if process_id == 0 and "Failed to start RPC server" in str(error):  # process 0 hosts the service
+                raise DistributedError(_port_taken(coordinator)) from error
             raise DistributedError(
                 f"process {process_id} could not join the {num_processes}-process cluster at {coordinator} "
                 f"within {timeout_s:g} s ({_first_line(error)}); start every process with the same coordinator."
@@ -111,6 +116,33 @@ def initialize(
                 "id and the coordinator's address instead."
             ) from error
     return jax.process_index(), jax.process_count()
+
+
+def _port_taken(coordinator: str) -> str:
+    return (
+        f"process 0 could not start the coordination service at {coordinator}: its port is taken (by another "
+        "program, or another run's process 0); give every process another --coordinator port."
+    )
+
+
+def _port_in_use(coordinator: str) -> bool:
+    """Returns whether a socket already listens on the coordinator's port here (where process 0 binds it)."""
+    import socket
+
+    port = coordinator.rpartition(":")[2]
+    if not port.isdigit():
+        return False
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is free
+                probe.bind((address, int(port)))
+            return False
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return True
+            # this address family is not available here: try the next
+    return False
 
 
 def report(process: int, status: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
