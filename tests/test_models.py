@@ -229,3 +229,18 @@ def test_a_cache_that_is_a_file_is_one_sentence_naming_the_variable(tmp_path, mo
     )
     with pytest.raises(models.ModelError, match="is a file, not a folder"):
         models.mtcnn_weights()
+
+
+def test_a_damaged_named_model_in_the_cache_says_to_delete_it(cache, monkeypatch):
+    monkeypatch.setattr(models, "hub_download", _no_network)
+    folder = models.resolve("testing")
+    victim = max((p for p in (folder / "variables").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        checkpoint.load(models.resolve("testing"))
+    assert str(caught.value) == (
+        f"checkpoint {folder} is damaged: its weights do not match the checksum recorded when it was converted; "
+        f"delete {folder} so that the named model is converted again on the next run."
+    )

@@ -105,10 +105,23 @@ def _config_sha256(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _again(directory: Path) -> str:
+    """Returns how to redo `directory`: a named model's cache folder is deleted, anything else converted again."""
+    from vitnt_jax.cache import cache_dir
+
+    try:
+        cached = Path(directory).resolve().parent == cache_dir().resolve()
+    except OSError:
+        cached = False
+    if cached:
+        return f"delete {directory} so that the named model is converted again on the next run"
+    return "convert it again"
+
+
 def _damaged(directory: Path, what: str) -> CheckpointError:
     return CheckpointError(
         f"checkpoint {directory} is damaged: its {what} do not match the checksum recorded when it was converted; "
-        "convert it again."
+        f"{_again(directory)}."
     )
 
 
@@ -372,7 +385,7 @@ def _check_files(directory: Path, recorded: Any, sizes: Any) -> None:
         if not path.is_file():
             what = "is missing" if not (path.exists() or path.is_symlink()) else "is no regular file"
             raise CheckpointError(
-                f"checkpoint {directory} is damaged: its weights file variables/{shown} {what}; convert it again."
+                f"checkpoint {directory} is damaged: its weights file variables/{shown} {what}; {_again(directory)}."
             )
         if sizes is not None and path.stat().st_size != sizes.get(name):
             raise _damaged(directory, "weights")
@@ -416,7 +429,7 @@ def load(directory: str | os.PathLike) -> tuple[ViTConfig, PyTree]:
         detail = f"{type(error).__name__}: {_first_line(error)}"
         if recorded is not None:
             raise CheckpointError(
-                f"checkpoint {directory} is damaged: its weights could not be read ({detail}); convert it again."
+                f"checkpoint {directory} is damaged: its weights could not be read ({detail}); {_again(directory)}."
             ) from error
         raise CheckpointError(
             f"could not read the variables of {directory} ({detail}); convert the checkpoint again."
