@@ -221,6 +221,23 @@ def test_parts_scored_with_other_settings_are_never_merged(tiny_checkpoint, fold
     assert sorted(p.name for p in tmp_path.iterdir() if "part" in p.name) == []  # parts and their records gone
 
 
+def test_parts_read_from_other_sources_are_never_merged(tiny_checkpoint, folder, tmp_path, monkeypatch):
+    """Process 1 given another folder (one more image: the shares no longer tile one list) stops the merge."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    shutil.copy(folder / "00.png", other / "05.png")
+    out = tmp_path / "s.csv"
+    _as_process(monkeypatch, 1)
+    pipeline.run(Job(SourceSpec("images", other), out=out, model=str(tiny_checkpoint)))
+    _as_process(monkeypatch, 0)
+    with pytest.raises(JobError) as caught:
+        pipeline.run(Job(SourceSpec("images", folder), out=out, model=str(tiny_checkpoint)))
+    assert "(differing: the inputs (another source)); nothing was merged" in str(caught.value)
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------- SIGTERM
 
 

@@ -956,6 +956,16 @@ def _initialize(job: Job) -> tuple[int, int]:
         raise
 
 
+def _inputs_identity(rendered: Sequence[str]) -> str:
+    """Returns '<count> inputs, sha256 <hex of their ids>': the same source on every process of a run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for text in rendered:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return f"{len(rendered)} inputs, sha256 {digest.hexdigest()}"
+
+
 def _refuse_mixed_settings(job: Job, processes: int, settings: dict[str, Any]) -> None:
     """Raises JobError when another process scored its part with other settings than process 0 (its part's record).
 
@@ -965,14 +975,13 @@ def _refuse_mixed_settings(job: Job, processes: int, settings: dict[str, Any]) -
     for i in range(1, processes):
         part = part_path(job.out, i, processes)
         recorded = fingerprint.read(part)
-        changed = fingerprint.differences(settings, recorded) if recorded is not None else []
+        keys = (*fingerprint.KEYS, "inputs")  # the source too: each process reads its share of one list of inputs
+        changed = fingerprint.differences(settings, recorded, keys) if recorded is not None else []
         if recorded is not None and not changed:
             continue
-        what = (
-            "recorded no settings beside it"
-            if recorded is None
-            else "differing: " + ", ".join("{" + k + "}" for k in changed)
-        )
+        shown = ["{" + k + "}" if k in fingerprint.KEYS else "the inputs (another source)" for k in changed]
+        what = "recorded no settings beside it" if recorded is None else "differing: " + ", ".join(shown)
+        changed = [k for k in changed if k in fingerprint.KEYS]
         fix = (
             "start every process with the same flags and rerun all of them with {overwrite} (or remove "
             + f"{part} and its arrays, then rerun all with "
@@ -1277,8 +1286,9 @@ def _run_part(
                         path.unlink(missing_ok=True)
             fingerprint.write(job.out, settings)  # after the table is truncated or resumed, never before
         if processes > 1:
-            fingerprint.write(out, settings)  # beside the part: process 0 merges only parts scored as its own
-        recorded.update(settings)
+            # Beside the part, with what every process must read alike: process 0 merges only parts scored as its own.
+            recorded.update(settings, inputs=_inputs_identity(rendered))
+            fingerprint.write(out, recorded)
     except OSError as error:
         writer.close(False)
         raise JobError(
