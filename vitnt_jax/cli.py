@@ -86,17 +86,19 @@ def run_command(
     errors: tuple[type[BaseException], ...] = (),
     names: Callable[[str], str] = flag,
     interrupted: str | None = None,
+    terminate: bool = True,
 ) -> int:
     """Runs a command's body; returns its exit status, or 1 after printing a user error as one line.
 
     errors: further exception types that are user errors (their str is the sentence).
     interrupted: the line printed on Ctrl-C (exit status 130) and on SIGTERM (143, e.g. a batch scheduler
       stopping the job: the body's cleanup runs as for Ctrl-C); None lets KeyboardInterrupt through.
+    terminate: False leaves SIGTERM as it is (a supervised worker, whose supervisor reports the signal).
     """
     configure_logging()
     debug = debug_wanted(debug)
     previous = None
-    if interrupted is not None and threading.current_thread() is threading.main_thread():
+    if terminate and interrupted is not None and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return body()

@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_join_negative_blocks(argv))
     from vitnt_jax import distributed
 
-    if (args.distributed or (args.num_processes or 1) > 1) and not distributed.is_worker():
+    multi = args.distributed or (args.num_processes or 1) > 1
+    if multi and not distributed.is_worker():
         # JAX aborts a process that loses its cluster (C++ log, exit 134): a supervisor says it in one line.
         return distributed.supervise(
             [sys.executable, "-m", "vitnt_jax.score", *argv],
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         debug=args.debug,
         names=_flag,
         interrupted=f"interrupted; the rows written so far are kept: rerun with --resume to continue {args.out}",
+        # A worker ended by SIGTERM is reported by its supervisor; it must not wait to report to its peers.
+        terminate=not multi,
     )
 
 
