@@ -106,8 +106,8 @@ def test_weights_saved_in_another_dtype_load_as_float32_with_their_checksum(tmp_
 
 def test_a_flipped_bit_in_any_file_of_the_weights_is_refused_in_one_line(saved, tmp_path, capfd):
     files = sorted(p.relative_to(saved) for p in (saved / "variables").rglob("*") if p.is_file())
-    largest = max(files, key=lambda p: (saved / p).stat().st_size)  # the array data
-    assert (saved / largest).stat().st_size > 40_000  # 14,176 float32 parameters live there
+    # The array data (14,176 float32 parameters) is among them, in one data file or split over several.
+    assert sum((saved / p).stat().st_size for p in files) > 40_000
     for name in files:
         size = (saved / name).stat().st_size
         for position in sorted({0, size // 2, size - 1}):
