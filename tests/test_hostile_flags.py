@@ -43,8 +43,7 @@ def _contents(folder):
     "argv",
     [
         ["--out", "{faces}/00.png", "--overwrite"],
-        ["--out", "{faces}/new.csv"],
-        ["--out", "{tmp}/s.csv", "--save-embeddings", "{faces}/sub/e.npy"],
+        ["--out", "{faces}/sub/new.PNG"],  # would be scored by the next --resume
         ["--out", "{tmp}/s.csv", "--save-aligned", "{faces}", "--overwrite"],
         ["--out", "{tmp}/s.csv", "--save-aligned", "{faces}/crops"],
     ],
@@ -56,6 +55,13 @@ def test_an_output_inside_the_scored_folder_is_refused(tiny_checkpoint, folder, 
     line = _one_error_line(capsys.readouterr().err)
     assert f"lies in the --images folder {folder} that this run reads" in line, line
     assert _contents(folder) == before  # nothing written, removed or created in it
+
+
+def test_a_table_beside_the_images_is_fine_and_never_scored(tiny_checkpoint, folder, capsys):
+    out = folder / "scores.csv"
+    for extra in ([], ["--resume"]):
+        assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), *extra) == 0
+    assert [r[0] for r in read_csv(out)[1:]] == [f"{i:02d}.png" for i in range(5)]
 
 
 @pytest.mark.parametrize("kind", ["list", "bin"])

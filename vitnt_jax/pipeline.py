@@ -58,7 +58,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vitnt_jax import fingerprint
-from vitnt_jax.data import ALIGNS, Batch, ImageError, batches, read_image
+from vitnt_jax.data import ALIGNS, IMAGE_SUFFIXES, Batch, ImageError, batches, read_image
 from vitnt_jax.errors import UserError
 from vitnt_jax.output import (
     FORMATS,
@@ -145,8 +145,9 @@ def _inside(path: Path, folder: Path) -> bool:
 def _refuse_overlaps(job: Job) -> None:
     """Raises JobError when an output would be written into what the run reads, or into the crops folder.
 
-    A run never writes its own input: no output lies in the --images folder being scored (crops included),
-    and none is the --list or --bin file. Results and crops stay apart (a crop must not replace a result).
+    A run never writes its own input: no crop and no output named like an image lies in the --images folder
+    being scored (a CSV beside the images is fine: it is not listed), and no output is the --list or --bin
+    file. Results and crops stay apart (a crop must not replace a result).
     """
     files = [(n, getattr(job, n)) for n in ("out", "save_embeddings", "save_patch_quality") if getattr(job, n)]
     written = [(n, p.resolve()) for n, p in files] + [("out", fingerprint.settings_path(job.out).resolve())]
@@ -165,7 +166,9 @@ def _refuse_overlaps(job: Job) -> None:
         return
     source = Path(location).resolve()
     for name, path in written + ([("save_aligned", crops)] if crops is not None else []):
-        if path == source or (kind == "images" and _inside(path, source)):
+        # In a folder being scored, a crop or a file with an image's name is (or becomes) one of its inputs.
+        image_like = name == "save_aligned" or path.suffix.lower() in IMAGE_SUFFIXES
+        if path == source or (kind == "images" and image_like and _inside(path, source)):
             where = "lies in the {images} folder" if kind == "images" else "is the {" + kind + "} file"
             raise JobError(
                 "{" + name + "} " + f"{path} " + where + f" {location} that this run reads; a run never writes into "
