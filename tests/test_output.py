@@ -1,7 +1,10 @@
 """Result files: parts of a multi-process run merge into one table (and its arrays) row for row."""
 
+import contextlib
 import os
 import re
+import socket
+import threading
 
 import numpy as np
 import pytest
@@ -172,3 +175,61 @@ def test_an_id_starting_with_a_byte_order_mark_is_refused_by_the_reference_forma
     writer.write([output.Row(ident, 0.5)])
     writer.close(True)
     assert output.ResultWriter(tmp_path / "s.csv", resume=True).done_ids == [ident]
+
+
+def _within(seconds, call):
+    """Returns ('ok', value) or ('error', exception) of call(), or None when it is still running after `seconds`."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("ok", call()))
+        except BaseException as error:  # noqa: BLE001 - handed back to the test
+            outcome.append(("error", error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else None
+
+
+def _release(fifo):
+    """Lets a writer stuck opening `fifo` go on (a failing test leaves no thread waiting)."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_a_writer_given_a_fifo_or_a_socket_refuses_it_at_once(tmp_path, kind):
+    # A library caller of pipeline.score_source passes its own writer: the pipeline's path checks never ran.
+    path, server = tmp_path / "s.csv", socket.socket(socket.AF_UNIX)
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody reads it: opening it for writing would wait forever
+    else:
+        server.bind(str(path))
+    try:
+        got = _within(1, lambda: output.ResultWriter(path, overwrite=True))
+        _release(path)
+    finally:
+        server.close()
+    assert got is not None, "opening the FIFO for writing blocked"
+    name = "a named pipe (FIFO)" if kind == "fifo" else "a socket"
+    assert got[0] == "error" and isinstance(got[1], output.OutputError), got
+    assert str(got[1]) == f"out {path} is {name}, not a file; give a file path.", str(got[1])
+
+
+def test_a_merge_given_a_fifo_as_an_array_part_refuses_it_at_once(tmp_path):
+    out, emb = tmp_path / "s.csv", tmp_path / "e.npy"
+    for k in range(2):
+        writer = output.ResultWriter(output.part_path(out, k, 2))
+        writer.write([output.Row(f"{k}.png", 0.5)])
+        writer.close(True)
+    with open(output.part_path(emb, 0, 2), "wb") as f:
+        np.save(f, np.ones((1, 2), np.float32))
+    os.mkfifo(output.part_path(emb, 1, 2))  # reading it would wait for a writer forever
+    got = _within(1, lambda: output.merge_parts(out, 2, "csv", [emb]))
+    with contextlib.suppress(OSError):
+        os.close(os.open(output.part_path(emb, 1, 2), os.O_WRONLY | os.O_NONBLOCK))
+    assert got is not None, "the merge waited on the FIFO"
+    assert got[0] == "error" and isinstance(got[1], output.OutputError), got
+    assert "is a named pipe (FIFO), not a regular file" in str(got[1]) and not out.exists()

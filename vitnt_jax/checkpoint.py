@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from vitnt_jax.config import ViTConfig
 from vitnt_jax.errors import UserError
+from vitnt_jax.files import open_regular
 from vitnt_jax.model import variable_shapes
 
 log = logging.getLogger(__name__)
@@ -71,16 +71,7 @@ def weights_sha256(variables: PyTree) -> str:
 
 def _open_file(path: Path):
     """Returns `path` opened for reading, or OSError when it is no regular file (a FIFO is never waited on)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device"
-            raise OSError(f"it is {kind}, not a file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    return os.fdopen(open_regular(path), "rb")
 
 
 def _file_sha256(path: Path) -> str:

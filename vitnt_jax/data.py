@@ -21,6 +21,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vitnt_jax import files
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # The formats read_image decodes (PIL's names), whatever a file is called: PIL identifies content by its
 # bytes, and its other plugins (DDS, BLP, SPIDER, EPS through Ghostscript, ...) are not run on our input.
@@ -45,13 +47,6 @@ MAX_PNG_DATA_CHUNKS = 100_000
 _SCAN_READ = 1 << 20  # a scan's data is searched for the next marker in blocks of this many bytes
 # warnings.catch_warnings changes process-wide state: decoding threads take turns opening headers.
 _OPEN_LOCK = threading.Lock()
-_NOT_REGULAR = (
-    (stat.S_ISDIR, "is a directory, not an image"),
-    (stat.S_ISFIFO, "is a named pipe (FIFO), not an image file"),
-    (stat.S_ISCHR, "is a character device, not an image file"),
-    (stat.S_ISBLK, "is a block device, not an image file"),
-    (stat.S_ISSOCK, "is a socket, not an image file"),
-)
 
 
 class ImageError(Exception):
@@ -128,9 +123,13 @@ def _upright(image: Image.Image) -> Image.Image:
 
 def _not_regular(mode: int) -> str | None:
     """Returns why a file of this st_mode is not read (a FIFO, a device, ...), or None for a regular file."""
-    if stat.S_ISREG(mode):
+    return _why(files.kind(mode))
+
+
+def _why(kind: str | None) -> str | None:
+    if kind is None:
         return None
-    return next((why for test, why in _NOT_REGULAR if test(mode)), "is not a regular file")
+    return "is a directory, not an image" if kind == "a folder" else f"is {kind}, not an image file"
 
 
 def _regular_file(path: str | os.PathLike, follow_links: bool = True) -> BinaryIO:
@@ -143,14 +142,12 @@ def _regular_file(path: str | os.PathLike, follow_links: bool = True) -> BinaryI
     info = os.stat(path) if follow_links else os.lstat(path)
     if stat.S_ISLNK(info.st_mode):
         raise ImageError("is a link, not read")
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     why = _not_regular(info.st_mode)
     if why is None:
-        fd = os.open(path, flags | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0)))
-        why = _not_regular(os.fstat(fd).st_mode)
-        if why is None:
-            return os.fdopen(fd, "rb")
-        os.close(fd)
+        try:
+            return os.fdopen(files.open_regular(path, os.O_RDONLY | (0 if follow_links else os.O_NOFOLLOW)), "rb")
+        except files.NotRegularFileError as error:
+            why = _why(error.kind)
     raise ImageError(why)
 
 

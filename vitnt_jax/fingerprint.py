@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from vitnt_jax.files import open_regular
 from vitnt_jax.output import OutputError
 
 FORMAT = "vitnt-jax-settings"
@@ -115,10 +115,8 @@ def read(out: str | os.PathLike) -> dict[str, Any] | None:
     """Returns the settings recorded for the result `out`, or None when it has no record (an older result)."""
     path = settings_path(out)
     try:
-        # Non-blocking, so a FIFO planted under the record's name is refused instead of waited on.
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ValueError("it is not a regular file")
+        # A FIFO planted under the record's name is refused instead of waited on.
+        with open(open_regular(path), "rb") as f:
             data = f.read(MAX_BYTES + 1)
         if len(data) > MAX_BYTES:
             raise ValueError(f"it is larger than {MAX_BYTES // 1024} KiB")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitnt_jax import files
 from vitnt_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,40 @@ def _link_error(path: Path, what: str | None) -> OutputError:
 
 
 def _nofollow(path, flags: int) -> int:
-    """`open`'s opener: never follows a link at the last component (it fails with ELOOP instead)."""
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    """`open`'s opener: never follows a link at the last component (it fails with ELOOP instead), never waits on
+    a FIFO and never writes into a device (files.NotRegularFileError)."""
+    return files.open_regular(path, flags | os.O_NOFOLLOW)
 
 
 def _open(path: Path, mode: str, what: str | None = "out", **kwargs):
-    """Returns `open(path, mode)` without following a link there, even one planted after the checks: OutputError."""
+    """Returns `open(path, mode)` without following a link there, even one planted after the checks: OutputError.
+
+    Likewise for a FIFO, a device or a socket there: refused at once, never waited on.
+    """
     try:
         return open(path, mode, opener=_nofollow, **kwargs)
+    except files.NotRegularFileError as error:
+        raise _special_error(path, error.kind, what) from None
     except OSError as error:
         if error.errno == errno.ELOOP and os.path.islink(path):
             raise _link_error(path, what) from None
         raise
+
+
+def _special_error(path: Path, kind: str, what: str | None) -> OutputError:
+    slot, _, kwargs = _slot(what)
+    return OutputError(slot + f"{path} is {kind}, not a file; give a file path.", **kwargs)
+
+
+def _memmap(path: Path) -> np.ndarray:
+    """Returns the .npy at `path` as a read-only memory map (np.load's), opened as `files.open_regular` does."""
+    with open(files.open_regular(path), "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects")
+        return np.memmap(f, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=f.tell())
 
 
 def _create(path: Path, mode: str, what: str | None = "out", **kwargs):
@@ -81,6 +104,8 @@ def _create(path: Path, mode: str, what: str | None = "out", **kwargs):
     for attempt in range(2):
         try:
             return open(path, mode.replace("w", "x"), opener=_nofollow, **kwargs)
+        except files.NotRegularFileError as error:
+            raise _special_error(path, error.kind, what) from None
         except FileExistsError:
             if os.path.islink(path):
                 raise _link_error(path, what) from None
@@ -539,15 +564,6 @@ def check_ids(ids: Sequence[str], fmt: str) -> list[str]:
     return shown
 
 
-_KINDS = {
-    stat.S_IFDIR: "a folder",
-    stat.S_IFIFO: "a named pipe (FIFO)",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
 def _read_text(path: Path, follow: bool = True) -> str:
     """Returns the file's text; a UTF-8 character torn at its very end (a crash mid-write) is left out.
 
@@ -561,17 +577,15 @@ def _read(path: Path, follow: bool = True) -> tuple[str, int]:
 
     Only a regular file is read: a FIFO would be waited on forever, a device (/dev/zero) read without end.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, flags)
+        fd = files.open_regular(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW))
+    except files.NotRegularFileError as error:
+        raise OutputError(f"{path} is {error.kind}, not a result file.") from None
     except OSError as error:
         if error.errno == errno.ELOOP and not follow and os.path.islink(path):
             raise _link_error(path, "out") from None
         raise
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OutputError(f"{path} is {_KINDS.get(stat.S_IFMT(mode), 'not a file')}, not a result file.")
         data = f.read()
     try:
         return data.decode("utf-8"), len(data)
@@ -761,7 +775,7 @@ class ArraySink:
 
     def _unfinish(self, rows_done: int) -> None:
         try:
-            array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            array = _memmap(self.path)
         except Exception as error:  # a damaged header: ValueError, SyntaxError, TokenError, EOFError, ...
             raise OutputError(
                 f"{self.path} is not a readable .npy file ({error}); remove it and start again without resuming."
@@ -1086,7 +1100,7 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
                 f.write(text)
             _sync(f)
         for path in arrays:
-            parts = [np.load(part_path(path, i, count), mmap_mode="r") for i in range(count) if merged[i]]
+            parts = [_memmap(part_path(path, i, count)) for i in range(count) if merged[i]]
             if kept:
                 if not path.exists():
                     raise OutputError(
@@ -1123,7 +1137,7 @@ def merge_parts(out: Path, count: int, fmt: str, arrays: Sequence[Path], *, appe
 def _load_npy(path: Path, what: str) -> np.ndarray:
     """Returns the float32 .npy at `path` as a read-only memory map; OutputError naming `what` otherwise."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = _memmap(path)
     except FileNotFoundError:
         raise OutputError(
             f"{what} ({path}) is missing; rerun all processes with " + "{resume}.", field="resume"

@@ -46,7 +46,6 @@ import glob
 import logging
 import math
 import os
-import stat
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vitnt_jax import fingerprint
+from vitnt_jax import files, fingerprint, sources
 from vitnt_jax.data import ALIGNS, IMAGE_SUFFIXES, Batch, ImageError, batches, read_image
 from vitnt_jax.errors import UserError
 from vitnt_jax.output import (
@@ -858,17 +857,8 @@ def _check_writable(name: str, path: Path) -> None:
 
 def _special_kind(path: Path) -> str | None:
     """Returns what `path` is when it exists and is neither a regular file nor a folder (e.g. 'a named pipe')."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    kinds = {
-        stat.S_ISFIFO: "a named pipe (FIFO)",
-        stat.S_ISCHR: "a character device",
-        stat.S_ISBLK: "a block device",
-        stat.S_ISSOCK: "a socket",
-    }
-    return next((shown for test, shown in kinds.items() if test(mode)), None)
+    kind = files.file_kind(path)
+    return None if kind == "a folder" else kind
 
 
 def _make_folder(name: str, folder: Path) -> None:
@@ -1027,9 +1017,10 @@ def _rendered_ids(source: Source) -> list[str]:
         seen: dict[str, int] = {}
         for k, text in enumerate(rendered):
             if text in seen:
+                first, second, written = (sources.shown(t) for t in (source.ids[seen[text]], source.ids[k], text))
                 raise SourceError(
-                    f"{source.name} holds {source.ids[seen[text]]!r} and {source.ids[k]!r}, which a result file "
-                    f"writes as the same id {text!r}; rename one of them."
+                    f"{source.name} holds {first} and {second}, which a result file writes as the same id {written}; "
+                    "rename one of them."
                 )
             seen[text] = k
     return rendered
@@ -1145,13 +1136,11 @@ def _holds_rows(job: Job, processes: int) -> bool:
     headers = (form.header(False), form.header(True))
     for path in paths:
         try:
-            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # never waits on a FIFO
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    return True  # not a result at all: the writer says so
+            with open(files.open_regular(path), "rb") as f:  # never waits on a FIFO
                 start = f.read(4096).decode("utf-8", "replace")
         except FileNotFoundError:
             continue
-        except OSError:
+        except OSError:  # not a result at all (a FIFO, a device: files.NotRegularFileError): the writer says so
             return True
         if not any(h.startswith(start) for h in headers):
             return True

@@ -64,7 +64,7 @@ class Source:
         return self.loader(index)
 
 
-def _shown(text: str, limit: int = 200) -> str:
+def shown(text: str, limit: int = 200) -> str:
     """Returns repr(text), its middle cut when it is longer than `limit` characters (a 10 MB list line)."""
     shown = repr(text)
     return shown if len(shown) <= limit else f"{shown[: limit // 2]}...{shown[-limit // 2 :]}"
@@ -75,7 +75,7 @@ def _check_unique(ids: list[str], what: str) -> None:
     for i, x in enumerate(ids):
         if x in seen:
             raise SourceError(
-                f"{what} lists {_shown(x)} twice (entries {seen[x] + 1} and {i + 1}); remove the duplicate."
+                f"{what} lists {shown(x)} twice (entries {seen[x] + 1} and {i + 1}); remove the duplicate."
             )
         seen[x] = i
 
