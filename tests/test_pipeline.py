@@ -256,3 +256,16 @@ def test_result_formats_read_what_they_write(tmp_path, fmt):
     buffer = io.StringIO()
     output.FORMATS[fmt].write_rows(buffer, rows, False)
     assert output.FORMATS[fmt].parse(output.FORMATS[fmt].header(False) + buffer.getvalue(), "x")[0].quality == 0.25
+
+
+def test_two_long_ids_written_alike_are_named_cut_in_the_middle():
+    # Two 1 MB names that differ only where one holds an undecodable byte: the message quotes each cut.
+    long = "x" * 1_000_000
+    src = sources.Source("folder f", [long + "\udcff.png", long + "\\xff.png"], None, lambda i: None)
+    with pytest.raises(pipeline.SourceError) as caught:
+        pipeline._rendered_ids(src)
+    message = str(caught.value)
+    assert len(message) < 1000, len(message)
+    assert message.startswith("folder f holds 'xxx") and "rename one of them." in message
+    assert message.count("...") == 3 and "xxx\\udcff.png' and 'xxx" in message
+    assert "xxx\\\\xff.png', which a result file writes as the same id 'xxx" in message
