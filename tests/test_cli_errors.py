@@ -125,3 +125,17 @@ def test_progress_lines_are_printed_once_with_a_root_handler(tiny_checkpoint, fo
         root.removeHandler(handler)
     err = capsys.readouterr().err
     assert err.count("scoring 2 of 2 inputs") == 1 and err.count("scored 2, failed 0") == 1, err
+
+
+def test_an_error_line_spells_out_control_characters_and_keeps_other_text(capsys):
+    from vitnt_jax.cli import run_command
+    from vitnt_jax.errors import UserError
+
+    name = "caf\u00e9 \u540d\x1b[2J.csv\rfake line\ncannot be read\udcff"  # a file name may hold all of these
+
+    def body():
+        raise UserError("{out} " + name + "; choose another path.", field="out")
+
+    assert run_command(body, names=lambda setting: "--" + setting) == 1
+    shown = "caf\u00e9 \u540d\\x1b[2J.csv\\rfake line\\ncannot be read\\udcff"
+    assert capsys.readouterr().err == f"error: --out {shown}; choose another path.\n"

@@ -79,6 +79,15 @@ def debug_wanted(flag_given: bool = False) -> bool:
     return flag_given or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def printable(text: str) -> str:
+    """Returns `text` with every character that is not printable (ESC, CR, a line break, a lone surrogate, ...)
+    written as its Python escape, so that no message moves the cursor, clears the terminal or spans lines.
+
+    Printable text stays as it is, non-ASCII included (accents, CJK).
+    """
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def run_command(
     body: Callable[[], int],
     *,
@@ -106,7 +115,7 @@ def run_command(
         if debug:
             traceback.print_exc()
         text = error.render(names) if isinstance(error, UserError) else str(error)
-        print(f"error: {text}", file=sys.stderr)
+        print(f"error: {printable(text)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
         if interrupted is None:
