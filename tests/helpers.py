@@ -31,3 +31,39 @@ def write_pack_with_a_bad_image(path, faces, bad: int = 3):
     with open(path, "wb") as f:
         pickle.dump((blobs, [True, False, True][: len(faces) // 2]), f)
     return path
+
+
+def returns_within(seconds, call):
+    """Returns ('ok', value) or ('error', exception) of call(), or None when it is still running after `seconds`."""
+    import threading
+
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("ok", call()))
+        except BaseException as error:  # noqa: BLE001 - handed back to the test
+            outcome.append(("error", error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else None
+
+
+def tiny_clip_config():
+    """Returns a tiny OpenAI-CLIP-layout config (32 px, 8 px patches, width 16, 3 blocks) for converter tests."""
+    import dataclasses
+
+    from vitnt_jax.config import PRESETS
+
+    return dataclasses.replace(
+        PRESETS["clip_vit_b16"],
+        name="tiny_clip",
+        img_size=32,
+        patch_size=8,
+        embed_dim=16,
+        depth=3,
+        num_heads=2,
+        embedding_dim=8,
+    )

@@ -2,27 +2,12 @@
 
 import os
 import socket
-import threading
 
 import pytest
 
 from vitnt_jax import files
 
-
-def _returns_within(seconds, call):
-    """Returns ('ok', value) or ('error', exception) of call(), or None when it is still running after `seconds`."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(("ok", call()))
-        except BaseException as error:  # noqa: BLE001 - handed back to the test
-            outcome.append(("error", error))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return outcome[0] if outcome else None
+from helpers import returns_within
 
 
 def test_kinds_are_named_and_a_regular_file_has_none(tmp_path):
@@ -43,7 +28,7 @@ def test_open_regular_refuses_a_fifo_a_socket_and_a_device_at_once(tmp_path, fla
     server.bind(str(tmp_path / "s"))
     try:
         for path, kind in ((tmp_path / "p", "a named pipe (FIFO)"), (tmp_path / "s", "a socket"), ("/dev/null", None)):
-            got = _returns_within(2, lambda path=path: files.open_regular(path, flags))
+            got = returns_within(2, lambda path=path: files.open_regular(path, flags))
             assert got is not None, f"opening {path} blocked"
             assert got[0] == "error" and isinstance(got[1], files.NotRegularFileError), got
             assert got[1].kind == (kind or "a character device")

@@ -18,6 +18,7 @@ from vitnt_jax.config import PRESETS, ConfigError, ViTConfig
 from vitnt_jax.model import init_variables
 
 import torch_reference as tr
+from helpers import tiny_clip_config
 
 CFG = PRESETS["testing"]
 
@@ -415,16 +416,7 @@ def test_a_pickle_instruction_no_state_dict_uses_is_named(tmp_path):
 
 # ------------------------------------------------------------------------------------ TorchScript
 
-TINY_CLIP = dataclasses.replace(
-    PRESETS["clip_vit_b16"],
-    name="tiny_clip",
-    img_size=32,
-    patch_size=8,
-    embed_dim=16,
-    depth=3,
-    num_heads=2,
-    embedding_dim=8,
-)
+TINY_CLIP = tiny_clip_config()
 
 
 class Layers(torch.nn.Module):

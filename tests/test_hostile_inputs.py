@@ -21,7 +21,7 @@ from PIL import Image, ImageFile
 from vitnt_jax import data, sources
 from vitnt_jax.data import ImageError, read_image
 
-from helpers import png_bytes, smooth_faces
+from helpers import png_bytes, returns_within, smooth_faces
 
 # ---------------------------------------------------------------------------------------------- decoders
 
@@ -119,22 +119,6 @@ def test_running_out_of_memory_or_an_interrupt_is_not_an_image_error(tmp_path, m
 # ---------------------------------------------------------------------------------------------- special files
 
 
-def _returns_within(seconds, call):
-    """Returns ('ok', value) or ('error', exception) of call(), or None when it is still running after `seconds`."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(("ok", call()))
-        except BaseException as error:  # noqa: BLE001 - handed back to the test
-            outcome.append(("error", error))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return outcome[0] if outcome else None
-
-
 def _unblock(fifo) -> None:
     """Releases a reader stuck opening `fifo` (so a failing test leaves no thread holding a lock)."""
     try:
@@ -148,7 +132,7 @@ def test_a_fifo_named_like_an_image_is_an_error_row_at_once(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     src = sources.image_folder(tmp_path)
     assert src.ids == ["a.png", "pipe.png"]
-    got = _returns_within(10, lambda: src.load(1))
+    got = returns_within(10, lambda: src.load(1))
     _unblock(tmp_path / "pipe.png")
     assert got is not None, "reading a FIFO blocked"
     assert got[0] == "error" and isinstance(got[1], ImageError) and "named pipe" in str(got[1])
@@ -161,7 +145,7 @@ def test_a_list_naming_a_device_or_a_fifo_gives_error_rows(tmp_path):
     listing.write_text(f"/dev/zero\n{tmp_path / 'pipe.png'}\n{tmp_path}\n")
     src = sources.path_list(listing)
     for index, message in ((0, "character device"), (1, "named pipe"), (2, "directory")):
-        got = _returns_within(10, lambda index=index: src.load(index))
+        got = returns_within(10, lambda index=index: src.load(index))
         _unblock(tmp_path / "pipe.png")
         assert got is not None, f"reading {src.ids[index]} blocked"
         assert got[0] == "error" and message in str(got[1])
@@ -169,7 +153,7 @@ def test_a_list_naming_a_device_or_a_fifo_gives_error_rows(tmp_path):
 
 def test_a_list_that_is_a_pipe_nobody_writes_to_reads_as_empty(tmp_path):
     os.mkfifo(tmp_path / "list.txt")
-    got = _returns_within(10, lambda: sources.path_list(tmp_path / "list.txt"))
+    got = returns_within(10, lambda: sources.path_list(tmp_path / "list.txt"))
     _unblock(tmp_path / "list.txt")
     assert got is not None, "opening a list FIFO without a writer blocked"
     assert got[0] == "error" and "names no images" in str(got[1])
@@ -210,7 +194,7 @@ def test_file_links_are_read_only_inside_the_folder(tmp_path):
     with pytest.raises(ImageError, match="file not found"):
         src.load(0)
     for index in (2, 3):
-        got = _returns_within(10, lambda index=index: src.load(index))
+        got = returns_within(10, lambda index=index: src.load(index))
         assert got is not None and got[0] == "error" and isinstance(got[1], ImageError)
 
 
@@ -426,7 +410,7 @@ def test_real_tfds_lfw_offline_fails_in_seconds_without_touching_the_network(mon
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(sources, "probe", lambda host, port: "blocked by the test")
-    got = _returns_within(60, lambda: sources.tfds_source("lfw", data_dir=str(tmp_path)))
+    got = returns_within(60, lambda: sources.tfds_source("lfw", data_dir=str(tmp_path)))
     assert got is not None, "opening an unprepared TFDS dataset offline did not return"
     assert got[0] == "error" and isinstance(got[1], sources.SourceError), got
     assert "not prepared in" in str(got[1]) and "blocked by the test" in str(got[1])
@@ -495,7 +479,7 @@ def test_tfds_images_are_decoded_by_read_image_and_ids_decode_none(monkeypatch):
 def test_a_pack_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path):
     os.mkfifo(tmp_path / "pipe.bin")
     for path in (tmp_path / "pipe.bin", "/dev/zero"):
-        got = _returns_within(10, lambda path=path: sources.insightface_bin(path))
+        got = returns_within(10, lambda path=path: sources.insightface_bin(path))
         _unblock(tmp_path / "pipe.bin")
         assert got is not None, f"opening {path} as a pack blocked"
         assert got[0] == "error" and "is not a regular file" in str(got[1]), got

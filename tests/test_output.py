@@ -4,12 +4,13 @@ import contextlib
 import os
 import re
 import socket
-import threading
 
 import numpy as np
 import pytest
 
 from vitnt_jax import output
+
+from helpers import returns_within
 
 
 @pytest.mark.parametrize("fmt", ["csv", "reference"])
@@ -177,22 +178,6 @@ def test_an_id_starting_with_a_byte_order_mark_is_refused_by_the_reference_forma
     assert output.ResultWriter(tmp_path / "s.csv", resume=True).done_ids == [ident]
 
 
-def _within(seconds, call):
-    """Returns ('ok', value) or ('error', exception) of call(), or None when it is still running after `seconds`."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(("ok", call()))
-        except BaseException as error:  # noqa: BLE001 - handed back to the test
-            outcome.append(("error", error))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return outcome[0] if outcome else None
-
-
 def _release(fifo):
     """Lets a writer stuck opening `fifo` go on (a failing test leaves no thread waiting)."""
     with contextlib.suppress(OSError):
@@ -208,7 +193,7 @@ def test_a_writer_given_a_fifo_or_a_socket_refuses_it_at_once(tmp_path, kind):
     else:
         server.bind(str(path))
     try:
-        got = _within(1, lambda: output.ResultWriter(path, overwrite=True))
+        got = returns_within(1, lambda: output.ResultWriter(path, overwrite=True))
         _release(path)
     finally:
         server.close()
@@ -227,7 +212,7 @@ def test_a_merge_given_a_fifo_as_an_array_part_refuses_it_at_once(tmp_path):
     with open(output.part_path(emb, 0, 2), "wb") as f:
         np.save(f, np.ones((1, 2), np.float32))
     os.mkfifo(output.part_path(emb, 1, 2))  # reading it would wait for a writer forever
-    got = _within(1, lambda: output.merge_parts(out, 2, "csv", [emb]))
+    got = returns_within(1, lambda: output.merge_parts(out, 2, "csv", [emb]))
     with contextlib.suppress(OSError):
         os.close(os.open(output.part_path(emb, 1, 2), os.O_WRONLY | os.O_NONBLOCK))
     assert got is not None, "the merge waited on the FIFO"

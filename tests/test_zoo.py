@@ -20,6 +20,7 @@ from vitnt_jax.scorer import score_streaming
 from vitnt_jax.stability import ScoreSettings
 
 import torch_reference as tr
+from helpers import tiny_clip_config
 
 TOL = 1e-5
 
@@ -127,16 +128,7 @@ def test_insightface_strictness():
         insightface.convert_state_dict(state)
 
 
-TINY_CLIP = dataclasses.replace(
-    PRESETS["clip_vit_b16"],
-    name="tiny_clip",
-    img_size=32,
-    patch_size=8,
-    embed_dim=16,
-    depth=3,
-    num_heads=2,
-    embedding_dim=8,
-)
+TINY_CLIP = tiny_clip_config()
 TINY_TIMM = dataclasses.replace(
     PRESETS["timm_vit_base_patch16_224"],
     name="tiny_timm",
