@@ -1,6 +1,7 @@
 """`python -m vitnt_jax.score` end to end on temporary folders."""
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -203,8 +204,8 @@ def test_damaged_checkpoint_is_a_clear_error(model_dir, folder, tmp_path, capsys
     shutil.rmtree(broken / "variables")
     assert score.main(["--images", str(folder), "--model", str(broken), "--out", str(tmp_path / "s.csv")]) == 1
     err = capsys.readouterr().err.strip()
-    # The wording is the checkpoint module's; here: one line that names the folder and says to convert it again.
-    assert err.startswith("error: ") and str(broken) in err and "convert" in err and "\n" not in err
+    pattern = rf"error: checkpoint {re.escape(str(broken))} is damaged: its weights file variables/\S+ is missing; "
+    assert re.fullmatch(pattern + "convert it again.", err), err
 
 
 def test_module_entry_point_runs(model_dir, folder, tmp_path):
