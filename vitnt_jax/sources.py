@@ -64,6 +64,72 @@ class Source:
         return self.loader(index)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A run of consecutive inputs of a source, scored and committed as one chunk of a chunked run.
+
+    index: its position among the source's pieces (0, 1, ...). name: what it is, for messages
+    ('train.rec keys 1..4096', 'shard train-000003.tar'). size: its number of inputs when known
+    before reading it (None: a tar shard, known once read). read(): its inputs as a small Source,
+    in order: ids, labels (or None) and load(j); reading the image bytes of this piece only.
+    """
+
+    index: int
+    name: str
+    size: int | None
+    read: Callable[[], Source]
+
+
+@dataclass
+class Pieces:
+    """A source as consecutive pieces (a chunked run scores and commits one piece at a time).
+
+    with_label: whether its rows have a label column (decided before any piece is read, alike on
+    every process). identity: a text naming the plan (the pieces and their sizes) that every process
+    of one run computes alike. color/align/problems: as for Source.
+    """
+
+    name: str
+    with_label: bool
+    pieces: list[Piece]
+    identity: str
+    color: str | None = None
+    align: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+
+def as_pieces(source: Source, rows: int) -> Pieces:
+    """Returns a random-access source cut into pieces of `rows` inputs (the last one may be shorter)."""
+    import hashlib
+
+    n = len(source)
+    bounds = [(a, min(a + rows, n)) for a in range(0, n, rows)]
+
+    def reader(a: int, b: int) -> Callable[[], Source]:
+        def read() -> Source:
+            labels = None if source.labels is None else list(source.labels[a:b])
+            return Source(source.name, list(source.ids[a:b]), labels, lambda j: source.load(a + j))
+
+        return read
+
+    digest = hashlib.sha256()
+    for image_id in source.ids:
+        digest.update(image_id.encode("utf-8", "surrogatepass") + b"\0")
+    pieces = [Piece(k, f"inputs {a}..{b - 1}", b - a, reader(a, b)) for k, (a, b) in enumerate(bounds)]
+    return Pieces(
+        source.name,
+        source.labels is not None,
+        pieces,
+        f"{n} inputs in pieces of {rows}, sha256 {digest.hexdigest()}",
+        source.color,
+        source.align,
+        list(source.problems),
+    )
+
+
 def shown(text: str, limit: int = 200) -> str:
     """Returns repr(text), its middle cut when it is longer than `limit` characters (a 10 MB list line)."""
     shown = repr(text)
@@ -520,6 +586,7 @@ class SourceKind:
     location_type: Callable[[str], Any] = Path
     color: str = "rgb"
     align: str = "none"
+    chunked: bool = False  # open(location, piece_rows=N, **options) returns Pieces (scored in chunked runs only)
 
 
 SOURCES: dict[str, SourceKind] = {
@@ -576,13 +643,34 @@ class SourceSpec:
                 where = f"only applies to the {owner} source" if owner else "is no source option"
                 raise SourceError("{" + name + "} " + f"{where}; drop it or use that source.", field=name)
 
+    @property
+    def chunked(self) -> bool:
+        """Whether this kind is read piece by piece only (its runs are always chunked)."""
+        return SOURCES[self.kind].chunked
+
     def open(self) -> Source:
         """Returns the opened Source, its color and align filled in from its kind where it left them open."""
         kind = SOURCES[self.kind]
+        if kind.chunked:
+            raise SourceError(
+                "{" + kind.name + "} is read piece by piece: score it with a chunked run (pipeline.run does).",
+                field=kind.name,
+            )
         source = kind.open(self.location, **dict(self.options))
         source.color = source.color or kind.color
         source.align = source.align or kind.align
         return source
+
+    def open_pieces(self, rows: int) -> Pieces:
+        """Returns the source as Pieces of about `rows` inputs each (a tar shard is one piece whatever its size)."""
+        kind = SOURCES[self.kind]
+        if kind.chunked:
+            pieces = kind.open(self.location, piece_rows=rows, **dict(self.options))
+        else:
+            pieces = as_pieces(self.open(), rows)
+        pieces.color = pieces.color or kind.color
+        pieces.align = pieces.align or kind.align
+        return pieces
 
 
 def flag(name: str) -> str:
