@@ -560,6 +560,13 @@ def _quiet(name: str):
 # ---------------------------------------------------------------------------------------------- the registry
 
 
+def location(text: str) -> str | Path:
+    """Returns a location given on a command line: a URL (`gs://...`, `s3://...`, `file://...`) as is, else a Path."""
+    from vitnt_jax.storage import is_url
+
+    return text if is_url(text) else Path(text)
+
+
 @dataclass(frozen=True)
 class Option:
     """An extra setting of a source kind: a keyword of its opener and a flag `--<name with dashes>`."""
@@ -583,7 +590,7 @@ class SourceKind:
     help: str
     open: Callable[..., Source]
     options: tuple[Option, ...] = ()
-    location_type: Callable[[str], Any] = Path
+    location_type: Callable[[str], Any] = location
     color: str = "rgb"
     align: str = "none"
     chunked: bool = False  # open(location, piece_rows=N, **options) returns Pieces (scored in chunked runs only)
@@ -600,7 +607,7 @@ SOURCES: dict[str, SourceKind] = {
             "FILE",
             "text file, one image path per line (the authors' image_path_list.txt); id = the line",
             path_list,
-            (Option("root", "with --list: folder the listed paths are relative to", "DIR", Path),),
+            (Option("root", "with --list: folder the listed paths are relative to", "DIR", location),),
         ),
         SourceKind(
             "bin",
