@@ -138,6 +138,10 @@ def remove(path: str | os.PathLike) -> None:
 
 
 def makedirs(folder: str | os.PathLike) -> None:
-    """Creates a local folder (and its parents); a URL prefix needs none."""
+    """Creates a local folder (and its parents), a file:// one too; an object-store prefix needs none."""
     if not is_url(folder):
         os.makedirs(folder, exist_ok=True)
+        return
+    fs, inner = _fs(os.fspath(folder))
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        fs.makedirs(inner, exist_ok=True)
