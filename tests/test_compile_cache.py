@@ -1,0 +1,170 @@
+"""JAX's persistent compilation cache: where it goes, "off", unusable folders, and a second process loading from it."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from vitnt_jax import cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_jax_cache_settings():
+    """Every test leaves JAX's cache settings (the test session's own cache) as it found them."""
+    before = cache._current()
+    yield
+    cache._apply(*before)
+
+
+def _entries(folder) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith("-cache")) if Path(folder).is_dir() else []
+
+
+def test_folder_for_each_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "home"))
+    tag = cache.cpu_tag()
+    assert cache.compile_cache_dir(None) == str(tmp_path / "home" / "xla" / tag)
+    assert cache.compile_cache_dir(tmp_path / "mine") == str(tmp_path / "mine" / tag)
+    assert cache.compile_cache_dir("file://" + str(tmp_path / "mine")) == str(tmp_path / "mine" / tag)
+    assert cache.compile_cache_dir("gs://bucket/xla/") == f"gs://bucket/xla/{tag}"
+    assert cache.compile_cache_dir("off") is None
+    assert tag == cache.cpu_tag() and "/" not in tag
+
+
+def test_enable_sets_and_off_clears_the_config(tmp_path, monkeypatch):
+    monkeypatch.delenv(cache.MIN_COMPILE_TIME_ENV, raising=False)
+    folder = cache.enable_compile_cache(tmp_path / "xla")
+    assert folder == str(tmp_path / "xla" / cache.cpu_tag())
+    assert jax.config.jax_compilation_cache_dir == folder
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == cache.MIN_COMPILE_TIME_S
+    assert cache.MIN_COMPILE_TIME_S < 1  # JAX's default would skip the small models' programs on CPUs
+    assert Path(folder).is_dir() and Path(folder).stat().st_mode & 0o077 == 0
+    assert cache.enable_compile_cache(tmp_path / "xla") == folder  # idempotent
+    assert cache.enable_compile_cache("off") is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_a_threshold_set_by_the_user_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.MIN_COMPILE_TIME_ENV, "2.5")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.5)  # what JAX read from it at import
+    cache.enable_compile_cache(tmp_path / "xla")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.5
+
+
+def test_default_keeps_a_folder_configured_already(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "home"))
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "session"))
+    assert cache.enable_compile_cache(None) == str(tmp_path / "session")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "session")
+    assert not (tmp_path / "home").exists()
+    jax.config.update("jax_compilation_cache_dir", None)  # nothing configured: the default folder
+    assert cache.enable_compile_cache(None) == str(tmp_path / "home" / "xla" / cache.cpu_tag())
+
+
+def test_block_puts_the_previous_settings_back(tmp_path):
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "session"))
+    with cache.compile_cache("off") as folder:
+        assert folder is None and jax.config.jax_compilation_cache_dir is None
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "session")
+    with cache.compile_cache(tmp_path / "other") as folder:
+        assert jax.config.jax_compilation_cache_dir == folder
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "session")
+
+
+def test_a_named_folder_that_cannot_be_made_is_one_sentence(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(cache.CompileCacheError) as caught:
+        cache.enable_compile_cache(tmp_path / "file" / "xla")
+    message = caught.value.render({"compile_cache": "--compile-cache"})
+    assert message.startswith(f"--compile-cache {tmp_path / 'file' / 'xla' / cache.cpu_tag()} cannot be created (")
+    assert message.endswith("; give a folder only you can write, or off to compile without a cache.")
+    assert "\n" not in message
+    assert jax.config.jax_compilation_cache_dir != str(tmp_path / "file" / "xla" / cache.cpu_tag())
+
+
+def test_a_folder_every_user_can_write_is_refused(tmp_path):
+    shared = tmp_path / "shared" / cache.cpu_tag()
+    shared.mkdir(parents=True)
+    shared.chmod(0o1777)
+    with pytest.raises(cache.CompileCacheError, match="writable by every user"):
+        cache.enable_compile_cache(tmp_path / "shared")
+
+
+def test_an_unusable_default_folder_warns_and_compiles_without_cache(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "file"))
+    jax.config.update("jax_compilation_cache_dir", None)
+    with caplog.at_level(logging.WARNING, logger="vitnt_jax.cache"):
+        assert cache.enable_compile_cache(None) is None
+    assert jax.config.jax_compilation_cache_dir is None
+    [record] = [r for r in caplog.records if r.name == "vitnt_jax.cache"]
+    assert record.getMessage().startswith("compiling without a cache: the cache folder ")
+    assert "cannot be created" in record.getMessage()
+
+
+def test_a_url_without_epath_is_one_sentence(monkeypatch):
+    monkeypatch.setitem(sys.modules, "etils", None)  # as where etils is not installed
+    monkeypatch.setitem(sys.modules, "etils.epath", None)
+    with pytest.raises(cache.CompileCacheError, match=r"gs://bucket/xla is not a local folder.*etils\[epath\]"):
+        cache.enable_compile_cache("gs://bucket/xla")
+
+
+def test_switching_folders_after_compiling(tmp_path):
+    first = cache.enable_compile_cache(tmp_path / "a")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # these compile in milliseconds
+    jax.jit(lambda x: x * 3.25 + 0.5)(np.arange(7, dtype=np.float32)).block_until_ready()
+    assert len(_entries(first)) == 1
+    second = cache.enable_compile_cache(tmp_path / "b")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.jit(lambda x: x * 3.25 - 0.5)(np.arange(7, dtype=np.float32)).block_until_ready()
+    assert len(_entries(second)) == 1 and len(_entries(first)) == 1
+    cache.enable_compile_cache("off")
+    jax.jit(lambda x: x * 3.25 - 1.5)(np.arange(7, dtype=np.float32)).block_until_ready()
+    assert len(_entries(first)) == 1 and len(_entries(second)) == 1
+
+
+_DRIVER = """
+import json, sys
+import jax, numpy as np
+from vitnt_jax import cache, pipeline
+events = []
+jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
+folder = cache.enable_compile_cache(sys.argv[1])
+scorer = pipeline.load_scorer("testing")
+q = pipeline.score_array(scorer, np.full((3, 32, 32, 3), 100, np.uint8), batch_size=4)["quality"]
+print(json.dumps({"folder": folder, "hits": events.count("/jax/compilation_cache/cache_hits"),
+                  "misses": events.count("/jax/compilation_cache/cache_misses"), "quality": q.tolist()}))
+"""
+
+
+def test_a_second_process_loads_the_programs_from_the_cache(tmp_path):
+    env = {**os.environ, cache.CACHE_ENV: str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop(cache.MIN_COMPILE_TIME_ENV, None)
+
+    def run() -> dict:
+        done = subprocess.run(
+            [sys.executable, "-c", _DRIVER, str(tmp_path / "xla")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    written = _entries(first["folder"])
+    assert first["misses"] >= 1 and len(written) >= 1
+    second = run()
+    assert second["hits"] >= 1 and second["misses"] == 0
+    assert _entries(second["folder"]) == written  # nothing compiled afresh
+    np.testing.assert_array_max_ulp(np.float32(second["quality"]), np.float32(first["quality"]), maxulp=2)
