@@ -1,0 +1,274 @@
+"""The Parquet source (row groups as pieces, both image layouts) and the Parquet result format."""
+
+import io
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vitnt_jax import parquet
+from vitnt_jax.data import ImageError, read_image
+from vitnt_jax.output import Row
+from vitnt_jax.sources import SourceError
+
+from helpers import smooth_faces
+
+
+def jpeg(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    return [jpeg(f) for f in smooth_faces(12, 32)]
+
+
+def hf_images(values):
+    """The Hugging Face datasets Image layout: struct<bytes: binary, path: string>."""
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.array([None if v is None else {"bytes": v[0], "path": v[1]} for v in values], kind)
+
+
+def write(path, columns: dict, row_group_size=None):
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return str(path)
+
+
+def everything(pieces):
+    """Returns [(id, label, array or error text)] of every row, piece by piece."""
+    out = []
+    for piece in pieces.pieces:
+        src = piece.read()
+        assert len(src) == piece.size
+        for j in range(len(src)):
+            try:
+                image = src.load(j)
+            except ImageError as error:
+                image = str(error)
+            out.append((src.ids[j], None if src.labels is None else src.labels[j], image))
+    return out
+
+
+def test_binary_column_with_id_and_label_columns_read_by_default(tmp_path, blobs):
+    path = write(
+        tmp_path / "t.parquet",
+        {"image": pa.array(blobs[:5], pa.binary()), "id": [f"p{i}" for i in range(5)], "label": [3, 1, 4, 1, 5]},
+    )
+    pieces = parquet.open_parquet(path, piece_rows=100)
+    assert pieces.with_label and len(pieces) == 1 and pieces.pieces[0].size == 5
+    rows = everything(pieces)
+    assert [r[0] for r in rows] == ["p0", "p1", "p2", "p3", "p4"]
+    assert [r[1] for r in rows] == ["3", "1", "4", "1", "5"]
+    for (_, _, image), blob in zip(rows, blobs, strict=False):
+        np.testing.assert_array_equal(image, read_image(blob))  # the same bytes decode to the same array
+
+
+def test_hf_struct_column_and_file_row_ids(tmp_path, blobs):
+    images = hf_images([(blobs[0], "a.jpg"), None, (None, "/elsewhere/b.jpg"), (b"not an image", None)])
+    path = write(tmp_path / "hf.parquet", {"image": images, "label": pa.array(["x", None, "z", "w"])})
+    pieces = parquet.open_parquet(path, piece_rows=3)
+    rows = everything(pieces)
+    assert [r[0] for r in rows] == ["hf.parquet:0", "hf.parquet:1", "hf.parquet:2", "hf.parquet:3"]
+    assert [r[1] for r in rows] == ["x", "", "z", "w"]  # a null label is empty
+    np.testing.assert_array_equal(rows[0][2], read_image(blobs[0]))
+    assert rows[1][2] == "image is null"
+    assert rows[2][2] == "image has no bytes (only a path, '/elsewhere/b.jpg'); paths are not read"
+    assert isinstance(rows[3][2], str) and rows[3][2]  # undecodable: that row's error, not a crash
+
+
+def test_binary_null_image_is_an_error_row(tmp_path, blobs):
+    path = write(tmp_path / "n.parquet", {"image": pa.array([blobs[0], None, blobs[1]], pa.large_binary())})
+    rows = everything(parquet.open_parquet(path, piece_rows=10))
+    assert [r[0] for r in rows] == ["n.parquet:0", "n.parquet:1", "n.parquet:2"]
+    assert rows[1][2] == "image is null" and not isinstance(rows[2][2], str)
+
+
+def test_row_groups_and_files_make_pieces_in_order(tmp_path, blobs):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    # b: 7 rows in row groups of 2 (2,2,2,1); a: 5 rows in row groups of 3 (3,2). Written b first: sorted by name.
+    write(folder / "train-b.parquet", {"image": blobs[5:12]}, row_group_size=2)
+    write(folder / "train-a.parquet", {"image": blobs[:5]}, row_group_size=3)
+    pieces = parquet.open_parquet(str(folder / "train-*.parquet"), piece_rows=4)
+    assert [(p.index, p.name, p.size) for p in pieces.pieces] == [
+        (0, "train-a.parquet row group 0 (rows 0..2)", 3),
+        (1, "train-a.parquet row group 1 (rows 3..4)", 2),
+        (2, "train-b.parquet row groups 0..1 (rows 0..3)", 4),
+        (3, "train-b.parquet row groups 2..3 (rows 4..6)", 3),
+    ]
+    rows = everything(pieces)
+    assert [r[0] for r in rows] == [f"train-a.parquet:{i}" for i in range(5)] + [
+        f"train-b.parquet:{i}" for i in range(7)
+    ]
+    for (_, _, image), blob in zip(rows, blobs, strict=True):
+        np.testing.assert_array_equal(image, read_image(blob))
+    assert not pieces.with_label
+    # A row group larger than piece_rows is a piece alone; the same source and piece_rows plan alike.
+    assert [p.size for p in parquet.open_parquet(str(folder / "*.parquet"), piece_rows=1).pieces] == [3, 2, 2, 2, 2, 1]
+    again = parquet.open_parquet(str(folder / "train-*.parquet"), piece_rows=4)
+    assert again.identity == pieces.identity and "2 files, 12 rows, 4 pieces" in pieces.identity
+    assert parquet.open_parquet(str(folder / "train-*.parquet"), piece_rows=5).identity != pieces.identity
+
+
+def test_a_piece_reads_only_its_row_groups(tmp_path, blobs, monkeypatch):
+    path = write(tmp_path / "g.parquet", {"image": blobs[:6]}, row_group_size=2)
+    pieces = parquet.open_parquet(path, piece_rows=2)
+    asked = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        asked.append((kwargs.get("row_groups"), kwargs.get("columns")))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    assert pieces.pieces[1].read().ids == ["g.parquet:2", "g.parquet:3"]
+    assert asked == [([1], ["image"])]
+
+
+def test_named_columns_and_refusals(tmp_path, blobs):
+    path = write(tmp_path / "c.parquet", {"face": blobs[:2], "key": [10, 11], "person": ["a", "b"], "s": ["u", "v"]})
+    with pytest.raises(SourceError) as error:
+        parquet.open_parquet(path, piece_rows=8)
+    assert str(error.value) == (
+        "parquet file c.parquet has no column 'image'; pass image_column one of its columns: 'face', 'key', "
+        "'person', 's'."
+    )
+    assert error.value.field == "image_column"
+    pieces = parquet.open_parquet(path, piece_rows=8, image_column="face", id_column="key", label_column="person")
+    src = pieces.pieces[0].read()
+    assert src.ids == ["10", "11"] and src.labels == ["a", "b"]
+    with pytest.raises(SourceError, match="has no column 'nope'; pass label_column one of its columns"):
+        parquet.open_parquet(path, piece_rows=8, image_column="face", label_column="nope")
+    with pytest.raises(SourceError, match=r"column 's' of c.parquet holds string, not image bytes; pass image_column"):
+        parquet.open_parquet(path, piece_rows=8, image_column="s")
+    with pytest.raises(SourceError, match=r"^no file matches parquet .*nothing-\*.parquet; check the path or the glob"):
+        parquet.open_parquet(str(tmp_path / "nothing-*.parquet"), piece_rows=8)
+    (tmp_path / "fake.parquet").write_bytes(b"id,quality\nnot parquet at all\n")
+    with pytest.raises(SourceError, match=r"^parquet file fake.parquet is not a readable Parquet file \(.*magic"):
+        parquet.open_parquet(str(tmp_path / "fake.parquet"), piece_rows=8)
+    with pytest.raises(SourceError, match=r"is a folder; pass a glob of its files, e.g. .*\*\.parquet\.$"):
+        parquet.open_parquet(str(tmp_path), piece_rows=8)
+
+
+def test_files_of_other_schemas_are_refused(tmp_path, blobs):
+    write(tmp_path / "a.parquet", {"image": pa.array(blobs[:2], pa.binary()), "label": [1, 2]})
+    write(tmp_path / "b.parquet", {"image": pa.array(blobs[2:4], pa.large_binary()), "label": [1, 2]})
+    with pytest.raises(SourceError) as error:
+        parquet.open_parquet(str(tmp_path / "*.parquet"), piece_rows=8)
+    assert str(error.value) == (
+        "parquet file b.parquet holds column 'image' as large_binary, a.parquet as binary; pass files of one table "
+        "(one schema) only."
+    )
+    write(tmp_path / "b.parquet", {"image": pa.array(blobs[2:4], pa.binary())})
+    with pytest.raises(SourceError, match="file b.parquet has no column 'label' but a.parquet has"):
+        parquet.open_parquet(str(tmp_path / "*.parquet"), piece_rows=8)
+
+
+def test_null_empty_and_repeated_ids_are_error_rows_with_unique_ids(tmp_path, blobs):
+    ids = ["a", None, "a", "", "b", "a", "d.parquet:5"]
+    path = write(tmp_path / "d.parquet", {"image": blobs[:7], "id": ids}, row_group_size=4)
+    pieces = parquet.open_parquet(path, piece_rows=100)  # one piece of both row groups
+    rows = everything(pieces)
+    got = [r[0] for r in rows]
+    assert got == ["a", "d.parquet:1", "d.parquet:2", "d.parquet:3", "b", "d.parquet:5#2", "d.parquet:5"]
+    assert len(set(got)) == len(got)
+    errors = [r[2] if isinstance(r[2], str) else "" for r in rows]
+    assert errors == [
+        "",
+        "id is null in column 'id'; this row is named by its file and row",
+        "id 'a' repeats the id of row 0 of d.parquet; give every row a unique id",
+        "id is empty in column 'id'; this row is named by its file and row",
+        "",
+        "id 'a' repeats the id of row 0 of d.parquet; give every row a unique id",
+        "",
+    ]
+    # Pieces of one row group each: the repeat in the second piece is not seen (ids are unique within a piece).
+    assert [r[0] for r in everything(parquet.open_parquet(path, piece_rows=4))][4:] == ["b", "a", "d.parquet:5"]
+
+
+def test_label_and_id_types(tmp_path, blobs):
+    path = write(
+        tmp_path / "t.parquet",
+        {
+            "image": blobs[:3],
+            "id": pa.array([b"x\xff", b"y", b"z"], pa.binary()),
+            "label": pa.array([1.0, 2.5, None], pa.float64()),
+        },
+    )
+    src = parquet.open_parquet(path, piece_rows=8).pieces[0].read()
+    assert src.ids == ["x\udcff", "y", "z"] and src.labels == ["1", "2.5", ""]
+    path = write(tmp_path / "l.parquet", {"image": blobs[:2], "label": [[1], [2]]})
+    with pytest.raises(SourceError, match=r"column 'label' of l.parquet holds list<.*: int64>; pass label_column"):
+        parquet.open_parquet(path, piece_rows=8)
+
+
+def test_file_url_reads_like_a_path(tmp_path, blobs):
+    write(tmp_path / "u-0.parquet", {"image": blobs[:3]}, row_group_size=2)
+    write(tmp_path / "u-1.parquet", {"image": blobs[3:5]})
+    url = f"file://{tmp_path}/u-*.parquet"
+    pieces = parquet.open_parquet(url, piece_rows=2)
+    local = parquet.open_parquet(str(tmp_path / "u-*.parquet"), piece_rows=2)
+    assert pieces.identity == local.identity
+    rows = everything(pieces)
+    assert [r[0] for r in rows] == ["u-0.parquet:0", "u-0.parquet:1", "u-0.parquet:2", "u-1.parquet:0", "u-1.parquet:1"]
+    for (_, _, image), blob in zip(rows, blobs, strict=False):
+        np.testing.assert_array_equal(image, read_image(blob))
+    single = parquet.open_parquet(f"file://{tmp_path}/u-1.parquet", piece_rows=2)
+    assert everything(single)[0][0] == "u-1.parquet:0"
+
+
+ODD = ["plain", "a,b", 'say "hi"', "line\nbreak", "cr\rhere", "ünï☃", "=SUM(A1)", "'quoted", "", "x\u2028y"]
+
+
+@pytest.mark.parametrize("with_label", [False, True])
+def test_write_merge_read_round_trip(tmp_path, with_label):
+    rows = [
+        Row(odd or "empty-id", None if k % 3 == 1 else float(np.float32(0.1 * k)), ODD[-k - 1], "" if k % 3 else "x")
+        for k, odd in enumerate(ODD)
+    ]
+    rows[4] = Row("bad\udcff", float("nan"), "l\udcfe", "")
+    want = [
+        Row(
+            r.id.replace("\udcff", "\\xff"),
+            None if r.quality is None or not math.isfinite(r.quality) else r.quality,
+            (r.label or "").replace("\udcfe", "\\xfe") if with_label else None,
+            r.error or ("non-finite score (nan)" if r.quality is not None and not math.isfinite(r.quality) else ""),
+        )
+        for r in rows
+    ]
+    chunks = []
+    for k, part in enumerate((rows[:4], rows[4:5], [], rows[5:])):
+        chunks.append(tmp_path / f"chunk-{k}.parquet")
+        parquet.write_rows(chunks[-1], part, with_label)
+    assert parquet.read_rows(chunks[0]) == want[:4]
+    out = tmp_path / "out.parquet"
+    assert parquet.merge(chunks, out, with_label) == len(rows)
+    assert parquet.read_rows(out) == want
+    table = pq.read_table(out)
+    assert table.schema.names == (["id", "quality", "label", "error"] if with_label else ["id", "quality", "error"])
+    assert table.schema.field("quality").type == pa.float64() and table.column("quality").null_count == 3
+    assert pq.ParquetFile(out).num_row_groups == 3  # one per non-empty chunk
+    # File objects work too; a chunk of the other columns is refused in one sentence.
+    buffer = io.BytesIO()
+    parquet.write_rows(buffer, rows[:2], with_label)
+    assert parquet.read_rows(io.BytesIO(buffer.getvalue())) == want[:2]
+    parquet.write_rows(tmp_path / "other.parquet", rows[:2], not with_label)
+    with pytest.raises(parquet.output.OutputError, match="other.parquet has columns .*not a result chunk of this run"):
+        parquet.merge([chunks[0], tmp_path / "other.parquet"], tmp_path / "bad.parquet", with_label)
+    assert not (tmp_path / "bad.parquet").exists()  # a failed merge leaves no file
+
+
+def test_read_rows_refuses_what_is_not_a_result_table(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "score": [1.0]}), tmp_path / "x.parquet")
+    with pytest.raises(parquet.output.OutputError, match=r"has columns \['id', 'score'\], not .*not a score table"):
+        parquet.read_rows(tmp_path / "x.parquet")
+    (tmp_path / "y.parquet").write_text("id,quality,error\n")
+    with pytest.raises(parquet.output.OutputError, match="y.parquet is not a readable Parquet file"):
+        parquet.read_rows(tmp_path / "y.parquet")
+    with pytest.raises(parquet.output.OutputError, match="does not exist"):
+        parquet.read_rows(tmp_path / "z.parquet")

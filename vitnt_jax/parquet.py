@@ -1,0 +1,584 @@
+"""Parquet tables of image bytes as a source (`--parquet PATTERN`), and Parquet as a result format.
+
+Source: a file or a glob of files (local or an fsspec URL: `s3://bucket/data/train-*.parquet`), sorted by
+name, each row an image. The image column holds encoded bytes: binary, or a struct with a binary `bytes`
+field (the Hugging Face datasets layout `{bytes, path}`). Opening reads only the footers (schema, row
+groups, row counts), so every process computes the same plan cheaply; a piece is a run of consecutive row
+groups of one file, and reading it reads only those row groups and only the columns used.
+
+Results: `write_rows` writes one chunk of rows as a Parquet table (columns id, quality, [label,] error, the
+values a CSV result holds), `merge` streams chunks into one Parquet file, `read_rows` reads one back.
+Embeddings and patch-quality maps are not in the table: they stay .npy files whose rows follow the table's.
+
+pyarrow is imported only when a Parquet file is opened or written (`pip install pyarrow`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from vitnt_jax import data, output, sources, storage
+
+# Rows decoded from a row group at a time while a piece is read: the page buffers of one batch, not a row group.
+_BATCH_ROWS = 256
+# Footers read at once when a pattern names many files (each one a small range request on object storage).
+_FOOTER_THREADS = 16
+# A row group above this many bytes is named in the source's problems: a piece holds a whole row group.
+LARGE_ROW_GROUP = 2 << 30
+
+
+def _pyarrow(what: str, error_class: type, field: str | None):
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as error:
+        message = what + " needs pyarrow: pip install pyarrow."
+        raise error_class(message, field=field) from error
+    return pyarrow, pyarrow.parquet
+
+
+def _refuse(message: str, field: str = "parquet") -> sources.SourceError:
+    return sources.SourceError(message, field=field, also=("parquet",) if field != "parquet" else ())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The source
+
+
+@dataclass(frozen=True)
+class _File:
+    location: str  # what storage.open_read opens
+    name: str  # the file's name as matched (relative to the pattern's folder): the FILE of FILE:ROW ids
+    size: int
+    row_groups: tuple[tuple[int, int], ...]  # (rows, bytes) of each row group
+    schema: Any  # pyarrow.Schema
+
+
+def _has_magic(text: str) -> bool:
+    return glob.has_magic(text)
+
+
+def _prefix(pattern: str) -> str:
+    """Returns the folder part of `pattern` before its first glob character, ending in '/' (or '')."""
+    cut = min((pattern.index(c) for c in "*?[" if c in pattern), default=len(pattern))
+    head = pattern[:cut]
+    return head[: head.rfind("/") + 1] if "/" in head else ""
+
+
+def _matches(pattern: str) -> list[tuple[str, str]]:
+    """Returns (location, name) of every file `pattern` names, sorted by name; SourceError when none."""
+    if storage.is_url(pattern):
+        import fsspec
+
+        try:
+            fs, inner = fsspec.core.url_to_fs(pattern)
+            if _has_magic(inner):
+                found = fs.glob(inner, detail=True)
+                paths = [p for p, info in found.items() if info.get("type") != "directory"]
+            else:
+                info = fs.info(inner)
+                if info.get("type") == "directory":
+                    raise _refuse(
+                        "{parquet} " + f"{pattern} is a folder; pass a glob of its files, e.g. {pattern.rstrip('/')}"
+                        "/*.parquet."
+                    )
+                paths = [inner]
+        except FileNotFoundError:
+            paths = []
+        except sources.SourceError:
+            raise
+        except Exception as error:  # a bucket that cannot be listed, no credentials, a bad URL
+            raise _refuse(
+                "cannot list {parquet} " + f"{pattern} ({type(error).__name__}: {error}); check the URL and access."
+            ) from error
+        base = _prefix(inner) if _has_magic(inner) else inner[: inner.rfind("/") + 1]
+        pairs = [
+            (fs.unstrip_protocol(p), p[len(base) :] if p.startswith(base) else p.rsplit("/", 1)[-1]) for p in paths
+        ]
+    else:
+        if _has_magic(pattern):
+            paths = [p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p)]
+            base = _prefix(pattern)
+        elif os.path.isdir(pattern):
+            raise _refuse(
+                "{parquet} "
+                + f"{pattern} is a folder; pass a glob of its files, e.g. {os.path.join(pattern, '*.parquet')}."
+            )
+        else:
+            paths = [pattern] if os.path.exists(pattern) else []
+            base = pattern[: pattern.rfind("/") + 1]
+        pairs = [(p, p[len(base) :] if p.startswith(base) else os.path.basename(p)) for p in paths]
+    if not pairs:
+        raise _refuse("no file matches {parquet} " + f"{pattern}; check the path or the glob.")
+    pairs.sort(key=lambda pair: (pair[1], pair[0]))
+    return pairs
+
+
+def _footer(location: str, name: str) -> _File:
+    """Returns a file's plan facts, reading only its footer; SourceError for a file that is not Parquet."""
+    _, pq = _pyarrow("{parquet}", sources.SourceError, "parquet")
+    try:
+        with storage.open_read(location) as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            meta = pq.ParquetFile(f).metadata
+            schema = meta.schema.to_arrow_schema()
+            groups = tuple(
+                (meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)
+            )
+    except OSError as error:
+        raise _refuse(
+            "cannot read {parquet} " + f"file {name} ({error.strerror or error}); check that it exists and is readable."
+        ) from error
+    except storage.StorageError:
+        raise
+    except Exception as error:  # pyarrow: ArrowInvalid 'Parquet magic bytes not found', a torn footer, ...
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _refuse(
+            "{parquet} " + f"file {name} is not a readable Parquet file ({first[:200]}); pass Parquet files only."
+        ) from error
+    return _File(location, name, size, groups, schema)
+
+
+def _image_kind(pa, arrow_type) -> str | None:
+    """Returns 'binary' or 'struct' for an image column type this source reads, None otherwise."""
+    if _is_binary(pa, arrow_type):
+        return "binary"
+    if pa.types.is_struct(arrow_type):
+        index = arrow_type.get_field_index("bytes")
+        if index >= 0 and _is_binary(pa, arrow_type.field(index).type):
+            return "struct"
+    return None
+
+
+def _is_binary(pa, arrow_type) -> bool:
+    return (
+        pa.types.is_binary(arrow_type)
+        or pa.types.is_large_binary(arrow_type)
+        or getattr(pa.types, "is_binary_view", lambda _: False)(arrow_type)
+    )
+
+
+def _is_scalar(pa, arrow_type) -> bool:
+    """Whether a column of this type can be an id or a label (text, bytes, integers, booleans, floats)."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    return (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or getattr(pa.types, "is_string_view", lambda _: False)(arrow_type)
+        or _is_binary(pa, arrow_type)
+        or pa.types.is_integer(arrow_type)
+        or pa.types.is_boolean(arrow_type)
+        or pa.types.is_floating(arrow_type)
+    )
+
+
+def _text(value: Any) -> str:
+    """Returns the text of an id or label cell (integers in decimal, floats integral as integers)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")  # as file names: two such ids never merge
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _columns_of(first: _File, pa, image_column: str, id_column: str | None, label_column: str | None):
+    """Returns (image kind, id column or None, label column or None) decided from the first file's schema."""
+    names = first.schema.names
+    listed = ", ".join(repr(n) for n in names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    for column, option in ((image_column, "image_column"), (id_column, "id_column"), (label_column, "label_column")):
+        if column is not None and column not in names:
+            raise _refuse(
+                "{parquet} " + f"file {first.name} has no column {column!r}; pass " + "{" + option + "}"
+                f" one of its columns: {listed}.",
+                field=option,
+            )
+    kind = _image_kind(pa, first.schema.field(image_column).type)
+    if kind is None:
+        raise _refuse(
+            f"column {image_column!r} of {first.name} holds {first.schema.field(image_column).type}, not image bytes; "
+            "pass {image_column} naming a binary column or a struct with a binary 'bytes' field.",
+            field="image_column",
+        )
+    id_column = id_column if id_column is not None else ("id" if "id" in names and image_column != "id" else None)
+    label_column = label_column if label_column is not None else ("label" if "label" in names else None)
+    for column, option in ((id_column, "id_column"), (label_column, "label_column")):
+        if column is not None and not _is_scalar(pa, first.schema.field(column).type):
+            raise _refuse(
+                f"column {column!r} of {first.name} holds {first.schema.field(column).type}; pass "
+                + "{"
+                + option
+                + "} naming a column of text or integers.",
+                field=option,
+            )
+    return kind, id_column, label_column
+
+
+def _check_alike(files: list[_File], used: list[str]) -> None:
+    """Refuses files whose used columns differ from the first file's (missing, or of another type)."""
+    first = files[0]
+    want = {c: first.schema.field(c).type for c in used}
+    for f in files[1:]:
+        for column, arrow_type in want.items():
+            if column not in f.schema.names:
+                raise _refuse(
+                    "{parquet} " + f"file {f.name} has no column {column!r} but {first.name} has; pass files of one "
+                    "table (one schema) only."
+                )
+            if f.schema.field(column).type != arrow_type:
+                raise _refuse(
+                    "{parquet} " + f"file {f.name} holds column {column!r} as {f.schema.field(column).type}, "
+                    f"{first.name} as {arrow_type}; pass files of one table (one schema) only."
+                )
+
+
+def _plan(files: list[_File], piece_rows: int) -> list[tuple[int, int, int, int]]:
+    """Returns (file index, first row group, end row group, first row) of each piece, in order.
+
+    A file's consecutive row groups are grouped while they hold at most `piece_rows` rows together (a larger one
+    is a piece alone); empty row groups join the next piece, and a file's empty last ones are no piece.
+    """
+    plan = []
+    for k, f in enumerate(files):
+        start, rows, first_row, row = None, 0, 0, 0
+        for g, (n, _) in enumerate(f.row_groups):
+            if start is not None and rows > 0 and rows + n > piece_rows:
+                plan.append((k, start, g, first_row))
+                start, rows = None, 0
+            if start is None:
+                start, first_row = g, row
+            rows += n
+            row += n
+        if start is not None and rows > 0:
+            plan.append((k, start, len(f.row_groups), first_row))
+    return plan
+
+
+def open_parquet(
+    pattern: str,
+    *,
+    piece_rows: int,
+    image_column: str = "image",
+    id_column: str | None = None,
+    label_column: str | None = None,
+) -> sources.Pieces:
+    """Returns the rows of the Parquet files `pattern` names as pieces (consecutive row groups of one file).
+
+    id: the `id_column` cell (default the column 'id' when the table has one), else FILE:ROW (the file's name as
+    matched, the row's index in that file from 0). label: the `label_column` cell (default 'label' when present;
+    integers in decimal, text as it is, a null label empty). A piece groups a file's consecutive row groups while
+    they hold at most `piece_rows` rows together (a larger row group is a piece alone). A null image, a struct
+    with null bytes (a path only: never read) or an undecodable image is that row's error. A null or empty id,
+    and an id repeated within a piece after its first row, is an error row whose id is FILE:ROW.
+    """
+    pa, _ = _pyarrow("{parquet}", sources.SourceError, "parquet")
+    if piece_rows < 1:
+        raise _refuse(f"piece_rows must be at least 1, not {piece_rows}.", field="piece_rows")
+    matched = _matches(pattern)
+    workers = max(1, min(_FOOTER_THREADS, len(matched)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        files = list(pool.map(lambda pair: _footer(*pair), matched))
+    kind, id_col, label_col = _columns_of(files[0], pa, image_column, id_column, label_column)
+    used = [c for c in dict.fromkeys([image_column, id_col, label_col]) if c is not None]
+    _check_alike(files, used)
+    plan = _plan(files, piece_rows)
+    if not plan:
+        raise _refuse("{parquet} " + f"{pattern} holds no rows; pass files that hold images.")
+
+    digest = hashlib.sha256()
+    head = f"image {image_column} ({kind}); id {id_col or 'FILE:ROW'}; label {label_col or '-'}; pieces of {piece_rows}"
+    digest.update(head.encode() + b"\n")
+    for f in files:
+        groups = ",".join(f"{n}:{b}" for n, b in f.row_groups)
+        digest.update(f.name.encode("utf-8", "surrogatepass") + f"\0{f.size}\0{groups}\n".encode())
+    total = sum(n for f in files for n, _ in f.row_groups)
+    identity = f"parquet {len(files)} files, {total} rows, {len(plan)} pieces, sha256 {digest.hexdigest()}"
+
+    problems = [
+        f"file {f.name} row group {g} holds {b} bytes; a piece holds a whole row group in memory (rewrite the table "
+        "with smaller row groups, e.g. pyarrow.parquet.write_table(..., row_group_size=1000))"
+        for f in files
+        for g, (_, b) in enumerate(f.row_groups)
+        if b > LARGE_ROW_GROUP
+    ][: sources.MAX_PROBLEMS]
+
+    columns = _Columns(image_column, kind, id_col, label_col)
+    pieces = []
+    for index, (k, a, b, first_row) in enumerate(plan):
+        f = files[k]
+        rows = sum(n for n, _ in f.row_groups[a:b])
+        groups = f"row group {a}" if b - a == 1 else f"row groups {a}..{b - 1}"
+        name = f"{f.name} {groups} (rows {first_row}..{first_row + rows - 1})"
+        pieces.append(sources.Piece(index, name, rows, _reader(f, a, b, first_row, rows, columns)))
+    return sources.Pieces(f"parquet {pattern}", label_col is not None, pieces, identity, problems=problems)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    image: str
+    kind: str  # 'binary' or 'struct'
+    id: str | None
+    label: str | None
+
+
+def _reader(f: _File, a: int, b: int, first_row: int, rows: int, columns: _Columns) -> Callable[[], sources.Source]:
+    def read() -> sources.Source:
+        return _read_piece(f, a, b, first_row, rows, columns)
+
+    return read
+
+
+def _read_piece(f: _File, a: int, b: int, first_row: int, rows: int, columns: _Columns) -> sources.Source:
+    """Reads row groups a..b-1 of `f` (the used columns only) in batches; returns them as a small Source."""
+    _, pq = _pyarrow("{parquet}", sources.SourceError, "parquet")
+    wanted = [c for c in dict.fromkeys([columns.image, columns.id, columns.label]) if c is not None]
+    images: list[Any] = []  # one pyarrow array of image bytes per batch (the piece's memory)
+    ids: list[str] = []
+    labels: list[str] | None = [] if columns.label is not None else None
+    bad: dict[int, str] = {}  # row in piece -> why it has no image (null, a path only)
+    starts: list[int] = []
+    try:
+        with storage.open_read(f.location) as stream:
+            table = pq.ParquetFile(stream, pre_buffer=True)
+            for batch in table.iter_batches(
+                batch_size=_BATCH_ROWS, row_groups=list(range(a, b)), columns=wanted, use_threads=False
+            ):
+                base = len(ids)
+                starts.append(base)
+                cells = batch.column(wanted.index(columns.image))
+                if columns.kind == "struct":
+                    field = cells.type.get_field_index("bytes")
+                    paths = cells.type.get_field_index("path")
+                    blobs = cells.field(field)
+                    valid = cells.is_valid().to_pylist()
+                    where = cells.field(paths).to_pylist() if paths >= 0 else None
+                    for j, blob_ok in enumerate(blobs.is_valid().to_pylist()):
+                        if not valid[j]:
+                            bad[base + j] = "image is null"
+                        elif not blob_ok:
+                            shown = "" if where is None or where[j] is None else f" (only a path, {where[j]!r:.120})"
+                            bad[base + j] = f"image has no bytes{shown}; paths are not read"
+                    images.append(blobs)
+                else:
+                    for j, ok in enumerate(cells.is_valid().to_pylist()):
+                        if not ok:
+                            bad[base + j] = "image is null"
+                    images.append(cells)
+                ids.extend(_ids(batch, wanted, columns, f.name, first_row + base, bad, base))
+                if labels is not None:
+                    labels.extend(
+                        "" if v is None else _text(v) for v in batch.column(wanted.index(columns.label)).to_pylist()
+                    )
+    except sources.SourceError:
+        raise
+    except Exception as error:  # the file changed or is damaged since it was planned
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _refuse(
+            "cannot read {parquet} " + f"file {f.name} row groups {a}..{b - 1} ({first[:200]}); check that the file "
+            "has not changed since the run began."
+        ) from error
+    if len(ids) != rows:
+        raise _refuse(
+            "{parquet} " + f"file {f.name} row groups {a}..{b - 1} hold {len(ids)} rows, not the {rows} its footer "
+            "said; check that the file has not changed since the run began."
+        )
+    _unique(ids, f.name, first_row, bad)
+
+    import bisect
+
+    def load(j: int):
+        if j in bad:
+            raise data.ImageError(bad[j])
+        k = bisect.bisect_right(starts, j) - 1
+        blob = images[k][j - starts[k]].as_py()
+        return data.read_image(blob)
+
+    return sources.Source(f"parquet {f.name}", ids, labels, load)
+
+
+def _ids(batch, wanted, columns: _Columns, name: str, row: int, bad: dict[int, str], base: int) -> list[str]:
+    """Returns the ids of one batch (its first row is row `row` of the file); a null or empty id becomes FILE:ROW."""
+    if columns.id is None:
+        return [f"{name}:{row + j}" for j in range(batch.num_rows)]
+    out = []
+    for j, value in enumerate(batch.column(wanted.index(columns.id)).to_pylist()):
+        text = None if value is None else _text(value)
+        if not text:
+            out.append(f"{name}:{row + j}")
+            what = "null" if value is None else "empty"
+            bad[base + j] = f"id is {what} in column {columns.id!r}; this row is named by its file and row"
+        else:
+            out.append(text)
+    return out
+
+
+def _unique(ids: list[str], name: str, first_row: int, bad: dict[int, str]) -> None:
+    """Makes the ids of a piece unique: a repeated id (after its first row) becomes FILE:ROW, an error row."""
+    taken = set(ids)
+    seen: dict[str, int] = {}
+    for j, x in enumerate(ids):
+        if x not in seen:
+            seen[x] = j
+            continue
+        alt, n = f"{name}:{first_row + j}", 1
+        while alt in taken:  # a FILE:ROW that an id cell holds too (never in practice)
+            n += 1
+            alt = f"{name}:{first_row + j}#{n}"
+        taken.add(alt)
+        ids[j] = alt
+        seen[alt] = j
+        bad[j] = (
+            f"id {sources.shown(x, 120)} repeats the id of row {first_row + seen[x]} of {name}; give every row a "
+            "unique id"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The result format
+
+
+def _schema(pa, with_label: bool):
+    fields = [pa.field("id", pa.string(), nullable=False), pa.field("quality", pa.float64())]
+    if with_label:
+        fields.append(pa.field("label", pa.string(), nullable=False))
+    fields.append(pa.field("error", pa.string(), nullable=False))
+    return pa.schema(fields)
+
+
+def _table(pa, rows: Sequence[output.Row], with_label: bool):
+    ids, qualities, labels, errors = [], [], [], []
+    for r in rows:
+        quality, error = r.quality, r.error or ""
+        if quality is not None and not math.isfinite(quality):
+            quality, error = None, error or f"non-finite score ({quality})"
+        ids.append(output.render_id(r.id))
+        qualities.append(None if quality is None else float(quality))
+        labels.append(output.render_id(r.label or ""))
+        errors.append(output.render_id(error))
+    columns = [pa.array(ids, pa.string()), pa.array(qualities, pa.float64())]
+    if with_label:
+        columns.append(pa.array(labels, pa.string()))
+    columns.append(pa.array(errors, pa.string()))
+    return pa.Table.from_arrays(columns, schema=_schema(pa, with_label))
+
+
+def _output_error(message: str) -> output.OutputError:
+    return output.OutputError(message, field="out")
+
+
+def write_rows(file_or_path: str | os.PathLike | BinaryIO, rows: Sequence[output.Row], with_label: bool) -> None:
+    """Writes `rows` as one Parquet table: id (string), quality (float64, null for a failed row), [label,] error.
+
+    The values are a CSV result's: text as rendered (`output.render_id`), label and error '' when none, a
+    non-finite quality a failed row. A path is written whole (through a local file or object renamed in place).
+    """
+    pa, pq = _pyarrow("{out} in Parquet", output.OutputError, "out")
+    table = _table(pa, rows, with_label)
+    if isinstance(file_or_path, (str, os.PathLike)):
+        with storage.open_write(file_or_path) as f:
+            pq.write_table(table, f)
+    else:
+        pq.write_table(table, file_or_path)
+
+
+def _open_chunk(pq, chunk):
+    if isinstance(chunk, (str, os.PathLike)):
+        stream = storage.open_read(chunk)
+        return stream, pq.ParquetFile(stream)
+    return None, pq.ParquetFile(chunk)
+
+
+def merge(
+    chunk_files: Iterable[str | os.PathLike | BinaryIO], out_file: str | os.PathLike | BinaryIO, with_label: bool
+) -> int:
+    """Streams the chunks, in order, into one Parquet file (one row group of out_file per chunk row group).
+
+    Holds one row group of one chunk in memory. Returns the number of rows written. Raises OutputError for a
+    chunk that is not a result table of these columns.
+    """
+    pa, pq = _pyarrow("{out} in Parquet", output.OutputError, "out")
+    schema = _schema(pa, with_label)
+    total = 0
+
+    def write(sink) -> None:
+        nonlocal total
+        with pq.ParquetWriter(sink, schema) as writer:
+            for chunk in chunk_files:
+                where = os.fspath(chunk) if isinstance(chunk, (str, os.PathLike)) else "a chunk"
+                stream, table = None, None
+                try:
+                    stream, table = _open_chunk(pq, chunk)
+                    if not table.schema_arrow.equals(schema):
+                        raise _output_error(
+                            f"{where} has columns {table.schema_arrow.names} ({table.schema_arrow.types}), not "
+                            f"{schema.names}; it is not a result chunk of this run."
+                        )
+                    for g in range(table.num_row_groups):
+                        part = table.read_row_group(g)
+                        if part.num_rows == 0:  # an empty chunk: no empty row group in the result
+                            continue
+                        writer.write_table(part)
+                        total += part.num_rows
+                except output.OutputError:
+                    raise
+                except Exception as error:
+                    if isinstance(error, (storage.StorageError,)):
+                        raise
+                    raise _output_error(f"{where} is not a readable Parquet chunk ({str(error)[:200]}).") from error
+                finally:
+                    if stream is not None:
+                        stream.close()
+
+    if isinstance(out_file, (str, os.PathLike)):
+        with storage.open_write(out_file) as f:
+            write(f)
+    else:
+        write(out_file)
+    return total
+
+
+def read_rows(path: str | os.PathLike | BinaryIO) -> list[output.Row]:
+    """Returns the rows of a Parquet result file (as written: rendered text, label None without a label column)."""
+    _, pq = _pyarrow("reading a Parquet result", output.OutputError, "out")
+    where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "the result"
+    stream = None
+    try:
+        if isinstance(path, (str, os.PathLike)):
+            stream = storage.open_read(path)
+            table = pq.ParquetFile(stream)
+        else:
+            table = pq.ParquetFile(path)
+        names = table.schema_arrow.names
+        if names not in (output.columns(False), output.columns(True)):
+            raise _output_error(f"{where} has columns {names}, not {output.columns(True)}; it is not a score table.")
+        with_label = "label" in names
+        rows = []
+        for g in range(table.num_row_groups):
+            part = table.read_row_group(g).to_pydict()
+            labels = part["label"] if with_label else [None] * len(part["id"])
+            for i, q, label, e in zip(part["id"], part["quality"], labels, part["error"], strict=True):
+                rows.append(output.Row(i, None if q is None else float(q), label, e or ""))
+        return rows
+    except output.OutputError:
+        raise
+    except FileNotFoundError:
+        raise _output_error(f"{where} does not exist; check the path.") from None
+    except storage.StorageError:
+        raise
+    except Exception as error:
+        raise _output_error(f"{where} is not a readable Parquet file ({str(error)[:200]}).") from error
+    finally:
+        if stream is not None:
+            stream.close()
