@@ -291,6 +291,11 @@ def render_id(image_id: str) -> str:
     )
 
 
+def render_row(row: Row) -> Row:
+    """Returns `row` as a result file writes it: text rendered (`render_id`), a non-finite quality as a failed row."""
+    return _rendered(row)
+
+
 def _rendered(row: Row) -> Row:
     """Returns `row` as written: text rendered (`render_id`), a non-finite quality as a failed row."""
     label = None if row.label is None else render_id(row.label)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import math
 import os
@@ -56,13 +57,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vitnt_jax import files, fingerprint, sources
+from vitnt_jax import chunked, files, fingerprint, sources, storage
 from vitnt_jax.data import ALIGNS, IMAGE_SUFFIXES, Batch, ImageError, batches, read_image
 from vitnt_jax.errors import UserError
 from vitnt_jax.output import (
     FORMATS,
     ResultWriter,
     Row,
+    check_ids,
     columns,
     lock_output,
     part_path,
@@ -127,6 +129,8 @@ def _micro_batch_value(value):
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+URL_FIELDS = ("out", "save_embeddings", "save_patch_quality")  # the outputs that may be URLs (object storage)
+RESULT_FORMATS = (*FORMATS, "parquet")  # parquet: chunked runs only (a Parquet file cannot be appended to)
 
 
 def _host_port(text: str) -> tuple[str, int] | None:
@@ -148,8 +152,10 @@ def _refuse_overlaps(job: Job) -> None:
     being scored (a CSV beside the images is fine: it is not listed), and no output is the --list or --bin
     file. Results and crops stay apart (a crop must not replace a result).
     """
-    files = [(n, getattr(job, n)) for n in ("out", "save_embeddings", "save_patch_quality") if getattr(job, n)]
-    written = [(n, p.resolve()) for n, p in files] + [("out", fingerprint.settings_path(job.out).resolve())]
+    files = [(n, getattr(job, n)) for n in URL_FIELDS if getattr(job, n) and not storage.is_url(getattr(job, n))]
+    written = [(n, p.resolve()) for n, p in files]
+    if not storage.is_url(job.out):
+        written.append(("out", fingerprint.settings_path(job.out).resolve()))
     crops = job.save_aligned.resolve() if job.save_aligned is not None else None
     for name, path in written:
         if crops is not None and _inside(path, crops):
@@ -161,7 +167,11 @@ def _refuse_overlaps(job: Job) -> None:
                 also=("save_aligned",),
             )
     kind, location = job.source.kind, job.source.location
-    if kind not in ("images", "list", "bin") or not isinstance(location, (str, os.PathLike)):
+    if (
+        kind not in ("images", "list", "bin")
+        or not isinstance(location, (str, os.PathLike))
+        or storage.is_url(location)
+    ):
         return
     source = Path(location).resolve()
     for name, path in written + ([("save_aligned", crops)] if crops is not None else []):
@@ -195,6 +205,11 @@ class Job:
     on_error: 'record' (bad inputs keep a row with the reason) or 'fail' (stop at the first one).
     num_processes, process_id, coordinator: multi-process runs; distributed: JAX's automatic cluster detection.
     process_timeout: seconds a process waits for the others at the end of a multi-process run.
+    chunk_rows: inputs per committed chunk of a chunked run (see `vitnt_jax.chunked`; None: 4096, or what a
+      resumed run recorded). A run is chunked when `out` or an array file is a URL, the source is read piece by
+      piece (rec, wds, parquet), the format is parquet, or chunk_rows is given.
+    compile_cache: JAX's persistent compilation cache folder (None: under the cache folder; 'off': none).
+    out, save_embeddings, save_patch_quality: local paths or URLs (kept as str).
     """
 
     source: SourceSpec
@@ -228,13 +243,20 @@ class Job:
     coordinator: str | None = None
     distributed: bool = False
     process_timeout: float = 3600.0
+    chunk_rows: int | None = None
+    compile_cache: str | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
         for name in ("out", "mtcnn_weights", "save_embeddings", "save_patch_quality", "save_aligned"):
             value = getattr(self, name)
+            if name in URL_FIELDS and storage.is_url(value):
+                continue  # a URL stays text: a Path would fold its double slash
             if value is not None and not isinstance(value, Path):
                 set_(name, Path(value))
+        for name in ("mtcnn_weights", "save_aligned"):
+            if storage.is_url(os.fspath(getattr(self, name) or "")):
+                raise JobError("{" + name + "} " + "must be a local path (got a URL).", field=name)
         if not isinstance(self.source, SourceSpec):
             raise JobError(
                 "{source} must be a vitnt_jax.sources.SourceSpec " + f"(got {self.source!r}).", field="source"
@@ -249,7 +271,7 @@ class Job:
             "dtype": ("float32", "bfloat16"),
             "attention_kernel": ("matmul", "xla", "cudnn"),
             "precision": ("highest", "default"),
-            "format": tuple(FORMATS),
+            "format": RESULT_FORMATS,
             "on_error": ("record", "fail"),
         }
         for name, allowed in choices.items():
@@ -262,9 +284,11 @@ class Job:
             raise JobError(
                 "{metric} " + f"must be one of {', '.join(sorted(METRICS))} (got {self.metric!r}).", field="metric"
             )
-        for name in ("batch_size", "workers"):
+        for name in ("batch_size", "workers", "chunk_rows"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if name == "chunk_rows" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise JobError("{" + name + "} " + f"must be at least 1 (got {value}).", field=name)
         if self.attention_kernel == "cudnn" and self.dtype != "bfloat16":
             raise JobError(
@@ -298,7 +322,7 @@ class Job:
             )
         for name in ("save_embeddings", "save_patch_quality"):
             path = getattr(self, name)
-            if path is not None and path.suffix != ".npy":
+            if path is not None and not os.fspath(path).endswith(".npy"):
                 raise JobError("{" + name + "} " + f"{path} must end in .npy.", field=name)
         # MTCNN's smallest window is 12 px: a smaller face size upsamples every photo (12/size)^2-fold.
         size = self.min_face_size
@@ -318,13 +342,28 @@ class Job:
                 "{resume} and {overwrite} exclude each other; choose one.", field="resume", also=("overwrite",)
             )
         finals = [p for p in (self.out, self.save_embeddings, self.save_patch_quality) if p is not None]
-        if len({p.resolve() for p in finals}) != len(finals):
+        if len({p if storage.is_url(p) else p.resolve() for p in finals}) != len(finals):
             raise JobError(
                 "{out}, {save_embeddings} and {save_patch_quality} must be three different files.",
                 field="out",
                 also=("save_embeddings", "save_patch_quality"),
             )
+        if self.chunked and self.save_aligned is not None:
+            raise JobError(
+                "{save_aligned} is not written by chunked runs (a URL output, a rec, wds or parquet source, "
+                "the parquet format or {chunk_rows}); drop it, or score a local source into a local CSV.",
+                field="save_aligned",
+                also=("chunk_rows",),
+            )
+        if self.compile_cache is not None and not isinstance(self.compile_cache, str):
+            set_("compile_cache", os.fspath(self.compile_cache))
         _refuse_overlaps(self)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether this run is chunked (see `vitnt_jax.chunked` and the class docstring)."""
+        urls = any(storage.is_url(getattr(self, n)) for n in URL_FIELDS)
+        return urls or self.source.chunked or self.format == "parquet" or self.chunk_rows is not None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -630,7 +669,7 @@ def score_source(
     Raises InputError under on_error='fail' after writing the rows before the bad input.
     """
     size = _image_size(scorer, size)
-    own = out is not None and not isinstance(out, ResultWriter)
+    own = isinstance(out, (str, os.PathLike))  # else a writer: a ResultWriter, or one piece's chunked.Collector
     writer = (
         ResultWriter(Path(out), fmt=fmt, with_label=source.labels is not None, resume=resume, overwrite=overwrite)
         if own
@@ -765,7 +804,7 @@ def score_folder(scorer: BatchScorer, folder: str | os.PathLike, out: str | os.P
 class Progress:
     """tqdm on a terminal (images/s, ETA) when `bar`; else a log line every 30 s (batch-job logs)."""
 
-    def __init__(self, total: int, bar: bool | None = None):
+    def __init__(self, total: int | None, bar: bool | None = None):
         self.total, self.done, self.start = total, 0, time.perf_counter()
         self.last = self.start
         self.bar = None
@@ -786,6 +825,9 @@ class Progress:
         if now - self.last >= 30:
             self.last = now
             rate = self.done / (now - self.start)
+            if self.total is None:  # inputs counted only as they are read (tar shards)
+                logger.info("%d images, %.1f images/s", self.done, rate)
+                return
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             logger.info("%d/%d images, %.1f images/s, ETA %.0f s", self.done, self.total, rate, eta)
 
@@ -1163,6 +1205,8 @@ def run(job: Job, *, progress_bar: bool | None = None) -> Summary:
     from vitnt_jax import distributed
 
     process, processes = _initialize(job)
+    if job.chunked:
+        return _run_chunked(job, process, processes, progress_bar)
     with contextlib.ExitStack() as held:
         if processes == 1:
             return _run_part(job, 0, 1, progress_bar, held, {})
@@ -1339,3 +1383,279 @@ def _run_part(
     summary = Summary(summary.scored, summary.failed, len(done), summary.seconds, out)
     logger.info(f"scored {summary.scored}, failed {summary.failed}, {summary.rate:.1f} images/s -> {out}")
     return summary
+
+
+# ------------------------------------------------------------------------------------------- chunked runs
+
+
+def _run_chunked(job: Job, process: int, processes: int, progress_bar: bool | None) -> Summary:
+    """Runs this process's share of a chunked job (see `vitnt_jax.chunked`); process 0 merges at the end."""
+    from vitnt_jax import distributed
+
+    with contextlib.ExitStack() as held:
+        if process == 0:  # a local result is locked for the whole run, merge included (object storage has no locks)
+            for name in URL_FIELDS:
+                if getattr(job, name) is not None:
+                    held.enter_context(chunked.local_lock(getattr(job, name), name))
+        try:
+            summary, plan = _chunked_part(job, process, processes, progress_bar)
+        except BaseException as error:
+            if processes > 1:
+                reason = str(error) if isinstance(error, UserError) else type(error).__name__
+                distributed.report(process, f"failed: {reason}", timeout_s=job.process_timeout)
+            raise
+        if processes > 1:
+            distributed.report(process, "ok", timeout_s=job.process_timeout)
+            if process != 0:
+                return summary
+            _wait_for_chunks(job, processes, plan)
+        if process == 0 and plan is not None:
+            _merge_chunks(job, plan)
+        return summary
+
+
+@dataclass
+class _Plan:
+    settings: dict[str, Any]
+    pieces: int
+    with_label: bool
+    arrays: dict[str, tuple[Any, tuple[int, ...]]]
+
+
+def _chunk_outputs(job: Job) -> list[tuple[str, Any]]:
+    return [(n, getattr(job, n)) for n in URL_FIELDS if getattr(job, n) is not None]
+
+
+def _prepare_chunks(job: Job, process: int, folder: str) -> dict[str, Any] | None:
+    """Checks and clears what an earlier run left (as resume/overwrite ask); returns the recorded plan settings."""
+    plan_path, merged_path = storage.join(folder, chunked.PLAN), storage.join(folder, chunked.MERGED)
+    try:
+        storage.makedirs(folder)
+    except OSError as error:
+        raise JobError(
+            f"cannot create {folder} ({error.strerror or error}); choose a writable " + "{out}.", field="out"
+        ) from error
+    if job.overwrite:
+        if process == 0:  # the finished result being replaced goes first: a resume must never count its rows
+            for _, path in _chunk_outputs(job):
+                storage.remove(path)
+            storage.remove(merged_path)
+        return None
+    recorded = chunked.read_record(plan_path)
+    if not job.resume:
+        for name, path in _chunk_outputs(job) + [("out", merged_path)]:
+            if process == 0 and storage.exists(path):
+                raise JobError(
+                    f"{path} already exists; pass " + "{resume} to continue it, {overwrite} to replace it, or choose "
+                    "another {out}.",
+                    field=name if name != "out" or path != merged_path else "out",
+                    also=("resume", "overwrite"),
+                )
+    return recorded
+
+
+def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | None) -> tuple[Summary, _Plan | None]:
+    """Scores this process's uncommitted pieces; returns its Summary and the plan (None: the run was complete)."""
+    from vitnt_jax import checkpoint
+
+    if job.align is not None and job.align != "mtcnn":
+        _detector(job, job.align)  # MTCNN-only flags without MTCNN: flags first
+    out = job.out
+    folder = chunked.chunks_dir(out)
+    recorded = _prepare_chunks(job, process, folder)
+    merged_path = storage.join(folder, chunked.MERGED)
+    if job.resume and storage.exists(merged_path) and storage.exists(out):
+        logger.info("%s is complete already (every piece is merged); nothing to score", out)
+        return Summary(0, 0, 0, 0.0, out), None
+    model_dir, config, meta, blocks = _resolve_model(job)
+    weights = checkpoint.describe(model_dir)
+    settings = _method_settings(job, fingerprint.model_identity(model_dir, meta, weights), blocks)
+    if recorded is not None:
+        chunked.refuse_other_settings(str(out), recorded, {**recorded, **settings})
+    piece_rows = job.chunk_rows or (recorded or {}).get("piece_rows") or chunked.DEFAULT_PIECE_ROWS
+
+    pieces = job.source.open_pieces(piece_rows)
+    for problem in pieces.problems:
+        if job.on_error == "fail":
+            raise JobError(f"{problem} (" + "{on_error} fail).", field="on_error")
+        logger.warning("%s", problem)
+    color = job.color or pieces.color or "rgb"
+    align = job.align or pieces.align or "none"
+    settings.update(_input_settings(job, color, align))
+    shapes: dict[str, tuple[int, ...]] = {}
+    if job.save_embeddings is not None:
+        shapes["embedding"] = (config.embedding_dim,)
+    if job.save_patch_quality is not None:
+        shapes["patch_quality"] = (config.grid_size, config.grid_size)
+    settings.update(
+        inputs=pieces.identity,
+        piece_rows=piece_rows,
+        format=job.format,
+        with_label=pieces.with_label,
+        arrays={k: list(v) for k, v in shapes.items()},
+    )
+    settings = json.loads(json.dumps(settings))  # as a record reads back (tuples are lists there)
+    if recorded is not None:
+        chunked.refuse_other_settings(str(out), recorded, settings)
+    n = len(pieces)
+    lo, hi = n * process // processes, n * (process + 1) // processes
+    done = chunked.committed(folder, job.format)
+    if job.overwrite:
+        chunked.remove_pieces(folder, lo, hi)
+        done = {i: r for i, r in done.items() if not lo <= i < hi}
+    elif not job.resume and any(lo <= i < hi for i in done):
+        raise JobError(
+            f"{folder} already holds committed pieces of this run's share; pass " + "{resume} to continue them, "
+            "{overwrite} to replace them, or choose another {out}.",
+            field="out",
+            also=("resume", "overwrite"),
+        )
+    try:
+        if recorded is None:
+            chunked.write_record(storage.join(folder, chunked.PLAN), settings, n)
+        if processes > 1:
+            chunked.write_record(chunked.process_record(folder, process, processes), settings, n)
+    except OSError as error:
+        raise JobError(
+            f"cannot write the plan of {out} in {folder} ({getattr(error, 'strerror', None) or error}); choose a "
+            "writable {out}.",
+            field="out",
+        ) from error
+    todo = [pieces.pieces[i] for i in range(lo, hi) if i not in done]
+    skipped = sum(r for i, r in done.items() if lo <= i < hi)
+    arrays = {"embedding": job.save_embeddings, "patch_quality": job.save_patch_quality}
+    plan = _Plan(settings, n, pieces.with_label, {k: (arrays[k], s) for k, s in shapes.items()})
+
+    detector = _detector(job, align)
+    scorer = load_scorer(
+        model_dir,
+        blocks=job.blocks,
+        alpha=job.alpha,
+        metric=job.metric,
+        aggregation=job.aggregation,
+        attention=job.attention,
+        embeddings=job.save_embeddings is not None,
+        patch_quality=job.save_patch_quality is not None,
+        precision=job.precision,
+        dtype=job.dtype,
+        parallel=job.parallel,
+        micro_batch=job.micro_batch,
+        attention_kernel=job.attention_kernel,
+    )
+    batch_size = scorer.padded_size(job.batch_size)
+    dev = f"{scorer.num_devices} {scorer.devices[0].platform} device{'s' * (scorer.num_devices > 1)}"
+    where = f" (process {process + 1}/{processes}: pieces {lo}..{hi - 1})" if processes > 1 else ""
+    method = job.aggregation + ("/" + job.attention if job.aggregation == "attention" else "")
+    sizes = [p.size for p in todo]
+    counted = None if any(s is None for s in sizes) else sum(sizes)
+    logger.info("model %s: %s", scorer.config.name, weights)
+    logger.info(
+        f"scoring {len(todo)} of {n} pieces ({'?' if counted is None else counted} inputs) from {pieces.name}{where} "
+        f"with {scorer.config.name} on {dev}, batch {batch_size}, blocks {_span(scorer.settings.blocks)}, "
+        f"alpha {job.alpha:g}, {method}, {job.metric}, align {align}, chunks in {folder}"
+        + (f", skipping {skipped} rows already committed" if skipped else "")
+    )
+
+    def read(piece: sources.Piece) -> Source:
+        source = piece.read()
+        _rendered_ids(source)  # two ids written alike are refused, as for any source
+        if job.format != "parquet":
+            check_ids(source.ids, job.format)
+        return source
+
+    progress = Progress(counted, progress_bar)
+    scored = failed = 0
+    start = time.perf_counter()
+    try:
+        for piece, source in chunked.prefetched(todo, read):
+            collector = chunked.Collector(shapes)
+            try:
+                part = score_source(
+                    scorer,
+                    source,
+                    collector,
+                    batch_size=batch_size,
+                    size=scorer.config.img_size,
+                    color=color,
+                    align=align,
+                    detector=detector,
+                    workers=job.workers,
+                    on_error=job.on_error,
+                    progress=progress,
+                )
+            except InputError as error:
+                raise InputError(
+                    f"{error.id}: {error.reason} (" + "{on_error} fail); the pieces before it are committed in "
+                    f"{folder}: rerun with " + "{resume} once it is fixed.",
+                    id=error.id,
+                    reason=error.reason,
+                    field="on_error",
+                    also=("resume",),
+                ) from error
+            try:
+                chunked.commit(folder, piece.index, collector, job.format, pieces.with_label)
+            except OSError as error:
+                raise JobError(
+                    f"cannot write piece {piece.index} to {folder} ({getattr(error, 'strerror', None) or error}); the "
+                    "pieces before it are committed: fix the storage and rerun with {resume}.",
+                    field="resume",
+                ) from error
+            scored, failed = scored + part.scored, failed + part.failed
+    finally:
+        progress.close()
+    summary = Summary(scored, failed, skipped, time.perf_counter() - start, out)
+    logger.info(f"scored {scored}, failed {failed}, {summary.rate:.1f} images/s -> {folder}")
+    return summary, plan
+
+
+def _wait_for_chunks(job: Job, processes: int, plan: _Plan | None) -> None:
+    """Process 0: waits for every process's report, then refuses parts scored with other settings."""
+    from vitnt_jax import distributed
+
+    def waiting(process: int, seconds: float) -> None:
+        logger.info("waiting for process %d to finish its pieces (%.0f s)", process, seconds)
+
+    statuses = distributed.wait_for_all(processes, job.process_timeout, waiting)
+    failed = next((i for i in sorted(statuses) if statuses[i] != "ok"), None)
+    if failed is not None:
+        raise JobError(
+            f"process {failed} {statuses[failed]}; nothing was merged and every committed piece is kept: fix it and "
+            "rerun all processes with {resume}.",
+            field="resume",
+        )
+    if plan is None:
+        return
+    folder = chunked.chunks_dir(job.out)
+    for i in range(1, processes):
+        recorded = chunked.read_record(chunked.process_record(folder, i, processes))
+        if recorded is None:
+            raise JobError(
+                f"process {i} recorded no settings in {folder}; nothing was merged: start every process with the "
+                "same flags and rerun all of them with {resume}.",
+                field="resume",
+            )
+        changed = fingerprint.differences(plan.settings, recorded, (*fingerprint.KEYS, *chunked.PLAN_KEYS))
+        if changed:
+            shown = ", ".join("{" + k + "}" if k in fingerprint.KEYS else k.replace("_", " ") for k in changed)
+            raise JobError(
+                f"process {i} scored its pieces with other settings than process 0 (differing: {shown}); nothing was "
+                "merged: start every process with the same flags and rerun all of them with {overwrite}.",
+                field="overwrite",
+                also=tuple(k for k in changed if k in fingerprint.KEYS),
+            )
+
+
+def _merge_chunks(job: Job, plan: _Plan) -> None:
+    folder = chunked.chunks_dir(job.out)
+    start = time.perf_counter()
+    try:
+        rows = chunked.merge(str(job.out), job.format, plan.with_label, plan.pieces, plan.arrays)
+        storage.write_bytes(storage.join(folder, chunked.MERGED), json.dumps({"rows": rows}).encode() + b"\n")
+    except OSError as error:
+        raise JobError(
+            f"cannot write {job.out} ({getattr(error, 'strerror', None) or error}); every committed piece is kept: "
+            "fix the storage and rerun with {resume}.",
+            field="resume",
+        ) from error
+    chunked.remove_chunks(folder)
+    logger.info("merged %d pieces (%d rows) into %s in %.1f s", plan.pieces, rows, job.out, time.perf_counter() - start)

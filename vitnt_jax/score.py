@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="multi-host with JAX's automatic cluster detection (TPU pods, SLURM, ...)",
     )
     r.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        help="JAX's persistent compilation cache: reruns and every host of a pod skip recompiling "
+        "(default: the xla folder under $VITNT_JAX_CACHE or ~/.cache/vitnt_jax; off: no cache)",
+    )
+    r.add_argument(
         "--process-timeout",
         type=float,
         default=3600.0,
@@ -164,22 +170,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, default=Path("scores.csv"), help="result file (default: scores.csv)")
+    o.add_argument(
+        "--out",
+        type=sources.location,
+        default=Path("scores.csv"),
+        help="result file, a local path or a URL (gs://, s3://, file://: written in chunks, then merged into one "
+        "object) (default: scores.csv)",
+    )
     o.add_argument(
         "--format",
-        choices=list(FORMATS),
+        choices=[*FORMATS, "parquet"],
         default="csv",
-        help="; ".join(f"{f.name}: {f.help}" for f in FORMATS.values()) + " (default: csv)",
+        help="; ".join(f"{f.name}: {f.help}" for f in FORMATS.values())
+        + "; parquet: a Parquet table of the csv columns (chunked runs) (default: csv)",
+    )
+    o.add_argument(
+        "--chunk-rows",
+        type=int,
+        metavar="N",
+        help="inputs per committed chunk: makes the run chunked (OUT.chunks/, merged into OUT at the end; a crash "
+        "loses at most the chunk in flight); chunked runs default to 4096, or what a resumed run recorded. Runs "
+        "writing to a URL, or reading --rec, --wds or --parquet, or writing --format parquet, are always chunked",
     )
     o.add_argument(
         "--save-embeddings",
-        type=Path,
+        type=sources.location,
         metavar="FILE.npy",
         help="also save the face embedding of every row (float32, NaN rows for failed inputs)",
     )
     o.add_argument(
         "--save-patch-quality",
-        type=Path,
+        type=sources.location,
         metavar="FILE.npy",
         help="also save every row's per-patch quality map (rows, grid, grid)",
     )
