@@ -253,6 +253,9 @@ def test_write_merge_read_round_trip(tmp_path, with_label):
     assert table.schema.names == (["id", "quality", "label", "error"] if with_label else ["id", "quality", "error"])
     assert table.schema.field("quality").type == pa.float64() and table.column("quality").null_count == 3
     assert pq.ParquetFile(out).num_row_groups == 3  # one per non-empty chunk
+    again = tmp_path / "again.parquet"
+    parquet.merge(iter(chunks), again, with_label)
+    assert again.read_bytes() == out.read_bytes()  # the same chunks merge to the same bytes (every host alike)
     # File objects work too; a chunk of the other columns is refused in one sentence.
     buffer = io.BytesIO()
     parquet.write_rows(buffer, rows[:2], with_label)

@@ -16,8 +16,10 @@ pyarrow is imported only when a Parquet file is opened or written (`pip install 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import glob
 import hashlib
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -26,11 +28,13 @@ from typing import Any, BinaryIO
 
 from vitnt_jax import data, output, sources, storage
 
+logger = logging.getLogger(__name__)
+
 # Rows decoded from a row group at a time while a piece is read: the page buffers of one batch, not a row group.
 _BATCH_ROWS = 256
 # Footers read at once when a pattern names many files (each one a small range request on object storage).
 _FOOTER_THREADS = 16
-# A row group above this many bytes is named in the source's problems: a piece holds a whole row group.
+# A row group above this many bytes is warned about when the source opens: a piece holds a whole row group.
 LARGE_ROW_GROUP = 2 << 30
 
 
@@ -306,13 +310,17 @@ def open_parquet(
     total = sum(n for f in files for n, _ in f.row_groups)
     identity = f"parquet {len(files)} files, {total} rows, {len(plan)} pieces, sha256 {digest.hexdigest()}"
 
-    problems = [
-        f"file {f.name} row group {g} holds {b} bytes; a piece holds a whole row group in memory (rewrite the table "
-        "with smaller row groups, e.g. pyarrow.parquet.write_table(..., row_group_size=1000))"
-        for f in files
-        for g, (_, b) in enumerate(f.row_groups)
-        if b > LARGE_ROW_GROUP
-    ][: sources.MAX_PROBLEMS]
+    for f in files:
+        for g, (_, b) in enumerate(f.row_groups):
+            if b > LARGE_ROW_GROUP:
+                logger.warning(
+                    "parquet file %s row group %d holds %d bytes: its piece holds it whole in memory (rewrite the "
+                    "table with smaller row groups, e.g. pyarrow.parquet.write_table(..., row_group_size=1000))",
+                    f.name,
+                    g,
+                    b,
+                )
+    files = [dataclasses.replace(f, schema=None) for f in files]  # the plan keeps names and row groups only
 
     columns = _Columns(image_column, kind, id_col, label_col)
     pieces = []
@@ -322,7 +330,7 @@ def open_parquet(
         groups = f"row group {a}" if b - a == 1 else f"row groups {a}..{b - 1}"
         name = f"{f.name} {groups} (rows {first_row}..{first_row + rows - 1})"
         pieces.append(sources.Piece(index, name, rows, _reader(f, a, b, first_row, rows, columns)))
-    return sources.Pieces(f"parquet {pattern}", label_col is not None, pieces, identity, problems=problems)
+    return sources.Pieces(f"parquet {pattern}", label_col is not None, pieces, identity)
 
 
 @dataclass(frozen=True)
