@@ -275,3 +275,11 @@ def test_read_rows_refuses_what_is_not_a_result_table(tmp_path):
         parquet.read_rows(tmp_path / "y.parquet")
     with pytest.raises(parquet.output.OutputError, match="does not exist"):
         parquet.read_rows(tmp_path / "z.parquet")
+
+
+def test_a_file_changed_after_planning_is_refused_when_its_piece_is_read(tmp_path, blobs):
+    path = write(tmp_path / "c.parquet", {"image": blobs[:4]}, row_group_size=2)
+    pieces = parquet.open_parquet(path, piece_rows=2)
+    write(tmp_path / "c.parquet", {"image": blobs[:6]}, row_group_size=2)
+    with pytest.raises(SourceError, match=r"^parquet file c.parquet holds \d+ bytes, not the \d+ it held when the run"):
+        pieces.pieces[1].read()

@@ -359,6 +359,13 @@ def _read_piece(f: _File, a: int, b: int, first_row: int, rows: int, columns: _C
     starts: list[int] = []
     try:
         with storage.open_read(f.location) as stream:
+            size = stream.seek(0, os.SEEK_END)
+            stream.seek(0)
+            if size != f.size:
+                raise _refuse(
+                    "{parquet} " + f"file {f.name} holds {size} bytes, not the {f.size} it held when the run was "
+                    "planned; a run reads files that do not change (rerun on the new files with a new output)."
+                )
             table = pq.ParquetFile(stream, pre_buffer=True)
             for batch in table.iter_batches(
                 batch_size=_BATCH_ROWS, row_groups=list(range(a, b)), columns=wanted, use_threads=False
