@@ -181,11 +181,15 @@ def test_null_empty_and_repeated_ids_are_error_rows_with_unique_ids(tmp_path, bl
     assert errors == [
         "",
         "id is null in column 'id'; this row is named by its file and row",
-        "id 'a' repeats the id of row 0 of d.parquet; give every row a unique id",
+        "id 'a' repeats the id of row 0 of d.parquet; choose an id column of unique ids, or none for FILE:ROW ids",
         "id is empty in column 'id'; this row is named by its file and row",
         "",
-        "id 'a' repeats the id of row 0 of d.parquet; give every row a unique id",
+        "id 'a' repeats the id of row 0 of d.parquet; choose an id column of unique ids, or none for FILE:ROW ids",
         "",
+    ]
+    # No id column: FILE:ROW ids, every image scored.
+    assert [r[0] for r in everything(parquet.open_parquet(path, piece_rows=100, id_column=""))] == [
+        f"d.parquet:{i}" for i in range(7)
     ]
     # Pieces of one row group each: the repeat in the second piece is not seen (ids are unique within a piece).
     assert [r[0] for r in everything(parquet.open_parquet(path, piece_rows=4))][4:] == ["b", "a", "d.parquet:5"]
@@ -202,6 +206,7 @@ def test_label_and_id_types(tmp_path, blobs):
     )
     src = parquet.open_parquet(path, piece_rows=8).pieces[0].read()
     assert src.ids == ["x\udcff", "y", "z"] and src.labels == ["1", "2.5", ""]
+    assert not parquet.open_parquet(path, piece_rows=8, label_column="").with_label
     path = write(tmp_path / "l.parquet", {"image": blobs[:2], "label": [[1], [2]]})
     with pytest.raises(SourceError, match=r"column 'label' of l.parquet holds list<.*: int64>; pass label_column"):
         parquet.open_parquet(path, piece_rows=8)
@@ -283,3 +288,11 @@ def test_a_file_changed_after_planning_is_refused_when_its_piece_is_read(tmp_pat
     write(tmp_path / "c.parquet", {"image": blobs[:6]}, row_group_size=2)
     with pytest.raises(SourceError, match=r"^parquet file c.parquet holds \d+ bytes, not the \d+ it held when the run"):
         pieces.pieces[1].read()
+
+
+def test_without_pyarrow_each_use_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
+    with pytest.raises(SourceError, match=r"^parquet needs pyarrow: pip install pyarrow\.$"):
+        parquet.open_parquet(str(tmp_path / "x.parquet"), piece_rows=8)
+    with pytest.raises(parquet.output.OutputError, match=r"^format parquet needs pyarrow: pip install pyarrow\.$"):
+        parquet.write_rows(tmp_path / "x.parquet", [], False)

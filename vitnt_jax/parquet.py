@@ -203,7 +203,7 @@ def _columns_of(first: _File, pa, image_column: str, id_column: str | None, labe
     names = first.schema.names
     listed = ", ".join(repr(n) for n in names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
     for column, option in ((image_column, "image_column"), (id_column, "id_column"), (label_column, "label_column")):
-        if column is not None and column not in names:
+        if column and column not in names:
             raise _refuse(
                 "{parquet} " + f"file {first.name} has no column {column!r}; pass " + "{" + option + "}"
                 f" one of its columns: {listed}.",
@@ -216,8 +216,10 @@ def _columns_of(first: _File, pa, image_column: str, id_column: str | None, labe
             "pass {image_column} naming a binary column or a struct with a binary 'bytes' field.",
             field="image_column",
         )
-    id_column = id_column if id_column is not None else ("id" if "id" in names and image_column != "id" else None)
-    label_column = label_column if label_column is not None else ("label" if "label" in names else None)
+    # None: the default column when the table has it; '': none (FILE:ROW ids, no label).
+    id_column = id_column if id_column is not None else ("id" if "id" in names and image_column != "id" else "")
+    label_column = label_column if label_column is not None else ("label" if "label" in names else "")
+    id_column, label_column = id_column or None, label_column or None
     for column, option in ((id_column, "id_column"), (label_column, "label_column")):
         if column is not None and not _is_scalar(pa, first.schema.field(column).type):
             raise _refuse(
@@ -281,8 +283,9 @@ def open_parquet(
     """Returns the rows of the Parquet files `pattern` names as pieces (consecutive row groups of one file).
 
     id: the `id_column` cell (default the column 'id' when the table has one), else FILE:ROW (the file's name as
-    matched, the row's index in that file from 0). label: the `label_column` cell (default 'label' when present;
-    integers in decimal, text as it is, a null label empty). A piece groups a file's consecutive row groups while
+    matched, the row's index in that file from 0); `id_column=''` gives FILE:ROW ids whatever the table holds.
+    label: the `label_column` cell (default 'label' when present; integers in decimal, text as it is, a null
+    label empty); `label_column=''`: no label. A piece groups a file's consecutive row groups while
     they hold at most `piece_rows` rows together (a larger row group is a piece alone). A null image, a struct
     with null bytes (a path only: never read) or an undecodable image is that row's error. A null or empty id,
     and an id repeated within a piece after its first row, is an error row whose id is FILE:ROW.
@@ -455,8 +458,8 @@ def _unique(ids: list[str], name: str, first_row: int, bad: dict[int, str]) -> N
         ids[j] = alt
         seen[alt] = j
         bad[j] = (
-            f"id {sources.shown(x, 120)} repeats the id of row {first_row + seen[x]} of {name}; give every row a "
-            "unique id"
+            f"id {sources.shown(x, 120)} repeats the id of row {first_row + seen[x]} of {name}; choose an id column "
+            "of unique ids, or none for FILE:ROW ids"
         )
 
 
@@ -499,7 +502,7 @@ def write_rows(file_or_path: str | os.PathLike | BinaryIO, rows: Sequence[output
     The values are a CSV result's: text as rendered (`output.render_id`), label and error '' when none, a
     non-finite quality a failed row. A path is written whole (through a local file or object renamed in place).
     """
-    pa, pq = _pyarrow("{out} in Parquet", output.OutputError, "out")
+    pa, pq = _pyarrow("{format} parquet", output.OutputError, "format")
     table = _table(pa, rows, with_label)
     if isinstance(file_or_path, (str, os.PathLike)):
         with storage.open_write(file_or_path) as f:
@@ -523,7 +526,7 @@ def merge(
     Holds one row group of one chunk in memory. Returns the number of rows written. Raises OutputError for a
     chunk that is not a result table of these columns.
     """
-    pa, pq = _pyarrow("{out} in Parquet", output.OutputError, "out")
+    pa, pq = _pyarrow("{format} parquet", output.OutputError, "format")
     schema = _schema(pa, with_label)
     total = 0
 
@@ -566,7 +569,7 @@ def merge(
 
 def read_rows(path: str | os.PathLike | BinaryIO) -> list[output.Row]:
     """Returns the rows of a Parquet result file (as written: rendered text, label None without a label column)."""
-    _, pq = _pyarrow("reading a Parquet result", output.OutputError, "out")
+    _, pq = _pyarrow("reading a Parquet result", output.OutputError, None)
     where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "the result"
     stream = None
     try:
