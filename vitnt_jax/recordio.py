@@ -116,7 +116,10 @@ class Index:
 
 def _bad_line(block: bytes, first_line: int, path: str) -> SourceError:
     """Returns the refusal naming the first malformed line of `block` (line numbers from `first_line`)."""
-    for number, line in enumerate(block.split(b"\n"), first_line):
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    for number, line in enumerate(lines, first_line):
         text = line[:-1] if line.endswith(b"\r") else line
         key, tab, offset = text.partition(b"\t")
         good = (
