@@ -69,6 +69,16 @@ def test_default_keeps_a_folder_configured_already(tmp_path, monkeypatch):
     assert cache.enable_compile_cache(None) == str(tmp_path / "home" / "xla" / cache.cpu_tag())
 
 
+def test_default_keeps_jax_cache_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "home"))
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_enable_compilation_cache", False)
+    assert cache.enable_compile_cache(None) is None
+    assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "home").exists()
+    assert cache.enable_compile_cache(tmp_path / "named") is not None  # a folder the user names turns it on
+    assert jax.config.jax_enable_compilation_cache
+
+
 def test_block_puts_the_previous_settings_back(tmp_path):
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "session"))
     with cache.compile_cache("off") as folder:

@@ -137,7 +137,8 @@ def enable_compile_cache(setting: str | os.PathLike | None = None) -> str | None
 
     setting: None (the default) = `cache_dir()/xla/<cpu_tag()>`, unless a compilation cache folder is
     configured already (JAX_COMPILATION_CACHE_DIR, or `jax.config` set by the caller or a test
-    session), which is then kept as it is; a folder or URL = that folder's `<cpu_tag()>` subfolder;
+    session), which is then kept as it is, or JAX's cache is turned off (JAX_ENABLE_COMPILATION_CACHE=false);
+    a folder or URL = that folder's `<cpu_tag()>` subfolder;
     "off" = no persistent cache.
     The default folder, when it cannot be created or written (a read-only home), logs one warning
     and the run compiles without a cache; a folder the user named raises CompileCacheError instead.
@@ -145,8 +146,10 @@ def enable_compile_cache(setting: str | os.PathLike | None = None) -> str | None
     """
     import jax
 
+    if setting is None and not jax.config.jax_enable_compilation_cache:  # JAX_ENABLE_COMPILATION_CACHE=false
+        return None
     if setting is None and jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+        return jax.config.jax_compilation_cache_dir
     folder = compile_cache_dir(setting)
     if folder is None:
         _apply(None, _current()[1], True)
