@@ -66,7 +66,7 @@ def frames_of(path):
 def test_plain_layout_every_key_is_an_image_with_its_label(tmp_path):
     images = [jpeg(k) for k in range(5)] + [png(9)]
     labels = [3, 0.1, -2.0, (0.5, 2.0), 7.25, 1e6]
-    write_rec(tmp_path / "p.rec", list(zip(labels, images)))
+    write_rec(tmp_path / "p.rec", list(zip(labels, images, strict=True)))
     pieces = recordio.open_rec(str(tmp_path / "p.rec"), piece_rows=4)
     assert pieces.name == f"rec {tmp_path / 'p.rec'} (plain im2rec layout, 6 images)"
     assert pieces.with_label and pieces.problems == []
@@ -74,19 +74,19 @@ def test_plain_layout_every_key_is_an_image_with_its_label(tmp_path):
     got = rows(pieces)
     assert [r[0] for r in got] == ["0", "1", "2", "3", "4", "5"]
     assert [r[1] for r in got] == ["3", repr(float(np.float32(0.1))), "-2", "0.5;2", "7.25", "1000000"]
-    for (_, _, array), data in zip(got, images):
+    for (_, _, array), data in zip(got, images, strict=True):
         np.testing.assert_array_equal(array, read_image(data))  # the same bytes decode alike
 
 
 def test_plain_layout_keys_in_key_order_whatever_the_file_order(tmp_path):
     images = [jpeg(k) for k in range(6)]
     keys = [40, 7, 12, 3, 100, 8]
-    write_rec(tmp_path / "k.rec", [(k, im) for k, im in zip(keys, images)], keys=keys)
+    write_rec(tmp_path / "k.rec", [(k, im) for k, im in zip(keys, images, strict=True)], keys=keys)
     pieces = recordio.open_rec(str(tmp_path / "k.rec"), piece_rows=2)
     got = rows(pieces)
     assert [r[0] for r in got] == ["3", "7", "8", "12", "40", "100"]
     assert [r[1] for r in got] == ["3", "7", "8", "12", "40", "100"]
-    by_key = dict(zip(keys, images))
+    by_key = dict(zip(keys, images, strict=True))
     for image_id, _, array in got:
         np.testing.assert_array_equal(array, read_image(by_key[int(image_id)]))
     # Pieces whose records are scattered in the file are read record by record, with the same result.
@@ -96,7 +96,7 @@ def test_plain_layout_keys_in_key_order_whatever_the_file_order(tmp_path):
 def test_insightface_layout_images_only_identity_records_give_no_rows(tmp_path):
     images = [jpeg(k) for k in range(7)]
     identities = [0, 0, 1, 1, 1, 2, 5]
-    write_rec(tmp_path / "train.rec", list(zip(identities, images)), header="insightface")
+    write_rec(tmp_path / "train.rec", list(zip(identities, images, strict=True)), header="insightface")
     assert len(recordio.RecordFile(str(tmp_path / "train.rec")).index) == 1 + 7 + 4  # header, images, 4 identities
     pieces = recordio.open_rec(str(tmp_path / "train.rec"), piece_rows=3)
     assert pieces.name == f"rec {tmp_path / 'train.rec'} (insightface layout, 7 images)"
@@ -105,7 +105,7 @@ def test_insightface_layout_images_only_identity_records_give_no_rows(tmp_path):
     got = rows(pieces)
     assert [r[0] for r in got] == [str(k) for k in range(1, 8)]
     assert [r[1] for r in got] == [str(x) for x in identities]
-    for (_, _, array), data in zip(got, images):
+    for (_, _, array), data in zip(got, images, strict=True):
         np.testing.assert_array_equal(array, read_image(data))
     assert "insightface layout, 7 images (header 8, 12)" in pieces.identity
 
@@ -129,7 +129,7 @@ def test_multi_part_records_are_joined_with_the_magic_word_between_parts(tmp_pat
     assert flags == [0, 1, 2, 3, 1, 2, 2, 3, 0]
     got = rows(recordio.open_rec(str(tmp_path / "m.rec"), piece_rows=10))
     assert [r[1] for r in got] == ["1", "2", "4;5", "6"]
-    for (_, _, array), data in zip(got, images):
+    for (_, _, array), data in zip(got, images, strict=True):
         np.testing.assert_array_equal(array, read_image(data))
     header, image = recordio.RecordFile(str(tmp_path / "m.rec")).read(1)
     assert (header.flag, header.label, header.id, image) == (0, 2.0, 1, split)
@@ -345,5 +345,5 @@ def test_read_through_a_file_url(tmp_path):
     assert pieces.name == f"rec {url} (insightface layout, 5 images)"
     got = rows(pieces)
     assert [r[:2] for r in got] == [("1", "0"), ("2", "1"), ("3", "0"), ("4", "1"), ("5", "0")]
-    for (_, _, array), data in zip(got, images):
+    for (_, _, array), data in zip(got, images, strict=True):
         np.testing.assert_array_equal(array, read_image(data))
