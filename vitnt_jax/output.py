@@ -622,18 +622,30 @@ def _complete(form: ResultFormat, text: str, where: str) -> int:
 
 
 def read_results(path: str | Path, fmt: str | None = None) -> list[Row]:
-    """Returns the rows of a result file (`fmt` None: csv when it starts with the CSV header, else reference).
+    """Returns the rows of a result file (`fmt` None: parquet or csv by their start, else reference).
 
     A torn last record (a crash mid-write) is ignored. Raises OutputError for a file that is not of the format.
     Ids (and labels, errors) are returned as written: rendered (`render_id`), CSV apostrophes removed.
     """
     path = Path(path)
+    if fmt == "parquet" or (fmt is None and _starts_with(path, b"PAR1")):
+        from vitnt_jax import parquet
+
+        return parquet.read_rows(path)
     try:
         text = _read_text(path)
     except FileNotFoundError:
         raise OutputError(f"{path} does not exist; check the path.") from None
     form = _format(fmt) if fmt is not None else (CSV if CSV.matches(text) else REFERENCE)
     return form.parse(text[: _complete(form, text, str(path))], str(path))
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(files.open_regular(path), "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False  # the text reader says what is wrong with it
 
 
 def _write_error(path: Path, error: OSError, again: str = "rerun with {resume}") -> OutputError:

@@ -1,0 +1,194 @@
+"""Chunked runs (vitnt_jax.chunked): pieces committed as whole chunks, resumed by piece, merged into one result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from pipeline_helpers import assert_same_floats, assert_same_rows, faces_folder, read_csv, run
+
+from vitnt_jax import chunked, output
+from vitnt_jax.pipeline import Job, JobError
+from vitnt_jax.sources import SourceSpec
+
+from helpers import smooth_faces
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return faces_folder(tmp_path / "faces")
+
+
+@pytest.fixture()
+def single(tiny_checkpoint, folder, tmp_path):
+    """The single-file run of `folder` (csv, embeddings and patch maps) that chunked runs must equal."""
+    out = tmp_path / "single"
+    out.mkdir()
+    argv = ["--images", str(folder), "--out", str(out / "s.csv"), "--batch-size", "8"]
+    arrays = ["--save-embeddings", str(out / "e.npy"), "--save-patch-quality", str(out / "p.npy")]
+    assert run(tiny_checkpoint, *argv, *arrays) == 0
+    return out
+
+
+def _chunk_names(out):
+    return sorted(os.listdir(chunked.chunks_dir(out)))
+
+
+def test_a_chunked_run_writes_what_a_single_file_run_writes(tiny_checkpoint, folder, single, tmp_path):
+    out, emb, patch = tmp_path / "c.csv", tmp_path / "c.npy", tmp_path / "p.npy"
+    argv = ["--images", str(folder), "--out", str(out), "--chunk-rows", "8", "--batch-size", "8"]
+    assert run(tiny_checkpoint, *argv, "--save-embeddings", str(emb), "--save-patch-quality", str(patch)) == 0
+    # Pieces of 8 start batches where the single run's batches of 8 start: the same bytes, not only close floats.
+    assert out.read_bytes() == (single / "s.csv").read_bytes()
+    assert_same_floats(np.load(emb), np.load(single / "e.npy"))
+    assert_same_floats(np.load(patch), np.load(single / "p.npy"))
+    # The chunks are gone once merged; the plan and the merge record stay for a --resume to find.
+    assert _chunk_names(out) == ["merged.json", "plan.json"]
+    assert json.loads((tmp_path / "c.csv.chunks" / "merged.json").read_text()) == {"rows": 13}
+
+
+def test_a_resumed_run_scores_only_the_pieces_not_committed(tiny_checkpoint, folder, single, tmp_path, caplog):
+    good = (folder / "10.png").read_bytes()
+    (folder / "10.png").write_bytes(b"broken")  # in piece 1 (inputs 8..12)
+    out = tmp_path / "c.csv"
+    argv = ["--images", str(folder), "--out", str(out), "--chunk-rows", "8", "--batch-size", "8"]
+    assert run(tiny_checkpoint, *argv, "--on-error", "fail") == 1
+    assert _chunk_names(out) == ["00000000-r8.csv", "plan.json"]  # piece 0 committed, nothing of piece 1
+    (folder / "10.png").write_bytes(good)
+    caplog.set_level("INFO", "vitnt_jax")
+    assert run(tiny_checkpoint, *argv, "--resume") == 0
+    assert "scoring 1 of 2 pieces (5 inputs)" in caplog.text and "skipping 8 rows already committed" in caplog.text
+    # (The single run also computed embeddings: another compiled program, so floats agree to the ulp only.)
+    assert_same_rows(read_csv(out), read_csv(single / "s.csv"))
+    merged = out.read_bytes()
+    caplog.clear()
+    assert run(tiny_checkpoint, *argv, "--resume") == 0
+    assert "complete already" in caplog.text
+    assert out.read_bytes() == merged
+
+
+def test_a_bad_input_is_a_row_of_its_piece(tiny_checkpoint, folder, tmp_path):
+    (folder / "05.png").write_bytes(b"broken")
+    out = tmp_path / "c.csv"
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(out), "--chunk-rows", "4") == 0
+    rows = read_csv(out)
+    assert [r[0] for r in rows[1:]] == [f"{i:02d}.png" for i in range(13)]
+    assert rows[6][1] == "" and "not a readable image" in rows[6][2]
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [(["--alpha", "4"], "--alpha 8.0 -> 4.0"), (["--chunk-rows", "5"], "piece rows 4 -> 5")],
+)
+def test_a_resume_with_other_settings_is_refused_in_one_line(tiny_checkpoint, folder, tmp_path, capsys, change, named):
+    (folder / "05.png").write_bytes(b"broken")
+    out = tmp_path / "c.csv"
+    argv = ["--images", str(folder), "--out", str(out), "--chunk-rows", "4"]
+    assert run(tiny_checkpoint, *argv, "--on-error", "fail") == 1
+    capsys.readouterr()
+    assert run(tiny_checkpoint, *argv, "--resume", *change) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "--overwrite" in err, err
+    assert _chunk_names(out) == ["00000000-r4.csv", "plan.json"]  # nothing was touched
+
+
+def test_the_source_changing_under_a_resume_is_refused(tiny_checkpoint, folder, tmp_path, capsys):
+    (folder / "05.png").write_bytes(b"broken")
+    out = tmp_path / "c.csv"
+    argv = ["--images", str(folder), "--out", str(out), "--chunk-rows", "4"]
+    assert run(tiny_checkpoint, *argv, "--on-error", "fail") == 1
+    Image.fromarray(smooth_faces(1, seed=3)[0]).save(folder / "00a.png")  # every later input moves by one
+    capsys.readouterr()
+    assert run(tiny_checkpoint, *argv, "--resume") == 1
+    err = capsys.readouterr().err
+    assert "another source (inputs 13 inputs in pieces of 4" in err and "-> 14 inputs in pieces of 4" in err
+
+
+def test_a_fresh_run_over_committed_pieces_is_refused_and_overwrite_replaces_them(tiny_checkpoint, folder, tmp_path):
+    (folder / "05.png").write_bytes(b"broken")
+    out = tmp_path / "c.csv"
+    argv = ["--images", str(folder), "--out", str(out), "--chunk-rows", "4"]
+    assert run(tiny_checkpoint, *argv, "--on-error", "fail") == 1
+    assert run(tiny_checkpoint, *argv) == 1
+    assert _chunk_names(out) == ["00000000-r4.csv", "plan.json"]
+    assert run(tiny_checkpoint, *argv, "--overwrite", "--chunk-rows", "6") == 0
+    assert len(read_csv(out)) == 14 and _chunk_names(out) == ["merged.json", "plan.json"]
+    assert json.loads((tmp_path / "c.csv.chunks" / "plan.json").read_text())["settings"]["piece_rows"] == 6
+    assert run(tiny_checkpoint, *argv) == 1  # a finished chunked result is not replaced without --overwrite
+
+
+def test_a_file_url_and_the_parquet_format(tiny_checkpoint, folder, single, tmp_path):
+    url = f"file://{tmp_path}/u.csv"
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", url, "--chunk-rows", "8", "--batch-size", "8") == 0
+    assert_same_rows(read_csv(tmp_path / "u.csv"), read_csv(single / "s.csv"))
+    table = tmp_path / "t.parquet"
+    argv = ["--images", str(folder), "--out", str(table), "--format", "parquet", "--chunk-rows", "8"]
+    assert run(tiny_checkpoint, *argv, "--batch-size", "8") == 0
+    want, got = output.read_results(tmp_path / "u.csv"), output.read_results(table, "parquet")
+    assert got == want  # the same program as the file:// run: the same floats
+
+
+def test_chunked_jobs_refuse_what_they_cannot_write(folder, tmp_path):
+    spec = SourceSpec("images", folder)
+    with pytest.raises(JobError, match="save_aligned is not written by chunked runs"):
+        Job(spec, out=tmp_path / "c.csv", chunk_rows=4, save_aligned=tmp_path / "crops")
+    with pytest.raises(JobError, match="chunk_rows must be at least 1"):
+        Job(spec, out=tmp_path / "c.csv", chunk_rows=0)
+    job = Job(spec, out="s3://bucket/run/scores.csv", save_embeddings="s3://bucket/run/e.npy")
+    assert job.out == "s3://bucket/run/scores.csv" and job.chunked
+    assert not Job(spec, out=tmp_path / "c.csv").chunked
+
+
+def _killed_then_resumed(tiny_checkpoint, tmp_path, out_arg, chunks_folder, env=None):
+    """Starts a chunked run of 40 faces, kills it (SIGKILL) once 3 pieces are committed, then resumes it."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i, face in enumerate(smooth_faces(40, seed=5)):
+        Image.fromarray(face).save(folder / f"{i:02d}.png")
+    base = [sys.executable, "-m", "vitnt_jax.score", "--images", str(folder), "--model", str(tiny_checkpoint)]
+    argv = [*base, "--out", out_arg, "--chunk-rows", "2", "--batch-size", "2", "--workers", "1"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if len([n for n in chunks_folder() if n.endswith(".csv")]) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1].decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    committed = sorted(n for n in chunks_folder() if n.endswith(".csv"))
+    assert 3 <= len(committed) < 20
+    resumed = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipping {2 * len(committed)} rows already committed" in resumed.stderr
+    single = subprocess.run(
+        [*base, "--out", str(tmp_path / "single.csv"), "--batch-size", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    return read_csv(tmp_path / "single.csv")
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_resumes_without_losing_or_repeating_a_row(tiny_checkpoint, tmp_path):
+    out = tmp_path / "k.csv"
+    want = _killed_then_resumed(tiny_checkpoint, tmp_path, str(out), lambda: _listed(chunked.chunks_dir(out)))
+    got = read_csv(out)
+    assert [r[0] for r in got] == [r[0] for r in want]  # every id once, in source order
+    assert_same_rows(got, want)
+
+
+def _listed(folder):
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
