@@ -596,6 +596,24 @@ class SourceKind:
     chunked: bool = False  # open(location, piece_rows=N, **options) returns Pieces (scored in chunked runs only)
 
 
+def _open_rec(location, **options) -> Pieces:
+    from vitnt_jax.recordio import open_rec  # these modules build on this one: imported when used
+
+    return open_rec(location, **options)
+
+
+def _open_wds(location, **options) -> Pieces:
+    from vitnt_jax.wds import open_wds
+
+    return open_wds(location, **options)
+
+
+def _open_parquet(location, **options) -> Pieces:
+    from vitnt_jax.parquet import open_parquet
+
+    return open_parquet(location, **options)
+
+
 SOURCES: dict[str, SourceKind] = {
     kind.name: kind
     for kind in (
@@ -627,6 +645,37 @@ SOURCES: dict[str, SourceKind] = {
                 Option("label_key", "with --tfds: feature written to the label column when present (default: label)"),
             ),
             location_type=str,
+        ),
+        SourceKind(
+            "rec",
+            "FILE.rec",
+            "insightface/MXNet RecordIO (train.rec, its .idx beside it), read without MXNet; id = the record's key, "
+            "label = its header's label",
+            _open_rec,
+            location_type=str,
+            chunked=True,
+        ),
+        SourceKind(
+            "wds",
+            "PATTERN",
+            "WebDataset tar shards, brace patterns such as 'train-{000000..000999}.tar'; id = the sample's __key__, "
+            "label = its cls member",
+            _open_wds,
+            location_type=str,
+            chunked=True,
+        ),
+        SourceKind(
+            "parquet",
+            "PATTERN",
+            "Parquet files (a file or a glob) with an image-bytes column, as Hugging Face datasets write them",
+            _open_parquet,
+            (
+                Option("image_column", "with --parquet: the image column, binary or {bytes, path} (default: image)"),
+                Option("id_column", "with --parquet: the id column (default: id when present, else FILE:ROW)"),
+                Option("label_column", "with --parquet: the label column (default: label when present)"),
+            ),
+            location_type=str,
+            chunked=True,
         ),
     )
 }
