@@ -1,0 +1,478 @@
+"""WebDataset tar shards as a chunked source: one piece per shard, read as one sequential stream.
+
+A pattern names the shards in brace notation (`train-{000000..000999}.tar`, `{a,b}`), as local
+paths or fsspec URLs. A sample is a run of consecutive members sharing a key (the member path up
+to the first dot of its base name: `abc/0001.jpg` and `abc/0001.cls` are sample `abc/0001` with
+fields `jpg` and `cls`), as the WebDataset convention has it. Its image is its first jpg, jpeg,
+png or webp member; its label the text of its `cls` member (stripped), '' without one.
+
+What cannot be scored keeps a row that says why (its loader raises ImageError): a sample without
+an image member, an unreadable or oversized image, a key seen earlier in the same shard (its id
+gets `.repeat-N`), and a shard that breaks part-way (the samples before keep their rows, the
+sample in progress is an error row, and one more row `<shard>.broken` says where it broke). Such
+ids cannot clash with a key: a key's last path component holds no dot. Members WebDataset skips
+(folders, links and other non-regular members, names without a key, `__meta__` names) are
+skipped here too, never followed; the ones that look like data are named in the piece's problems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from collections.abc import Callable
+
+import numpy as np
+
+from vitnt_jax import storage
+from vitnt_jax.data import ImageError, read_image
+from vitnt_jax.errors import UserError
+from vitnt_jax.sources import Piece, Pieces, Source, SourceError, shown
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # compared with the lower-cased field name
+LABEL_FIELD = "cls"
+MAX_SHARDS = 1_000_000  # a pattern naming more is refused (every process holds the shard list)
+MAX_PATTERN = 65_536  # characters
+MAX_NESTING = 100  # brace depth
+MAX_MEMBER_BYTES = 64 << 20  # a larger image member is an error row, skipped unread
+MAX_LABEL_BYTES = 4096
+MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers (tarfile would read them whole into memory)
+MAX_SHARD_MEMBERS = 1_000_000  # a shard past this is cut there (a broken row says so)
+MAX_SHARD_HELD = 4 << 30  # image bytes one shard holds in memory while it is scored
+MAX_PROBLEMS = 20  # skipped members named per shard; the rest are counted
+_READ_BLOCK = 1 << 20
+
+
+def _broken_id(shard: str) -> str:
+    return f"{shard}.broken"
+
+
+def _repeat_id(key: str, n: int) -> str:
+    return f"{key}.repeat-{n}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patterns
+
+
+class _PatternError(ValueError):
+    pass
+
+
+def _count(pattern: str, cap: int, depth: int = 0) -> int:
+    """Returns how many names braceexpand makes of `pattern` (at most cap + 1), without making them.
+
+    Mirrors braceexpand's grammar (escape=True): it materialises each brace group, so a pattern is counted
+    before it is expanded (`{0..999999999999}` would fill memory).
+    """
+    from braceexpand import alphabet, char_range_re, int_range_re
+
+    if depth > MAX_NESTING:
+        raise _PatternError(f"nests braces more than {MAX_NESTING} deep")
+    total, pos, start, level = 1, 0, 0, 0
+    while pos < len(pattern):
+        c = pattern[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            if level == 0:
+                start = pos
+            level += 1
+        elif c == "}":
+            level -= 1
+            if level < 0:  # braceexpand takes '}{' as text; a pattern holding it is a typo
+                raise _PatternError("has unbalanced braces")
+            if level == 0:
+                expr = pattern[start + 1 : pos]
+                if match := int_range_re.match(expr):
+                    a, b, step = int(match[1]), int(match[2]), int(match[3] or 1) or 1
+                    n = abs(b - a) // step + 1
+                elif match := char_range_re.match(expr):
+                    a, b, step = alphabet.index(match[1]), alphabet.index(match[2]), int(match[3] or 1) or 1
+                    n = len(alphabet[a : b + 1 : step] if a < b else alphabet[a : (b or -len(alphabet)) - 1 : -step])
+                else:
+                    parts = _top_level_parts(expr)
+                    if parts is None:  # not a sequence: the braces stay, the inside is a pattern
+                        n = _count(expr, cap, depth + 1)
+                    else:
+                        n = sum(_count(part, cap, depth + 1) for part in parts)
+                total = min(total * n, cap + 1)
+                start = pos + 1
+        pos += 1
+    if level != 0:
+        raise _PatternError("has unbalanced braces")
+    return total
+
+
+def _top_level_parts(expr: str) -> list[str] | None:
+    """Returns the comma-separated parts of a brace sequence, None when it is no sequence (as braceexpand)."""
+    parts, pos, start, level = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            level += 1
+        elif c == "}":
+            level -= 1
+        elif c == "," and level == 0:
+            parts.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if level != 0 or not parts:
+        return None
+    parts.append(expr[start:])
+    return parts
+
+
+def expand(pattern: str) -> list[str]:
+    """Returns the shard locations `pattern` names, in order; SourceError for a malformed or too large pattern."""
+    from braceexpand import UnbalancedBracesError, braceexpand
+
+    def refuse(why: str) -> SourceError:
+        return SourceError("{wds} " + f"{shown(pattern)} {why}.", field="wds")
+
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise refuse("is empty; pass the shards as a path or URL such as 'train-{000000..000999}.tar'")
+    if len(pattern) > MAX_PATTERN:
+        raise refuse(f"is {len(pattern)} characters long, above the {MAX_PATTERN} allowed; name fewer shards")
+    try:
+        n = _count(pattern, MAX_SHARDS)
+    except _PatternError as error:
+        raise refuse(f"{error}; write each brace group as {{a,b,c}} or {{000..999}}") from None
+    if n > MAX_SHARDS:
+        raise refuse(f"names more than {MAX_SHARDS:,} shards; split the run into several patterns")
+    try:
+        names = list(braceexpand(pattern))
+    except (UnbalancedBracesError, RecursionError):
+        raise refuse("has unbalanced braces; write each brace group as {a,b,c} or {000..999}") from None
+    if len(names) > MAX_SHARDS:  # the count above is exact; kept as a guard should braceexpand change
+        raise refuse(f"names more than {MAX_SHARDS:,} shards; split the run into several patterns")
+    seen: set[str] = set()
+    for name in names:
+        if not name:
+            raise refuse("names an empty shard path; fix the pattern")
+        if name in seen:
+            raise refuse(f"names the shard {shown(name)} twice; fix the pattern so each shard is named once")
+        seen.add(name)
+    return names
+
+
+def _split(location: str) -> tuple[str, str]:
+    if storage.is_url(location):
+        folder, _, name = location.rpartition("/")
+        return folder, name
+    folder, name = os.path.split(location)
+    return folder or ".", name
+
+
+def _missing(names: list[str]) -> list[str]:
+    """Returns the shards that do not exist, listing each distinct folder once (not one request per shard)."""
+    listed: dict[str, set[str]] = {}
+    missing = []
+    for name in names:
+        folder, base = _split(name)
+        if folder not in listed:
+            try:
+                listed[folder] = set(storage.listdir(folder))
+            except UserError:
+                raise
+            except Exception as error:
+                raise SourceError(
+                    "{wds} " + f"cannot list the folder {shown(folder)} ({type(error).__name__}: {error}); "
+                    "check that it exists and can be read.",
+                    field="wds",
+                ) from None
+        if base not in listed[folder]:
+            missing.append(name)
+    return missing
+
+
+def open_wds(pattern: str, *, piece_rows: int = 0, **_: object) -> Pieces:
+    """Returns the WebDataset shards `pattern` names as Pieces, one per shard in pattern order.
+
+    Opening expands the pattern and lists each folder once to refuse missing shards; it reads no shard.
+    piece_rows is not used: a shard is read, scored and committed whole (its sample count is known only
+    once it is read). Every row has a label column ('' for a sample without a `cls` member).
+    """
+    names = expand(pattern)
+    missing = _missing(names)
+    if missing:
+        first = ", ".join(shown(m, 120) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        hint = " (globs such as * are not expanded: use braces)" if any(c in pattern for c in "*?[") else ""
+        raise SourceError(
+            "{wds} "
+            + f"{shown(pattern)} names {len(missing)} of {len(names)} shards that do not exist: {first}{more}{hint}; "
+            "fix the pattern or supply the shards.",
+            field="wds",
+        )
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode("utf-8", "surrogatepass") + b"\0")
+    pieces = [Piece(k, f"shard {name}", None, _reader(name)) for k, name in enumerate(names)]
+    return Pieces(pattern, True, pieces, f"{len(names)} WebDataset shards, sha256 {digest.hexdigest()}")
+
+
+def _reader(shard: str) -> Callable[[], Source]:
+    return lambda: read_shard(shard)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """Returns (key, field) of a member path as WebDataset groups it, None for a name that is no sample's.
+
+    key: the path up to the first dot of its base name; field: the rest after that dot, lower-cased.
+    """
+    folder, slash, base = name.rpartition("/")
+    stem, dot, rest = base.partition(".")
+    if not dot or not stem:
+        return None
+    return folder + slash + stem, rest.lower()
+
+
+def _is_meta(name: str) -> bool:
+    # WebDataset skips names like __index__ or __meta__/... (shard metadata, no samples).
+    head = name.split("/", 1)[0]
+    return len(head) >= 4 and head.startswith("__") and head.endswith("__")
+
+
+class _Sample:
+    __slots__ = ("key", "fields", "image", "label", "reason")
+
+    def __init__(self, key: str):
+        self.key = key
+        self.fields: list[str] = []
+        self.image: bytes | None = None
+        self.label = ""
+        self.reason: str | None = None
+
+
+class _Tracked:
+    """A file wrapper that remembers a failure of the storage read itself (not of the tar inside)."""
+
+    def __init__(self, f):
+        self.f, self.failure, self.position = f, None, 0
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.f.read(n)
+        except Exception as error:
+            self.failure = error
+            raise
+        self.position += len(data)
+        return data
+
+
+def _fields(sample: _Sample) -> str:
+    text = ", ".join("." + f for f in sample.fields[:10]) + (", ..." if len(sample.fields) > 10 else "")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def read_shard(shard: str) -> Source:
+    """Returns one shard's samples as a small Source (ids = keys, labels, load(j) decodes its image).
+
+    The tar is read once, front to back (tarfile stream mode; gzip/bz2/xz compressed shards too); only image
+    and cls members are held. SourceError when the shard cannot be opened or the storage read fails (rerun).
+    """
+    ids: list[str] = []
+    labels: list[str] = []
+    payload: list[bytes | str] = []  # encoded image, or the reason the row is an error
+    first_at: dict[str, int] = {}  # key -> sample number of its first appearance
+    repeats: dict[str, int] = {}
+    problems: list[str] = []
+    untold = [0]
+    held = [0]
+
+    def note(problem: str) -> None:
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(f"{problem} (shard {shown(shard, 120)})")
+        else:
+            untold[0] += 1
+
+    def finish(sample: _Sample, reason: str | None = None) -> None:
+        reason = reason or sample.reason
+        image_id = sample.key
+        if sample.key in first_at:
+            repeats[sample.key] = repeats.get(sample.key, 1) + 1
+            image_id = _repeat_id(sample.key, repeats[sample.key])
+            first = first_at[sample.key] + 1
+            reason = f"key {shown(sample.key, 80)} is repeated in this shard (first at its sample {first})"
+        else:
+            first_at[sample.key] = len(ids)
+        if reason is None and sample.image is None:
+            reason = f"no {'/'.join(IMAGE_FIELDS)} member; it holds: {_fields(sample)}"
+        ids.append(image_id)
+        labels.append(sample.label)
+        payload.append(reason if reason is not None else sample.image)
+
+    stop: list[BaseException] = []
+
+    class Header(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf, encoding, errors):
+            info = super().frombuf(buf, encoding, errors)
+            if (
+                info.type
+                in (
+                    tarfile.XHDTYPE,
+                    tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE,
+                    tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK,
+                )
+                and info.size > MAX_HEADER_BYTES
+            ):
+                raise tarfile.HeaderError(f"an extended header of {info.size} bytes (at most {MAX_HEADER_BYTES})")
+            return info
+
+        @classmethod
+        def fromtarfile(cls, tar):
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.HeaderError as error:  # tarfile ends the archive quietly on most of these
+                if not stop:
+                    stop.append(error)
+                raise
+
+    try:
+        raw = storage.open_read(shard)
+    except UserError:
+        raise
+    except Exception as error:
+        raise SourceError(
+            "{wds} " + f"cannot read the shard {shown(shard)} ({type(error).__name__}: {error}); "
+            "check that it exists and can be read, then rerun with --resume.",
+            field="wds",
+        ) from None
+    tracked = _Tracked(raw)
+    current: _Sample | None = None
+    broke: str | None = None
+    tar = None
+    last: tarfile.TarInfo | None = None
+    where = ""
+    members = 0
+    try:
+        tar = tarfile.open(
+            fileobj=tracked, mode="r|*", bufsize=_READ_BLOCK, tarinfo=Header, encoding="utf-8", errors="surrogateescape"
+        )
+        for info in tar:
+            tar.members = []  # stream mode would keep every header
+            members += 1
+            last = info
+            if members > MAX_SHARD_MEMBERS:
+                broke = f"it holds more than {MAX_SHARD_MEMBERS} members; split it into smaller shards"
+                break
+            name = info.name
+            if _is_meta(name):
+                continue
+            split = split_key(name)
+            if info.isdir():
+                continue
+            if split is None:
+                if info.isreg():
+                    note(
+                        f"member {shown(name, 120)} has no key (no name before the first dot of its base name); skipped"
+                    )
+                continue
+            if not info.isreg():
+                note(f"member {shown(name, 120)} is not a regular file (a link or device); skipped, never followed")
+                continue
+            key, field = split
+            if current is None or key != current.key:
+                if current is not None:
+                    finish(current)
+                current = _Sample(key)
+            if field in current.fields:
+                current.reason = current.reason or f"it holds .{field} twice"
+            current.fields.append(field)
+            if current.reason is not None:
+                continue
+            if field in IMAGE_FIELDS and current.image is None:
+                if info.size > MAX_MEMBER_BYTES:
+                    current.reason = f"its .{field} member is {info.size} bytes, above the {MAX_MEMBER_BYTES} limit"
+                elif held[0] + info.size > MAX_SHARD_HELD:
+                    current.reason = f"not read: the shard's images pass {MAX_SHARD_HELD} bytes; split it"
+                else:
+                    current.image = tar.extractfile(info).read()
+                    held[0] += len(current.image)
+            elif field == LABEL_FIELD:
+                if info.size > MAX_LABEL_BYTES:
+                    current.reason = f"its .cls member is {info.size} bytes, above the {MAX_LABEL_BYTES} limit"
+                else:
+                    try:
+                        current.label = tar.extractfile(info).read().decode("utf-8").strip()
+                    except UnicodeDecodeError:
+                        current.reason = "its .cls member is not UTF-8 text"
+        else:
+            if stop and not isinstance(stop[0], tarfile.EOFHeaderError):
+                broke = _why(stop[0], True)
+    except MemoryError:
+        raise
+    except Exception as error:
+        if tracked.failure is not None:
+            raise SourceError(
+                "{wds} " + f"reading the shard {shown(shard)} failed at byte {tracked.position} "
+                f"({type(tracked.failure).__name__}: {tracked.failure}); rerun with --resume.",
+                field="wds",
+            ) from None
+        broke = _why(error, False)
+        if str(error) == "unexpected end of data" and last is not None:
+            where = f"byte {last.offset} (member {shown(last.name, 80)})"
+    finally:
+        if tar is not None:
+            try:
+                tar.close()
+            except Exception:
+                pass
+        raw.close()
+    if broke is None:
+        if current is not None:
+            finish(current)
+    else:
+        at = where or (f"byte {tar.offset}" if tar is not None and tar.offset else "its start")
+        done = len(ids)
+        if current is not None:
+            finish(current, f"the shard breaks inside this sample, at {at}")
+        after = f"after {done} complete sample{'' if done == 1 else 's'}" if done else "before any complete sample"
+        ids.append(_broken_id(shard))
+        labels.append("")
+        payload.append(f"the shard breaks at {at}, {after} ({broke}); the rest of it is not read")
+    if untold[0]:
+        problems.append(f"{untold[0]} more skipped members in shard {shown(shard, 120)}")
+
+    def load(j: int) -> np.ndarray:
+        item = payload[j]
+        if isinstance(item, str):
+            raise ImageError(item)
+        return read_image(item)
+
+    return Source(shard, ids, labels, load, problems=problems)
+
+
+_PLAIN = {
+    "empty file": "the file is empty or holds no tar",
+    "empty header": "it is cut short inside a member header",
+    "truncated header": "it is cut short inside a member header",
+    "unexpected end of data": "it is cut short inside a member",
+    "end of file header": "it ends early",
+}
+
+
+def _why(error: BaseException, quiet: bool) -> str:
+    """Returns why a shard broke, in plain words. quiet: tarfile ended the archive on this header error itself."""
+    text = str(error) or type(error).__name__
+    if quiet and isinstance(error, tarfile.EmptyHeaderError):
+        text = "it ends without the tar end marker (cut short?)"
+    elif text in _PLAIN:
+        text = _PLAIN[text]
+    elif isinstance(error, tarfile.HeaderError) or text in ("bad checksum", "invalid header"):
+        text = f"a damaged member header ({text})"
+    else:
+        text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= 200 else text[:200] + "..."
