@@ -347,3 +347,19 @@ def test_read_through_a_file_url(tmp_path):
     assert [r[:2] for r in got] == [("1", "0"), ("2", "1"), ("3", "0"), ("4", "1"), ("5", "0")]
     for (_, _, array), data in zip(got, images, strict=True):
         np.testing.assert_array_equal(array, read_image(data))
+
+
+def test_a_rounded_float32_image_count_is_corrected_by_the_first_identity_record(tmp_path, monkeypatch):
+    # Above 2^24 the header's float32 count is rounded (to a multiple of 4 near WebFace42M's 42.5M images);
+    # here the header says 8 images for 6, and the check is made as it would be up there.
+    monkeypatch.setattr(recordio, "_rounding", lambda a: 2)
+    identities = [(7, frame(payload((1, 3)))), (8, frame(payload((3, 7))))]
+    write_rec(tmp_path / "f.rec", [(k // 2, jpeg(k)) for k in range(6)], header=(9, 9), extra=identities)
+    pieces = recordio.open_rec(str(tmp_path / "f.rec"), piece_rows=4)
+    assert pieces.name.endswith("(insightface layout, 6 images)") and pieces.problems == []
+    assert [r[:2] for r in rows(pieces)] == [(str(k), str((k - 1) // 2)) for k in range(1, 7)]
+    write_rec(tmp_path / "f.rec", [(k // 2, jpeg(k)) for k in range(6)], header=(8, 8))  # no identity record
+    pieces = recordio.open_rec(str(tmp_path / "f.rec"), piece_rows=4)
+    assert pieces.name.endswith("(insightface layout, 7 images)")
+    assert pieces.problems[0].startswith("the header's image count 7 is above 2^24")
+    assert [r[0] for r in rows(pieces)] == [str(k) for k in range(1, 8)]

@@ -398,12 +398,13 @@ class RecordFile:
                 results[j] = error
 
 
-def _layout(records: RecordFile) -> tuple[str, int, int]:
-    """Returns ('insightface', a, b) when record 0 is a header-only record with labels [a, b], else ('plain', 0, 0)."""
+def _layout(records: RecordFile) -> tuple[str, int, int, list[str]]:
+    """Returns ('insightface', a, b, notes) when record 0 is a header-only record with labels [a, b], else
+    ('plain', 0, 0, []); notes: what the log should say about the header."""
     index = records.index
     _, present = index.positions(np.array([0], np.int64))
     if not present[0]:
-        return "plain", 0, 0
+        return "plain", 0, 0, []
     (found,) = records.read_keys(np.array([0], np.int64))
     if isinstance(found, ImageError):
         raise _fail(
@@ -412,7 +413,7 @@ def _layout(records: RecordFile) -> tuple[str, int, int]:
         )
     header, image = found
     if len(image) or header.flag == 0:
-        return "plain", 0, 0
+        return "plain", 0, 0, []
     values = header.label
     if (
         len(values) < 2
@@ -424,12 +425,44 @@ def _layout(records: RecordFile) -> tuple[str, int, int]:
             "(insightface layout: images 1..a-1, identities a..b-1); repair the file or write it again."
         )
     a, b = int(values[0]), int(values[1])
+    window, notes = _rounding(a), []
+    if window:
+        exact = _first_identity(records, a, window)
+        if exact is None:
+            notes.append(
+                f"the header's image count {a - 1} is above 2^24, which its float32 label holds only approximately, "
+                f"and no identity record within {window} keys of it says where the images end; keys near it may be "
+                "miscounted"
+            )
+        else:
+            a = exact
     if a - 1 > len(index):
         raise _fail(
             f"{records.location}: its header names {a - 1} images but the index {records.index_location} lists "
             f"{len(index)} records; the .idx belongs to another .rec or is cut short."
         )
-    return "insightface", a, b
+    return "insightface", a, b, notes
+
+
+def _rounding(a: int) -> int:
+    """Returns how far the float32 label `a` of an insightface header may be from the true count (0: exact)."""
+    return int(np.spacing(np.float32(a))) if a > _FLOAT32_EXACT else 0
+
+
+def _first_identity(records: RecordFile, a: int, window: int) -> int | None:
+    """Returns the key near `a` (within `window`) whose record is the first identity-range header ([1, end)), or None.
+
+    Above 2^24 the header's float32 label is rounded (WebFace42M: to a multiple of 4); the identity
+    records that follow the images say exactly where they start.
+    """
+    keys = np.arange(max(2, a - window), a + window + 1, dtype=np.int64)
+    for key, found in zip(keys.tolist(), records.read_keys(keys), strict=True):
+        if isinstance(found, ImageError):
+            continue
+        header, image = found
+        if not len(image) and header.flag >= 2 and header.label[0] == 1.0:
+            return key
+    return None
 
 
 def open_rec(location: str | os.PathLike, *, piece_rows: int) -> Pieces:
@@ -443,8 +476,7 @@ def open_rec(location: str | os.PathLike, *, piece_rows: int) -> Pieces:
         raise ValueError(f"piece_rows must be a positive integer, got {piece_rows!r}")
     records = RecordFile(location)
     index = records.index
-    layout, a, b = _layout(records)
-    problems: list[str] = []
+    layout, a, b, problems = _layout(records)
     if layout == "insightface":
         count = a - 1
         in_images = int(np.searchsorted(index.keys, a) - np.searchsorted(index.keys, 1))
@@ -456,11 +488,6 @@ def open_rec(location: str | os.PathLike, *, piece_rows: int) -> Pieces:
         outside = int(len(index) - np.searchsorted(index.keys, b))
         if outside:
             problems.append(f"{outside} indexed keys from {b} on lie past the header's range 0..{b - 1}; not scored")
-        if a > _FLOAT32_EXACT:
-            problems.append(
-                f"the header's image count {a - 1} is above 2^24, which its float32 label holds only approximately; "
-                "keys near it may be miscounted"
-            )
 
         def keys_of(k: int) -> np.ndarray:
             return np.arange(1 + k * piece_rows, min(a, 1 + (k + 1) * piece_rows), dtype=np.int64)
