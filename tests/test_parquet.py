@@ -296,3 +296,22 @@ def test_without_pyarrow_each_use_says_what_to_install(tmp_path, monkeypatch):
         parquet.open_parquet(str(tmp_path / "x.parquet"), piece_rows=8)
     with pytest.raises(parquet.output.OutputError, match=r"^format parquet needs pyarrow: pip install pyarrow\.$"):
         parquet.write_rows(tmp_path / "x.parquet", [], False)
+
+
+def test_the_same_images_score_alike_through_a_folder_and_a_parquet_table(tiny_checkpoint, tmp_path):
+    from pipeline_helpers import assert_same_floats, faces_folder, read_csv, run
+
+    folder = faces_folder(tmp_path / "faces", n=9)
+    names = sorted(p.name for p in folder.iterdir())
+    images = hf_images([((folder / n).read_bytes(), n) for n in names] + [None])
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": images, "id": [*names, "missing"]}), table, row_group_size=4)
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(tmp_path / "f.csv"), "--batch-size", "4") == 0
+    out = tmp_path / "p.parquet"
+    argv = ["--parquet", str(table), "--out", str(out), "--format", "parquet", "--batch-size", "4"]
+    assert run(tiny_checkpoint, *argv, "--chunk-rows", "4") == 0
+    want = read_csv(tmp_path / "f.csv")[1:]
+    got = parquet.read_rows(out)
+    assert [r.id for r in got] == [*names, "missing"]
+    assert [r.error for r in got] == [""] * len(names) + ["image is null"] and got[-1].quality is None
+    assert_same_floats([r.quality for r in got[:-1]], [float(r[1]) for r in want])
