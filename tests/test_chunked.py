@@ -192,3 +192,79 @@ def _listed(folder):
         return os.listdir(folder)
     except FileNotFoundError:
         return []
+
+
+# Two fake CPU devices per process; the other XLA flags (e.g. --xla_cpu_max_isa=AVX2) are kept.
+_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
+MULTI_ENV = {
+    **os.environ,
+    "XLA_FLAGS": " ".join([*_FLAGS, "--xla_force_host_platform_device_count=2"]),
+    "JAX_PLATFORMS": "cpu",
+}
+
+
+def faces_rec(path, n=23, seed=7):
+    """Writes an insightface-layout RecordIO of n JPEG faces (labels i % 4) at `path`; returns the JPEG bytes."""
+    import io
+
+    from recordio_writer import write_rec
+
+    jpegs = []
+    for face in smooth_faces(n, seed=seed):
+        buffer = io.BytesIO()
+        Image.fromarray(face).save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    write_rec(path, [(i % 4, j) for i, j in enumerate(jpegs)], header="insightface")
+    return jpegs
+
+
+def run_processes(argv, count, workdirs, env, timeout=300):
+    """Runs `count` processes of one job, process i in workdirs[i]; returns [(exit status, stderr)]."""
+    from pipeline_helpers import free_port
+
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [*argv, "--num-processes", str(count), "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}"],
+            cwd=workdirs[i],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(count)
+    ]
+    return [(p.wait(timeout=timeout), p.communicate()[1]) for p in procs]
+
+
+@pytest.mark.slow
+def test_processes_in_separate_folders_sharing_only_the_output_url_merge_to_the_single_result(
+    tiny_checkpoint, tmp_path
+):
+    rec = tmp_path / "data" / "train.rec"
+    rec.parent.mkdir()
+    faces_rec(rec)
+    base = [sys.executable, "-m", "vitnt_jax.score", "--rec", str(rec), "--model", str(tiny_checkpoint)]
+    base += ["--chunk-rows", "4", "--batch-size", "4", "--save-embeddings"]
+    single = subprocess.run(
+        [*base, str(tmp_path / "single.npy"), "--out", str(tmp_path / "single.csv")],
+        env=MULTI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    shared = tmp_path / "bucket"
+    shared.mkdir()
+    workdirs = [tmp_path / f"host{i}" for i in range(3)]
+    for w in workdirs:
+        w.mkdir()
+    # Relative outputs would land in each host's own folder: the URL is the one place they share.
+    argv = [*base, f"file://{shared}/e.npy", "--out", f"file://{shared}/scores.csv"]
+    results = run_processes(argv, 3, workdirs, MULTI_ENV)
+    assert all(rc == 0 for rc, _ in results), results
+    # 6 pieces of 4 (the last of 3) split 2/2/2: each process scored its pieces from batch position 0.
+    assert (shared / "scores.csv").read_bytes() == (tmp_path / "single.csv").read_bytes()
+    assert_same_floats(np.load(shared / "e.npy"), np.load(tmp_path / "single.npy"))
+    assert all(os.listdir(w) == [] for w in workdirs)  # nothing written where the processes ran
+    assert sorted(os.listdir(shared / "scores.csv.chunks")) == ["merged.json", "plan.json"]
