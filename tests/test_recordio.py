@@ -201,10 +201,11 @@ def test_damaged_records_are_their_own_error_rows_naming_the_byte(tmp_path):
         (16, frame_part(0, payload(1, images[0]), length=100000)),  # claims past the next record
         (17, frame_part(0, payload(2, b"not an image at all"))),
         (18, good),
+        (19, frame_part(0, payload(tuple(range(1025)), images[0]))),  # more labels than a label column takes
     ]
     written = dict(write_rec(tmp_path / "d.rec", [(k, im) for k, im in enumerate(images[:2])], extra=extra))
     got = {r[0]: r for r in rows(recordio.open_rec(str(tmp_path / "d.rec"), piece_rows=4))}
-    assert list(got) == ["0", "1", "10", "11", "12", "13", "14", "15", "16", "17", "18"]
+    assert list(got) == ["0", "1", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19"]
     at = {k: written[int(k)] for k in got}
     assert got["10"][2] == f"bad RecordIO magic 0xdeadbeef at byte {at['10']}"
     assert got["11"][2] == f"continuation out of order at byte {at['11']}: a record starts with part flag 2"
@@ -219,6 +220,9 @@ def test_damaged_records_are_their_own_error_rows_naming_the_byte(tmp_path):
     )
     assert got["16"][2] == f"record at byte {at['16']} claims 100000 bytes, past the next record at byte {at['17']}"
     assert got["17"][2].startswith("not a")
+    assert got["19"][2] == (
+        f"record at byte {at['19']}: its IRHeader flag 1025 asks for more labels than the 1024 a label column takes"
+    )
     assert [got[k][1] for k in ("10", "16", "17", "18")] == ["", "", "2", "9"]
     np.testing.assert_array_equal(got["18"][2], read_image(images[2]))
     np.testing.assert_array_equal(got["1"][2], read_image(images[1]))
@@ -363,3 +367,20 @@ def test_a_rounded_float32_image_count_is_corrected_by_the_first_identity_record
     assert pieces.name.endswith("(insightface layout, 7 images)")
     assert pieces.problems[0].startswith("the header's image count 7 is above 2^24")
     assert [r[0] for r in rows(pieces)] == [str(k) for k in range(1, 8)]
+
+
+def test_the_registered_source_opens_the_same_pieces(tmp_path):
+    from vitnt_jax.sources import SourceSpec
+
+    write_rec(tmp_path / "s.rec", [(k, jpeg(k)) for k in range(5)], header="insightface")
+    spec = SourceSpec("rec", str(tmp_path / "s.rec"))
+    assert spec.chunked
+    pieces = spec.open_pieces(2)
+    direct = recordio.open_rec(str(tmp_path / "s.rec"), piece_rows=2)
+    assert (pieces.name, pieces.identity, [p.size for p in pieces.pieces]) == (
+        direct.name,
+        direct.identity,
+        [2, 2, 1],
+    )
+    assert (pieces.color, pieces.align) == ("rgb", "none")
+    assert [r[:2] for r in rows(pieces)] == [r[:2] for r in rows(direct)]

@@ -54,6 +54,8 @@ _MAX_DIGITS = 18
 _MAX_LINE = 2 * _MAX_DIGITS + 3
 # A piece whose records span more than this is read record by record (only the bytes each record claims).
 MAX_RANGE = 1 << 30
+# The most float32 labels a record's header may carry (landmark sets have ~10..200); more is an error row.
+MAX_LABELS = 1024
 # float32 holds every integer up to 2^24 exactly: an insightface header above it is only approximate.
 _FLOAT32_EXACT = 1 << 24
 
@@ -304,6 +306,11 @@ def split_payload(payload, offset: int = 0) -> tuple[IRHeader, memoryview]:
             raise ImageError(
                 f"record at byte {offset}: its IRHeader flag {flag} asks for {flag} float32 labels, past the end of "
                 f"its {len(payload)} bytes"
+            )
+        if flag > MAX_LABELS:
+            raise ImageError(
+                f"record at byte {offset}: its IRHeader flag {flag} asks for more labels than the {MAX_LABELS} a "
+                "label column takes"
             )
         label = tuple(float(x) for x in np.frombuffer(image, "<f4", flag))
         image = image[4 * flag :]
