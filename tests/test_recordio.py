@@ -384,3 +384,14 @@ def test_the_registered_source_opens_the_same_pieces(tmp_path):
     )
     assert (pieces.color, pieces.align) == ("rgb", "none")
     assert [r[:2] for r in rows(pieces)] == [r[:2] for r in rows(direct)]
+
+
+def test_a_file_cut_after_the_plan_is_refused_not_turned_into_error_rows(tmp_path):
+    # The plan (error rows for records past the end included) is fixed when the file is opened: a file
+    # that shrinks afterwards would change a piece's rows, so reading that piece stops the run instead.
+    write_rec(tmp_path / "c.rec", [(k, jpeg(k)) for k in range(4)], header="insightface")
+    pieces = recordio.open_rec(str(tmp_path / "c.rec"), piece_rows=2)
+    os.truncate(tmp_path / "c.rec", os.path.getsize(tmp_path / "c.rec") - 200)
+    assert pieces.pieces[0].read().ids == ["1", "2"]
+    with pytest.raises(SourceError, match="changed while it was read"):
+        pieces.pieces[1].read()
