@@ -1202,6 +1202,14 @@ def run(job: Job, *, progress_bar: bool | None = None) -> Summary:
     every wait is bounded by `job.process_timeout` (DistributedError when a process never reports).
     progress_bar: tqdm bar (default: when stderr is a terminal), else a log line every 30 s.
     """
+    from vitnt_jax import cache
+
+    # JAX's persistent compilation cache (vitnt_jax.cache): a rerun, and every host of a pod, loads the programs.
+    with cache.compile_cache(job.compile_cache):
+        return _run(job, progress_bar)
+
+
+def _run(job: Job, progress_bar: bool | None) -> Summary:
     from vitnt_jax import distributed
 
     process, processes = _initialize(job)
