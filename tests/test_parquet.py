@@ -315,3 +315,31 @@ def test_the_same_images_score_alike_through_a_folder_and_a_parquet_table(tiny_c
     assert [r.id for r in got] == [*names, "missing"]
     assert [r.error for r in got] == [""] * len(names) + ["image is null"] and got[-1].quality is None
     assert_same_floats([r.quality for r in got[:-1]], [float(r[1]) for r in want])
+
+
+def test_a_damaged_row_group_is_error_rows_and_a_failing_read_stops_the_piece(tmp_path, blobs, monkeypatch):
+    path = write(tmp_path / "dmg.parquet", {"image": pa.array(blobs[:6], pa.binary()), "label": [1] * 6}, 2)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    content = bytearray((tmp_path / "dmg.parquet").read_bytes())
+    start = column.dictionary_page_offset or column.data_page_offset
+    content[start : start + 40] = b"\xff" * 40  # the page header of row group 1's image column
+    (tmp_path / "dmg.parquet").write_bytes(bytes(content))
+    pieces = parquet.open_parquet(path, piece_rows=2)
+    rows = everything(pieces)
+    assert [r[0] for r in rows] == [f"dmg.parquet:{i}" for i in range(6)]
+    assert [r[1] for r in rows] == ["1", "1", "", "", "1", "1"]
+    assert [isinstance(r[2], str) for r in rows] == [False, False, True, True, False, False]
+    assert rows[2][2].startswith("dmg.parquet row group 1 cannot be decoded (") and rows[2][2] == rows[3][2]
+    assert rows[2][2].endswith("); the file is damaged")
+
+    class Failing(io.BytesIO):
+        def read(self, *args):
+            raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(parquet.storage, "open_read", lambda location: Failing(bytes(content)))
+    with pytest.raises(SourceError) as error:
+        pieces.pieces[0].read()  # not error rows: nothing is committed, and a resumed run reads it again
+    assert str(error.value) == (
+        "cannot read parquet file dmg.parquet row group 0 (connection reset by peer); check the file and access, "
+        "then resume."
+    )

@@ -15,6 +15,7 @@ pyarrow is imported only when a Parquet file is opened or written (`pip install 
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
 import glob
@@ -330,8 +331,7 @@ def open_parquet(
     for index, (k, a, b, first_row) in enumerate(plan):
         f = files[k]
         rows = sum(n for n, _ in f.row_groups[a:b])
-        groups = f"row group {a}" if b - a == 1 else f"row groups {a}..{b - 1}"
-        name = f"{f.name} {groups} (rows {first_row}..{first_row + rows - 1})"
+        name = f"{f.name} {_groups(a, b)} (rows {first_row}..{first_row + rows - 1})"
         pieces.append(sources.Piece(index, name, rows, _reader(f, a, b, first_row, rows, columns)))
     return sources.Pieces(f"parquet {pattern}", label_col is not None, pieces, identity)
 
@@ -351,8 +351,82 @@ def _reader(f: _File, a: int, b: int, first_row: int, rows: int, columns: _Colum
     return read
 
 
+class _Watched:
+    """A binary file that remembers an exception its reads raised: a failing file (a network error) is told
+    apart from data pyarrow cannot decode (a damaged file), which pyarrow raises as the same OSError."""
+
+    def __init__(self, stream):
+        self.stream, self.fault = stream, None
+
+    def _call(self, name, *args):
+        try:
+            return getattr(self.stream, name)(*args)
+        except BaseException as error:
+            self.fault = self.fault or error
+            raise
+
+    def read(self, *args):
+        return self._call("read", *args)
+
+    def readinto(self, *args):
+        return self._call("readinto", *args)
+
+    def seek(self, *args):
+        return self._call("seek", *args)
+
+    def tell(self):
+        return self._call("tell")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _groups(a: int, b: int) -> str:
+    return f"row group {a}" if b - a == 1 else f"row groups {a}..{b - 1}"
+
+
 def _read_piece(f: _File, a: int, b: int, first_row: int, rows: int, columns: _Columns) -> sources.Source:
-    """Reads row groups a..b-1 of `f` (the used columns only) in batches; returns them as a small Source."""
+    """Reads row groups a..b-1 of `f` (the used columns only) in batches; returns them as a small Source.
+
+    A file that cannot be read (a network error, a file changed since the plan) raises SourceError: nothing of
+    the piece is committed and a resumed run reads it again. Data that do not decode (a damaged row group) are
+    error rows, one per planned row, with FILE:ROW ids.
+    """
+    try:
+        with storage.open_read(f.location) as raw:
+            stream = _Watched(raw)
+            try:
+                return _decode_piece(stream, f, a, b, first_row, rows, columns)
+            except sources.SourceError:
+                raise
+            except Exception as error:
+                if stream.fault is not None:
+                    raise
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except sources.SourceError:
+        raise
+    except Exception as error:
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _refuse(
+            "cannot read {parquet} " + f"file {f.name} {_groups(a, b)} ({why[:200]}); check the file and access, "
+            "then resume."
+        ) from error
+    logger.warning("parquet file %s %s cannot be decoded (%s): its rows are error rows", f.name, _groups(a, b), reason)
+    why = f"{f.name} {_groups(a, b)} cannot be decoded ({reason[:200]}); the file is damaged"
+    ids = [f"{f.name}:{first_row + j}" for j in range(rows)]
+    labels = None if columns.label is None else [""] * rows
+
+    def damaged(j: int):
+        raise data.ImageError(why)
+
+    return sources.Source(f"parquet {f.name}", ids, labels, damaged)
+
+
+class _Undecodable(Exception):
+    """The row groups decoded to another number of rows than the footer says."""
+
+
+def _decode_piece(stream, f: _File, a: int, b: int, first_row: int, rows: int, columns: _Columns) -> sources.Source:
     _, pq = _pyarrow("{parquet}", sources.SourceError, "parquet")
     wanted = [c for c in dict.fromkeys([columns.image, columns.id, columns.label]) if c is not None]
     images: list[Any] = []  # one pyarrow array of image bytes per batch (the piece's memory)
@@ -360,68 +434,52 @@ def _read_piece(f: _File, a: int, b: int, first_row: int, rows: int, columns: _C
     labels: list[str] | None = [] if columns.label is not None else None
     bad: dict[int, str] = {}  # row in piece -> why it has no image (null, a path only)
     starts: list[int] = []
-    try:
-        with storage.open_read(f.location) as stream:
-            size = stream.seek(0, os.SEEK_END)
-            stream.seek(0)
-            if size != f.size:
-                raise _refuse(
-                    "{parquet} " + f"file {f.name} holds {size} bytes, not the {f.size} it held when the run was "
-                    "planned; a run reads files that do not change (rerun on the new files with a new output)."
-                )
-            table = pq.ParquetFile(stream, pre_buffer=False)  # measured: a lower peak than pre-buffered ranges
-            for batch in table.iter_batches(
-                batch_size=_BATCH_ROWS, row_groups=list(range(a, b)), columns=wanted, use_threads=False
-            ):
-                base = len(ids)
-                starts.append(base)
-                cells = batch.column(wanted.index(columns.image))
-                if columns.kind == "struct":
-                    field = cells.type.get_field_index("bytes")
-                    paths = cells.type.get_field_index("path")
-                    blobs = cells.field(field)
-                    valid = cells.is_valid().to_pylist()
-                    where = cells.field(paths).to_pylist() if paths >= 0 else None
-                    for j, blob_ok in enumerate(blobs.is_valid().to_pylist()):
-                        if not valid[j]:
-                            bad[base + j] = "image is null"
-                        elif not blob_ok:
-                            shown = "" if where is None or where[j] is None else f" (only a path, {where[j]!r:.120})"
-                            bad[base + j] = f"image has no bytes{shown}; paths are not read"
-                    images.append(blobs)
-                else:
-                    for j, ok in enumerate(cells.is_valid().to_pylist()):
-                        if not ok:
-                            bad[base + j] = "image is null"
-                    images.append(cells)
-                ids.extend(_ids(batch, wanted, columns, f.name, first_row + base, bad, base))
-                if labels is not None:
-                    labels.extend(
-                        "" if v is None else _text(v) for v in batch.column(wanted.index(columns.label)).to_pylist()
-                    )
-    except sources.SourceError:
-        raise
-    except Exception as error:  # the file changed or is damaged since it was planned
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    if size != f.size:
         raise _refuse(
-            "cannot read {parquet} " + f"file {f.name} row groups {a}..{b - 1} ({first[:200]}); check that the file "
-            "has not changed since the run began."
-        ) from error
-    if len(ids) != rows:
-        raise _refuse(
-            "{parquet} " + f"file {f.name} row groups {a}..{b - 1} hold {len(ids)} rows, not the {rows} its footer "
-            "said; check that the file has not changed since the run began."
+            "{parquet} " + f"file {f.name} holds {size} bytes, not the {f.size} it held when the run was "
+            "planned; a run reads files that do not change (rerun on the new files with a new output)."
         )
+    table = pq.ParquetFile(stream, pre_buffer=False)  # measured: a lower peak than pre-buffered ranges
+    for batch in table.iter_batches(
+        batch_size=_BATCH_ROWS, row_groups=list(range(a, b)), columns=wanted, use_threads=False
+    ):
+        base = len(ids)
+        starts.append(base)
+        cells = batch.column(wanted.index(columns.image))
+        if columns.kind == "struct":
+            field = cells.type.get_field_index("bytes")
+            paths = cells.type.get_field_index("path")
+            blobs = cells.field(field)
+            valid = cells.is_valid().to_pylist()
+            where = cells.field(paths).to_pylist() if paths >= 0 else None
+            for j, blob_ok in enumerate(blobs.is_valid().to_pylist()):
+                if not valid[j]:
+                    bad[base + j] = "image is null"
+                elif not blob_ok:
+                    shown = "" if where is None or where[j] is None else f" (only a path, {where[j]!r:.120})"
+                    bad[base + j] = f"image has no bytes{shown}; paths are not read"
+            images.append(blobs)
+        else:
+            for j, ok in enumerate(cells.is_valid().to_pylist()):
+                if not ok:
+                    bad[base + j] = "image is null"
+            images.append(cells)
+        ids.extend(_ids(batch, wanted, columns, f.name, first_row + base, bad, base))
+        if labels is not None:
+            labels.extend("" if v is None else _text(v) for v in batch.column(wanted.index(columns.label)).to_pylist())
+        if len(ids) > rows:
+            break
+    if len(ids) != rows:
+        raise _Undecodable(f"{len(ids) if len(ids) <= rows else 'more'} rows, not the {rows} its footer says")
     _unique(ids, f.name, first_row, bad)
-
-    import bisect
 
     def load(j: int):
         if j in bad:
             raise data.ImageError(bad[j])
         k = bisect.bisect_right(starts, j) - 1
-        blob = images[k][j - starts[k]].as_py()
-        return data.read_image(blob)
+        return data.read_image(images[k][j - starts[k]].as_py())
 
     return sources.Source(f"parquet {f.name}", ids, labels, load)
 
