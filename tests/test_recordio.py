@@ -395,3 +395,19 @@ def test_a_file_cut_after_the_plan_is_refused_not_turned_into_error_rows(tmp_pat
     assert pieces.pieces[0].read().ids == ["1", "2"]
     with pytest.raises(SourceError, match="changed while it was read"):
         pieces.pieces[1].read()
+
+
+def test_a_storage_failure_while_a_piece_is_read_stops_the_run_in_one_sentence(tmp_path, monkeypatch):
+    write_rec(tmp_path / "n.rec", [(k, jpeg(k)) for k in range(3)])
+    pieces = recordio.open_rec(str(tmp_path / "n.rec"), piece_rows=2)
+
+    def failing(path):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(recordio.storage, "open_read", failing)
+    with pytest.raises(SourceError) as error:
+        pieces.pieces[0].read()
+    assert error.value.render({"rec": "--rec", "resume": "--resume"}) == (
+        f"--rec {tmp_path / 'n.rec'} could not be read ([Errno 104] Connection reset by peer); check the storage and "
+        "rerun with --resume."
+    )

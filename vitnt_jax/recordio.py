@@ -60,8 +60,8 @@ MAX_LABELS = 1024
 _FLOAT32_EXACT = 1 << 24
 
 
-def _fail(message: str) -> SourceError:
-    return SourceError("{rec} " + message, field="rec")
+def _fail(message: str, *, also: tuple[str, ...] = ()) -> SourceError:
+    return SourceError("{rec} " + message, field="rec", also=also)
 
 
 def index_path(location: str | os.PathLike) -> str:
@@ -241,8 +241,9 @@ class _Bytes:
 
 def _changed(location: str) -> SourceError:
     return _fail(
-        f"{location} changed while it was read (it is shorter than when it was opened); rerun on a file "
-        "nothing writes, with --resume."
+        f"{location} changed while it was read (it is shorter than when it was opened); rerun on a file nothing "
+        "writes, with {resume}.",
+        also=("resume",),
     )
 
 
@@ -335,7 +336,7 @@ class RecordFile:
                 )
             self.size = storage.size(self.location)
             self.index = read_index(self.index_location)
-        except (OSError, ValueError, storage.StorageError) as error:
+        except (OSError, ValueError, ImportError, storage.StorageError) as error:
             raise _fail(f"{self.location} cannot be read ({error}); check the path and its permissions.") from error
         first = int(self.index.in_file_order()[0])
         if first >= self.size:  # nothing it lists is in the file: not a cut-short file, another file's index
@@ -382,13 +383,19 @@ class RecordFile:
             slots = np.unique(np.searchsorted(order, offsets[inside]))
             start, stop = int(order[slots[0]]), int(ends[inside].max())
             together = int(slots[-1] - slots[0]) + 1 == len(slots) and stop - start <= MAX_RANGE
-            with storage.open_read(self.location) as f:
-                if together:
-                    f.seek(start)
-                    source = _Bytes(self.location, _read_exactly(f, stop - start), start)
-                else:
-                    source = _Bytes(self.location, file=f)
-                self._parse(keys, present, offsets, ends, source, results)
+            try:
+                with storage.open_read(self.location) as f:
+                    if together:
+                        f.seek(start)
+                        source = _Bytes(self.location, _read_exactly(f, stop - start), start)
+                    else:
+                        source = _Bytes(self.location, file=f)
+                    self._parse(keys, present, offsets, ends, source, results)
+            except OSError as error:  # the storage failed (a network error): no row is made up, the run stops
+                raise _fail(
+                    f"{self.location} could not be read ({error}); check the storage and rerun with " + "{resume}.",
+                    also=("resume",),
+                ) from error
         else:
             self._parse(keys, present, offsets, ends, None, results)
         return results
