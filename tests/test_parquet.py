@@ -88,7 +88,7 @@ def test_binary_null_image_is_an_error_row(tmp_path, blobs):
     assert rows[1][2] == "image is null" and not isinstance(rows[2][2], str)
 
 
-def test_row_groups_and_files_make_pieces_in_order(tmp_path, blobs):
+def test_row_groups_and_files_make_pieces_in_order(tmp_path, blobs, caplog):
     folder = tmp_path / "data"
     folder.mkdir()
     # b: 7 rows in row groups of 2 (2,2,2,1); a: 5 rows in row groups of 3 (3,2). Written b first: sorted by name.
@@ -110,6 +110,16 @@ def test_row_groups_and_files_make_pieces_in_order(tmp_path, blobs):
     assert not pieces.with_label
     # A row group larger than piece_rows is a piece alone; the same source and piece_rows plan alike.
     assert [p.size for p in parquet.open_parquet(str(folder / "*.parquet"), piece_rows=1).pieces] == [3, 2, 2, 2, 2, 1]
+    assert not caplog.records
+    caplog.set_level("WARNING", "vitnt_jax")
+    write(folder / "big.parquet", {"image": blobs[:9]})
+    assert [p.size for p in parquet.open_parquet(str(folder / "big.parquet"), piece_rows=2).pieces] == [9]
+    assert caplog.messages == [
+        "1 parquet row groups are larger than a piece should be (the largest: big.parquet row group 0, 9 rows, "
+        f"{pq.ParquetFile(folder / 'big.parquet').metadata.row_group(0).total_byte_size} bytes); a piece holds a "
+        "whole row group in memory, so rewrite the table with smaller row groups (e.g. "
+        "pyarrow.parquet.write_table(..., row_group_size=2))"
+    ]
     again = parquet.open_parquet(str(folder / "train-*.parquet"), piece_rows=4)
     assert again.identity == pieces.identity and "2 files, 12 rows, 4 pieces" in pieces.identity
     assert parquet.open_parquet(str(folder / "train-*.parquet"), piece_rows=5).identity != pieces.identity

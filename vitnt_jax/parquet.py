@@ -35,8 +35,14 @@ logger = logging.getLogger(__name__)
 _BATCH_ROWS = 256
 # Footers read at once when a pattern names many files (each one a small range request on object storage).
 _FOOTER_THREADS = 16
-# A row group above this many bytes is warned about when the source opens: a piece holds a whole row group.
+# A row group above this many bytes, or rows beyond this many pieces' worth, is warned about when the source
+# opens: a piece holds a whole row group.
 LARGE_ROW_GROUP = 2 << 30
+LARGE_ROW_GROUP_PIECES = 4
+
+
+def _large(rows: int, size: int, piece_rows: int) -> bool:
+    return size > LARGE_ROW_GROUP or rows > LARGE_ROW_GROUP_PIECES * piece_rows
 
 
 def _pyarrow(what: str, error_class: type, field: str | None):
@@ -314,16 +320,20 @@ def open_parquet(
     total = sum(n for f in files for n, _ in f.row_groups)
     identity = f"parquet {len(files)} files, {total} rows, {len(plan)} pieces, sha256 {digest.hexdigest()}"
 
-    for f in files:
-        for g, (_, b) in enumerate(f.row_groups):
-            if b > LARGE_ROW_GROUP:
-                logger.warning(
-                    "parquet file %s row group %d holds %d bytes: its piece holds it whole in memory (rewrite the "
-                    "table with smaller row groups, e.g. pyarrow.parquet.write_table(..., row_group_size=1000))",
-                    f.name,
-                    g,
-                    b,
-                )
+    large = [(n, b, f.name, g) for f in files for g, (n, b) in enumerate(f.row_groups) if _large(n, b, piece_rows)]
+    if large:
+        n, b, name, g = max(large, key=lambda x: x[1])
+        logger.warning(
+            "%d parquet row groups are larger than a piece should be (the largest: %s row group %d, %d rows, %d "
+            "bytes); a piece holds a whole row group in memory, so rewrite the table with smaller row groups "
+            "(e.g. pyarrow.parquet.write_table(..., row_group_size=%d))",
+            len(large),
+            name,
+            g,
+            n,
+            b,
+            piece_rows,
+        )
     files = [dataclasses.replace(f, schema=None) for f in files]  # the plan keeps names and row groups only
 
     columns = _Columns(image_column, kind, id_col, label_col)
