@@ -268,3 +268,17 @@ def test_processes_in_separate_folders_sharing_only_the_output_url_merge_to_the_
     assert_same_floats(np.load(shared / "e.npy"), np.load(tmp_path / "single.npy"))
     assert all(os.listdir(w) == [] for w in workdirs)  # nothing written where the processes ran
     assert sorted(os.listdir(shared / "scores.csv.chunks")) == ["merged.json", "plan.json"]
+
+
+def test_a_finished_run_resumed_with_other_settings_is_refused_not_called_complete(tiny_checkpoint, folder, tmp_path):
+    out = tmp_path / "c.csv"
+    argv = ["--images", str(folder), "--out", str(out), "--chunk-rows", "4"]
+    assert run(tiny_checkpoint, *argv) == 0
+    merged = out.read_bytes()
+    with pytest.raises(chunked.ChunkError, match=r"\{alpha\} 8.0 -> 2.0"):
+        from vitnt_jax import pipeline
+
+        pipeline.run(
+            Job(SourceSpec("images", folder), out=out, chunk_rows=4, resume=True, alpha=2.0, model=str(tiny_checkpoint))
+        )
+    assert out.read_bytes() == merged

@@ -1471,10 +1471,6 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
     out = job.out
     folder = chunked.chunks_dir(out)
     recorded = _prepare_chunks(job, process, folder)
-    merged_path = storage.join(folder, chunked.MERGED)
-    if job.resume and storage.exists(merged_path) and storage.exists(out):
-        logger.info("%s is complete already (every piece is merged); nothing to score", out)
-        return Summary(0, 0, 0, 0.0, out), None
     model_dir, config, meta, blocks = _resolve_model(job)
     weights = checkpoint.describe(model_dir)
     settings = _method_settings(job, fingerprint.model_identity(model_dir, meta, weights), blocks)
@@ -1505,6 +1501,9 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
     settings = json.loads(json.dumps(settings))  # as a record reads back (tuples are lists there)
     if recorded is not None:
         chunked.refuse_other_settings(str(out), recorded, settings)
+    if job.resume and storage.exists(storage.join(folder, chunked.MERGED)) and storage.exists(out):
+        logger.info("%s is complete already (every piece is merged); nothing to score", out)
+        return Summary(0, 0, 0, 0.0, out), None
     n = len(pieces)
     lo, hi = n * process // processes, n * (process + 1) // processes
     done = chunked.committed(folder, job.format)
@@ -1565,7 +1564,14 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
     )
 
     def read(piece: sources.Piece) -> Source:
-        source = piece.read()
+        try:
+            source = piece.read()
+        except OSError as error:  # the storage failed under the run (a dropped connection, a file gone)
+            raise JobError(
+                f"cannot read {piece.name} of {pieces.name} ({getattr(error, 'strerror', None) or error}); the "
+                "pieces before it are committed: rerun with {resume} once it can be read.",
+                field="resume",
+            ) from error
         _rendered_ids(source)  # two ids written alike are refused, as for any source
         if job.format != "parquet":
             check_ids(source.ids, job.format)
