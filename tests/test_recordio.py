@@ -411,3 +411,20 @@ def test_a_storage_failure_while_a_piece_is_read_stops_the_run_in_one_sentence(t
         f"--rec {tmp_path / 'n.rec'} could not be read ([Errno 104] Connection reset by peer); check the storage and "
         "rerun with --resume."
     )
+
+
+def test_a_piece_spanning_too_many_bytes_is_read_record_by_record_alike(tmp_path, monkeypatch):
+    images = [jpeg(k) for k in range(5)]
+    extra = [(9, frame_part(0, payload(1, images[0]), magic=0xDEADBEEF))]
+    write_rec(tmp_path / "w.rec", [(k, im) for k, im in enumerate(images)], extra=extra)
+    ranged = rows(recordio.open_rec(str(tmp_path / "w.rec"), piece_rows=3))
+    monkeypatch.setattr(recordio, "MAX_RANGE", 100)
+    apart = rows(recordio.open_rec(str(tmp_path / "w.rec"), piece_rows=3))
+    assert [r[:2] for r in apart] == [r[:2] for r in ranged] and len(apart) == 6
+    for a, b in zip(apart, ranged, strict=True):
+        np.testing.assert_array_equal(a[2], b[2])
+    assert apart[5][2].startswith("bad RecordIO magic 0xdeadbeef")
+    # Two index offsets 4 bytes apart: the first record has no room for its frame
+    (tmp_path / "w.idx").write_text("0\t0\n1\t4\n")
+    (one,) = recordio.RecordFile(str(tmp_path / "w.rec")).read_keys(np.array([0]))
+    assert str(one) == "record at byte 0 has 4 bytes before the next record at byte 4"

@@ -268,8 +268,12 @@ def _payload(source: _Bytes, offset: int, end: int, size: int):
     pos, parts = offset, []
     while True:
         if pos + 8 > end:
-            if not parts:
+            if not parts and end >= size:
                 raise ImageError(f"truncated record at byte {offset}: the file ends at byte {size}")
+            if not parts:
+                raise ImageError(
+                    f"record at byte {offset} has {end - offset} bytes before the next record at byte {end}"
+                )
             raise ImageError(f"truncated record at byte {offset}: its last part is missing (cut at byte {pos})")
         magic, lrecord = FRAME.unpack(source.get(pos, 8))
         if magic != MAGIC:
