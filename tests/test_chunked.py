@@ -275,7 +275,7 @@ def test_a_finished_run_resumed_with_other_settings_is_refused_not_called_comple
     argv = ["--images", str(folder), "--out", str(out), "--chunk-rows", "4"]
     assert run(tiny_checkpoint, *argv) == 0
     merged = out.read_bytes()
-    with pytest.raises(chunked.ChunkError, match=r"\{alpha\} 8.0 -> 2.0"):
+    with pytest.raises(chunked.ChunkError, match=r"\(alpha 8.0 -> 2.0\)"):
         from vitnt_jax import pipeline
 
         pipeline.run(
