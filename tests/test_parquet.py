@@ -353,3 +353,54 @@ def test_a_damaged_row_group_is_error_rows_and_a_failing_read_stops_the_piece(tm
         "cannot read parquet file dmg.parquet row group 0 (connection reset by peer); check the file and access, "
         "then resume."
     )
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    """An S3 server of moto on 127.0.0.1 (dummy credentials, no metadata probes); yields an s3fs filesystem."""
+    fsspec = pytest.importorskip("fsspec")
+    s3fs = pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}, "key": "testing", "secret": "testing"}
+        monkeypatch.setitem(fsspec.config.conf, "s3", options)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        fs.mkdir("bucket")
+        yield fs
+    finally:
+        server.stop()
+
+
+def test_tables_and_results_on_s3(s3, blobs):
+    for k in range(2):
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"image": blobs[3 * k : 3 * k + 3], "label": [k] * 3}), buffer, row_group_size=2)
+        s3.pipe(f"bucket/data/train-{k}.parquet", buffer.getvalue())
+    pieces = parquet.open_parquet("s3://bucket/data/train-*.parquet", piece_rows=2)
+    assert [p.name for p in pieces.pieces] == [
+        "train-0.parquet row group 0 (rows 0..1)",
+        "train-0.parquet row group 1 (rows 2..2)",
+        "train-1.parquet row group 0 (rows 0..1)",
+        "train-1.parquet row group 1 (rows 2..2)",
+    ]
+    rows = everything(pieces)
+    assert [(r[0], r[1]) for r in rows] == [(f"train-{i // 3}.parquet:{i % 3}", str(i // 3)) for i in range(6)]
+    for (_, _, image), blob in zip(rows, blobs, strict=False):
+        np.testing.assert_array_equal(image, read_image(blob))
+    with pytest.raises(SourceError, match=r"^no file matches parquet s3://bucket/data/none-\*.parquet; check"):
+        parquet.open_parquet("s3://bucket/data/none-*.parquet", piece_rows=2)
+    results = [Row("a,b", 0.5, "1", ""), Row("b", None, "", "bad")]
+    parquet.write_rows("s3://bucket/out/0.parquet", results, True)
+    parquet.merge(["s3://bucket/out/0.parquet", "s3://bucket/out/0.parquet"], "s3://bucket/out/all.parquet", True)
+    assert parquet.read_rows("s3://bucket/out/all.parquet") == results * 2
