@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import tarfile
 
 import numpy as np
@@ -341,3 +342,32 @@ def test_a_failing_storage_read_stops_the_run_in_one_sentence(tmp_path, monkeypa
     (tmp_path / "gone.tar").unlink()
     with pytest.raises(SourceError, match="cannot read the shard"):
         wds.read_shard(str(tmp_path / "gone.tar"))
+
+
+def test_a_webp_member_is_the_image_and_reads_as_read_image_reads_it(tmp_path):
+    webp = encoded(5, "WEBP")
+    write_tar(tmp_path / "s.tar", [("a.webp", webp), ("a.jpg", encoded(6))])
+    piece = wds.read_shard(str(tmp_path / "s.tar"))
+    assert piece.ids == ["a"]
+    try:
+        expected = read_image(webp)
+    except ImageError as error:  # until vitnt_jax.data decodes WEBP: the same error row, never the jpg instead
+        with pytest.raises(ImageError, match=re.escape(str(error))):
+            piece.load(0)
+    else:
+        np.testing.assert_array_equal(piece.load(0), expected)
+
+
+def test_a_shard_past_the_memory_and_member_limits_keeps_a_row_for_each_sample_it_read(tmp_path, monkeypatch):
+    jpg = encoded(0)
+    write_shard(tmp_path / "s.tar", [{"__key__": f"k{i}", "jpg": jpg, "cls": str(i)} for i in range(5)])
+    monkeypatch.setattr(wds, "MAX_SHARD_HELD", 2 * len(jpg))
+    got = rows(wds.read_shard(str(tmp_path / "s.tar")))
+    assert [r[0] for r in got] == ["k0", "k1", "k2", "k3", "k4"]
+    assert [r[2] for r in got[:2]] == [(112, 112, 3)] * 2
+    assert all(r[2] == f"not read: the shard's images pass {2 * len(jpg)} bytes; split it" for r in got[2:])
+    monkeypatch.setattr(wds, "MAX_SHARD_MEMBERS", 5)  # 2 members a sample
+    got = rows(wds.read_shard(str(tmp_path / "s.tar")))
+    assert [r[0] for r in got] == ["k0", "k1", "k2", f"{tmp_path}/s.tar.broken"]
+    assert got[2][2].startswith("the shard breaks inside this sample")
+    assert "it holds more than 5 members; split it into smaller shards" in got[3][2]

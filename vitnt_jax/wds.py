@@ -17,6 +17,8 @@ skipped here too, never followed; the ones that look like data are named in the 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import os
 import tarfile
@@ -40,7 +42,8 @@ MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers (tarfile would read th
 MAX_SHARD_MEMBERS = 1_000_000  # a shard past this is cut there (a broken row says so)
 MAX_SHARD_HELD = 4 << 30  # image bytes one shard holds in memory while it is scored
 MAX_PROBLEMS = 20  # skipped members named per shard; the rest are counted
-_READ_BLOCK = 1 << 20
+# tarfile's stream buffer copies its remainder on every header read: a larger block is slower, not faster.
+_READ_BLOCK = 64 << 10
 
 
 def _broken_id(shard: str) -> str:
@@ -197,7 +200,8 @@ def open_wds(pattern: str, *, piece_rows: int = 0, **_: object) -> Pieces:
     piece_rows is not used: a shard is read, scored and committed whole (its sample count is known only
     once it is read). Every row has a label column ('' for a sample without a `cls` member).
     """
-    names = expand(pattern)
+    with _collector_paused():
+        names = expand(pattern)
     missing = _missing(names)
     if missing:
         first = ", ".join(shown(m, 120) for m in missing[:5])
@@ -212,8 +216,22 @@ def open_wds(pattern: str, *, piece_rows: int = 0, **_: object) -> Pieces:
     digest = hashlib.sha256()
     for name in names:
         digest.update(name.encode("utf-8", "surrogatepass") + b"\0")
-    pieces = [Piece(k, f"shard {name}", None, _reader(name)) for k, name in enumerate(names)]
+    with _collector_paused():
+        pieces = [Piece(k, f"shard {name}", None, _reader(name)) for k, name in enumerate(names)]
     return Pieces(pattern, True, pieces, f"{len(names)} WebDataset shards, sha256 {digest.hexdigest()}")
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    # A million shard names and pieces hold no reference cycles; the cyclic collector walking them again and
+    # again as they are made takes 4x the time of making them (measured: 14 s against 3.3 s for 1M shards).
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _reader(shard: str) -> Callable[[], Source]:
