@@ -244,6 +244,12 @@ def test_a_damaged_header_keeps_the_rows_before_it(tmp_path):
         ("k1", "1", f"the shard breaks inside this sample, at byte {third.offset}"),
     ]
     assert "a damaged member header (bad checksum)" in got[-1][2]
+    zeroed = bytearray(data)
+    zeroed[third.offset : third.offset + 512] = bytes(512)  # tarfile alone takes this for the end of the archive
+    (tmp_path / "z.tar").write_bytes(bytes(zeroed))
+    got = check_broken(wds.read_shard(str(tmp_path / "z.tar")), str(tmp_path / "z.tar"), keys)
+    assert [r[0] for r in got] == ["k0", "k1", f"{tmp_path}/z.tar.broken"]
+    assert "a zero block where a member header should be, with more data after it" in got[-1][2]
     (tmp_path / "junk.tar").write_bytes(b"not a tar file at all" * 100)
     got = rows(wds.read_shard(str(tmp_path / "junk.tar")))
     assert [r[0] for r in got] == [f"{tmp_path}/junk.tar.broken"]

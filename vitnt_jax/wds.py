@@ -430,6 +430,8 @@ def read_shard(shard: str) -> Source:
         else:
             if stop and not isinstance(stop[0], tarfile.EOFHeaderError):
                 broke = _why(stop[0], True)
+            elif stop and _data_after_end(tar):
+                broke = "a zero block where a member header should be, with more data after it (a damaged header?)"
     except MemoryError:
         raise
     except Exception as error:
@@ -480,6 +482,18 @@ _PLAIN = {
     "unexpected end of data": "it is cut short inside a member",
     "end of file header": "it ends early",
 }
+
+
+def _data_after_end(tar: tarfile.TarFile) -> bool:
+    """Returns whether anything but zeros follows the end block tarfile stopped at (it stops at any zero block).
+
+    A tar ends with zero blocks padded with zeros; a zeroed header inside it would end the archive quietly and
+    lose every sample after it. Reads the padding (kilobytes) or, for such a shard, up to the first data after it.
+    """
+    while chunk := tar.fileobj.read(_READ_BLOCK):
+        if chunk.strip(b"\0"):
+            return True
+    return False
 
 
 def _why(error: BaseException, quiet: bool) -> str:
