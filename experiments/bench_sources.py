@@ -10,8 +10,9 @@ WebDataset shards of 1000 samples (written by the `webdataset` package) and a Pa
 of 1000 (binary image column, written by pyarrow). Each source is then opened through the Source/Pieces
 API a chunked run uses (`vitnt_jax.sources.SourceSpec(kind, location).open_pieces(--piece-rows)`) and
 every piece read and every image decoded to uint8 (H, W, 3), in order (--threads 1) or by a thread pool
-over each piece's inputs as the pipeline's loader threads do: images/s (median of --passes; the first
-pass also warms the OS page cache, so the figures are warm-cache ones) and the open (planning) time.
+over each piece's inputs as the pipeline's loader threads do: images/s (median of --passes, which
+interleave the sources; the first pass also warms the OS page cache, so the figures are warm-cache
+ones) and the open (planning) time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -166,27 +168,34 @@ def main(argv: list[str] | None = None) -> int:
         data = jpegs(args.images, args.size)
         report["jpeg_bytes_mean"] = float(np.mean([len(d) for d in data]))
         where = write_sources(work, data, kinds)
-        for kind in kinds:
-            location, options = where[kind]
-            for t in threads:
-                passes = [read_all(kind, location, options, args.piece_rows, t) for _ in range(args.passes)]
-                seconds = statistics.median(p[1] for p in passes)
-                row = {
-                    "source": kind,
-                    "threads": t,
-                    "images_per_s": passes[0][2] / seconds,
-                    "open_s": statistics.median(p[0] for p in passes),
-                    "seconds": [p[1] for p in passes],
-                }
-                report["results"].append(row)
-                print(json.dumps(row), flush=True)
+        report["load_average_before"] = os.getloadavg()
+        # passes interleave the sources, so that other work on the machine slows each alike
+        timed: dict[tuple[str, int], list] = {(kind, t): [] for kind in kinds for t in threads}
+        for _ in range(args.passes):
+            for kind in kinds:
+                location, options = where[kind]
+                for t in threads:
+                    timed[kind, t].append(read_all(kind, location, options, args.piece_rows, t))
+        report["load_average_after"] = os.getloadavg()
+        for (kind, t), passes in timed.items():
+            seconds = statistics.median(p[1] for p in passes)
+            row = {
+                "source": kind,
+                "threads": t,
+                "images_per_s": passes[0][2] / seconds,
+                "open_s": statistics.median(p[0] for p in passes),
+                "seconds": [p[1] for p in passes],
+            }
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
     base = {r["threads"]: r["images_per_s"] for r in report["results"] if r["source"] == "images"}
     lines = [
         f"# Read + decode throughput, {args.images} JPEGs {args.size}x{args.size} "
         f"(mean {report['jpeg_bytes_mean']:.0f} bytes), pieces of {args.piece_rows}",
         "",
         f"{info.get('cpu_model', info['processor'])}, {info['cpu_count']} cores, {report['date_utc']} UTC; "
-        f"median of {args.passes} passes, warm page cache.",
+        f"median of {args.passes} interleaved passes, warm page cache; load average "
+        f"{report['load_average_before'][0]:.1f} before, {report['load_average_after'][0]:.1f} after.",
         "",
         "| source | threads | images/s | vs folder | open (s) |",
         "|---|---|---|---|---|",
