@@ -377,3 +377,16 @@ def test_a_shard_past_the_memory_and_member_limits_keeps_a_row_for_each_sample_i
     assert [r[0] for r in got] == ["k0", "k1", "k2", f"{tmp_path}/s.tar.broken"]
     assert got[2][2].startswith("the shard breaks inside this sample")
     assert "it holds more than 5 members; split it into smaller shards" in got[3][2]
+
+
+def test_samples_are_the_ones_the_webdataset_package_reads(tmp_path):
+    keys = ["x/0001", "x/0002", "y/0001", "0003"]
+    samples = [{"__key__": k, "jpg": encoded(i), "cls": str(i), "json": b"{}"} for i, k in enumerate(keys)]
+    samples[2] = {"__key__": "y/0001", "png": encoded(2, "PNG")}
+    write_shard(tmp_path / "s.tar", samples)
+    theirs = list(webdataset.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False))
+    ours = wds.read_shard(str(tmp_path / "s.tar"))
+    assert ours.ids == [s["__key__"] for s in theirs] == keys
+    assert ours.labels == [s["cls"].decode() if "cls" in s else "" for s in theirs]
+    for j, sample in enumerate(theirs):
+        np.testing.assert_array_equal(ours.load(j), read_image(sample.get("jpg") or sample["png"]))
