@@ -456,10 +456,22 @@ def test_read_through_s3_on_a_loopback_server(tmp_path, monkeypatch):
         write_rec(tmp_path / "s.rec", [(k // 2, im) for k, im in enumerate(images)], header="insightface")
         fs.put(str(tmp_path / "s.rec"), "faces/sets/s.rec")
         fs.put(str(tmp_path / "s.idx"), "faces/sets/s.idx")
+        asked = []
+        real = type(fs)._cat_file
+
+        async def counting(self, path, start=None, end=None, **kwargs):
+            asked.append((start, end))
+            return await real(self, path, start=start, end=end, **kwargs)
+
+        monkeypatch.setattr(type(fs), "_cat_file", counting)
+        fsspec.AbstractFileSystem.clear_instance_cache()  # the next s3 filesystem is made with the counting method
         remote = recordio.open_rec("s3://faces/sets/s.rec", piece_rows=2)
         local = recordio.open_rec(str(tmp_path / "s.rec"), piece_rows=2)
         assert remote.identity == local.identity
         got, want = rows(remote), rows(local)
+        offsets = recordio.RecordFile(str(tmp_path / "s.rec")).index.offsets.tolist()
+        # record 0 at open, then one request a piece for exactly its records' bytes (keys 1-2, 3-4, 5)
+        assert asked == [(0, offsets[1]), (offsets[1], offsets[3]), (offsets[3], offsets[5]), (offsets[5], offsets[6])]
         assert [r[:2] for r in got] == [r[:2] for r in want] == [(str(k + 1), str(k // 2)) for k in range(5)]
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a[2], b[2])
