@@ -279,6 +279,12 @@ def test_write_merge_read_round_trip(tmp_path, with_label):
     with pytest.raises(parquet.output.OutputError, match="other.parquet has columns .*not a result chunk of this run"):
         parquet.merge([chunks[0], tmp_path / "other.parquet"], tmp_path / "bad.parquet", with_label)
     assert not (tmp_path / "bad.parquet").exists()  # a failed merge leaves no file
+    (tmp_path / "text.parquet").write_text("id,quality,error\n")
+    with pytest.raises(parquet.output.OutputError, match=r"text.parquet is not a readable Parquet chunk \("):
+        parquet.merge([chunks[0], tmp_path / "text.parquet"], tmp_path / "bad.parquet", with_label)
+    with pytest.raises(parquet.output.OutputError, match=r"^cannot read .*gone.parquet \(No such file or direc"):
+        parquet.merge([tmp_path / "gone.parquet"], tmp_path / "bad.parquet", with_label)
+    assert not (tmp_path / "bad.parquet").exists()
 
 
 def test_read_rows_refuses_what_is_not_a_result_table(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -135,23 +136,27 @@ def _matches(pattern: str) -> list[tuple[str, str]]:
 def _footer(location: str, name: str) -> _File:
     """Returns a file's plan facts, reading only its footer; SourceError for a file that is not Parquet."""
     _, pq = _pyarrow("{parquet}", sources.SourceError, "parquet")
+    stream = None
     try:
-        with storage.open_read(location) as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(0)
-            meta = pq.ParquetFile(f).metadata
+        with storage.open_read(location) as raw:
+            stream = _Watched(raw)
+            size = stream.seek(0, os.SEEK_END)
+            stream.seek(0)
+            meta = pq.ParquetFile(stream).metadata
             schema = meta.schema.to_arrow_schema()
             groups = tuple(
                 (meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)
             )
-    except OSError as error:
-        raise _refuse(
-            "cannot read {parquet} " + f"file {name} ({error.strerror or error}); check that it exists and is readable."
-        ) from error
     except storage.StorageError:
         raise
-    except Exception as error:  # pyarrow: ArrowInvalid 'Parquet magic bytes not found', a torn footer, ...
+    except Exception as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if stream is None or stream.fault is not None:  # the file itself: missing, a FIFO, a network error
+            why = error.strerror if isinstance(error, OSError) and error.strerror else first
+            raise _refuse(
+                "cannot read {parquet} " + f"file {name} ({why[:200]}); check that it exists and is readable."
+            ) from error
+        # pyarrow: 'Parquet magic bytes not found', a torn or damaged footer
         raise _refuse(
             "{parquet} " + f"file {name} is not a readable Parquet file ({first[:200]}); pass Parquet files only."
         ) from error
@@ -579,11 +584,17 @@ def write_rows(file_or_path: str | os.PathLike | BinaryIO, rows: Sequence[output
         pq.write_table(table, file_or_path)
 
 
-def _open_chunk(pq, chunk):
+def _read_chunk(pq, chunk, where: str, stack: contextlib.ExitStack):
+    """Returns the ParquetFile of a chunk (a path, opened on `stack`, or a file); OutputError when unreadable."""
     if isinstance(chunk, (str, os.PathLike)):
-        stream = storage.open_read(chunk)
-        return stream, pq.ParquetFile(stream)
-    return None, pq.ParquetFile(chunk)
+        try:
+            chunk = stack.enter_context(storage.open_read(chunk))
+        except OSError as error:
+            raise _output_error(f"cannot read {where} ({error.strerror or error}).") from error
+    try:
+        return pq.ParquetFile(chunk)
+    except Exception as error:
+        raise _output_error(f"{where} is not a readable Parquet chunk ({str(error)[:200]}).") from error
 
 
 def merge(
@@ -603,29 +614,23 @@ def merge(
         with pq.ParquetWriter(sink, schema) as writer:
             for chunk in chunk_files:
                 where = os.fspath(chunk) if isinstance(chunk, (str, os.PathLike)) else "a chunk"
-                stream, table = None, None
-                try:
-                    stream, table = _open_chunk(pq, chunk)
+                with contextlib.ExitStack() as stack:
+                    table = _read_chunk(pq, chunk, where, stack)
                     if not table.schema_arrow.equals(schema):
                         raise _output_error(
                             f"{where} has columns {table.schema_arrow.names} ({table.schema_arrow.types}), not "
                             f"{schema.names}; it is not a result chunk of this run."
                         )
                     for g in range(table.num_row_groups):
-                        part = table.read_row_group(g)
-                        if part.num_rows == 0:  # an empty chunk: no empty row group in the result
-                            continue
-                        writer.write_table(part)
-                        total += part.num_rows
-                except output.OutputError:
-                    raise
-                except Exception as error:
-                    if isinstance(error, (storage.StorageError,)):
-                        raise
-                    raise _output_error(f"{where} is not a readable Parquet chunk ({str(error)[:200]}).") from error
-                finally:
-                    if stream is not None:
-                        stream.close()
+                        try:
+                            part = table.read_row_group(g)
+                        except Exception as error:
+                            raise _output_error(
+                                f"{where} is not a readable Parquet chunk ({str(error)[:200]})."
+                            ) from error
+                        if part.num_rows:  # an empty chunk adds no empty row group
+                            writer.write_table(part)  # a failed write (a full disk) raises as it is, for the caller
+                            total += part.num_rows
 
     if isinstance(out_file, (str, os.PathLike)):
         with storage.open_write(out_file) as f:
