@@ -158,7 +158,10 @@ def _parse_block(block: bytes, first_line: int, path: str) -> np.ndarray:
     others = np.count_nonzero((a - np.uint8(48)) > 9)
     if not ok.all() or others != 2 * n + int(np.count_nonzero(end != newline)):
         raise _bad_line(block, first_line, path)
-    values = np.fromstring(block, dtype=np.int64, sep=" ")  # validated above: digits, tab and newline only
+    try:  # validated above: digits, tab and newline only
+        values = np.fromstring(block, dtype=np.int64, sep=" ")
+    except (AttributeError, TypeError, ValueError, DeprecationWarning):  # a numpy without text fromstring
+        values = np.array(block.split()).astype(np.int64)
     if len(values) != 2 * n:
         raise _bad_line(block, first_line, path)
     return values
