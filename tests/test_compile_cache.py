@@ -108,6 +108,25 @@ def test_a_folder_every_user_can_write_is_refused(tmp_path):
         cache.enable_compile_cache(tmp_path / "shared")
 
 
+def test_a_folder_in_a_folder_anyone_may_rename_in_is_refused(tmp_path):
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)  # no sticky bit: anyone may rename what it holds
+    with pytest.raises(cache.CompileCacheError, match="lies in a folder every user can write"):
+        cache.enable_compile_cache(tmp_path / "open")
+    (tmp_path / "sticky").mkdir()
+    (tmp_path / "sticky").chmod(0o1777)  # like /tmp: only the owner may rename its own entries
+    assert cache.enable_compile_cache(tmp_path / "sticky") == str(tmp_path / "sticky" / cache.cpu_tag())
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a folder away")
+def test_a_folder_of_another_user_is_refused(tmp_path):
+    theirs = tmp_path / "theirs" / cache.cpu_tag()
+    theirs.mkdir(parents=True)
+    os.chown(theirs, 12345, 12345)
+    with pytest.raises(cache.CompileCacheError, match=r"belongs to another user \(uid 12345\)"):
+        cache.enable_compile_cache(tmp_path / "theirs")
+
+
 def test_an_unusable_default_folder_warns_and_compiles_without_cache(tmp_path, monkeypatch, caplog):
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "file"))

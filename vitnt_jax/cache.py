@@ -98,6 +98,14 @@ def _prepare(folder: str) -> str | None:
         return f"cannot be read ({error.strerror or error})"
     if info.st_mode & stat.S_IWOTH:  # sticky or not: anyone could plant a program under a key not written yet
         return "is writable by every user, and a compilation cache runs the programs it holds"
+    if hasattr(os, "geteuid") and info.st_uid != os.geteuid():  # e.g. made in a shared folder by someone else
+        return f"belongs to another user (uid {info.st_uid}), and a compilation cache runs the programs it holds"
+    try:
+        parent = path.parent.stat()
+    except OSError:
+        parent = None
+    if parent is not None and parent.st_mode & stat.S_IWOTH and not parent.st_mode & stat.S_ISVTX:
+        return "lies in a folder every user can write, where anyone may swap it, and a compilation cache runs it"
     try:  # os.access is not enough on read-only mounts and for root: write a probe file
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
             pass
