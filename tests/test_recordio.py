@@ -328,6 +328,9 @@ def test_duplicate_keys_an_empty_index_and_missing_files_are_refused(tmp_path):
     )
     with pytest.raises(SourceError, match="does not exist; pass the .rec file"):
         recordio.open_rec(str(tmp_path / "none.rec"), piece_rows=2)
+    os.mkdir(tmp_path / "folder.rec")
+    with pytest.raises(SourceError, match="folder.rec is not a file; pass the .rec file"):
+        recordio.open_rec(str(tmp_path / "folder.rec"), piece_rows=2)
     with pytest.raises(SourceError, match="is the index; pass the .rec file"):
         recordio.open_rec(str(tmp_path / "b.idx"), piece_rows=2)
     assert recordio.index_path("s3://bucket/sets/train.rec") == "s3://bucket/sets/train.idx"

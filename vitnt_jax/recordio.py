@@ -351,6 +351,8 @@ class RecordFile:
         try:
             if not storage.exists(self.location):
                 raise _fail(f"{self.location} does not exist; pass the .rec file of the RecordIO set.")
+            if not storage.is_url(self.location) and not os.path.isfile(self.location):
+                raise _fail(f"{self.location} is not a file; pass the .rec file of the RecordIO set.")
             if not storage.exists(self.index_location):
                 raise _fail(
                     f"{self.location} has no index beside it ({self.index_location} does not exist); put the .idx "
