@@ -1,0 +1,260 @@
+"""Object-storage servers for tests: an S3 server (moto) and a GCS emulator, both on 127.0.0.1, and a network guard.
+
+Import the fixtures a test file needs (pytest finds fixtures imported into a test module):
+
+    from storage_fixtures import gcs_bucket, no_remote_network, s3_bucket, storage_env
+
+`storage_env` (session) starts both servers once, points every credential and metadata lookup of boto and the
+Google libraries at dummies or at nothing, and sets fsspec's configuration so that plain `s3://` and `gs://`
+URLs reach the local servers, in this process and in every subprocess started with `storage_env.env` (or
+`subprocess_env()`). `s3_bucket` / `gcs_bucket` give a fresh empty bucket URL per test (`s3://t-1a2b3c4d`), with
+the network guard on. `no_remote_network` fails the test when anything connects to, or looks up, a name or
+address other than the loopback ones.
+
+What a subprocess needs to reach the servers is only environment variables (see `StorageEnv.variables`): fsspec
+reads `FSSPEC_<PROTOCOL>_<OPTION>` into its configuration when it is imported, gcsfs reads STORAGE_EMULATOR_HOST.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+@dataclass
+class StorageEnv:
+    """The running servers: endpoints, and the environment variables that reach them."""
+
+    s3_endpoint: str  # http://127.0.0.1:PORT
+    gcs_endpoint: str  # http://127.0.0.1:PORT
+    variables: dict[str, str] = field(default_factory=dict)  # what this fixture set (and a subprocess needs)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The whole environment for a subprocess (`subprocess.run(..., env=storage_env.env)`)."""
+        return {**os.environ, **self.variables}
+
+
+def _closed_port() -> int:
+    """Returns a 127.0.0.1 port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_endpoint() -> str:
+    """Returns an http://127.0.0.1 URL on a port nothing listens on (an unreachable endpoint, refused at once)."""
+    return f"http://127.0.0.1:{_closed_port()}"
+
+
+def storage_variables(s3_endpoint: str, gcs_endpoint: str, folder: str) -> dict[str, str]:
+    """Returns the environment that sends s3:// and gs:// to these endpoints with dummy credentials and no probes.
+
+    `folder` holds the empty AWS config files (and stands for gcloud's configuration folder).
+    """
+    empty = os.path.join(folder, "empty")
+    return {
+        # boto: dummy keys, no profile files, no instance-metadata (169.254.169.254) lookup.
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": empty,
+        "AWS_SHARED_CREDENTIALS_FILE": empty,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "FSSPEC_S3_ENDPOINT_URL": s3_endpoint,
+        "FSSPEC_S3_KEY": "testing",
+        "FSSPEC_S3_SECRET": "testing",
+        # Google: the emulator, anonymous access, no metadata server (GCE_METADATA_HOST is loopback), no gcloud
+        # credentials, and gcsfs's bucket-type lookup off (it would call the storage-control API over gRPC, a
+        # connection no Python socket guard sees).
+        "STORAGE_EMULATOR_HOST": gcs_endpoint,
+        "FSSPEC_GCS_TOKEN": "anon",
+        "FSSPEC_GCS_PROJECT": "test-project",
+        "GOOGLE_CLOUD_PROJECT": "test-project",
+        "GCE_METADATA_HOST": "127.0.0.1",
+        "GCE_METADATA_IP": "127.0.0.1",
+        "GCE_METADATA_ROOT": "127.0.0.1",
+        "NO_GCE_CHECK": "true",
+        "GOOGLE_APPLICATION_CREDENTIALS": os.path.join(folder, "no-credentials.json"),
+        "CLOUDSDK_CONFIG": folder,
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        # Proxies would send loopback traffic elsewhere.
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+
+
+def _set_fsspec_config(variables: dict[str, str]) -> None:
+    """Puts the FSSPEC_* variables into fsspec's configuration of this process (read once, at its import)."""
+    import fsspec.config
+
+    fsspec.config.set_conf_env(fsspec.config.conf, {k: v for k, v in variables.items() if k.startswith("FSSPEC_")})
+    clear_instance_caches()
+
+
+def clear_instance_caches() -> None:
+    """Forgets every cached fsspec file-system instance (and so its listings and its connections' settings)."""
+    import fsspec.spec
+
+    for cls in _subclasses(fsspec.spec.AbstractFileSystem):
+        with contextlib.suppress(Exception):
+            cls.clear_instance_cache()
+
+
+def _subclasses(cls):
+    seen, todo = [], [cls]
+    while todo:
+        c = todo.pop()
+        seen.append(c)
+        todo.extend(c.__subclasses__())
+    return seen
+
+
+@pytest.fixture(scope="session")
+def storage_env():
+    """Starts the S3 and GCS servers on 127.0.0.1 for the session, with the environment that reaches them."""
+    from gcp_storage_emulator.server import create_server
+    from moto.server import ThreadedMotoServer
+
+    for name in ("werkzeug", "gcp_storage_emulator", "gcsfs", "s3fs", "botocore", "aiobotocore"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # request lines and retry tracebacks
+    with tempfile.TemporaryDirectory(prefix="storage-env-") as folder, pytest.MonkeyPatch.context() as patch:
+        with open(os.path.join(folder, "empty"), "w"):
+            pass
+        s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        s3.start()
+        gcs = create_server("127.0.0.1", 0, in_memory=True)
+        gcs.start()
+        gcs._api._httpd.handle_error = lambda request, address: None  # a client that hangs up early: no traceback
+        try:
+            host, port = s3.get_host_and_port()
+            gcs_port = gcs._api._httpd.server_address[1]
+            env = StorageEnv(f"http://{host}:{port}", f"http://127.0.0.1:{gcs_port}")
+            env.variables = storage_variables(env.s3_endpoint, env.gcs_endpoint, folder)
+            for key, value in env.variables.items():
+                patch.setenv(key, value)
+            import fsspec.config
+
+            patch.setattr(fsspec.config, "conf", {k: dict(v) for k, v in fsspec.config.conf.items()})
+            _set_fsspec_config(env.variables)
+            yield env
+        finally:
+            clear_instance_caches()
+            s3.stop()
+            gcs.stop()
+
+
+def subprocess_env(env: StorageEnv) -> dict[str, str]:
+    """Returns the environment a subprocess (`python -m vitnt_jax.score ...`) needs to reach the servers."""
+    return env.env
+
+
+def _loopback(host) -> bool:
+    if isinstance(host, bytes):
+        host = host.decode(errors="replace")
+    if not isinstance(host, str):
+        return False
+    host = host.strip("[]").split("%", 1)[0]
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RemoteNetworkUsed(OSError):
+    """Raised (and recorded) when code under test reaches for a non-loopback address."""
+
+
+@contextlib.contextmanager
+def network_guard():
+    """Refuses, and lists, every connection or name lookup that leaves the loopback interface while active.
+
+    Yields the list of what was attempted. Unix sockets and loopback addresses are allowed. Patched: socket
+    connect/connect_ex (asyncio and aiohttp connect through these), socket.create_connection and getaddrinfo.
+    Connections made by C libraries (gRPC) bypass Python's socket module and are not seen.
+    """
+    attempts: list[str] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_getaddrinfo, real_create = socket.getaddrinfo, socket.create_connection
+
+    def check(what, address):
+        if isinstance(address, tuple) and address and not _loopback(address[0]):
+            attempts.append(f"{what} {address!r}")
+            raise RemoteNetworkUsed(f"test reached for a non-loopback address {address!r}")
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            check("connect", address)
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            check("connect", address)
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host is not None and not _loopback(host):
+            attempts.append(f"getaddrinfo {host!r}")
+            raise socket.gaierror(socket.EAI_NONAME, f"test looked up a non-loopback name {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def create_connection(address, *args, **kwargs):
+        check("create_connection", address)
+        return real_create(address, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", connect)
+        patch.setattr(socket.socket, "connect_ex", connect_ex)
+        patch.setattr(socket, "getaddrinfo", getaddrinfo)
+        patch.setattr(socket, "create_connection", create_connection)
+        yield attempts
+
+
+@pytest.fixture
+def no_remote_network():
+    """Fails the test when anything in it connects to (or looks up) a non-loopback address; see network_guard."""
+    with network_guard() as attempts:
+        yield attempts
+    if attempts:
+        pytest.fail(f"the test reached for the network beyond 127.0.0.1: {attempts[:5]}")
+
+
+def _bucket(fs, scheme: str) -> str:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    return f"{scheme}://{name}"
+
+
+@pytest.fixture
+def s3_bucket(storage_env, no_remote_network):
+    """A fresh, empty bucket on the S3 server: its URL, `s3://t-...` (no slash at the end)."""
+    import fsspec
+
+    clear_instance_caches()
+    yield _bucket(fsspec.filesystem("s3", use_listings_cache=False), "s3")
+    clear_instance_caches()
+
+
+@pytest.fixture
+def gcs_bucket(storage_env, no_remote_network):
+    """A fresh, empty bucket on the GCS emulator: its URL, `gs://t-...` (no slash at the end)."""
+    import fsspec
+
+    clear_instance_caches()
+    yield _bucket(fsspec.filesystem("gcs", use_listings_cache=False), "gs")
+    clear_instance_caches()
