@@ -63,6 +63,32 @@ def test_brace_patterns_expand_in_order():
 
 
 @pytest.mark.parametrize(
+    "pattern",
+    [
+        "a{b}c",
+        "{a,{b,c}}d",
+        "{,}",
+        "{1..1}",
+        "{Z..a}",
+        "{a..Z}",
+        "{z..a..3}",
+        "{5..1..2}",
+        "{-2..2}",
+        "x{}y",
+        r"\{a,b\}",
+        r"{a\,b,c}",
+        "{a,b}{0..9..4}{x,{y,z}{1..2}}",
+        "{{a,b}}",
+        "{0..3}{a}",
+    ],
+)
+def test_the_shard_count_is_known_before_expanding_and_equals_the_expansion(pattern):
+    from braceexpand import braceexpand
+
+    assert wds._count(pattern, 10**9) == len(list(braceexpand(pattern)))
+
+
+@pytest.mark.parametrize(
     "pattern, words",
     [
         ("a{b.tar", "unbalanced braces"),
