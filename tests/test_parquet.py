@@ -304,6 +304,10 @@ def test_a_file_changed_after_planning_is_refused_when_its_piece_is_read(tmp_pat
     write(tmp_path / "c.parquet", {"image": blobs[:6]}, row_group_size=2)
     with pytest.raises(SourceError, match=r"^parquet file c.parquet holds \d+ bytes, not the \d+ it held when the run"):
         pieces.pieces[1].read()
+    url = parquet.open_parquet(f"file://{tmp_path}/c.parquet", piece_rows=2)
+    write(tmp_path / "c.parquet", {"image": blobs[:4]}, row_group_size=2)
+    with pytest.raises(SourceError, match=r"^parquet file c.parquet holds \d+ bytes, not the \d+ it held when the run"):
+        url.pieces[0].read()
 
 
 def test_without_pyarrow_each_use_says_what_to_install(tmp_path, monkeypatch):
@@ -388,12 +392,39 @@ def s3(monkeypatch):
         server.stop()
 
 
-def test_tables_and_results_on_s3(s3, blobs):
+def test_tables_and_results_on_s3(s3, blobs, monkeypatch):
     for k in range(2):
         buffer = io.BytesIO()
-        pq.write_table(pa.table({"image": blobs[3 * k : 3 * k + 3], "label": [k] * 3}), buffer, row_group_size=2)
+        noise = [np.random.default_rng(i).bytes(200_000) for i in range(3)]  # an unused column, 200 kB a row
+        columns = {"image": blobs[3 * k : 3 * k + 3], "other": noise, "label": [k] * 3}
+        pq.write_table(pa.table(columns), buffer, row_group_size=2)
         s3.pipe(f"bucket/data/train-{k}.parquet", buffer.getvalue())
     pieces = parquet.open_parquet("s3://bucket/data/train-*.parquet", piece_rows=2)
+    # A piece is one request for each run of its used columns' bytes and one for the footer: never the unused
+    # 'other' column, never fsspec's read-ahead.
+    meta = pq.ParquetFile(io.BytesIO(s3.cat("bucket/data/train-1.parquet"))).metadata
+    size = s3.size("bucket/data/train-1.parquet")
+    asked = []
+    real = type(s3)._cat_file
+
+    async def counting(self, path, start=None, end=None, **kwargs):
+        asked.append((path, start, end))
+        return await real(self, path, start=start, end=end, **kwargs)
+
+    monkeypatch.setattr(type(s3), "_cat_file", counting)
+    pieces.pieces[2].read()
+    monkeypatch.setattr(type(s3), "_cat_file", real)
+    group = meta.row_group(0)
+
+    def chunk(column):
+        start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+        return ("bucket/data/train-1.parquet", start, start + column.total_compressed_size)
+
+    assert sorted(asked) == [
+        chunk(group.column(0)),
+        chunk(group.column(2)),
+        ("bucket/data/train-1.parquet", size - 65536, size),
+    ]
     assert [p.name for p in pieces.pieces] == [
         "train-0.parquet row group 0 (rows 0..1)",
         "train-0.parquet row group 1 (rows 2..2)",
@@ -410,3 +441,23 @@ def test_tables_and_results_on_s3(s3, blobs):
     parquet.write_rows("s3://bucket/out/0.parquet", results, True)
     parquet.merge(["s3://bucket/out/0.parquet", "s3://bucket/out/0.parquet"], "s3://bucket/out/all.parquet", True)
     assert parquet.read_rows("s3://bucket/out/all.parquet") == results * 2
+
+
+def test_ranges_serve_what_was_fetched_and_fetch_the_rest():
+    content = bytes(range(256)) * 4
+    asked = []
+
+    def fetch(start, end):
+        asked.append((start, end))
+        return content[start:end]
+
+    f = parquet._Ranges(fetch, len(content), [[0, 10], [900, 1024]], [content[0:10], content[900:1024]])
+    assert f.read(4) == content[:4] and f.seek(-24, 2) == 1000 and f.read() == content[1000:]
+    assert asked == []
+    f.seek(5)
+    assert f.read(10) == content[5:15] and asked == [(5, 15)]  # crosses the end of a range: fetched whole
+    buffer = bytearray(3)
+    assert f.readinto(buffer) == 3 and bytes(buffer) == content[15:18]
+    short = parquet._Ranges(lambda start, end: b"x", 100, [], [])
+    with pytest.raises(OSError, match="read 1 bytes at 0, not 5: the file changed"):
+        short.read(5)

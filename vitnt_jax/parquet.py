@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import io
 import logging
 import math
 import os
@@ -70,7 +71,10 @@ class _File:
     name: str  # the file's name as matched (relative to the pattern's folder): the FILE of FILE:ROW ids
     size: int
     row_groups: tuple[tuple[int, int], ...]  # (rows, bytes) of each row group
-    schema: Any  # pyarrow.Schema
+    schema: Any  # pyarrow.Schema (dropped once the plan is made)
+    meta: Any = None  # pyarrow FileMetaData (dropped once the plan is made)
+    footer: int = 0  # where the footer (metadata, its length, PAR1) starts
+    spans: tuple[tuple[tuple[int, int], ...], ...] = ()  # (start, end) of the used columns' chunks, by row group
 
 
 def _has_magic(text: str) -> bool:
@@ -160,7 +164,24 @@ def _footer(location: str, name: str) -> _File:
         raise _refuse(
             "{parquet} " + f"file {name} is not a readable Parquet file ({first[:200]}); pass Parquet files only."
         ) from error
-    return _File(location, name, size, groups, schema)
+    return _File(location, name, size, groups, schema, meta, size - 8 - meta.serialized_size)
+
+
+def _spans(f: _File, used: list[str]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Returns, for each row group of `f`, the byte ranges of the used columns' chunks (from its footer)."""
+    out = []
+    for g in range(f.meta.num_row_groups):
+        group, spans = f.meta.row_group(g), []
+        for i in range(group.num_columns):
+            column = group.column(i)
+            top = column.path_in_schema.split(".")[0]
+            if top in used:
+                start = column.data_page_offset
+                if column.has_dictionary_page and 0 < column.dictionary_page_offset < start:
+                    start = column.dictionary_page_offset
+                spans.append((start, start + column.total_compressed_size))
+        out.append(tuple(spans))
+    return tuple(out)
 
 
 def _image_kind(pa, arrow_type) -> str | None:
@@ -339,7 +360,8 @@ def open_parquet(
             b,
             piece_rows,
         )
-    files = [dataclasses.replace(f, schema=None) for f in files]  # the plan keeps names and row groups only
+    # The plan keeps names, row groups and the byte ranges a piece reads; no footer.
+    files = [dataclasses.replace(f, schema=None, meta=None, spans=_spans(f, used)) for f in files]
 
     columns = _Columns(image_column, kind, id_col, label_col)
     pieces = []
@@ -396,6 +418,89 @@ class _Watched:
         return getattr(self.stream, name)
 
 
+# Byte ranges of a piece closer than this are fetched as one request (the bytes between are read and dropped).
+_RANGE_GAP = 64 << 10
+
+
+@contextlib.contextmanager
+def _open_piece(f: _File, a: int, b: int):
+    """Yields a seekable file for reading row groups a..b-1 of `f`.
+
+    A local file is opened as it is. On object storage (any URL), the footer and the used columns' chunks of
+    those row groups are fetched at once by ranged requests for exactly their bytes (fsspec's read-ahead would
+    fetch up to 50 MiB past each read), and served from memory; a read outside them (never expected) is fetched
+    on its own.
+    """
+    if not storage.is_url(f.location):
+        with storage.open_read(f.location) as stream:
+            yield stream
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f.location)
+    size = int(fs.size(path))
+    # pyarrow reads the last 64 KiB first (the footer and what lies before it), then the rest of a longer footer.
+    spans = sorted([s for group in f.spans[a:b] for s in group] + [(max(0, min(f.footer, size - (64 << 10))), size)])
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1] + _RANGE_GAP:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    merged = [[max(0, s), min(e, size)] for s, e in merged if s < size]
+    blobs = fs.cat_ranges([path] * len(merged), [s for s, _ in merged], [e for _, e in merged])
+    for blob in blobs:
+        if isinstance(blob, BaseException):  # cat_ranges returns the error of a range that failed
+            raise blob
+    yield _Ranges(lambda start, end: fs.cat_file(path, start=start, end=end), size, merged, blobs)
+
+
+class _Ranges(io.RawIOBase):
+    """A read-only file of `size` bytes of which some ranges are in memory; other reads call fetch(start, end)."""
+
+    def __init__(self, fetch: Callable[[int, int], bytes], size: int, spans, blobs):
+        super().__init__()
+        self.fetch, self.size, self.pos = fetch, size, 0
+        self.parts = [(s, e, memoryview(blob)) for (s, e), blob in zip(spans, blobs, strict=True)]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        data = self._get(self.pos, end)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _get(self, start: int, end: int) -> bytes:
+        for s, e, blob in self.parts:
+            if s <= start and end <= e:
+                return bytes(blob[start - s : end - s])
+        blob = bytes(self.fetch(start, end))
+        if len(blob) != end - start:
+            raise OSError(f"read {len(blob)} bytes at {start}, not {end - start}: the file changed")
+        self.parts.append((start, end, memoryview(blob)))
+        return blob
+
+
 def _groups(a: int, b: int) -> str:
     return f"row group {a}" if b - a == 1 else f"row groups {a}..{b - 1}"
 
@@ -408,7 +513,7 @@ def _read_piece(f: _File, a: int, b: int, first_row: int, rows: int, columns: _C
     error rows, one per planned row, with FILE:ROW ids.
     """
     try:
-        with storage.open_read(f.location) as raw:
+        with _open_piece(f, a, b) as raw:
             stream = _Watched(raw)
             try:
                 return _decode_piece(stream, f, a, b, first_row, rows, columns)
