@@ -14,6 +14,7 @@ from PIL import Image
 
 from vitnt_jax import storage, wds
 from vitnt_jax.data import ImageError, read_image
+from vitnt_jax.errors import UserError
 from vitnt_jax.sources import SourceError
 
 
@@ -372,8 +373,12 @@ def test_a_failing_storage_read_stops_the_run_in_one_sentence(tmp_path, monkeypa
     (tmp_path / "gone.tar").write_bytes(b"")
     monkeypatch.undo()
     (tmp_path / "gone.tar").unlink()
-    with pytest.raises(SourceError, match="cannot read the shard"):
+    with pytest.raises(UserError) as caught:  # deleted after the run was planned: one line, then --resume
         wds.read_shard(str(tmp_path / "gone.tar"))
+    assert str(tmp_path / "gone.tar") in str(caught.value) and "\n" not in str(caught.value)
+    (tmp_path / "folder.tar").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        wds.read_shard(str(tmp_path / "folder.tar"))
 
 
 def test_a_webp_member_is_the_image_and_reads_as_read_image_reads_it(tmp_path):

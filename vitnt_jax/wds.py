@@ -409,9 +409,7 @@ def read_shard(shard: str) -> Source:
             if field in current.fields:
                 current.reason = current.reason or f"it holds .{field} twice"
             current.fields.append(field)
-            if current.reason is not None:
-                continue
-            if field in IMAGE_FIELDS and current.image is None:
+            if field in IMAGE_FIELDS and current.image is None and current.reason is None:
                 if info.size > MAX_MEMBER_BYTES:
                     current.reason = f"its .{field} member is {info.size} bytes, above the {MAX_MEMBER_BYTES} limit"
                 elif held[0] + info.size > MAX_SHARD_HELD:
@@ -419,7 +417,7 @@ def read_shard(shard: str) -> Source:
                 else:
                     current.image = tar.extractfile(info).read()
                     held[0] += len(current.image)
-            elif field == LABEL_FIELD:
+            elif field == LABEL_FIELD and current.label == "":  # a second cls made the sample an error above
                 if info.size > MAX_LABEL_BYTES:
                     current.reason = f"its .cls member is {info.size} bytes, above the {MAX_LABEL_BYTES} limit"
                 else:
@@ -435,22 +433,21 @@ def read_shard(shard: str) -> Source:
     except MemoryError:
         raise
     except Exception as error:
-        if tracked.failure is not None:
-            raise SourceError(
-                "{wds} " + f"reading the shard {shown(shard)} failed at byte {tracked.position} "
-                f"({type(tracked.failure).__name__}: {tracked.failure}); rerun with --resume.",
-                field="wds",
-            ) from None
-        broke = _why(error, False)
+        if tracked.failure is None:
+            broke = _why(error, False)
         if str(error) == "unexpected end of data" and last is not None:
             where = f"byte {last.offset} (member {shown(last.name, 80)})"
     finally:
-        if tar is not None:
-            try:
-                tar.close()
-            except Exception:
-                pass
-        raw.close()
+        for f in (tar, raw):
+            if f is not None:
+                with contextlib.suppress(Exception):
+                    f.close()
+    if tracked.failure is not None:  # the storage, not the shard: nothing of it is committed, a rerun reads it again
+        raise SourceError(
+            "{wds} " + f"reading the shard {shown(shard)} failed at byte {tracked.position} "
+            f"({type(tracked.failure).__name__}: {tracked.failure}); rerun with --resume.",
+            field="wds",
+        )
     if broke is None:
         if current is not None:
             finish(current)
