@@ -31,9 +31,9 @@ def write_shard(path, samples) -> None:
             writer.write(sample)
 
 
-def write_tar(path, members) -> None:
+def write_tar(path, members, format=tarfile.PAX_FORMAT) -> None:
     """members: (name, bytes) for regular files, or a ready TarInfo (links, folders) with None."""
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(path, "w", format=format) as tar:
         for name, data in members:
             if isinstance(name, tarfile.TarInfo):
                 tar.addfile(name)
@@ -464,3 +464,17 @@ def test_shards_on_s3_on_a_loopback_server_read_as_local_ones(tmp_path, monkeypa
     finally:
         fsspec.AbstractFileSystem.clear_instance_cache()
         server.stop()
+
+
+@pytest.mark.parametrize("format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_ustar_gnu_and_pax_tars_with_folders_and_long_names_read_alike(tmp_path, format):
+    folder = tarfile.TarInfo("people")
+    folder.type = tarfile.DIRTYPE
+    deep = "people/" + "d" * 90 + "/0001"  # past ustar's 100-character name: its prefix field, a GNU or a pax header
+    jpg = encoded(0)
+    write_tar(
+        tmp_path / "s.tar", [(folder, None), (f"{deep}.jpg", jpg), (f"{deep}.cls", b"12"), ("b.png", jpg)], format
+    )
+    piece = wds.read_shard(str(tmp_path / "s.tar"))
+    assert rows(piece) == [(deep, "12", (112, 112, 3)), ("b", "", (112, 112, 3))]
+    assert piece.problems == []
