@@ -1572,6 +1572,8 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
                 "pieces before it are committed: rerun with {resume} once it can be read.",
                 field="resume",
             ) from error
+        for problem in source.problems:  # inputs of the piece that could not even be listed (a link in a shard)
+            logger.warning("%s: %s", piece.name, problem)
         _rendered_ids(source)  # two ids written alike are refused, as for any source
         if job.format != "parquet":
             check_ids(source.ids, job.format)
