@@ -11,6 +11,7 @@ from PIL import Image
 
 from vitnt_jax import parquet
 from vitnt_jax.data import ImageError, read_image
+from vitnt_jax.errors import UserError
 from vitnt_jax.output import Row
 from vitnt_jax.sources import SourceError
 
@@ -282,7 +283,8 @@ def test_write_merge_read_round_trip(tmp_path, with_label):
     (tmp_path / "text.parquet").write_text("id,quality,error\n")
     with pytest.raises(parquet.output.OutputError, match=r"text.parquet is not a readable Parquet chunk \("):
         parquet.merge([chunks[0], tmp_path / "text.parquet"], tmp_path / "bad.parquet", with_label)
-    with pytest.raises(parquet.output.OutputError, match=r"^cannot read .*gone.parquet \(No such file or direc"):
+    # One sentence naming the chunk: storage's own (it does not exist) or the merge's (cannot read it).
+    with pytest.raises(UserError, match=r"gone\.parquet.*(does not exist|No such file or directory)"):
         parquet.merge([tmp_path / "gone.parquet"], tmp_path / "bad.parquet", with_label)
     assert not (tmp_path / "bad.parquet").exists()
 

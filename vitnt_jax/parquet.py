@@ -431,28 +431,28 @@ def _open_piece(f: _File, a: int, b: int):
     fetch up to 50 MiB past each read), and served from memory; a read outside them (never expected) is fetched
     on its own.
     """
-    if not storage.is_url(f.location):
-        with storage.open_read(f.location) as stream:
-            yield stream
-        return
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(f.location)
-    size = int(fs.size(path))
-    # pyarrow reads the last 64 KiB first (the footer and what lies before it), then the rest of a longer footer.
-    spans = sorted([s for group in f.spans[a:b] for s in group] + [(max(0, min(f.footer, size - (64 << 10))), size)])
-    merged: list[list[int]] = []
-    for start, end in spans:
-        if merged and start <= merged[-1][1] + _RANGE_GAP:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    merged = [[max(0, s), min(e, size)] for s, e in merged if s < size]
-    blobs = fs.cat_ranges([path] * len(merged), [s for s, _ in merged], [e for _, e in merged])
-    for blob in blobs:
-        if isinstance(blob, BaseException):  # cat_ranges returns the error of a range that failed
-            raise blob
-    yield _Ranges(lambda start, end: fs.cat_file(path, start=start, end=end), size, merged, blobs)
+    with storage.open_read(f.location) as raw:
+        # The file system storage opened the file with (its timeouts and retries); a local file has none.
+        fs, path = getattr(raw, "fs", None), getattr(raw, "path", None)
+        if not storage.is_url(f.location) or fs is None or not isinstance(path, str) or not hasattr(fs, "cat_ranges"):
+            yield raw
+            return
+        size = raw.seek(0, os.SEEK_END)
+        # pyarrow reads the last 64 KiB first (the footer and what lies before it), then the rest of a longer one.
+        footer = max(0, min(f.footer, size - (64 << 10)))
+        spans = sorted([s for group in f.spans[a:b] for s in group] + [(footer, size)])
+        merged: list[list[int]] = []
+        for start, end in spans:
+            if merged and start <= merged[-1][1] + _RANGE_GAP:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        merged = [[max(0, s), min(e, size)] for s, e in merged if s < size]
+        blobs = fs.cat_ranges([path] * len(merged), [s for s, _ in merged], [e for _, e in merged])
+        for blob in blobs:
+            if isinstance(blob, BaseException):  # cat_ranges returns the error of a range that failed
+                raise blob
+        yield _Ranges(lambda start, end: fs.cat_file(path, start=start, end=end), size, merged, blobs)
 
 
 class _Ranges(io.RawIOBase):
@@ -694,6 +694,8 @@ def _read_chunk(pq, chunk, where: str, stack: contextlib.ExitStack):
     if isinstance(chunk, (str, os.PathLike)):
         try:
             chunk = stack.enter_context(storage.open_read(chunk))
+        except storage.StorageError:
+            raise
         except OSError as error:
             raise _output_error(f"cannot read {where} ({error.strerror or error}).") from error
     try:
