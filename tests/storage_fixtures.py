@@ -1,8 +1,8 @@
 """Object-storage servers for tests: an S3 server (moto) and a GCS emulator, both on 127.0.0.1, and a network guard.
 
-Import the fixtures a test file needs (pytest finds fixtures imported into a test module):
+Register the module as a plugin of the test file (importing fixtures by name makes ruff flag F811):
 
-    from storage_fixtures import gcs_bucket, no_remote_network, s3_bucket, storage_env
+    pytest_plugins = ["storage_fixtures"]  # then ask for storage_env, s3_bucket, gcs_bucket, no_remote_network
 
 `storage_env` (session) starts both servers once, points every credential and metadata lookup of boto and the
 Google libraries at dummies or at nothing, and sets fsspec's configuration so that plain `s3://` and `gs://`

@@ -4,17 +4,34 @@ Every reader and writer of a user-named file that may sit on object storage goes
 sources (`--images`, `--list` and the files it names, `--bin`, `--rec`, `--wds`, `--parquet`),
 results (`--out`, `--save-embeddings`, `--save-patch-quality`) and a chunked run's chunks.
 
-A local path is read and written as the rest of the project does (regular files only, no link
-followed where the caller says so); a URL through fsspec. Object storage has no append and no
-rename you can rely on: `write_bytes`/`open_write` make an object appear whole when it is complete
-and never half (a local file is written beside it and renamed in place).
+API: `is_url`, `join`, `open_read`, `read_bytes`, `exists`, `size`, `open_write`, `write_bytes`, `listdir`,
+`remove`, `makedirs`, `glob` (sorted matches of a pattern), `find` (every file under a folder or prefix, with
+its size), `is_folder`, `protocol`, and the errors `StorageError` (`kind` says which failure) and its two
+subclasses `MissingError` (also a FileNotFoundError) and `FolderError` (also an IsADirectoryError), so a caller
+that catches those OS errors keeps working for URLs.
+
+A local path (or a `file://` URL, read as the path it names) is read and written as the rest of the project
+does: regular files only (a FIFO or a device is refused without waiting on it), and a written file never
+follows or replaces a symbolic link. A URL goes through fsspec with bounded waits (S3: 10 s to connect, 60 s
+a read, 3 tries; gcsfs retries 6 times over about 30 s, which it does not let a caller change) and without
+fsspec's listing cache (another host's objects are seen as soon as they exist). Object storage has no append
+and no rename you can rely on: `write_bytes`/`open_write` make an object appear whole when it is complete and
+never half (a remote upload is discarded on error; a local file is written beside it, flushed to disk, and
+renamed in place).
+
+Every failure is a StorageError of one sentence naming the location and the fix: no such file, a folder where
+a file is expected, no such bucket, access denied, no credentials, an unreachable endpoint, or fsspec lacking
+the package of a scheme (`pip install s3fs`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -22,10 +39,46 @@ from vitnt_jax import files
 from vitnt_jax.errors import UserError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# The pip package that gives fsspec each scheme (fsspec itself names only some of them).
+_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+    "adl": "adlfs",
+    "hf": "huggingface_hub",
+    "http": "aiohttp",
+    "https": "aiohttp",
+    "sftp": "paramiko",
+    "ssh": "paramiko",
+    "oci": "ocifs",
+}
+# Bounded waits for S3 (botocore's settings): an endpoint that does not answer fails in seconds, not minutes.
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+_GLOB = re.compile(r"[*?\[]")
 
 
 class StorageError(UserError):
-    """A storage location that cannot be read or written; the message names it and the fix."""
+    """A storage location that cannot be read or written; the message names it and the fix.
+
+    kind: 'missing', 'folder', 'bucket', 'denied', 'credentials', 'unreachable', 'package', 'scheme', 'link',
+    'special' or 'other'.
+    """
+
+    def __init__(self, message: str, *, kind: str = "other", field: str | None = None, also: tuple[str, ...] = ()):
+        self.kind = kind
+        super().__init__(message, field=field, also=also)
+
+
+class MissingError(StorageError, FileNotFoundError):
+    """No file or object at the location."""
+
+
+class FolderError(StorageError, IsADirectoryError):
+    """A folder (or a prefix holding objects) where a file is expected."""
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -33,75 +86,335 @@ def is_url(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and bool(_URL.match(path))
 
 
+def protocol(path: str | os.PathLike) -> str:
+    """Returns the URL scheme of `path` in lower case ('s3', 'gs', 'file'), '' for a local path."""
+    return path.split("://", 1)[0].lower() if is_url(path) else ""
+
+
+def _local(path: str | os.PathLike) -> str | None:
+    """Returns the local path `path` names (a file:// URL's path), None for a remote URL."""
+    if not is_url(path):
+        return os.fspath(path)
+    if protocol(path) == "file":
+        return path.split("://", 1)[1] or "."
+    return None
+
+
+def _options(scheme: str) -> dict:
+    """Returns the options this module adds for a scheme, under those of fsspec's configuration."""
+    if scheme in ("s3", "s3a"):
+        import fsspec.config
+
+        configured = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs") or {})
+        return {"config_kwargs": {**S3_CONFIG, **configured}, "use_listings_cache": False}
+    if scheme in ("gs", "gcs"):
+        logging.getLogger("gcsfs").setLevel(max(logging.getLogger("gcsfs").level, logging.CRITICAL))
+        return {"use_listings_cache": False}
+    return {}
+
+
 def _fs(url: str):
+    """Returns (file system, path inside it) of a URL; StorageError when its scheme cannot be served."""
     import fsspec
 
-    fs, inner = fsspec.core.url_to_fs(url)
-    return fs, inner
+    scheme = protocol(url)
+    try:
+        return fsspec.core.url_to_fs(url, **_options(scheme))
+    except ImportError as error:
+        package = _PACKAGES.get(scheme, f"the fsspec package for {scheme}://")
+        raise StorageError(
+            f"{url} needs the {package} package to be read or written; install it (pip install {package}).",
+            kind="package",
+        ) from error
+    except ValueError as error:
+        if "protocol" in str(error).lower():
+            raise StorageError(
+                f"{url} has a URL scheme ({scheme}://) fsspec does not know; use gs://, s3:// or a local path.",
+                kind="scheme",
+            ) from error
+        raise StorageError(f"{url} is not a valid location ({error}); check the URL.") from error
+
+
+def _names(error: BaseException) -> set[str]:
+    return {c.__name__ for c in type(error).__mro__}
+
+
+_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError"}
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ClientConnectionError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+    "ConnectionError",
+    "TimeoutError",
+}
+
+
+def _bucket_exists(fs, inner: str) -> bool:
+    """Returns whether the bucket of `inner` exists (True when that cannot be told)."""
+    bucket = inner.split("/", 1)[0]
+    try:
+        return bool(fs.exists(bucket))
+    except Exception:
+        return True
+
+
+def _translate(error: BaseException, url: str, action: str, fs=None, inner: str = "") -> StorageError:
+    """Returns the one-sentence StorageError for a failure of `action` ('read', 'write', 'list') on `url`."""
+    if isinstance(error, StorageError):
+        return error
+    names = _names(error)
+    text = str(error)
+    bucket = f"{url.split('://', 1)[0]}://{inner.split('/', 1)[0]}" if is_url(url) and inner else url
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower() or "NoSuchBucket" in names:
+        return StorageError(f"no such bucket {bucket} (for {url}); check the bucket's name.", kind="bucket")
+    if isinstance(error, FileNotFoundError):
+        if fs is not None and is_url(url) and not _bucket_exists(fs, inner):
+            return StorageError(f"no such bucket {bucket} (for {url}); check the bucket's name.", kind="bucket")
+        return MissingError(f"{url} does not exist; check the path.", kind="missing")
+    if isinstance(error, IsADirectoryError):
+        return FolderError(f"{url} is a folder; pass a file.", kind="folder")
+    if names & _CREDENTIALS:
+        return StorageError(
+            f"no credentials to {action} {url}; set them up (AWS: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a "
+            "profile; Google: gcloud auth application-default login or GOOGLE_APPLICATION_CREDENTIALS).",
+            kind="credentials",
+        )
+    if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text or " 403" in text:
+        return StorageError(
+            f"access denied to {action} {url}; check that your credentials may {action} it.", kind="denied"
+        )
+    if names & _UNREACHABLE or isinstance(error, (ConnectionError, TimeoutError)):
+        return StorageError(
+            f"cannot reach the storage service for {url} ({_short(error)}); check the network and the endpoint.",
+            kind="unreachable",
+        )
+    return StorageError(f"cannot {action} {url} ({_short(error)}); check the location and access.")
+
+
+def _short(error: BaseException, limit: int = 200) -> str:
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _errors(url: str, action: str, fs=None, inner: str = "") -> Iterator[None]:
+    """Turns every failure inside into a StorageError (MemoryError and interrupts pass)."""
+    try:
+        yield
+    except (MemoryError, KeyboardInterrupt, SystemExit, StorageError):
+        raise
+    except Exception as error:
+        raise _translate(error, url, action, fs, inner) from error
 
 
 def join(base: str | os.PathLike, name: str) -> str:
     """Returns `name` inside the folder (or prefix) `base`."""
     base = os.fspath(base)
     if is_url(base):
-        return base.rstrip("/") + "/" + name
+        return base.rstrip("/") + "/" + name.lstrip("/")
     return os.path.join(base, name)
 
 
+class _Reader:
+    """A remote file for reading whose failures are StorageErrors; every other attribute is the file's own."""
+
+    def __init__(self, f, url: str):
+        self._f, self._url = f, url
+
+    def read(self, n: int = -1) -> bytes:
+        with _errors(self._url, "read"):
+            return self._f.read(n)
+
+    def readinto(self, b) -> int:
+        with _errors(self._url, "read"):
+            return self._f.readinto(b)
+
+    def readline(self, n: int = -1) -> bytes:
+        with _errors(self._url, "read"):
+            return self._f.readline(n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        with _errors(self._url, "read"):
+            return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def open_read(path: str | os.PathLike) -> BinaryIO:
-    """Returns a binary file (seekable) for reading `path`; a local path must be a regular file."""
-    if is_url(path):
-        fs, inner = _fs(path)
-        return fs.open(inner, "rb")
-    return open(files.open_regular(path), "rb")
+    """Returns a binary file (seekable) for reading `path`; a local path must be a regular file.
+
+    MissingError when nothing is there, FolderError for a folder (a prefix of objects), StorageError otherwise.
+    """
+    local = _local(path)
+    if local is not None:
+        with _errors(os.fspath(path), "read"):
+            try:
+                return open(files.open_regular(local), "rb")
+            except files.NotRegularFileError as error:
+                if error.kind == "a folder":
+                    raise FolderError(f"{path} is a folder; pass a file.", kind="folder") from error
+                raise StorageError(
+                    f"{path} is {error.kind}, not a regular file; pass a file.", kind="special"
+                ) from None
+    fs, inner = _fs(path)
+    with _errors(path, "read", fs, inner):
+        info = fs.info(inner)
+        if info.get("type") == "directory":
+            raise FolderError(f"{path} is a folder (a prefix of objects); pass a file.", kind="folder")
+        return _Reader(fs.open(inner, "rb"), path)
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
-    """Returns the whole content of `path`."""
+def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """Returns the whole content of `path`; with `limit`, StorageError for a file above that many bytes."""
     with open_read(path) as f:
-        return f.read()
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise StorageError(f"{path} holds more than {limit} bytes; pass a smaller file.", kind="other")
+    return data
 
 
 def exists(path: str | os.PathLike) -> bool:
-    if is_url(path):
-        fs, inner = _fs(path)
-        return fs.exists(inner)
-    return os.path.exists(path)
+    """Returns whether a file or a folder (a prefix of objects) is at `path`; False for a missing bucket."""
+    local = _local(path)
+    if local is not None:
+        return os.path.exists(local)
+    fs, inner = _fs(path)
+    try:
+        with _errors(path, "read", fs, inner):
+            return bool(fs.exists(inner))
+    except StorageError as error:
+        if error.kind in ("missing", "bucket"):
+            return False
+        raise
+
+
+def is_folder(path: str | os.PathLike) -> bool:
+    """Returns whether `path` is a folder (a URL: a prefix that holds objects, or a bucket)."""
+    local = _local(path)
+    if local is not None:
+        return os.path.isdir(local)
+    fs, inner = _fs(path)
+    try:
+        with _errors(path, "read", fs, inner):
+            return bool(fs.isdir(inner))
+    except StorageError as error:
+        if error.kind in ("missing", "bucket"):
+            return False
+        raise
 
 
 def size(path: str | os.PathLike) -> int:
-    if is_url(path):
-        fs, inner = _fs(path)
-        return int(fs.size(inner))
-    return os.stat(path).st_size
+    """Returns the size in bytes of the file at `path`; MissingError or FolderError otherwise."""
+    local = _local(path)
+    if local is not None:
+        with _errors(os.fspath(path), "read"):
+            info = os.stat(local)
+        if stat.S_ISDIR(info.st_mode):
+            raise FolderError(f"{path} is a folder; pass a file.", kind="folder")
+        return info.st_size
+    fs, inner = _fs(path)
+    with _errors(path, "read", fs, inner):
+        info = fs.info(inner)
+    if info.get("type") == "directory":
+        raise FolderError(f"{path} is a folder (a prefix of objects); pass a file.", kind="folder")
+    return int(info.get("size") or 0)
 
 
 @contextlib.contextmanager
 def open_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Yields a binary file; `path` appears whole when the block ends, and not at all when it raises."""
-    path = os.fspath(path)
-    if is_url(path):
+    """Yields a binary file; `path` appears whole when the block ends, and not at all when it raises.
+
+    Local: written to a new temporary file beside `path` (never through a link), flushed to disk, then renamed
+    over `path`; a symbolic link at `path` is refused, not replaced. Remote: one upload, discarded on error.
+    """
+    local = _local(path)
+    if local is None:
         fs, inner = _fs(path)
-        f = fs.open(inner, "wb")
+        with _errors(path, "write", fs, inner):
+            f = fs.open(inner, "wb")
         try:
             yield f
         except BaseException:
             with contextlib.suppress(Exception):
-                f.discard()
+                f.discard()  # an upload in parts is aborted: nothing appears
+            with contextlib.suppress(Exception):
+                f.closed = True  # and closing (the garbage collector's) must not upload what was buffered
             raise
-        f.close()
+        with _errors(path, "write", fs, inner):
+            f.close()
         return
-    tmp = f"{path}.tmp{os.getpid()}"
+    if os.path.islink(local):
+        raise StorageError(
+            f"{path} is a symbolic link; refusing to write through it (pass the file itself).", kind="link"
+        )
+    found = files.file_kind(local)
+    if found == "a folder":
+        raise FolderError(f"{path} is a folder; pass a file name to write.", kind="folder")
+    if found is not None:
+        raise StorageError(f"{path} is {found}; refusing to write there (pass a file name).", kind="special")
+    folder, name = os.path.split(os.path.abspath(local))
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}-{os.urandom(4).hex()}")
     try:
-        with open(files.open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "wb") as f:
+        if not os.path.isdir(folder):
+            raise MissingError(f"cannot write {path}: its folder does not exist; create it first.", kind="missing")
+        with _errors(os.fspath(path), "write"):
+            fd = files.open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        with open(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if os.path.islink(local):  # planted while writing
+            raise StorageError(
+                f"{path} is a symbolic link; refusing to write through it (pass the file itself).", kind="link"
+            )
+        with _errors(os.fspath(path), "write"):
+            os.replace(tmp, local)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):  # the rename itself made durable
+        dfd = os.open(folder or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -111,37 +424,112 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def listdir(folder: str | os.PathLike) -> list[str]:
-    """Returns the names (not paths) of the files directly inside `folder`, sorted; [] when it does not exist."""
-    folder = os.fspath(folder)
-    if is_url(folder):
-        fs, inner = _fs(folder)
+    """Returns the names (not paths) of the entries directly inside `folder`, sorted; [] when it does not exist."""
+    local = _local(folder)
+    if local is not None:
         try:
-            entries = fs.ls(inner, detail=False)
-        except FileNotFoundError:
+            return sorted(os.listdir(local))
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+    fs, inner = _fs(folder)
     try:
-        return sorted(os.listdir(folder))
-    except FileNotFoundError:
-        return []
+        with _errors(folder, "list", fs, inner):
+            entries = fs.ls(inner.rstrip("/"), detail=False)
+    except StorageError as error:
+        if error.kind == "missing":
+            return []
+        raise
+    prefix = inner.rstrip("/") + "/"
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") + "/" != prefix)
+
+
+def find(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """Returns (path relative to `folder`, size) of every file under it, at any depth, sorted by path.
+
+    A URL lists its prefix's objects (one listing, no object read); a local folder is walked without following
+    folder links. MissingError when nothing is there.
+    """
+    local = _local(folder)
+    if local is not None:
+        if not os.path.isdir(local):
+            raise MissingError(f"{folder} is not a folder; check the path.", kind="missing")
+        found = []
+        for top, _, names in os.walk(local):
+            for name in names:
+                full = os.path.join(top, name)
+                with contextlib.suppress(OSError):
+                    info = os.lstat(full)
+                    if stat.S_ISREG(info.st_mode):
+                        found.append((os.path.relpath(full, local).replace(os.sep, "/"), info.st_size))
+        return sorted(found)
+    fs, inner = _fs(folder)
+    prefix = inner.rstrip("/") + "/"
+    with _errors(folder, "list", fs, inner):
+        listed = fs.find(prefix.rstrip("/"), detail=True)
+    out = [
+        (name[len(prefix) :], int(info.get("size") or 0))
+        for name, info in listed.items()
+        if name.startswith(prefix) and info.get("type") != "directory" and not name.endswith("/")
+    ]
+    if not out and not _bucket_exists(fs, inner):
+        raise StorageError(
+            f"no such bucket {protocol(folder)}://{inner.split('/', 1)[0]}; check its name.", kind="bucket"
+        )
+    return sorted(out)
+
+
+def glob(pattern: str | os.PathLike) -> list[str]:
+    """Returns the files `pattern` matches (`*`, `?`, `[...]`; `**` any depth), sorted; a URL's are URLs.
+
+    A pattern without those characters returns itself when it is a file, [] otherwise. Folders never match.
+    """
+    pattern = os.fspath(pattern)
+    local = _local(pattern)
+    if local is not None:
+        import glob as globbing
+
+        if not _GLOB.search(local):
+            return [pattern] if os.path.isfile(local) else []
+        found = [p for p in globbing.glob(local, recursive=True) if os.path.isfile(p)]
+        if pattern != local:  # a file:// pattern gives file:// URLs
+            found = ["file://" + p for p in found]
+        return sorted(found)
+    fs, inner = _fs(pattern)
+    scheme = pattern.split("://", 1)[0]
+    if not _GLOB.search(inner):
+        try:
+            size(pattern)
+        except StorageError as error:
+            if error.kind in ("missing", "folder", "bucket"):
+                return []
+            raise
+        return [pattern]
+    with _errors(pattern, "list", fs, inner):
+        found = fs.glob(inner, detail=True)
+    paths = [p for p, info in found.items() if info.get("type") != "directory"]
+    if "**" not in inner:  # fsspec's `*` may cross no '/'; check, to be sure of the rule
+        paths = [p for p in paths if fnmatch.fnmatchcase(p, inner) and p.count("/") == inner.count("/")]
+    return sorted(f"{scheme}://{p}" for p in paths)
 
 
 def remove(path: str | os.PathLike) -> None:
     """Removes the file `path` when it exists."""
-    if is_url(path):
-        fs, inner = _fs(path)
+    local = _local(path)
+    if local is not None:
         with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(inner)
+            os.unlink(local)
         return
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    fs, inner = _fs(path)
+    try:
+        with _errors(path, "write", fs, inner):
+            fs.rm_file(inner)
+    except StorageError as error:
+        if error.kind != "missing":
+            raise
 
 
 def makedirs(folder: str | os.PathLike) -> None:
-    """Creates a local folder (and its parents), a file:// one too; an object-store prefix needs none."""
-    if not is_url(folder):
-        os.makedirs(folder, exist_ok=True)
-        return
-    fs, inner = _fs(os.fspath(folder))
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        fs.makedirs(inner, exist_ok=True)
+    """Creates a local folder (and its parents); a URL prefix needs none."""
+    local = _local(folder)
+    if local is not None:
+        os.makedirs(local, exist_ok=True)

@@ -1,0 +1,236 @@
+"""Object storage: local paths, s3:// (moto server) and gs:// (GCS emulator) on 127.0.0.1 behind one API."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitnt_jax import storage
+
+pytest_plugins = ["pytester", "storage_fixtures"]  # the servers' fixtures: storage_env, s3_bucket, gcs_bucket, ...
+
+
+@pytest.fixture(params=["s3", "gs", "local"])
+def place(request, tmp_path):
+    """A folder location of each kind: a fresh bucket URL or a local folder."""
+    if request.param == "local":
+        return os.fspath(tmp_path)
+    return request.getfixturevalue("s3_bucket" if request.param == "s3" else "gcs_bucket")
+
+
+def test_write_read_list_remove(place):
+    a, b = storage.join(place, "x/a.bin"), storage.join(place, "x/b.bin")
+    storage.makedirs(storage.join(place, "x"))
+    storage.write_bytes(a, b"hello")
+    with storage.open_write(b) as f:
+        f.write(b"wor")
+        f.write(b"ld")
+    assert storage.read_bytes(a) == b"hello" and storage.read_bytes(b) == b"world"
+    assert storage.exists(a) and storage.size(b) == 5
+    assert storage.listdir(storage.join(place, "x")) == ["a.bin", "b.bin"]
+    assert storage.listdir(storage.join(place, "none")) == []
+    with storage.open_read(b) as f:
+        f.seek(2)
+        assert f.read(2) == b"rl" and f.tell() == 4
+    storage.write_bytes(a, b"again")  # replaced whole
+    assert storage.read_bytes(a) == b"again"
+    storage.remove(a)
+    storage.remove(a)  # gone already: no error
+    assert not storage.exists(a) and storage.listdir(storage.join(place, "x")) == ["b.bin"]
+    assert storage.find(place) == [("x/b.bin", 5)]
+
+
+def test_open_write_leaves_nothing_when_the_block_raises(place):
+    path = storage.join(place, "half.csv")
+    with pytest.raises(RuntimeError, match="mid-write"), storage.open_write(path) as f:
+        f.write(b"x" * 100_000)
+        raise RuntimeError("mid-write")
+    assert not storage.exists(path)
+    storage.write_bytes(path, b"old")
+    with pytest.raises(RuntimeError), storage.open_write(path) as f:
+        f.write(b"new and half")
+        raise RuntimeError("mid-write")
+    assert storage.read_bytes(path) == b"old"  # the old content stays whole
+    if not storage.is_url(place):
+        assert os.listdir(place) == ["half.csv"]  # no temporary left beside it
+
+
+def test_a_large_remote_upload_interrupted_leaves_no_object(s3_bucket):
+    path = s3_bucket + "/big.bin"
+    with pytest.raises(RuntimeError), storage.open_write(path) as f:
+        f.write(os.urandom(12 << 20))  # above s3fs's 5 MiB block: parts already sent, then aborted
+        raise RuntimeError("mid-write")
+    assert not storage.exists(path) and storage.listdir(s3_bucket) == []
+
+
+def test_glob(place):
+    storage.makedirs(storage.join(place, "a/sub"))
+    for name in ("a/1.png", "a/2.jpg", "a/sub/3.png", "b.png"):
+        storage.write_bytes(storage.join(place, name), b"x")
+    rel = lambda found: [p[len(place) + 1 :] for p in found]  # noqa: E731
+    assert rel(storage.glob(storage.join(place, "a/*.png"))) == ["a/1.png"]
+    assert rel(storage.glob(storage.join(place, "a/*"))) == ["a/1.png", "a/2.jpg"]
+    assert rel(storage.glob(storage.join(place, "**/*.png"))) == ["a/1.png", "a/sub/3.png", "b.png"]
+    assert rel(storage.glob(storage.join(place, "b.png"))) == ["b.png"]
+    assert storage.glob(storage.join(place, "a")) == []  # a folder is no match
+    assert storage.glob(storage.join(place, "none/*.png")) == []
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    url = "file://" + os.fspath(tmp_path / "f.bin")
+    storage.write_bytes(url, b"abc")
+    assert (tmp_path / "f.bin").read_bytes() == b"abc" and storage.read_bytes(url) == b"abc"
+    assert storage.glob("file://" + os.fspath(tmp_path) + "/*.bin") == [url]
+
+
+def test_missing_file_and_folder_wordings(place):
+    missing = storage.join(place, "nope.txt")
+    with pytest.raises(storage.MissingError, match=r"nope\.txt does not exist; check the path\.$") as caught:
+        storage.read_bytes(missing)
+    assert isinstance(caught.value, FileNotFoundError) and caught.value.kind == "missing"
+    with pytest.raises(FileNotFoundError):
+        storage.size(missing)
+    storage.makedirs(storage.join(place, "d"))
+    storage.write_bytes(storage.join(place, "d/inner.txt"), b"x")
+    with pytest.raises(storage.FolderError, match=r"d is a folder.*pass a file\.$"):
+        storage.read_bytes(storage.join(place, "d"))
+    with pytest.raises(storage.FolderError):
+        storage.size(storage.join(place, "d"))
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_no_such_bucket(scheme, storage_env, no_remote_network):
+    url = f"{scheme}://no-such-bucket-here/a.txt"
+    with pytest.raises(storage.StorageError, match=rf"^no such bucket {scheme}://no-such-bucket-here .*name\.$"):
+        storage.read_bytes(url)
+    with pytest.raises(storage.StorageError, match="no such bucket"):
+        storage.write_bytes(url, b"x")
+    with pytest.raises(storage.StorageError, match="no such bucket"):
+        storage.find(f"{scheme}://no-such-bucket-here/faces")
+    assert not storage.exists(url)
+
+
+def test_unreachable_endpoint_fails_in_seconds(storage_env, no_remote_network, monkeypatch):
+    import fsspec.config
+    from storage_fixtures import clear_instance_caches, closed_endpoint
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf["s3"], "endpoint_url": closed_endpoint()})
+    clear_instance_caches()
+    start = time.monotonic()
+    wording = r"^cannot reach the storage service for s3://b-x/a\.txt .*endpoint\.$"
+    with pytest.raises(storage.StorageError, match=wording):
+        storage.read_bytes("s3://b-x/a.txt")
+    assert time.monotonic() - start < 20
+    clear_instance_caches()
+
+
+def test_no_credentials(storage_env, no_remote_network, monkeypatch):
+    import fsspec.config
+    from storage_fixtures import clear_instance_caches
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    conf = {k: v for k, v in fsspec.config.conf["s3"].items() if k not in ("key", "secret")}
+    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+    clear_instance_caches()
+    with pytest.raises(storage.StorageError, match=r"^no credentials to read s3://b-x/a\.txt; set them up") as caught:
+        storage.read_bytes("s3://b-x/a.txt")
+    assert caught.value.kind == "credentials"
+    clear_instance_caches()
+
+
+def test_access_denied_and_other_failures_are_one_sentence():
+    denied = storage._translate(PermissionError(13, "Forbidden"), "gs://b/x", "write")
+    assert str(denied) == "access denied to write gs://b/x; check that your credentials may write it."
+    other = storage._translate(ValueError("odd\nreply"), "s3://b/x", "read")
+    assert str(other) == "cannot read s3://b/x (ValueError: odd reply); check the location and access."
+
+
+def test_a_scheme_without_its_package_names_it(monkeypatch):
+    import fsspec.core
+
+    def missing(url, **options):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(storage.StorageError, match=r"needs the s3fs package .*pip install s3fs\)\.$"):
+        storage.read_bytes("s3://b/x")
+    monkeypatch.undo()
+    with pytest.raises(storage.StorageError, match=r"URL scheme \(nosuchscheme://\) fsspec does not know"):
+        storage.read_bytes("nosuchscheme://b/x")
+
+
+def test_local_writes_refuse_links_and_special_files(tmp_path):
+    target = tmp_path / "target.csv"
+    target.write_bytes(b"keep")
+    (tmp_path / "link.csv").symlink_to(target)
+    with pytest.raises(storage.StorageError, match="symbolic link; refusing"):
+        storage.write_bytes(tmp_path / "link.csv", b"x")
+    assert target.read_bytes() == b"keep"
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(storage.StorageError, match="named pipe"):
+        storage.write_bytes(tmp_path / "fifo", b"x")
+    with pytest.raises(storage.StorageError, match="named pipe"):
+        storage.read_bytes(tmp_path / "fifo")  # refused, never waited on
+    with pytest.raises(storage.FolderError):
+        storage.write_bytes(tmp_path, b"x")
+
+
+def test_a_subprocess_reaches_the_servers(s3_bucket, gcs_bucket, storage_env):
+    storage.write_bytes(s3_bucket + "/a.txt", b"from the test")
+    code = (
+        "import sys; from vitnt_jax import storage;"
+        f"storage.write_bytes({gcs_bucket!r} + '/b.txt', storage.read_bytes({s3_bucket!r} + '/a.txt'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=storage_env.env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert storage.read_bytes(gcs_bucket + "/b.txt") == b"from the test"
+
+
+def test_the_guard_refuses_remote_addresses_and_allows_loopback():
+    from storage_fixtures import RemoteNetworkUsed, network_guard
+
+    with network_guard() as attempts:
+        with pytest.raises(RemoteNetworkUsed):
+            socket.create_connection(("192.0.2.1", 80), timeout=1)
+        with socket.socket() as s, pytest.raises(RemoteNetworkUsed):
+            s.connect(("10.255.255.1", 80))
+        with pytest.raises(socket.gaierror):
+            socket.getaddrinfo("storage.googleapis.com", 443)
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            socket.create_connection(server.getsockname(), timeout=1).close()  # loopback: allowed
+    assert len(attempts) == 3 and "storage.googleapis.com" in attempts[2]
+
+
+def test_the_guard_fails_a_test_that_reaches_out(pytester):
+    folder = os.path.dirname(__file__)
+    pytester.makepyfile(
+        f"""
+        import sys, socket
+        sys.path.insert(0, {folder!r})
+        from storage_fixtures import no_remote_network
+
+        def test_reaches(no_remote_network):
+            try:
+                socket.create_connection(("192.0.2.1", 80), timeout=1)
+            except OSError:
+                pass  # a library that swallows the refusal: the test still fails
+        """
+    )
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)  # the call passes; its teardown fails it
+    result.stdout.fnmatch_lines(["*reached for the network beyond 127.0.0.1*192.0.2.1*"])
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
