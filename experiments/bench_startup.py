@@ -10,7 +10,9 @@ one batch: imports, model load, compilation or cache load, one batch, the result
   warm  the folder a cold run filled (the run loads its programs from it)
   off   no persistent cache (compiles every time, writes nothing)
 and, as the floor, `python -c "import vitnt_jax.score"` (interpreter and imports alone).
-The median of --repeats runs of each is reported. The model must be converted already (a named
+The median of --repeats runs of each is reported, with the seconds XLA spent compiling in it (from
+JAX_LOG_COMPILES's "Finished XLA compilation" lines: what the cache saves, whatever else loads the
+machine). The model must be converted already (a named
 model is never downloaded here: a model that is not in the cache folder is reported as skipped).
 The cache is set with `--compile-cache DIR|off` when the CLI has that flag, and always also through
 JAX's own environment variables (JAX_COMPILATION_CACHE_DIR, JAX_ENABLE_COMPILATION_CACHE=false for
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -48,13 +51,17 @@ def _has_flag() -> bool:
     return "--compile-cache" in done.stdout
 
 
-def _timed(command: list[str], env: dict[str, str]) -> float:
+_COMPILED = re.compile(r"Finished XLA compilation of (\S+) in ([0-9.e+-]+) sec")
+
+
+def _timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Runs a command; returns (wall seconds, seconds XLA spent compiling, from JAX_LOG_COMPILES lines)."""
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"error: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, sum(float(m.group(2)) for m in _COMPILED.finditer(done.stderr))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     flag = _has_flag()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     base_env.pop(cache.MIN_COMPILE_TIME_ENV, None)
+    base_env["JAX_LOG_COMPILES"] = "1"  # each compilation's time is logged (a cache hit compiles nothing)
     base_env["PYTHONPATH"] = str(ROOT) + os.pathsep + base_env.get("PYTHONPATH", "")
     times: dict[str, list[float]] = {"import": [], "cold": [], "warm": [], "off": []}
+    compiling: dict[str, list[float]] = {"import": [], "cold": [], "warm": [], "off": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _jpegs(tmp / "images", args.images)
@@ -101,12 +110,19 @@ def main(argv: list[str] | None = None) -> int:
             return _timed(command, env)
 
         for r in range(args.repeats):
-            times["import"].append(_timed([sys.executable, "-c", "import vitnt_jax.score"], base_env))
             folder = str(tmp / f"xla{r}")
-            times["cold"].append(score(folder, f"cold{r}.csv"))
-            times["warm"].append(score(folder, f"warm{r}.csv"))
-            times["off"].append(score("off", f"off{r}.csv"))
-            print(f"run {r}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+            steps = (
+                ("import", _timed, ([sys.executable, "-c", "import vitnt_jax.score"], base_env)),
+                ("cold", score, (folder, f"cold{r}.csv")),
+                ("warm", score, (folder, f"warm{r}.csv")),
+                ("off", score, ("off", f"off{r}.csv")),
+            )
+            for kind, step, step_args in steps:
+                wall, compiled = step(*step_args)
+                times[kind].append(wall)
+                compiling[kind].append(compiled)
+            shown = ", ".join(f"{k} {v[-1]:.2f} s (compiling {compiling[k][-1]:.2f} s)" for k, v in times.items())
+            print(f"run {r}: {shown}", flush=True)
         entries = sorted(p.name for p in (Path(cache.compile_cache_dir(str(tmp / "xla0")))).iterdir())
     report = {
         "machine": machine(),
@@ -118,11 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         "cache_entries": len(entries),
         "seconds": {k: v for k, v in times.items()},
         "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "compiling_s": compiling,
+        "median_compiling_s": {k: statistics.median(v) for k, v in compiling.items()},
+        "load_average": os.getloadavg(),
     }
     median = report["median_s"]
+    c = report["median_compiling_s"]
     print(
-        f"model {args.model}, one batch of {args.images}: import {median['import']:.2f} s, cold {median['cold']:.2f} s,"
-        f" warm {median['warm']:.2f} s, off {median['off']:.2f} s ({len(entries)} cache entries)"
+        f"model {args.model}, one batch of {args.images}: import {median['import']:.2f} s, cold {median['cold']:.2f} s"
+        f" (compiling {c['cold']:.2f} s), warm {median['warm']:.2f} s (compiling {c['warm']:.2f} s), off"
+        f" {median['off']:.2f} s (compiling {c['off']:.2f} s); {len(entries)} cache entries"
     )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
