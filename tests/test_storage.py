@@ -230,7 +230,144 @@ def test_the_guard_fails_a_test_that_reaches_out(pytester):
     result.stdout.fnmatch_lines(["*reached for the network beyond 127.0.0.1*192.0.2.1*"])
 
 
-def _png() -> bytes:
+# --- sources and images read from object storage ---------------------------------------------------------------
+
+
+def _image(value: int, fmt: str = "PNG", size=(8, 8)) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(buffer, "PNG")
+    array = np.full((*size, 3), value, np.uint8)
+    array[0, 0] = (255 - value, value // 2, 3)
+    Image.fromarray(array).save(buffer, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     return buffer.getvalue()
+
+
+def _rows(source) -> list:
+    """Returns (id, label, pixels or error) of every input of a source."""
+    from vitnt_jax.data import ImageError
+
+    out = []
+    for i, name in enumerate(source.ids):
+        try:
+            got = source.load(i)
+        except ImageError as error:
+            got = f"error: {error}"
+        out.append((name, None if source.labels is None else source.labels[i], got))
+    return out
+
+
+def test_image_folder_on_object_storage(s3_bucket, tmp_path):
+    from vitnt_jax import sources
+
+    objects = {"faces/a/1.png": _image(10), "faces/b.jpg": _image(20, "JPEG"), "faces/c.webp": _image(30, "WEBP")}
+    objects.update({"faces/notes.txt": b"not an image", "faces/bad.png": b"not a png", "other/x.png": _image(1)})
+    for key, blob in objects.items():
+        storage.write_bytes(f"{s3_bucket}/{key}", blob)
+        if key.startswith("faces/"):
+            (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / key).write_bytes(blob)
+    remote = _rows(sources.image_folder(f"{s3_bucket}/faces/"))
+    local = _rows(sources.image_folder(tmp_path / "faces"))
+    assert [r[0] for r in remote] == ["a/1.png", "b.jpg", "bad.png", "c.webp"] == [r[0] for r in local]
+    for (_, _, got), (_, _, want) in zip(remote, local, strict=True):
+        if isinstance(want, str):
+            assert got == want == "error: not a readable image (no PNG, JPEG or WEBP data)"
+        else:
+            np.testing.assert_array_equal(got, want)  # the same bytes decode alike, wherever they lie
+    assert sources.image_folder(f"{s3_bucket}/faces").ids == [r[0] for r in remote]  # with or without the slash
+    with pytest.raises(sources.SourceError, match=r"no PNG, JPEG or WEBP objects under s3://t-\w+/empty"):
+        sources.image_folder(f"{s3_bucket}/empty/")
+    with pytest.raises(sources.SourceError, match="no such bucket"):
+        sources.image_folder("s3://no-such-bucket-here/faces/")
+
+
+def test_list_on_object_storage_naming_urls_and_relative_keys(s3_bucket, gcs_bucket, tmp_path):
+    from vitnt_jax import sources
+
+    storage.write_bytes(f"{s3_bucket}/img/1.png", _image(1))
+    storage.write_bytes(f"{gcs_bucket}/2.png", _image(2))
+    (tmp_path / "3.png").write_bytes(_image(3))
+    lines = [f"{gcs_bucket}/2.png", os.fspath(tmp_path / "3.png"), f"{s3_bucket}/img/gone.png", f"{s3_bucket}/img"]
+    storage.write_bytes(f"{s3_bucket}/list.txt", ("\n".join(lines) + "\n").encode())
+    rows = _rows(sources.path_list(f"{s3_bucket}/list.txt"))
+    assert [r[0] for r in rows] == lines
+    assert rows[0][2][0, 0, 0] == 253 and rows[1][2][0, 0, 0] == 252
+    assert rows[2][2] == "error: file not found"  # as a missing local file
+    assert rows[3][2] == "error: is a directory, not an image"
+    storage.write_bytes(f"{s3_bucket}/rel.txt", b"1.png\nnone.png\n")
+    rows = _rows(sources.path_list(f"{s3_bucket}/rel.txt", root=f"{s3_bucket}/img"))
+    assert rows[0][2][0, 0, 0] == 254 and rows[1][2] == "error: file not found"
+    with pytest.raises(sources.SourceError, match=r"list s3://t-\w+/none\.txt does not exist; check the path\."):
+        sources.path_list(f"{s3_bucket}/none.txt")
+    with pytest.raises(sources.SourceError, match=r"is a folder; pass a text file"):
+        sources.path_list(f"{s3_bucket}/img")
+    with pytest.raises(sources.SourceError, match=r"root s3://t-\w+/nothing is not a folder"):
+        sources.path_list(f"{s3_bucket}/rel.txt", root=f"{s3_bucket}/nothing")
+    storage.write_bytes(f"{s3_bucket}/binary.txt", b"a\0b")
+    with pytest.raises(sources.SourceError, match="holds a NUL byte"):
+        sources.path_list(f"{s3_bucket}/binary.txt")
+
+
+def test_bin_pack_on_object_storage(s3_bucket, tmp_path):
+    import pickle
+
+    from vitnt_jax import sources
+
+    blobs = [_image(5), _image(6), b"not an image", _image(7)]
+    pack = pickle.dumps((blobs, [True, False]), protocol=2)
+    storage.write_bytes(f"{s3_bucket}/lfw.bin", pack)
+    rows = _rows(sources.insightface_bin(f"{s3_bucket}/lfw.bin"))
+    assert [(r[0], r[1]) for r in rows] == [("0", "1"), ("1", "1"), ("2", "0"), ("3", "0")]
+    assert rows[2][2].startswith("error: not a readable image") and rows[3][2][0, 0, 0] == 248
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo hostile",))
+
+    storage.write_bytes(f"{s3_bucket}/hostile.bin", pickle.dumps(([b"x"], Boom())))
+    with pytest.raises(sources.SourceError, match="is not a plain insightface pack .*could run code"):
+        sources.insightface_bin(f"{s3_bucket}/hostile.bin")
+    with pytest.raises(sources.SourceError, match=r"lfw2\.bin does not exist; check the path\."):
+        sources.insightface_bin(f"{s3_bucket}/lfw2.bin")
+
+
+def test_a_remote_image_above_the_object_limit_is_an_error_row_unread(s3_bucket, monkeypatch):
+    from vitnt_jax import data
+
+    storage.write_bytes(f"{s3_bucket}/big.png", _image(9, size=(64, 64)))
+    opened = []
+    monkeypatch.setattr(storage, "open_read", lambda path: opened.append(path))
+    monkeypatch.setattr(data, "MAX_OBJECT_BYTES", 100)
+    with pytest.raises(data.ImageError, match=r"^object of \d+ bytes, above the 100 byte limit, not read$"):
+        data.read_image(f"{s3_bucket}/big.png")
+    assert opened == []
+
+
+def test_a_remote_read_that_cannot_reach_the_service_stops_the_run(storage_env, no_remote_network, monkeypatch):
+    import fsspec.config
+    from storage_fixtures import clear_instance_caches, closed_endpoint
+
+    from vitnt_jax import data
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf["s3"], "endpoint_url": closed_endpoint()})
+    clear_instance_caches()
+    with pytest.raises(storage.StorageError, match="cannot reach the storage service"):
+        data.read_image("s3://b-x/a.png")  # not an error row: every row would fail alike
+    clear_instance_caches()
+
+
+def test_webp_decodes_and_keeps_the_limits(tmp_path, monkeypatch):
+    from vitnt_jax import data
+
+    lossless = _image(40, "WEBP")
+    np.testing.assert_array_equal(data.read_image(lossless), np.asarray(Image.open(io.BytesIO(_image(40)))))
+    (tmp_path / "f.webp").write_bytes(lossless)
+    assert data.read_image(tmp_path / "f.webp").shape == (8, 8, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA").save(buffer, "WEBP")
+    assert data.read_image(buffer.getvalue()).shape == (8, 8, 3)  # alpha dropped
+    monkeypatch.setattr(data, "MAX_PIXELS", 63)
+    with pytest.raises(data.ImageError, match=r"^image is 8x8 pixels, above the 63 pixel limit$"):
+        data.read_image(lossless)
+    with pytest.raises(data.ImageError, match=r"^not a PNG, JPEG or WEBP image \(it holds GIF data\)$"):
+        data.read_image(_image(1, "GIF"))
+    assert ".webp" in data.IMAGE_SUFFIXES and "WEBP" in data.IMAGE_FORMATS

@@ -21,12 +21,14 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vitnt_jax import files
+from vitnt_jax import files, storage
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # The formats read_image decodes (PIL's names), whatever a file is called: PIL identifies content by its
 # bytes, and its other plugins (DDS, BLP, SPIDER, EPS through Ghostscript, ...) are not run on our input.
-IMAGE_FORMATS = ("PNG", "JPEG")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# An image on object storage above this many bytes is an error row, not read (its size is one metadata request).
+MAX_OBJECT_BYTES = 256 << 20
 # Refuse images above this many pixels before decoding them (decompression-bomb guard);
 # aligned faces are 112x112, so even large photos stay far below it. PIL's own guard
 # (Image.MAX_IMAGE_PIXELS, left as the user set it) stays as a second line of defence; its
@@ -274,7 +276,7 @@ def _decode(stream: BinaryIO) -> np.ndarray:
         image = _open(stream)
     except UnidentifiedImageError as error:
         other = _content_format(stream)
-        wanted = " or ".join(IMAGE_FORMATS)
+        wanted = ", ".join(IMAGE_FORMATS[:-1]) + " or " + IMAGE_FORMATS[-1]
         if other is not None:
             raise ImageError(f"not a {wanted} image (it holds {other} data)") from error
         raise ImageError(f"not a readable image (no {wanted} data)") from error
@@ -287,12 +289,38 @@ def _decode(stream: BinaryIO) -> np.ndarray:
 
 
 def read_image(source: str | Path | bytes) -> np.ndarray:
-    """Returns the (H, W, 3) uint8 array of a PNG/JPEG file or encoded bytes; raises ImageError.
+    """Returns the (H, W, 3) uint8 array of a PNG/JPEG/WEBP file, URL or encoded bytes; raises ImageError.
 
     Only IMAGE_FORMATS are decoded, whatever the name says; only regular files are opened (a FIFO or a
-    device is an ImageError at once); every failure to decode, of any kind, is an ImageError.
+    device is an ImageError at once); every failure to decode, of any kind, is an ImageError. A URL
+    (gs://, s3://, ...) is read through vitnt_jax.storage: a missing object is "file not found" as a
+    missing file is, an object above MAX_OBJECT_BYTES is refused unread; no credentials, an unreachable
+    endpoint or a missing fsspec package raise StorageError (every row would fail: the run stops).
     """
     return read_file(source)
+
+
+_ROW_REASONS = {"missing": "file not found", "folder": "is a directory, not an image", "denied": "permission denied"}
+
+
+def _row_or_stop(error: storage.StorageError) -> Exception:
+    """Returns the ImageError of a StorageError about this one object; the StorageError itself when every object
+    would fail alike (no credentials, an unreachable endpoint, a missing package): that stops the run."""
+    if error.kind in _ROW_REASONS:
+        return ImageError(_ROW_REASONS[error.kind])
+    if error.kind == "bucket":
+        return ImageError(f"file not found ({error})")
+    if error.kind == "other":
+        return ImageError(f"unreadable image ({error})")
+    return error
+
+
+def _remote(url: str) -> BinaryIO:
+    """Returns a URL's object open for reading; ImageError for a missing, folder-like or too large one."""
+    size = storage.size(url)
+    if size > MAX_OBJECT_BYTES:
+        raise ImageError(f"object of {size} bytes, above the {MAX_OBJECT_BYTES} byte limit, not read")
+    return storage.open_read(url)
 
 
 def read_file(source: str | os.PathLike | bytes, *, follow_links: bool = True) -> np.ndarray:
@@ -300,12 +328,19 @@ def read_file(source: str | os.PathLike | bytes, *, follow_links: bool = True) -
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             stream: BinaryIO = io.BytesIO(source)
+        elif storage.is_url(source):
+            stream = _remote(source)
         else:
             stream = _regular_file(source, follow_links)
         with stream:
             return _decode(stream)
     except (ImageError, MemoryError):
         raise
+    except storage.StorageError as error:
+        row = _row_or_stop(error)
+        if row is error:
+            raise
+        raise row from error
     except FileNotFoundError as error:
         raise ImageError("file not found") from error
     except IsADirectoryError as error:

@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitnt_jax import storage
 from vitnt_jax.errors import UserError
 
 # Opcodes a pack may use: plain containers, bytes, strings, numbers, the memo, and GLOBAL + REDUCE for the one
@@ -172,27 +173,44 @@ def _empty_bytes(*args):
     return b""
 
 
+def _read_remote(url: str) -> tuple[object, int]:
+    """Returns (unpickled content, size) of a pack on object storage, under the restricted unpickler's limits."""
+    size = storage.size(url)
+    with storage.open_read(url) as f:
+        return _PackUnpickler(f, size).load(), size
+
+
 def read_bin(path: str | Path) -> Pack:
     """Returns the images and issame flags of a pack; raises PackError (field 'bin') for any other file."""
-    path = Path(path)
+    remote = storage.is_url(path) and storage.protocol(path) != "file"
+    path = path if remote else Path(storage.local_path(path))
 
     def fail(reason: str) -> PackError:
         return PackError("{bin} " + f"{path} {reason}", field="bin")
 
     try:
-        if stat.S_ISDIR(os.stat(path).st_mode):
+        if remote:  # read through storage (gs://, s3://, ...): one object, unpickled under the same limits
+            content, size = _read_remote(path)
+        elif stat.S_ISDIR(os.stat(path).st_mode):
             raise IsADirectoryError(path)
-        # Non-blocking, then checked: a FIFO or a device given as the pack is refused, never waited on.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-        with open(fd, "rb") as f:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise fail("is not a regular file (a pipe or a device); pass the .bin file itself.")
-            os.set_blocking(fd, True)
-            content = _PackUnpickler(f, info.st_size).load()
-            size = info.st_size
+        else:
+            # Non-blocking, then checked: a FIFO or a device given as the pack is refused, never waited on.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+            with open(fd, "rb") as f:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise fail("is not a regular file (a pipe or a device); pass the .bin file itself.")
+                os.set_blocking(fd, True)
+                content = _PackUnpickler(f, info.st_size).load()
+                size = info.st_size
     except PackError:
         raise
+    except storage.StorageError as error:
+        if error.kind == "missing":
+            raise fail("does not exist; check the path.") from error
+        if error.kind == "folder":
+            raise fail("is a folder; pass the .bin file itself.") from error
+        raise PackError("{bin}: " + str(error), field="bin") from error
     except FileNotFoundError as error:
         raise fail("does not exist; check the path.") from error
     except IsADirectoryError as error:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from vitnt_jax import storage
 from vitnt_jax.data import IMAGE_SUFFIXES, ImageError, read_file, read_image
 from vitnt_jax.errors import UserError
 from vitnt_jax.packs import PackError, read_bin
@@ -159,7 +160,9 @@ def image_folder(root: str | Path) -> Source:
     files are read (a FIFO or a device named like an image is an error row at once). The walk keeps its
     own stack, so no nesting depth is too deep, and holds only the ids (tens of bytes a file).
     """
-    root = Path(root)
+    if _remote(root):
+        return _object_folder(root)
+    root = Path(storage.local_path(root))
     if not root.is_dir():
         raise SourceError(
             "{images} " + f"{root} is not a folder; pass the folder that holds the face images.", field="images"
@@ -204,7 +207,8 @@ def image_folder(root: str | Path) -> Source:
     if not ids:
         extra = f" ({problems[0]})" if problems else ""
         raise SourceError(
-            f"no PNG or JPEG files under {root}{extra}; point " + "{images} at a folder of face images.", field="images"
+            f"no PNG, JPEG or WEBP files under {root}{extra}; point " + "{images} at a folder of face images.",
+            field="images",
         )
 
     def load(i: int) -> np.ndarray:
@@ -213,6 +217,30 @@ def image_folder(root: str | Path) -> Source:
         return link() if link is not None else read_file(os.path.join(top, ids[i]), follow_links=False)
 
     return Source(f"folder {root}", ids, None, load, problems=problems)
+
+
+def _remote(location) -> bool:
+    """Returns whether `location` is a URL read through object storage (a file:// URL is a local path)."""
+    return storage.is_url(location) and storage.protocol(location) != "file"
+
+
+def _object_folder(root: str) -> Source:
+    """Returns every PNG/JPEG/WEBP object under the prefix `root` (any depth); id = the key relative to it.
+
+    One listing (fsspec's find), no object read; an object is read when its row is scored.
+    """
+    try:
+        found = storage.find(root)
+    except storage.StorageError as error:
+        raise SourceError("cannot list {images} " + f"{root}: {error}", field="images") from error
+    ids = [name for name, _ in found if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
+    if not ids:
+        raise SourceError(
+            f"no PNG, JPEG or WEBP objects under {root}; point " + "{images} at a prefix of face images.",
+            field="images",
+        )
+    prefix = root.rstrip("/") + "/"
+    return Source(f"folder {root}", ids, None, lambda i: read_image(prefix + ids[i]))
 
 
 def _link_reader(path: str, inside: str) -> Callable[[], np.ndarray]:
@@ -242,20 +270,32 @@ def path_list(list_file: str | Path, root: str | Path | None = None) -> Source:
     name that is not UTF-8 keeps its bytes (surrogate-escaped, as `os.walk` gives them) and reads as named.
     A list holding a NUL byte (a binary file, UTF-16 text) is refused: no file name holds one.
     """
-    list_file = Path(list_file)
+    list_file = list_file if _remote(list_file) else Path(storage.local_path(list_file))
     ids = _list_lines(list_file)
     if not ids:
         raise SourceError("{list} " + f"{list_file} names no images; write one image path per line.", field="list")
     _check_unique(ids, f"list {list_file}")
     base = os.fspath(root) if root is not None else None
-    if base is not None and not os.path.isdir(base):
+    if base is not None and not _remote(base):
+        base = storage.local_path(base)
+    try:
+        is_folder = base is None or storage.is_folder(base)
+    except storage.StorageError as error:
+        raise SourceError("{root} " + f"{base}: {error}", field="root") from error
+    if not is_folder:
         raise SourceError(
             "{root} " + f"{base} is not a folder; pass the folder the listed paths are relative to.", field="root"
         )
-    # Each path is made when it is read: a Path object per line cost hundreds of bytes on lists of millions.
-    return Source(
-        f"list {list_file}", ids, None, lambda i: read_image(ids[i] if base is None else os.path.join(base, ids[i]))
-    )
+
+    def path(i: int) -> str:
+        # Each path is made when it is read: a Path object per line cost hundreds of bytes on lists of millions.
+        # A line that is itself a URL is read as written; else it is relative to root (a folder or a URL prefix).
+        name = ids[i]
+        if base is None or storage.is_url(name):
+            return name
+        return storage.join(base, name) if storage.is_url(base) else os.path.join(base, name)
+
+    return Source(f"list {list_file}", ids, None, lambda i: read_image(path(i)))
 
 
 _LIST_READ = 1 << 20  # a list is read in blocks of this many bytes, each checked for NUL bytes first
@@ -284,15 +324,21 @@ def _list_lines(list_file: Path) -> list[str]:
         return tail
 
     try:
-        mode = os.stat(list_file).st_mode
-        if stat.S_ISDIR(mode):
-            raise refuse("is a folder; pass a text file, one image path per line.")
-        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
-            raise refuse("is not a file or a pipe (a device or a socket); pass a text file, one image path per line.")
-        # Opened non-blocking so a pipe nobody writes to reads as empty instead of waiting forever.
-        fd = os.open(list_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        os.set_blocking(fd, True)
-        with open(fd, "rb") as f:
+        if _remote(list_file):
+            opened = storage.open_read(list_file)
+        else:
+            mode = os.stat(list_file).st_mode
+            if stat.S_ISDIR(mode):
+                raise refuse("is a folder; pass a text file, one image path per line.")
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+                raise refuse(
+                    "is not a file or a pipe (a device or a socket); pass a text file, one image path per line."
+                )
+            # Opened non-blocking so a pipe nobody writes to reads as empty instead of waiting forever.
+            fd = os.open(list_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            os.set_blocking(fd, True)
+            opened = open(fd, "rb")
+        with opened as f:
             first = True
             while block := f.read(_LIST_READ):
                 if b"\0" in block:  # refused at the first such block: a 10 GB archive given as a list is not read
@@ -303,6 +349,12 @@ def _list_lines(list_file: Path) -> list[str]:
                 lines += block.count(b"\n")
                 rest = add(text.decode(block))
                 first = False
+    except storage.StorageError as error:
+        if error.kind == "missing":
+            raise refuse("does not exist; check the path.") from error
+        if error.kind == "folder":
+            raise refuse("is a folder; pass a text file, one image path per line.") from error
+        raise SourceError("cannot read {list} " + f"{list_file}: {error}", field="list") from error
     except FileNotFoundError as error:
         raise refuse("does not exist; check the path.") from error
     except OSError as error:

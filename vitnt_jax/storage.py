@@ -6,9 +6,9 @@ results (`--out`, `--save-embeddings`, `--save-patch-quality`) and a chunked run
 
 API: `is_url`, `join`, `open_read`, `read_bytes`, `exists`, `size`, `open_write`, `write_bytes`, `listdir`,
 `remove`, `makedirs`, `glob` (sorted matches of a pattern), `find` (every file under a folder or prefix, with
-its size), `is_folder`, `protocol`, and the errors `StorageError` (`kind` says which failure) and its two
-subclasses `MissingError` (also a FileNotFoundError) and `FolderError` (also an IsADirectoryError), so a caller
-that catches those OS errors keeps working for URLs.
+its size), `is_folder`, `protocol`, `local_path`, and the errors `StorageError` (an OSError; `kind` says which
+failure) and its two subclasses `MissingError` (also a FileNotFoundError) and `FolderError` (also an
+IsADirectoryError), so a caller that catches those OS errors keeps working for URLs.
 
 A local path (or a `file://` URL, read as the path it names) is read and written as the rest of the project
 does: regular files only (a FIFO or a device is refused without waiting on it), and a written file never
@@ -61,8 +61,10 @@ S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempt
 _GLOB = re.compile(r"[*?\[]")
 
 
-class StorageError(UserError):
+class StorageError(UserError, OSError):
     """A storage location that cannot be read or written; the message names it and the fix.
+
+    Also an OSError, so code that caught the OS errors of local files (a result reader, a merge) catches these.
 
     kind: 'missing', 'folder', 'bucket', 'denied', 'credentials', 'unreachable', 'package', 'scheme', 'link',
     'special' or 'other'.
@@ -91,7 +93,7 @@ def protocol(path: str | os.PathLike) -> str:
     return path.split("://", 1)[0].lower() if is_url(path) else ""
 
 
-def _local(path: str | os.PathLike) -> str | None:
+def local_path(path: str | os.PathLike) -> str | None:
     """Returns the local path `path` names (a file:// URL's path), None for a remote URL."""
     if not is_url(path):
         return os.fspath(path)
@@ -237,7 +239,15 @@ class _Reader:
 
     def readline(self, n: int = -1) -> bytes:
         with _errors(self._url, "read"):
-            return self._f.readline(n)
+            if n is None or n < 0:
+                return self._f.readline()
+            start = self._f.tell()  # fsspec's readline takes no limit: read the limit, keep up to a line end
+            data = self._f.read(n)
+            end = data.find(b"\n")
+            if end >= 0:
+                data = data[: end + 1]
+                self._f.seek(start + len(data))
+            return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
         with _errors(self._url, "read"):
@@ -281,7 +291,7 @@ def open_read(path: str | os.PathLike) -> BinaryIO:
 
     MissingError when nothing is there, FolderError for a folder (a prefix of objects), StorageError otherwise.
     """
-    local = _local(path)
+    local = local_path(path)
     if local is not None:
         with _errors(os.fspath(path), "read"):
             try:
@@ -311,7 +321,7 @@ def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
 
 def exists(path: str | os.PathLike) -> bool:
     """Returns whether a file or a folder (a prefix of objects) is at `path`; False for a missing bucket."""
-    local = _local(path)
+    local = local_path(path)
     if local is not None:
         return os.path.exists(local)
     fs, inner = _fs(path)
@@ -326,7 +336,7 @@ def exists(path: str | os.PathLike) -> bool:
 
 def is_folder(path: str | os.PathLike) -> bool:
     """Returns whether `path` is a folder (a URL: a prefix that holds objects, or a bucket)."""
-    local = _local(path)
+    local = local_path(path)
     if local is not None:
         return os.path.isdir(local)
     fs, inner = _fs(path)
@@ -341,7 +351,7 @@ def is_folder(path: str | os.PathLike) -> bool:
 
 def size(path: str | os.PathLike) -> int:
     """Returns the size in bytes of the file at `path`; MissingError or FolderError otherwise."""
-    local = _local(path)
+    local = local_path(path)
     if local is not None:
         with _errors(os.fspath(path), "read"):
             info = os.stat(local)
@@ -363,7 +373,7 @@ def open_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     Local: written to a new temporary file beside `path` (never through a link), flushed to disk, then renamed
     over `path`; a symbolic link at `path` is refused, not replaced. Remote: one upload, discarded on error.
     """
-    local = _local(path)
+    local = local_path(path)
     if local is None:
         fs, inner = _fs(path)
         with _errors(path, "write", fs, inner):
@@ -425,7 +435,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def listdir(folder: str | os.PathLike) -> list[str]:
     """Returns the names (not paths) of the entries directly inside `folder`, sorted; [] when it does not exist."""
-    local = _local(folder)
+    local = local_path(folder)
     if local is not None:
         try:
             return sorted(os.listdir(local))
@@ -449,7 +459,7 @@ def find(folder: str | os.PathLike) -> list[tuple[str, int]]:
     A URL lists its prefix's objects (one listing, no object read); a local folder is walked without following
     folder links. MissingError when nothing is there.
     """
-    local = _local(folder)
+    local = local_path(folder)
     if local is not None:
         if not os.path.isdir(local):
             raise MissingError(f"{folder} is not a folder; check the path.", kind="missing")
@@ -484,7 +494,7 @@ def glob(pattern: str | os.PathLike) -> list[str]:
     A pattern without those characters returns itself when it is a file, [] otherwise. Folders never match.
     """
     pattern = os.fspath(pattern)
-    local = _local(pattern)
+    local = local_path(pattern)
     if local is not None:
         import glob as globbing
 
@@ -514,7 +524,7 @@ def glob(pattern: str | os.PathLike) -> list[str]:
 
 def remove(path: str | os.PathLike) -> None:
     """Removes the file `path` when it exists."""
-    local = _local(path)
+    local = local_path(path)
     if local is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(local)
@@ -530,6 +540,6 @@ def remove(path: str | os.PathLike) -> None:
 
 def makedirs(folder: str | os.PathLike) -> None:
     """Creates a local folder (and its parents); a URL prefix needs none."""
-    local = _local(folder)
+    local = local_path(folder)
     if local is not None:
         os.makedirs(local, exist_ok=True)
