@@ -22,6 +22,8 @@ from vitnt_jax import recordio  # noqa: E402
 from vitnt_jax.data import ImageError, read_image  # noqa: E402
 from vitnt_jax.sources import SourceError  # noqa: E402
 
+pytest_plugins = ["storage_fixtures"]  # the S3 server on 127.0.0.1: storage_env, s3_bucket
+
 
 def jpeg(seed: int, size: int = 16) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -441,53 +443,33 @@ def test_a_piece_spanning_too_many_bytes_is_read_record_by_record_alike(tmp_path
     assert str(one) == "record at byte 0 has 4 bytes before the next record at byte 4"
 
 
-def test_read_through_s3_on_a_loopback_server(tmp_path, monkeypatch):
-    # A moto server on 127.0.0.1 with dummy credentials (no metadata probe): the same rows as the local file.
-    server_module = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
+def test_read_through_s3_on_a_loopback_server(tmp_path, monkeypatch, s3_bucket):
+    # The S3 server of tests/storage_fixtures.py on 127.0.0.1 (dummy credentials, network guard on): the same rows.
     import fsspec
 
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "GCE_METADATA_HOST": "127.0.0.1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-        monkeypatch.setitem(fsspec.config.conf, "s3", options)
-        fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
-        fs.mkdir("faces")
-        images = [jpeg(k) for k in range(5)]
-        write_rec(tmp_path / "s.rec", [(k // 2, im) for k, im in enumerate(images)], header="insightface")
-        fs.put(str(tmp_path / "s.rec"), "faces/sets/s.rec")
-        fs.put(str(tmp_path / "s.idx"), "faces/sets/s.idx")
-        asked = []
-        real = type(fs)._cat_file
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    images = [jpeg(k) for k in range(5)]
+    write_rec(tmp_path / "s.rec", [(k // 2, im) for k, im in enumerate(images)], header="insightface")
+    fs.put(str(tmp_path / "s.rec"), f"{s3_bucket}/sets/s.rec")
+    fs.put(str(tmp_path / "s.idx"), f"{s3_bucket}/sets/s.idx")
+    asked = []
+    real = type(fs)._cat_file
 
-        async def counting(self, path, start=None, end=None, **kwargs):
-            asked.append((start, end))
-            return await real(self, path, start=start, end=end, **kwargs)
+    async def counting(self, path, start=None, end=None, **kwargs):
+        asked.append((start, end))
+        return await real(self, path, start=start, end=end, **kwargs)
 
-        monkeypatch.setattr(type(fs), "_cat_file", counting)
-        fsspec.AbstractFileSystem.clear_instance_cache()  # the next s3 filesystem is made with the counting method
-        remote = recordio.open_rec("s3://faces/sets/s.rec", piece_rows=2)
-        local = recordio.open_rec(str(tmp_path / "s.rec"), piece_rows=2)
-        assert remote.identity == local.identity
-        got, want = rows(remote), rows(local)
-        offsets = recordio.RecordFile(str(tmp_path / "s.rec")).index.offsets.tolist()
-        # record 0 at open, then one request a piece for exactly its records' bytes (keys 1-2, 3-4, 5)
-        assert asked == [(0, offsets[1]), (offsets[1], offsets[3]), (offsets[3], offsets[5]), (offsets[5], offsets[6])]
-        assert [r[:2] for r in got] == [r[:2] for r in want] == [(str(k + 1), str(k // 2)) for k in range(5)]
-        for a, b in zip(got, want, strict=True):
-            np.testing.assert_array_equal(a[2], b[2])
-        fs.rm("faces/sets/s.idx")
-        with pytest.raises(SourceError, match=r"has no index beside it \(s3://faces/sets/s.idx does not exist\)"):
-            recordio.open_rec("s3://faces/sets/s.rec", piece_rows=2)
-    finally:
-        server.stop()
+    monkeypatch.setattr(type(fs), "_cat_file", counting)
+    remote = recordio.open_rec(f"{s3_bucket}/sets/s.rec", piece_rows=2)
+    local = recordio.open_rec(str(tmp_path / "s.rec"), piece_rows=2)
+    assert remote.identity == local.identity
+    got, want = rows(remote), rows(local)
+    offsets = recordio.RecordFile(str(tmp_path / "s.rec")).index.offsets.tolist()
+    # record 0 at open, then one request a piece for exactly its records' bytes (keys 1-2, 3-4, 5)
+    assert asked == [(0, offsets[1]), (offsets[1], offsets[3]), (offsets[3], offsets[5]), (offsets[5], offsets[6])]
+    assert [r[:2] for r in got] == [r[:2] for r in want] == [(str(k + 1), str(k // 2)) for k in range(5)]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a[2], b[2])
+    fs.rm(f"{s3_bucket}/sets/s.idx")
+    with pytest.raises(SourceError, match=r"has no index beside it \(s3://t-\w+/sets/s.idx does not exist\)"):
+        recordio.open_rec(f"{s3_bucket}/sets/s.rec", piece_rows=2)

@@ -17,6 +17,8 @@ from vitnt_jax.data import ImageError, read_image
 from vitnt_jax.errors import UserError
 from vitnt_jax.sources import SourceError
 
+pytest_plugins = ["storage_fixtures"]  # the S3 server on 127.0.0.1: storage_env, s3_bucket
+
 
 def encoded(seed: int, fmt: str = "JPEG") -> bytes:
     array = np.random.default_rng(seed).integers(0, 256, (112, 112, 3), dtype=np.uint8)
@@ -423,47 +425,26 @@ def test_samples_are_the_ones_the_webdataset_package_reads(tmp_path):
         np.testing.assert_array_equal(ours.load(j), read_image(sample.get("jpg") or sample["png"]))
 
 
-def test_shards_on_s3_on_a_loopback_server_read_as_local_ones(tmp_path, monkeypatch):
-    # A moto server on 127.0.0.1 with dummy credentials and no metadata probe; nothing leaves the machine.
-    server_module = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
+def test_shards_on_s3_on_a_loopback_server_read_as_local_ones(tmp_path, s3_bucket):
+    # The S3 server of tests/storage_fixtures.py on 127.0.0.1 (dummy credentials, network guard on).
     import fsspec
 
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "GCE_METADATA_HOST": "127.0.0.1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-        monkeypatch.setitem(fsspec.config.conf, "s3", options)
-        fsspec.AbstractFileSystem.clear_instance_cache()
-        fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
-        fs.mkdir("faces")
-        for k in range(3):
-            write_shard(
-                tmp_path / f"s-{k}.tar", [{"__key__": f"{k}/{i}", "jpg": encoded(i), "cls": str(k)} for i in range(3)]
-            )
-            fs.put(str(tmp_path / f"s-{k}.tar"), f"faces/wds/s-{k}.tar")
-        remote = wds.open_wds("s3://faces/wds/s-{0..2}.tar", piece_rows=1)
-        local = wds.open_wds(str(tmp_path / "s-{0..2}.tar"), piece_rows=1)
-        assert len(remote) == 3
-        for a, b in zip(remote.pieces, local.pieces, strict=True):
-            sa, sb = a.read(), b.read()
-            assert rows(sa) == rows(sb) and len(sa) == 3
-            for j in range(3):
-                np.testing.assert_array_equal(sa.load(j), sb.load(j))
-        with pytest.raises(SourceError, match=r"names 2 of 5 shards that do not exist: 's3://faces/wds/s-3.tar'"):
-            wds.open_wds("s3://faces/wds/s-{0..4}.tar", piece_rows=1)
-    finally:
-        fsspec.AbstractFileSystem.clear_instance_cache()
-        server.stop()
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    for k in range(3):
+        write_shard(
+            tmp_path / f"s-{k}.tar", [{"__key__": f"{k}/{i}", "jpg": encoded(i), "cls": str(k)} for i in range(3)]
+        )
+        fs.put(str(tmp_path / f"s-{k}.tar"), f"{s3_bucket}/wds/s-{k}.tar")
+    remote = wds.open_wds(s3_bucket + "/wds/s-{0..2}.tar", piece_rows=1)
+    local = wds.open_wds(str(tmp_path / "s-{0..2}.tar"), piece_rows=1)
+    assert len(remote) == 3
+    for a, b in zip(remote.pieces, local.pieces, strict=True):
+        sa, sb = a.read(), b.read()
+        assert rows(sa) == rows(sb) and len(sa) == 3
+        for j in range(3):
+            np.testing.assert_array_equal(sa.load(j), sb.load(j))
+    with pytest.raises(SourceError, match=rf"names 2 of 5 shards that do not exist: '{s3_bucket}/wds/s-3.tar'"):
+        wds.open_wds(s3_bucket + "/wds/s-{0..4}.tar", piece_rows=1)
 
 
 @pytest.mark.parametrize("format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
