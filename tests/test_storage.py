@@ -255,8 +255,16 @@ def _rows(source) -> list:
     return out
 
 
-def test_image_folder_on_object_storage(s3_bucket, tmp_path):
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request):
+    """A fresh bucket URL on each server."""
+    return request.getfixturevalue("s3_bucket" if request.param == "s3" else "gcs_bucket")
+
+
+def test_image_folder_on_object_storage(bucket, tmp_path):
     from vitnt_jax import sources
+
+    s3_bucket = bucket  # either server
 
     objects = {"faces/a/1.png": _image(10), "faces/b.jpg": _image(20, "JPEG"), "faces/c.webp": _image(30, "WEBP")}
     objects.update({"faces/notes.txt": b"not an image", "faces/bad.png": b"not a png", "other/x.png": _image(1)})
@@ -274,10 +282,10 @@ def test_image_folder_on_object_storage(s3_bucket, tmp_path):
         else:
             np.testing.assert_array_equal(got, want)  # the same bytes decode alike, wherever they lie
     assert sources.image_folder(f"{s3_bucket}/faces").ids == [r[0] for r in remote]  # with or without the slash
-    with pytest.raises(sources.SourceError, match=r"no PNG, JPEG or WEBP objects under s3://t-\w+/empty"):
+    with pytest.raises(sources.SourceError, match=r"no PNG, JPEG or WEBP objects under (s3|gs)://t-\w+/empty"):
         sources.image_folder(f"{s3_bucket}/empty/")
     with pytest.raises(sources.SourceError, match="no such bucket"):
-        sources.image_folder("s3://no-such-bucket-here/faces/")
+        sources.image_folder(bucket.split("://")[0] + "://no-such-bucket-here/faces/")
 
 
 def test_list_on_object_storage_naming_urls_and_relative_keys(s3_bucket, gcs_bucket, tmp_path):
@@ -330,16 +338,25 @@ def test_bin_pack_on_object_storage(s3_bucket, tmp_path):
         sources.insightface_bin(f"{s3_bucket}/lfw2.bin")
 
 
-def test_a_remote_image_above_the_object_limit_is_an_error_row_unread(s3_bucket, monkeypatch):
+def test_a_remote_image_above_the_object_limit_is_an_error_row_unread(s3_bucket, monkeypatch, tmp_path):
+    import s3fs
+
     from vitnt_jax import data
 
     storage.write_bytes(f"{s3_bucket}/big.png", _image(9, size=(64, 64)))
     opened = []
-    monkeypatch.setattr(storage, "open_read", lambda path: opened.append(path))
+    monkeypatch.setattr(s3fs.S3FileSystem, "_open", lambda self, path, *a, **k: opened.append(path))
     monkeypatch.setattr(data, "MAX_OBJECT_BYTES", 100)
     with pytest.raises(data.ImageError, match=r"^object of \d+ bytes, above the 100 byte limit, not read$"):
         data.read_image(f"{s3_bucket}/big.png")
-    assert opened == []
+    assert opened == []  # refused on its size alone: never opened
+    with pytest.raises(storage.StorageError, match=r"holds \d+ bytes, above the 10 byte limit; it is not read\.$"):
+        storage.open_read(f"{s3_bucket}/big.png", max_bytes=10)
+    local = tmp_path / "big.png"
+    local.write_bytes(_image(9, size=(64, 64)))
+    with pytest.raises(storage.StorageError, match="above the 10 byte limit"):
+        storage.open_read(local, max_bytes=10)
+    storage.open_read(local, max_bytes=1000).close()
 
 
 def test_a_remote_read_that_cannot_reach_the_service_stops_the_run(storage_env, no_remote_network, monkeypatch):

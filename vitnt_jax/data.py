@@ -317,10 +317,14 @@ def _row_or_stop(error: storage.StorageError) -> Exception:
 
 def _remote(url: str) -> BinaryIO:
     """Returns a URL's object open for reading; ImageError for a missing, folder-like or too large one."""
-    size = storage.size(url)
-    if size > MAX_OBJECT_BYTES:
-        raise ImageError(f"object of {size} bytes, above the {MAX_OBJECT_BYTES} byte limit, not read")
-    return storage.open_read(url)
+    try:
+        return storage.open_read(url, max_bytes=MAX_OBJECT_BYTES)  # one metadata request, then the object's bytes
+    except storage.StorageError as error:
+        if error.kind == "large":
+            raise ImageError(
+                f"object of {error.size} bytes, above the {MAX_OBJECT_BYTES} byte limit, not read"
+            ) from error
+        raise
 
 
 def read_file(source: str | os.PathLike | bytes, *, follow_links: bool = True) -> np.ndarray:

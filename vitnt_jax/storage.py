@@ -67,7 +67,7 @@ class StorageError(UserError, OSError):
     Also an OSError, so code that caught the OS errors of local files (a result reader, a merge) catches these.
 
     kind: 'missing', 'folder', 'bucket', 'denied', 'credentials', 'unreachable', 'package', 'scheme', 'link',
-    'special' or 'other'.
+    'special', 'large' (above a reader's limit; `size` holds the size) or 'other'.
     """
 
     def __init__(self, message: str, *, kind: str = "other", field: str | None = None, also: tuple[str, ...] = ()):
@@ -286,16 +286,22 @@ class _Reader:
         return getattr(self._f, name)
 
 
-def open_read(path: str | os.PathLike) -> BinaryIO:
+def open_read(path: str | os.PathLike, *, max_bytes: int | None = None) -> BinaryIO:
     """Returns a binary file (seekable) for reading `path`; a local path must be a regular file.
 
-    MissingError when nothing is there, FolderError for a folder (a prefix of objects), StorageError otherwise.
+    MissingError when nothing is there, FolderError for a folder (a prefix of objects), StorageError otherwise;
+    with `max_bytes`, StorageError (kind 'large') for a file above that size, before any of its bytes is read
+    (a URL costs one metadata request either way).
     """
     local = local_path(path)
     if local is not None:
         with _errors(os.fspath(path), "read"):
             try:
-                return open(files.open_regular(local), "rb")
+                f = open(files.open_regular(local), "rb")
+                if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
+                    f.close()
+                    raise _large(path, os.stat(local).st_size, max_bytes)
+                return f
             except files.NotRegularFileError as error:
                 if error.kind == "a folder":
                     raise FolderError(f"{path} is a folder; pass a file.", kind="folder") from error
@@ -307,7 +313,16 @@ def open_read(path: str | os.PathLike) -> BinaryIO:
         info = fs.info(inner)
         if info.get("type") == "directory":
             raise FolderError(f"{path} is a folder (a prefix of objects); pass a file.", kind="folder")
-        return _Reader(fs.open(inner, "rb"), path)
+        size = int(info.get("size") or 0)
+        if max_bytes is not None and size > max_bytes:
+            raise _large(path, size, max_bytes)
+        return _Reader(fs.open(inner, "rb", size=size), path)
+
+
+def _large(path, size: int, limit: int) -> StorageError:
+    error = StorageError(f"{path} holds {size} bytes, above the {limit} byte limit; it is not read.", kind="large")
+    error.size = size
+    return error
 
 
 def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
