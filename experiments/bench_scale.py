@@ -16,11 +16,11 @@ What it does, each step a `python -m vitnt_jax.score ... --model testing --chunk
      the merge's time, peak RSS up to each of --marks committed rows (flat = memory does not grow
      with the rows), the whole run's peak;
   3. scores the first source again, SIGKILLs it (its whole process group) once --kill-at of the rows
-     are committed, then reruns it with --resume: time to its first new chunk, the rows it scored,
-     and the rows the killed run had scored but not committed (estimated from its rate and the time
-     since its last commit; at most one piece), then checks that the merged result holds every id
-     once, with the scores of the uninterrupted run (ulp-aware) and, across sources, equal scores for
-     equal images.
+     are committed and half a piece's scoring time more, then reruns it with --resume: time to its
+     first new chunk, the rows it scored, and the rows the killed run had scored but not committed
+     (estimated from its steady rate and the time since its last commit; at most one piece), then
+     checks that the merged result holds every id once, with the scores of the uninterrupted run
+     (rtol 1e-6) and, across sources, equal scores for equal images.
 Figures go to --out (JSON) and the same path with .md (a short table). --work keeps the data (default:
 a temporary folder, removed at the end).
 """
@@ -143,8 +143,17 @@ class Sampler(threading.Thread):
             self.stopped.wait(SAMPLE_S)
 
 
-def score(kind: str, work: Path, out: Path, args, *, resume: bool = False, kill_at_rows: int | None = None) -> dict:
-    """Runs one scoring process (optionally SIGKILLed once `kill_at_rows` are committed); returns its figures."""
+def score(
+    kind: str,
+    work: Path,
+    out: Path,
+    args,
+    *,
+    resume: bool = False,
+    kill_at_rows: int | None = None,
+    kill_delay_s: float = 0.0,
+) -> dict:
+    """Runs one scoring process (SIGKILLed `kill_delay_s` after `kill_at_rows` are committed); returns its figures."""
     command = [sys.executable, "-m", "vitnt_jax.score", *_flags(kind, work), "--model", "testing"]
     command += ["--out", str(out), "--chunk-rows", str(args.chunk_rows)]
     command += ["--batch-size", str(args.batch_size)] if args.batch_size else []
@@ -163,6 +172,7 @@ def score(kind: str, work: Path, out: Path, args, *, resume: bool = False, kill_
         while proc.poll() is None:
             rows, _ = sampler.committed()  # every 0.05 s: when each chunk appeared, to 0.05 s
             if kill_at_rows is not None and rows >= kill_at_rows:
+                time.sleep(kill_delay_s)  # into the next piece, so that the kill loses part of one
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed_at = time.perf_counter() - start
                 proc.wait()
@@ -283,8 +293,9 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             f"Kill and resume ({k['source']}): SIGKILL at {k['killed_at_s']:.1f} s with {k['committed_at_kill']} rows "
-            f"committed; the killed run had scored about {k['uncommitted_rows_estimate']:.0f} rows more (lost, "
-            f"at most one piece); `--resume` committed its first new chunk after {k['resume_first_chunk_s']:.1f} s "
+            f"committed, {k['killed_s_after_last_commit']:.2f} s after its last commit: it had scored about "
+            f"{k['uncommitted_rows_estimate']:.0f} rows more (lost, at most one piece); `--resume` committed its "
+            f"first new chunk after {k['resume_first_chunk_s']:.1f} s "
             f"(a fresh run: {k['fresh_first_chunk_s']:.1f} s), scored {k['resume_scored']} rows, "
             f"whole resumed run {k['resume_seconds']:.1f} s; merged rows {k['merged_rows']} "
             f"(unique ids {k['unique_ids']}), scores equal to the uninterrupted run: {k['scores_match']}.",
@@ -359,21 +370,24 @@ def main(argv: list[str] | None = None) -> int:
         kind = first
         out = work / f"{kind}.killed.csv"
         print(f"scoring --{kind} again, SIGKILL at {args.kill_at:.0%} of the rows, then --resume ...", flush=True)
-        killed = score(kind, work, out, args, kill_at_rows=int(args.kill_at * records))
+        steady = _run_figures(kind, runs[kind], records, marks)["steady_rows_per_s"] or records / runs[kind]["seconds"]
+        delay = 0.5 * args.chunk_rows / steady  # half a piece's scoring time
+        killed = score(kind, work, out, args, kill_at_rows=int(args.kill_at * records), kill_delay_s=delay)
         if "killed_at_s" not in killed:
             raise SystemExit("error: the run finished before the kill; use more --records or a smaller --kill-at")
         resumed = score(kind, work, out, args, resume=True)
         merged = _read(out)
         fresh = runs[kind]
-        steady = _run_figures(kind, fresh, records, marks)["steady_rows_per_s"]
-        rate = steady or records / fresh["seconds"]
-        # when the last chunk before the kill was first seen: the killed run scored on from there
-        first_seen = min((t for t, _, rows in killed["samples"] if rows == killed["committed_at_kill"]), default=0)
+        rate = steady
+        # the killed run scored on from its last commit (seen to 0.05 s) until the kill: that work is lost
+        since_commit = killed["killed_at_s"] - (killed["last_commit_s"] or 0)
         report["resume"] = {
             "source": kind,
             "killed_at_s": killed["killed_at_s"],
             "committed_at_kill": killed["committed_at_kill"],
-            "uncommitted_rows_estimate": min(rate * max(killed["killed_at_s"] - first_seen, 0), args.chunk_rows),
+            "kill_delay_s": delay,
+            "killed_s_after_last_commit": since_commit,
+            "uncommitted_rows_estimate": min(rate * max(since_commit, 0), args.chunk_rows),
             "resume_first_chunk_s": resumed["first_commit_s"],
             "fresh_first_chunk_s": fresh["first_commit_s"],
             "resume_seconds": resumed["seconds"],
