@@ -258,3 +258,33 @@ def gcs_bucket(storage_env, no_remote_network):
     clear_instance_caches()
     yield _bucket(fsspec.filesystem("gcs", use_listings_cache=False), "gs")
     clear_instance_caches()
+
+
+@pytest.fixture
+def unreachable_s3(storage_env, no_remote_network, monkeypatch):
+    """Points s3:// at a 127.0.0.1 port nothing listens on (for this test); yields that endpoint URL.
+
+    For a subprocess, pass `{**storage_env.env, "FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint}`.
+    """
+    import fsspec.config
+
+    endpoint = closed_endpoint()
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": endpoint})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    clear_instance_caches()
+    yield endpoint
+    clear_instance_caches()
+
+
+@pytest.fixture
+def no_s3_credentials(storage_env, no_remote_network, monkeypatch):
+    """Removes every S3 credential (environment and fsspec configuration) for this test."""
+    import fsspec.config
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    conf = {k: v for k, v in fsspec.config.conf.get("s3", {}).items() if k not in ("key", "secret", "token")}
+    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+    clear_instance_caches()
+    yield
+    clear_instance_caches()

@@ -1,5 +1,6 @@
 """Object storage: local paths, s3:// (moto server) and gs:// (GCS emulator) on 127.0.0.1 behind one API."""
 
+import importlib
 import io
 import os
 import socket
@@ -116,33 +117,18 @@ def test_no_such_bucket(scheme, storage_env, no_remote_network):
     assert not storage.exists(url)
 
 
-def test_unreachable_endpoint_fails_in_seconds(storage_env, no_remote_network, monkeypatch):
-    import fsspec.config
-    from storage_fixtures import clear_instance_caches, closed_endpoint
-
-    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf["s3"], "endpoint_url": closed_endpoint()})
-    clear_instance_caches()
+def test_unreachable_endpoint_fails_in_seconds(unreachable_s3):
     start = time.monotonic()
     wording = r"^cannot reach the storage service for s3://b-x/a\.txt .*endpoint\.$"
-    with pytest.raises(storage.StorageError, match=wording):
+    with pytest.raises(storage.StorageError, match=wording) as caught:
         storage.read_bytes("s3://b-x/a.txt")
-    assert time.monotonic() - start < 20
-    clear_instance_caches()
+    assert time.monotonic() - start < 20 and caught.value.kind == "unreachable"
 
 
-def test_no_credentials(storage_env, no_remote_network, monkeypatch):
-    import fsspec.config
-    from storage_fixtures import clear_instance_caches
-
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    conf = {k: v for k, v in fsspec.config.conf["s3"].items() if k not in ("key", "secret")}
-    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
-    clear_instance_caches()
+def test_no_credentials(no_s3_credentials):
     with pytest.raises(storage.StorageError, match=r"^no credentials to read s3://b-x/a\.txt; set them up") as caught:
         storage.read_bytes("s3://b-x/a.txt")
     assert caught.value.kind == "credentials"
-    clear_instance_caches()
 
 
 def test_access_denied_and_other_failures_are_one_sentence():
@@ -194,7 +180,8 @@ def test_a_subprocess_reaches_the_servers(s3_bucket, gcs_bucket, storage_env):
 
 
 def test_the_guard_refuses_remote_addresses_and_allows_loopback():
-    from storage_fixtures import RemoteNetworkUsed, network_guard
+    fixtures = importlib.import_module("storage_fixtures")  # registered by pytest_plugins
+    RemoteNetworkUsed, network_guard = fixtures.RemoteNetworkUsed, fixtures.network_guard
 
     with network_guard() as attempts:
         with pytest.raises(RemoteNetworkUsed):
@@ -359,17 +346,11 @@ def test_a_remote_image_above_the_object_limit_is_an_error_row_unread(s3_bucket,
     storage.open_read(local, max_bytes=1000).close()
 
 
-def test_a_remote_read_that_cannot_reach_the_service_stops_the_run(storage_env, no_remote_network, monkeypatch):
-    import fsspec.config
-    from storage_fixtures import clear_instance_caches, closed_endpoint
-
+def test_a_remote_read_that_cannot_reach_the_service_stops_the_run(unreachable_s3):
     from vitnt_jax import data
 
-    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf["s3"], "endpoint_url": closed_endpoint()})
-    clear_instance_caches()
     with pytest.raises(storage.StorageError, match="cannot reach the storage service"):
         data.read_image("s3://b-x/a.png")  # not an error row: every row would fail alike
-    clear_instance_caches()
 
 
 def test_webp_decodes_and_keeps_the_limits(tmp_path, monkeypatch):
