@@ -100,6 +100,14 @@ def test_a_named_folder_that_cannot_be_made_is_one_sentence(tmp_path):
     assert jax.config.jax_compilation_cache_dir != str(tmp_path / "file" / "xla" / cache.cpu_tag())
 
 
+def test_an_empty_setting_is_one_sentence():
+    with pytest.raises(cache.CompileCacheError) as caught:
+        cache.enable_compile_cache("")
+    assert caught.value.render({"compile_cache": "--compile-cache"}) == (
+        "--compile-cache is empty; give a folder, or off to compile without a cache."
+    )
+
+
 def test_a_folder_every_user_can_write_is_refused(tmp_path):
     shared = tmp_path / "shared" / cache.cpu_tag()
     shared.mkdir(parents=True)
