@@ -41,6 +41,21 @@ _FOOTER_THREADS = 16
 # opens: a piece holds a whole row group.
 LARGE_ROW_GROUP = 2 << 30
 LARGE_ROW_GROUP_PIECES = 4
+# Refused when the source opens (a footer claiming more is either hostile or cannot be held as one piece): a row
+# group of more rows (unless --chunk-rows asks for more), used columns of more bytes uncompressed, a footer of
+# more bytes. A row group whose used columns decode to more than GROUP_BYTES_SLACK times what its footer claims
+# (plus GROUP_BYTES_FLOOR) is damaged: its rows are error rows (a compressed page cannot inflate unchecked).
+MAX_GROUP_ROWS = 1 << 22
+MAX_GROUP_BYTES = 16 << 30
+MAX_FOOTER = 64 << 20
+GROUP_BYTES_SLACK = 4
+GROUP_BYTES_FLOOR = 256 << 20
+# The bytes (as the footer claims them) decoded at once while a piece is read: batches of fewer rows for large rows.
+_BATCH_BYTES = 8 << 20
+# An id longer than this is not used (the row is named FILE:ROW and is an error row).
+MAX_ID_CHARS = 4096
+# The end of a file read at open: the footer and its length, in one read for all but huge footers.
+_TAIL = 64 << 10
 
 
 def _large(rows: int, size: int, piece_rows: int) -> bool:
@@ -74,7 +89,9 @@ class _File:
     schema: Any  # pyarrow.Schema (dropped once the plan is made)
     meta: Any = None  # pyarrow FileMetaData (dropped once the plan is made)
     footer: int = 0  # where the footer (metadata, its length, PAR1) starts
+    digest: str = ""  # sha256 of the footer's bytes: a file rewritten to the same size is told apart
     spans: tuple[tuple[tuple[int, int], ...], ...] = ()  # (start, end) of the used columns' chunks, by row group
+    used: tuple[int, ...] = ()  # the used columns' uncompressed bytes (as the footer says), by row group
 
 
 def _has_magic(text: str) -> bool:
@@ -89,52 +106,66 @@ def _prefix(pattern: str) -> str:
 
 
 def _matches(pattern: str) -> list[tuple[str, str]]:
-    """Returns (location, name) of every file `pattern` names, sorted by name; SourceError when none."""
-    if storage.is_url(pattern):
-        import fsspec
+    """Returns (location, name) of every file `pattern` names, sorted by name; SourceError when none.
 
-        try:
-            fs, inner = fsspec.core.url_to_fs(pattern)
-            if _has_magic(inner):
-                found = fs.glob(inner, detail=True)
-                paths = [p for p, info in found.items() if info.get("type") != "directory"]
-            else:
-                info = fs.info(inner)
-                if info.get("type") == "directory":
-                    raise _refuse(
-                        "{parquet} " + f"{pattern} is a folder; pass a glob of its files, e.g. {pattern.rstrip('/')}"
-                        "/*.parquet."
-                    )
-                paths = [inner]
-        except FileNotFoundError:
-            paths = []
-        except sources.SourceError:
-            raise
-        except Exception as error:  # a bucket that cannot be listed, no credentials, a bad URL
-            raise _refuse(
-                "cannot list {parquet} " + f"{pattern} ({type(error).__name__}: {error}); check the URL and access."
-            ) from error
-        base = _prefix(inner) if _has_magic(inner) else inner[: inner.rfind("/") + 1]
-        pairs = [
-            (fs.unstrip_protocol(p), p[len(base) :] if p.startswith(base) else p.rsplit("/", 1)[-1]) for p in paths
-        ]
+    Listed through storage.glob (its bounded waits and one-line errors): folders, FIFOs and other special files
+    never match; a pattern with no glob character naming a folder is refused with the hint to pass a glob.
+    """
+    if not _has_magic(pattern) and storage.is_folder(pattern):
+        shown = storage.join(pattern.rstrip("/"), "*.parquet")
+        raise _refuse("{parquet} " + f"{pattern} is a folder; pass a glob of its files, e.g. {shown}.")
+    found = storage.glob(pattern)
+    if _has_magic(pattern):
+        base = _prefix(pattern)
     else:
-        if _has_magic(pattern):
-            paths = [p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p)]
-            base = _prefix(pattern)
-        elif os.path.isdir(pattern):
-            raise _refuse(
-                "{parquet} "
-                + f"{pattern} is a folder; pass a glob of its files, e.g. {os.path.join(pattern, '*.parquet')}."
-            )
-        else:
-            paths = [pattern] if os.path.exists(pattern) else []
-            base = pattern[: pattern.rfind("/") + 1]
-        pairs = [(p, p[len(base) :] if p.startswith(base) else os.path.basename(p)) for p in paths]
+        base = pattern[: pattern.rfind("/") + 1]
+    pairs = [(p, p[len(base) :] if base and p.startswith(base) else p.rsplit("/", 1)[-1]) for p in found]
     if not pairs:
         raise _refuse("no file matches {parquet} " + f"{pattern}; check the path or the glob.")
     pairs.sort(key=lambda pair: (pair[1], pair[0]))
     return pairs
+
+
+class _NotParquet(Exception):
+    """The end of a file is not a Parquet footer this source reads."""
+
+
+def _read_at(stream, start: int, n: int) -> bytes:
+    """Returns n bytes of `stream` from `start` (several reads when a read returns fewer)."""
+    stream.seek(start)
+    parts, left = [], n
+    while left > 0:
+        part = stream.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    blob = b"".join(parts)
+    if len(blob) != n:
+        raise OSError(f"read {len(blob)} bytes at {start}, not {n}: the file changed")
+    return blob
+
+
+def _footer_bytes(stream, size: int) -> tuple[int, int, bytes]:
+    """Returns (where the footer starts, where the bytes read start, the bytes read: the file's last 64 KiB or,
+    for a longer footer, from the footer's start), checking the magic and the footer's length before anything is
+    parsed; _NotParquet otherwise."""
+    if size < 12:
+        raise _NotParquet(f"it holds {size} bytes, too few for a Parquet file")
+    start = max(0, size - _TAIL)
+    tail = _read_at(stream, start, size - start)
+    if tail[-4:] != b"PAR1":
+        raise _NotParquet("Parquet magic bytes not found at its end")
+    length = int.from_bytes(tail[-8:-4], "little")
+    if length > size - 12:
+        raise _NotParquet(f"its footer claims {length} bytes, more than the file holds")
+    if length > MAX_FOOTER:
+        raise _NotParquet(f"its footer claims {length} bytes, above the {MAX_FOOTER} bytes this source reads")
+    footer = size - 8 - length
+    if footer < start:
+        tail = _read_at(stream, footer, start - footer) + tail
+        start = footer
+    return footer, start, tail
 
 
 def _footer(location: str, name: str) -> _File:
@@ -145,8 +176,11 @@ def _footer(location: str, name: str) -> _File:
         with storage.open_read(location) as raw:
             stream = _Watched(raw)
             size = stream.seek(0, os.SEEK_END)
-            stream.seek(0)
-            meta = pq.ParquetFile(stream).metadata
+            footer, start, tail = _footer_bytes(stream, size)
+            own = tail[footer - start : len(tail) - 8]
+            # pyarrow parses the footer from the bytes read (one read of the file's end, on object storage one
+            # request); it reads nothing else at open.
+            meta = pq.ParquetFile(_Ranges(_no_fetch, size, [(start, size)], [tail])).metadata
             schema = meta.schema.to_arrow_schema()
             groups = tuple(
                 (meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)
@@ -160,34 +194,67 @@ def _footer(location: str, name: str) -> _File:
             raise _refuse(
                 "cannot read {parquet} " + f"file {name} ({why[:200]}); check that it exists and is readable."
             ) from error
-        # pyarrow: 'Parquet magic bytes not found', a torn or damaged footer
+        # a file too short, no magic, a footer length outside the file, a torn or damaged footer
         raise _refuse(
             "{parquet} " + f"file {name} is not a readable Parquet file ({first[:200]}); pass Parquet files only."
         ) from error
-    return _File(location, name, size, groups, schema, meta, size - 8 - meta.serialized_size)
+    return _File(location, name, size, groups, schema, meta, footer, hashlib.sha256(own).hexdigest())
 
 
-def _spans(f: _File, used: list[str]) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """Returns, for each row group of `f`, the byte ranges of the used columns' chunks (from its footer)."""
-    out = []
+def _no_fetch(start: int, end: int) -> bytes:
+    raise OSError(f"bytes {start}..{end} lie before the footer, which is all that is read when a file is opened")
+
+
+def _in(path: str, used: list[str]) -> bool:
+    """Whether a column chunk's dotted path lies in one of the used top-level columns (whose names may hold dots)."""
+    return any(path == c or path.startswith(c + ".") for c in used)
+
+
+def _spans(f: _File, used: list[str]) -> tuple[tuple[tuple[tuple[int, int], ...], ...], tuple[int, ...]]:
+    """Returns, for each row group of `f`, the byte ranges of the used columns' chunks and their uncompressed
+    bytes (from its footer); SourceError when a chunk lies outside the file's data (a damaged or crafted footer)."""
+    out, sizes = [], []
     for g in range(f.meta.num_row_groups):
-        group, spans = f.meta.row_group(g), []
+        group, spans, size = f.meta.row_group(g), [], 0
         for i in range(group.num_columns):
             column = group.column(i)
-            top = column.path_in_schema.split(".")[0]
-            if top in used:
+            if _in(column.path_in_schema, used):
                 start = column.data_page_offset
                 if column.has_dictionary_page and 0 < column.dictionary_page_offset < start:
                     start = column.dictionary_page_offset
-                spans.append((start, start + column.total_compressed_size))
+                end = start + column.total_compressed_size
+                if not (4 <= start < end <= f.footer) or column.total_uncompressed_size < 0:
+                    raise _refuse(
+                        "{parquet} " + f"file {f.name} is not a readable Parquet file (its footer places row group "
+                        f"{g} column {column.path_in_schema!r} at bytes {start}..{end}, outside the file's "
+                        f"{f.footer} bytes of data); pass Parquet files only."
+                    )
+                spans.append((start, end))
+                size += column.total_uncompressed_size
         out.append(tuple(spans))
-    return tuple(out)
+        sizes.append(size)
+    return tuple(out), tuple(sizes)
+
+
+def _check_groups(f: _File, piece_rows: int) -> None:
+    """Refuses a row group that claims more rows or bytes than one piece may hold (a crafted footer can claim a
+    billion rows in a few bytes of run-length-encoded nulls, or gigabytes in a few of compressed zeros)."""
+    rows_limit = max(MAX_GROUP_ROWS, piece_rows)
+    for g, ((rows, _), used) in enumerate(zip(f.row_groups, f.used, strict=True)):
+        if rows < 0 or rows > rows_limit or used > MAX_GROUP_BYTES:
+            what = f"{rows} rows" if rows < 0 or rows > rows_limit else f"{used} bytes of the columns read"
+            limit = f"{rows_limit} rows" if rows < 0 or rows > rows_limit else f"{MAX_GROUP_BYTES} bytes"
+            raise _refuse(
+                "{parquet} " + f"file {f.name} row group {g} holds {what} (its footer says), above the {limit} one "
+                "piece may hold; rewrite the table with smaller row groups (e.g. pyarrow.parquet.write_table(..., "
+                f"row_group_size={min(piece_rows, 100_000)}))."
+            )
 
 
 def _image_kind(pa, arrow_type) -> str | None:
     """Returns 'binary' or 'struct' for an image column type this source reads, None otherwise."""
-    if _is_binary(pa, arrow_type):
-        return "binary"
+    if _is_binary(pa, arrow_type) or (pa.types.is_dictionary(arrow_type) and _is_binary(pa, arrow_type.value_type)):
+        return "binary"  # a dictionary of binary values: repeated images stored once
     if pa.types.is_struct(arrow_type):
         index = arrow_type.get_field_index("bytes")
         if index >= 0 and _is_binary(pa, arrow_type.field(index).type):
@@ -337,12 +404,21 @@ def open_parquet(
     if not plan:
         raise _refuse("{parquet} " + f"{pattern} holds no rows; pass files that hold images.")
 
+    # The plan keeps names, row groups and the byte ranges a piece reads; no footer.
+    planned = []
+    for f in files:
+        spans, used_bytes = _spans(f, used)
+        planned.append(dataclasses.replace(f, schema=None, meta=None, spans=spans, used=used_bytes))
+    files = planned
+    for f in files:
+        _check_groups(f, piece_rows)
+
     digest = hashlib.sha256()
     head = f"image {image_column} ({kind}); id {id_col or 'FILE:ROW'}; label {label_col or '-'}; pieces of {piece_rows}"
     digest.update(head.encode() + b"\n")
     for f in files:
         groups = ",".join(f"{n}:{b}" for n, b in f.row_groups)
-        digest.update(f.name.encode("utf-8", "surrogatepass") + f"\0{f.size}\0{groups}\n".encode())
+        digest.update(f.name.encode("utf-8", "surrogatepass") + f"\0{f.size}\0{f.digest}\0{groups}\n".encode())
     total = sum(n for f in files for n, _ in f.row_groups)
     identity = f"parquet {len(files)} files, {total} rows, {len(plan)} pieces, sha256 {digest.hexdigest()}"
 
@@ -360,8 +436,6 @@ def open_parquet(
             b,
             piece_rows,
         )
-    # The plan keeps names, row groups and the byte ranges a piece reads; no footer.
-    files = [dataclasses.replace(f, schema=None, meta=None, spans=_spans(f, used)) for f in files]
 
     columns = _Columns(image_column, kind, id_col, label_col)
     pieces = []
@@ -546,8 +620,15 @@ class _Undecodable(Exception):
     """The row groups decoded to another number of rows than the footer says."""
 
 
+def _held(pa, array) -> int:
+    """Returns the bytes an array's buffers hold (a dictionary's values counted with its indices)."""
+    if pa.types.is_dictionary(array.type):
+        return _held(pa, array.indices) + _held(pa, array.dictionary)
+    return sum(buffer.size for buffer in array.buffers() if buffer is not None)
+
+
 def _decode_piece(stream, f: _File, a: int, b: int, first_row: int, rows: int, columns: _Columns) -> sources.Source:
-    _, pq = _pyarrow("{parquet}", sources.SourceError, "parquet")
+    pa, pq = _pyarrow("{parquet}", sources.SourceError, "parquet")
     wanted = [c for c in dict.fromkeys([columns.image, columns.id, columns.label]) if c is not None]
     images: list[Any] = []  # one pyarrow array of image bytes per batch (the piece's memory)
     ids: list[str] = []
@@ -556,15 +637,28 @@ def _decode_piece(stream, f: _File, a: int, b: int, first_row: int, rows: int, c
     starts: list[int] = []
     size = stream.seek(0, os.SEEK_END)
     stream.seek(0)
-    if size != f.size:
+    if size != f.size or (
+        f.digest and hashlib.sha256(_read_at(stream, f.footer, size - 8 - f.footer)).hexdigest() != f.digest
+    ):
+        held = f"holds {size} bytes, not the {f.size}" if size != f.size else "has another footer than the one"
         raise _refuse(
-            "{parquet} " + f"file {f.name} holds {size} bytes, not the {f.size} it held when the run was "
-            "planned; a run reads files that do not change (rerun on the new files with a new output)."
+            "{parquet} " + f"file {f.name} {held} it held when the run was planned; a run reads files that do not "
+            "change (rerun on the new files with a new output)."
         )
+    stream.seek(0)
+    claimed = sum(f.used[a:b]) if f.used else 0
+    # What the used columns may decode to: a page inflating past what the footer claims (a compressed bomb, or a
+    # footer that lies) makes the row groups damaged, checked batch by batch; batches are small for large rows.
+    allowed = GROUP_BYTES_SLACK * claimed + GROUP_BYTES_FLOOR
+    batch_rows = max(1, min(_BATCH_ROWS, _BATCH_BYTES * max(1, rows) // max(1, claimed)))
+    held = 0
     table = pq.ParquetFile(stream, pre_buffer=False)  # measured: a lower peak than pre-buffered ranges
     for batch in table.iter_batches(
-        batch_size=_BATCH_ROWS, row_groups=list(range(a, b)), columns=wanted, use_threads=False
+        batch_size=batch_rows, row_groups=list(range(a, b)), columns=wanted, use_threads=False
     ):
+        held += sum(_held(pa, batch.column(k)) for k in range(batch.num_columns))
+        if held > allowed:
+            raise _Undecodable(f"its columns decode to more than {allowed} bytes; its footer says {claimed}")
         base = len(ids)
         starts.append(base)
         cells = batch.column(wanted.index(columns.image))
@@ -599,7 +693,10 @@ def _decode_piece(stream, f: _File, a: int, b: int, first_row: int, rows: int, c
         if j in bad:
             raise data.ImageError(bad[j])
         k = bisect.bisect_right(starts, j) - 1
-        return data.read_image(images[k][j - starts[k]].as_py())
+        blob = images[k][j - starts[k]].as_py()
+        if len(blob) > data.MAX_OBJECT_BYTES:
+            raise data.ImageError(f"image of {len(blob)} bytes, above the {data.MAX_OBJECT_BYTES} byte limit, not read")
+        return data.read_image(blob)
 
     return sources.Source(f"parquet {f.name}", ids, labels, load)
 
@@ -615,29 +712,37 @@ def _ids(batch, wanted, columns: _Columns, name: str, row: int, bad: dict[int, s
             out.append(f"{name}:{row + j}")
             what = "null" if value is None else "empty"
             bad[base + j] = f"id is {what} in column {columns.id!r}; this row is named by its file and row"
+        elif len(text) > MAX_ID_CHARS:
+            out.append(f"{name}:{row + j}")
+            bad[base + j] = (
+                f"id of {len(text)} characters in column {columns.id!r}, above {MAX_ID_CHARS}; this row is named by "
+                "its file and row"
+            )
         else:
             out.append(text)
     return out
 
 
 def _unique(ids: list[str], name: str, first_row: int, bad: dict[int, str]) -> None:
-    """Makes the ids of a piece unique: a repeated id (after its first row) becomes FILE:ROW, an error row."""
-    taken = set(ids)
+    """Makes the ids of a piece unique as written (`output.render_id`: b'\\xff' and the text '\\xff' are one id
+    there): a repeated id (after its first row) becomes FILE:ROW, an error row."""
+    taken = {output.render_id(x) for x in ids}
     seen: dict[str, int] = {}
     for j, x in enumerate(ids):
-        if x not in seen:
-            seen[x] = j
+        shown = output.render_id(x)
+        if shown not in seen:
+            seen[shown] = j
             continue
         alt, n = f"{name}:{first_row + j}", 1
-        while alt in taken:  # a FILE:ROW that an id cell holds too (never in practice)
+        while output.render_id(alt) in taken:  # a FILE:ROW that an id cell holds too (never in practice)
             n += 1
             alt = f"{name}:{first_row + j}#{n}"
-        taken.add(alt)
+        taken.add(output.render_id(alt))
         ids[j] = alt
-        seen[alt] = j
+        seen[output.render_id(alt)] = j
         bad[j] = (
-            f"id {sources.shown(x, 120)} repeats the id of row {first_row + seen[x]} of {name}; choose an id column "
-            "of unique ids, or none for FILE:ROW ids"
+            f"id {sources.shown(shown, 120)} repeats the id of row {first_row + seen[shown]} of {name}; choose an id "
+            "column of unique ids, or none for FILE:ROW ids"
         )
 
 
@@ -749,7 +854,7 @@ def merge(
 
 def read_rows(path: str | os.PathLike | BinaryIO) -> list[output.Row]:
     """Returns the rows of a Parquet result file (as written: rendered text, label None without a label column)."""
-    _, pq = _pyarrow("reading a Parquet result", output.OutputError, None)
+    pa, pq = _pyarrow("reading a Parquet result", output.OutputError, None)
     where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "the result"
     stream = None
     try:
@@ -761,12 +866,24 @@ def read_rows(path: str | os.PathLike | BinaryIO) -> list[output.Row]:
         names = table.schema_arrow.names
         if names not in (output.columns(False), output.columns(True)):
             raise _output_error(f"{where} has columns {names}, not {output.columns(True)}; it is not a score table.")
+        for field in table.schema_arrow:
+            text = pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+            number = pa.types.is_floating(field.type) or pa.types.is_null(field.type)
+            if not (number if field.name == "quality" else text):
+                raise _output_error(
+                    f"{where} holds column {field.name!r} as {field.type}, not "
+                    f"{'floats' if field.name == 'quality' else 'text'}; it is not a score table."
+                )
         with_label = "label" in names
         rows = []
-        for g in range(table.num_row_groups):
-            part = table.read_row_group(g).to_pydict()
+        # In batches: a row group claiming millions of rows is refused at its first null id, not decoded whole.
+        for part in table.iter_batches(batch_size=4096, use_threads=False):
+            part = part.to_pydict()
             labels = part["label"] if with_label else [None] * len(part["id"])
             for i, q, label, e in zip(part["id"], part["quality"], labels, part["error"], strict=True):
+                if i is None:
+                    raise _output_error(f"{where} has a row with a null id (row {len(rows)}); it is not a score table.")
+                label = label if label is not None or not with_label else ""
                 rows.append(output.Row(i, None if q is None else float(q), label, e or ""))
         return rows
     except output.OutputError:
