@@ -332,22 +332,30 @@ def _columns_of(first: _File, pa, image_column: str, id_column: str | None, labe
     return kind, id_column, label_column
 
 
-def _check_alike(files: list[_File], used: list[str]) -> None:
-    """Refuses files whose used columns differ from the first file's (missing, or of another type)."""
-    first = files[0]
-    want = {c: first.schema.field(c).type for c in used}
-    for f in files[1:]:
-        for column, arrow_type in want.items():
-            if column not in f.schema.names:
-                raise _refuse(
-                    "{parquet} " + f"file {f.name} has no column {column!r} but {first.name} has; pass files of one "
-                    "table (one schema) only."
-                )
-            if f.schema.field(column).type != arrow_type:
-                raise _refuse(
-                    "{parquet} " + f"file {f.name} holds column {column!r} as {f.schema.field(column).type}, "
-                    f"{first.name} as {arrow_type}; pass files of one table (one schema) only."
-                )
+def _check_alike(first: _File, f: _File, used: list[str]) -> None:
+    """Refuses a file whose used columns differ from the first file's (missing, or of another type)."""
+    for column in used:
+        arrow_type = first.schema.field(column).type
+        if column not in f.schema.names:
+            raise _refuse(
+                "{parquet} " + f"file {f.name} has no column {column!r} but {first.name} has; pass files of one "
+                "table (one schema) only."
+            )
+        if f.schema.field(column).type != arrow_type:
+            raise _refuse(
+                "{parquet} " + f"file {f.name} holds column {column!r} as {f.schema.field(column).type}, "
+                f"{first.name} as {arrow_type}; pass files of one table (one schema) only."
+            )
+
+
+def _slim(first: _File, f: _File, used: list[str], piece_rows: int) -> _File:
+    """Returns the plan facts of `f` (checked against the first file) without its footer, which is dropped at once:
+    a pattern of many files holds a few numbers a row group, not every file's parsed footer."""
+    _check_alike(first, f, used)
+    spans, used_bytes = _spans(f, used)
+    f = dataclasses.replace(f, schema=None, meta=None, spans=spans, used=used_bytes)
+    _check_groups(f, piece_rows)
+    return f
 
 
 def _plan(files: list[_File], piece_rows: int) -> list[tuple[int, int, int, int]]:
@@ -394,24 +402,21 @@ def open_parquet(
     if piece_rows < 1:
         raise _refuse(f"piece_rows must be at least 1, not {piece_rows}.", field="piece_rows")
     matched = _matches(pattern)
-    workers = max(1, min(_FOOTER_THREADS, len(matched)))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        files = list(pool.map(lambda pair: _footer(*pair), matched))
-    kind, id_col, label_col = _columns_of(files[0], pa, image_column, id_column, label_column)
+    first = _footer(*matched[0])
+    kind, id_col, label_col = _columns_of(first, pa, image_column, id_column, label_column)
     used = [c for c in dict.fromkeys([image_column, id_col, label_col]) if c is not None]
-    _check_alike(files, used)
+    workers = max(1, min(_FOOTER_THREADS, len(matched) - 1))
+    # The plan keeps names, row groups and the byte ranges a piece reads; no footer. The first failing file in
+    # name order is the one reported, and the files not yet read are not read.
+    files = [_slim(first, first, used, piece_rows)]
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        files.extend(pool.map(lambda pair: _slim(first, _footer(*pair), used, piece_rows), matched[1:]))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     plan = _plan(files, piece_rows)
     if not plan:
         raise _refuse("{parquet} " + f"{pattern} holds no rows; pass files that hold images.")
-
-    # The plan keeps names, row groups and the byte ranges a piece reads; no footer.
-    planned = []
-    for f in files:
-        spans, used_bytes = _spans(f, used)
-        planned.append(dataclasses.replace(f, schema=None, meta=None, spans=spans, used=used_bytes))
-    files = planned
-    for f in files:
-        _check_groups(f, piece_rows)
 
     digest = hashlib.sha256()
     head = f"image {image_column} ({kind}); id {id_col or 'FILE:ROW'}; label {label_col or '-'}; pieces of {piece_rows}"
