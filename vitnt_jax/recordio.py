@@ -58,6 +58,13 @@ MAX_RANGE = 1 << 30
 MAX_LABELS = 1024
 # float32 holds every integer up to 2^24 exactly: an insightface header above it is only approximate.
 _FLOAT32_EXACT = 1 << 24
+# A record in more frames than this is an error row: dmlc-core cuts one only at a 4-aligned magic word inside it
+# (a random image holds one with odds of 1 in 2^30 a KB); 8-byte empty frames would otherwise cost ~300 bytes of
+# memory and ~60 us each.
+MAX_PARTS = 4096
+# A record claiming more bytes than this is an error row, its bytes not read (a face image is kilobytes); the
+# same limit as an image object on storage (vitnt_jax.data.MAX_OBJECT_BYTES).
+MAX_RECORD_BYTES = 256 << 20
 
 
 def _fail(message: str, *, also: tuple[str, ...] = ()) -> SourceError:
@@ -283,7 +290,7 @@ def _payload(source: _Bytes, offset: int, end: int, size: int):
     """
     if offset >= size:
         raise ImageError(f"record at byte {offset} lies past the end of the .rec ({size} bytes): the file is cut short")
-    pos, parts = offset, []
+    pos, parts, claimed = offset, [], 0
     while True:
         if pos + 8 > end:
             if not parts and end >= size:
@@ -297,6 +304,8 @@ def _payload(source: _Bytes, offset: int, end: int, size: int):
         if magic != MAGIC:
             raise ImageError(f"bad RecordIO magic 0x{magic:08x} at byte {pos}")
         cflag, length = lrecord >> 29, lrecord & LENGTH_MASK
+        if cflag > 3:
+            raise ImageError(f"bad RecordIO part flag {cflag} at byte {pos} (0 to 3)")
         if not parts and cflag in (2, 3):
             raise ImageError(f"continuation out of order at byte {pos}: a record starts with part flag {cflag}")
         if parts and cflag in (0, 1):
@@ -310,6 +319,13 @@ def _payload(source: _Bytes, offset: int, end: int, size: int):
                     f"truncated record at byte {pos}: it claims {length} bytes, the file ends at byte {size}"
                 )
             raise ImageError(f"record at byte {pos} claims {length} bytes, past the next record at byte {end}")
+        claimed += length
+        if claimed > MAX_RECORD_BYTES:
+            raise ImageError(
+                f"record at byte {offset} claims more than {MAX_RECORD_BYTES} bytes, above the limit; not read"
+            )
+        if len(parts) == MAX_PARTS:
+            raise ImageError(f"record at byte {offset} is cut into more than {MAX_PARTS} parts; not read")
         parts.append(source.get(pos + 8, length))
         pos += 8 + ((length + 3) & ~3)
         if cflag in (0, 3):
@@ -424,15 +440,19 @@ class RecordFile:
         return results
 
     def _parse(self, keys, present, offsets, ends, source, results) -> None:
+        # Keys an index points at one record share its result: it is read and joined once, not once a key.
+        done: dict[int, tuple[IRHeader, memoryview] | ImageError] = {}
         for j in range(len(keys)):
             if not present[j]:
                 continue
             offset = int(offsets[j])
-            try:
-                payload = _payload(source, offset, int(ends[j]), self.size)
-                results[j] = split_payload(payload, offset)
-            except ImageError as error:
-                results[j] = error
+            if offset not in done:
+                try:
+                    payload = _payload(source, offset, int(ends[j]), self.size)
+                    done[offset] = split_payload(payload, offset)
+                except ImageError as error:
+                    done[offset] = error
+            results[j] = done[offset]
 
 
 def _layout(records: RecordFile) -> tuple[str, int, int, list[str]]:
@@ -463,6 +483,11 @@ def _layout(records: RecordFile) -> tuple[str, int, int, list[str]]:
         )
     a, b = int(values[0]), int(values[1])
     window, notes = _rounding(a), []
+    if a - 1 - window > len(index):  # before any key near a is looked at (a float32 header reaches 3e38)
+        raise _fail(
+            f"{records.location}: its header names {a - 1} images but the index {records.index_location} lists "
+            f"{len(index)} records; the .idx belongs to another .rec or is cut short."
+        )
     if window:
         exact = _first_identity(records, a, window)
         if exact is None:
@@ -522,7 +547,7 @@ def open_rec(location: str | os.PathLike, *, piece_rows: int) -> Pieces:
                 f"{count - in_images} of the image keys 1..{a - 1} are not in the index {records.index_location}; "
                 "their rows are errors"
             )
-        outside = int(len(index) - np.searchsorted(index.keys, b))
+        outside = int(len(index) - np.searchsorted(index.keys, min(b, np.iinfo(np.int64).max)))
         if outside:
             problems.append(f"{outside} indexed keys from {b} on lie past the header's range 0..{b - 1}; not scored")
 
@@ -535,6 +560,12 @@ def open_rec(location: str | os.PathLike, *, piece_rows: int) -> Pieces:
         def keys_of(k: int) -> np.ndarray:
             return index.keys[k * piece_rows : (k + 1) * piece_rows]
 
+    shared = 0 if index.file_order is None else len(index) - len(index.file_order)
+    if shared:
+        problems.append(
+            f"the index {records.index_location} points {shared} keys at a record another key points at too; each "
+            "key gets its row, with that record's image (write the index again if that is wrong)"
+        )
     past = int(np.count_nonzero(index.offsets >= records.size))
     if past:
         problems.append(
