@@ -17,6 +17,8 @@ from vitnt_jax.sources import SourceError
 
 from helpers import smooth_faces
 
+pytest_plugins = ["storage_fixtures"]  # the S3 server on 127.0.0.1: storage_env, s3_bucket
+
 # ------------------------------------------------------------------------------------------------------------
 # A Thrift compact-protocol writer: enough of the Parquet format to write footers and pages pyarrow would not.
 
@@ -278,6 +280,54 @@ def test_a_glob_lists_through_storage_and_skips_folders_fifos_and_broken_links(t
     assert [p.name for p in pieces.pieces] == ["a.parquet row group 0 (rows 0..1)", "e.parquet row group 0 (rows 0..1)"]
     with pytest.raises(SourceError, match=r"^no file matches parquet .*c.parquet; check the path or the glob"):
         parquet.open_parquet(str(tmp_path / "c.parquet"), piece_rows=8)
+
+
+def test_on_s3_a_file_costs_one_head_and_one_ranged_get_to_open_and_a_same_size_rewrite_is_refused(
+    s3_bucket, blobs, monkeypatch
+):
+    import aiobotocore.client
+    import fsspec
+    from storage_fixtures import clear_instance_caches  # after pytest loaded it as a plugin
+
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    for k in range(2):
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"image": blobs[3 * k : 3 * k + 3], "id": [f"a{k}{j}" for j in range(3)]}), buffer)
+        fs.pipe(f"{s3_bucket}/t/p-{k}.parquet", buffer.getvalue())
+    calls = []
+    real = aiobotocore.client.AioBaseClient._make_api_call
+
+    async def spy(self, operation, params):
+        calls.append((operation, params.get("Key"), params.get("Range")))
+        return await real(self, operation, params)
+
+    monkeypatch.setattr(aiobotocore.client.AioBaseClient, "_make_api_call", spy)
+    pieces = parquet.open_parquet(f"{s3_bucket}/t/p-*.parquet", piece_rows=8)
+    monkeypatch.setattr(aiobotocore.client.AioBaseClient, "_make_api_call", real)
+    sizes = [fs.size(f"{s3_bucket}/t/p-{k}.parquet") for k in range(2)]
+    assert sorted(c for c in calls if c[0] != "ListObjectsV2") == sorted(
+        [("HeadObject", f"t/p-{k}.parquet", None) for k in range(2)]
+        + [("GetObject", f"t/p-{k}.parquet", f"bytes=0-{sizes[k] - 1}") for k in range(2)]  # small: all of it
+    )
+    assert [c[0] for c in calls].count("ListObjectsV2") == 1
+    assert [r[0] for r in rows_of(pieces)] == ["a00", "a01", "a02", "a10", "a11", "a12"]
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"image": blobs[3:6], "id": ["b10", "b11", "b12"]}), buffer)
+    assert len(buffer.getvalue()) == sizes[1]
+    fs.pipe(f"{s3_bucket}/t/p-1.parquet", buffer.getvalue())
+    with pytest.raises(SourceError, match=r"^parquet file p-1.parquet has another footer than the one it held when"):
+        pieces.pieces[1].read()
+
+    async def failing(self, path, start=None, end=None, **kwargs):
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(type(fs), "_cat_file", failing)
+    clear_instance_caches()  # a cached file system bound its cat_file to the real one
+    with pytest.raises(SourceError) as error:  # a failing read at open is not called a damaged file
+        parquet.open_parquet(f"{s3_bucket}/t/p-0.parquet", piece_rows=8)
+    assert str(error.value) == (
+        "cannot read parquet file p-0.parquet (connection reset by peer); check that it exists and is readable."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------

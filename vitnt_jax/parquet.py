@@ -146,14 +146,36 @@ def _read_at(stream, start: int, n: int) -> bytes:
     return blob
 
 
-def _footer_bytes(stream, size: int) -> tuple[int, int, bytes]:
+def _reading(raw, location: str, watched: _Watched) -> Callable[[int, int], bytes]:
+    """Returns read(start, n) for a file storage opened: on object storage one ranged request for exactly those
+    bytes through the file system storage opened it with (reading through the file object would cost one more
+    metadata request first, and fsspec's read-ahead), a local file read as it is. Failures are noted on
+    `watched`, as a failing file, not a damaged one."""
+    fs, path = getattr(raw, "fs", None), getattr(raw, "path", None)
+    if not storage.is_url(location) or fs is None or not isinstance(path, str) or not hasattr(fs, "cat_file"):
+        return lambda start, n: _read_at(watched, start, n)
+
+    def read(start: int, n: int) -> bytes:
+        try:
+            blob = bytes(fs.cat_file(path, start=start, end=start + n))
+        except BaseException as error:
+            watched.fault = watched.fault or error
+            raise
+        if len(blob) != n:
+            raise OSError(f"read {len(blob)} bytes at {start}, not {n}: the file changed")
+        return blob
+
+    return read
+
+
+def _footer_bytes(read: Callable[[int, int], bytes], size: int) -> tuple[int, int, bytes]:
     """Returns (where the footer starts, where the bytes read start, the bytes read: the file's last 64 KiB or,
     for a longer footer, from the footer's start), checking the magic and the footer's length before anything is
     parsed; _NotParquet otherwise."""
     if size < 12:
         raise _NotParquet(f"it holds {size} bytes, too few for a Parquet file")
     start = max(0, size - _TAIL)
-    tail = _read_at(stream, start, size - start)
+    tail = read(start, size - start)
     if tail[-4:] != b"PAR1":
         raise _NotParquet("Parquet magic bytes not found at its end")
     length = int.from_bytes(tail[-8:-4], "little")
@@ -163,7 +185,7 @@ def _footer_bytes(stream, size: int) -> tuple[int, int, bytes]:
         raise _NotParquet(f"its footer claims {length} bytes, above the {MAX_FOOTER} bytes this source reads")
     footer = size - 8 - length
     if footer < start:
-        tail = _read_at(stream, footer, start - footer) + tail
+        tail = read(footer, start - footer) + tail
         start = footer
     return footer, start, tail
 
@@ -176,7 +198,7 @@ def _footer(location: str, name: str) -> _File:
         with storage.open_read(location) as raw:
             stream = _Watched(raw)
             size = stream.seek(0, os.SEEK_END)
-            footer, start, tail = _footer_bytes(stream, size)
+            footer, start, tail = _footer_bytes(_reading(raw, location, stream), size)
             own = tail[footer - start : len(tail) - 8]
             # pyarrow parses the footer from the bytes read (one read of the file's end, on object storage one
             # request); it reads nothing else at open.
