@@ -18,6 +18,8 @@ from vitnt_jax.sources import SourceSpec
 
 from helpers import smooth_faces
 
+pytest_plugins = ["storage_fixtures"]  # S3 and GCS servers on 127.0.0.1: storage_env, s3_bucket, gcs_bucket
+
 
 @pytest.fixture()
 def folder(tmp_path):
@@ -282,3 +284,122 @@ def test_a_finished_run_resumed_with_other_settings_is_refused_not_called_comple
             Job(SourceSpec("images", folder), out=out, chunk_rows=4, resume=True, alpha=2.0, model=str(tiny_checkpoint))
         )
     assert out.read_bytes() == merged
+
+
+def _upload(local, url):
+    import fsspec
+
+    with open(local, "rb") as f, fsspec.open(url, "wb") as g:
+        g.write(f.read())
+
+
+def _fetch(url) -> bytes:
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()  # this test's own listings are not the bucket's state now
+    return fs.cat_file(inner)
+
+
+def _listing(url):
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    try:
+        return [p.rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_recordio_on_s3_scored_into_s3_equals_the_local_run(tiny_checkpoint, tmp_path, s3_bucket):
+    rec = tmp_path / "train.rec"
+    faces_rec(rec)
+    for suffix in (".rec", ".idx"):
+        _upload(rec.with_suffix(suffix), f"{s3_bucket}/sets/train{suffix}")
+    argv = ["--chunk-rows", "4", "--batch-size", "8"]
+    assert run(tiny_checkpoint, "--rec", str(rec), "--out", str(tmp_path / "l.csv"), *argv) == 0
+    url = f"{s3_bucket}/run/scores.csv"
+    assert run(tiny_checkpoint, "--rec", f"{s3_bucket}/sets/train.rec", "--out", url, *argv) == 0
+    assert _fetch(url) == (tmp_path / "l.csv").read_bytes()
+    assert sorted(_listing(f"{s3_bucket}/run/scores.csv.chunks")) == ["merged.json", "plan.json"]
+
+
+def test_a_folder_on_gcs_scored_into_gcs_as_parquet(tiny_checkpoint, folder, tmp_path, gcs_bucket):
+    for image in sorted(folder.iterdir()):
+        _upload(image, f"{gcs_bucket}/faces/{image.name}")
+    argv = ["--chunk-rows", "8", "--batch-size", "8", "--format", "parquet"]
+    assert run(tiny_checkpoint, "--images", str(folder), "--out", str(tmp_path / "l.parquet"), *argv) == 0
+    url = f"{gcs_bucket}/run/scores.parquet"
+    assert run(tiny_checkpoint, "--images", f"{gcs_bucket}/faces", "--out", url, *argv) == 0
+    (tmp_path / "g.parquet").write_bytes(_fetch(url))
+    assert output.read_results(tmp_path / "g.parquet") == output.read_results(tmp_path / "l.parquet")
+
+
+@pytest.mark.slow
+def test_a_run_into_s3_killed_mid_way_resumes_without_losing_or_repeating_a_row(
+    tiny_checkpoint, tmp_path, s3_bucket, storage_env
+):
+    url = f"{s3_bucket}/run/k.csv"
+    want = _killed_then_resumed(
+        tiny_checkpoint, tmp_path, url, lambda: _listing(chunked.chunks_dir(url)), env=storage_env.variables
+    )
+    (tmp_path / "k.csv").write_bytes(_fetch(url))
+    got = read_csv(tmp_path / "k.csv")
+    assert [r[0] for r in got] == [r[0] for r in want]
+    assert_same_rows(got, want)
+
+
+@pytest.mark.slow
+def test_hosts_sharing_only_a_bucket_survive_a_killed_process_and_resume_to_the_single_result(
+    tiny_checkpoint, tmp_path, s3_bucket, storage_env
+):
+    rec = tmp_path / "train.rec"
+    faces_rec(rec, n=40)
+    for suffix in (".rec", ".idx"):
+        _upload(rec.with_suffix(suffix), f"{s3_bucket}/sets/train{suffix}")
+    env = {**MULTI_ENV, **storage_env.variables}
+    base = [sys.executable, "-m", "vitnt_jax.score", "--model", str(tiny_checkpoint), "--chunk-rows", "2"]
+    base += ["--batch-size", "2", "--workers", "1"]
+    single = subprocess.run(
+        [*base, "--rec", str(rec), "--out", str(tmp_path / "single.csv")], env=env, capture_output=True, timeout=300
+    )
+    assert single.returncode == 0, single.stderr.decode()
+    workdirs = [tmp_path / "host0", tmp_path / "host1"]
+    for w in workdirs:
+        w.mkdir()
+    url = f"{s3_bucket}/run/scores.csv"
+    argv = [*base, "--rec", f"{s3_bucket}/sets/train.rec", "--out", url, "--process-timeout", "60"]
+    from pipeline_helpers import free_port
+
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [*argv, "--num-processes", "2", "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}"],
+            cwd=workdirs[i],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # the process and the worker its supervisor starts die together, as a host would
+        )
+        for i in range(2)
+    ]
+    # Process 1 (pieces 10..19) dies by SIGKILL once it has committed two of its pieces.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and procs[1].poll() is None:
+        names = _listing(chunked.chunks_dir(url))
+        if len([n for n in names if n.endswith(".csv") and int(n[:8]) >= 10]) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    assert procs[0].wait(timeout=120) != 0  # process 0 reports the lost process and merges nothing
+    procs[1].wait(timeout=30)
+    assert "scores.csv" not in _listing(f"{s3_bucket}/run")
+    results = run_processes([*argv, "--resume"], 2, workdirs, env)
+    assert all(rc == 0 for rc, _ in results), results
+    assert "merged 20 pieces (40 rows)" in results[0][1], results[0][1]
+    (tmp_path / "multi.csv").write_bytes(_fetch(url))
+    want, got = read_csv(tmp_path / "single.csv"), read_csv(tmp_path / "multi.csv")
+    assert [r[0] for r in got] == [r[0] for r in want]
+    assert_same_rows(got, want)
+    assert all(os.listdir(w) == [] for w in workdirs)
