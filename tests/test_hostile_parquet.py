@@ -438,3 +438,29 @@ def test_a_merge_refuses_a_chunk_of_other_columns_or_not_parquet(tmp_path):
     with pytest.raises(OutputError, match=r"2.parquet is not a readable Parquet chunk"):
         parquet.merge([tmp_path / "0.parquet", tmp_path / "2.parquet"], tmp_path / "all.parquet", True)
     assert not (tmp_path / "all.parquet").exists()  # nothing half-written appears
+
+
+def test_a_run_scores_the_good_files_and_marks_a_bomb_damaged_and_refuses_a_row_bomb(
+    tiny_checkpoint, tmp_path, blobs, monkeypatch, capsys
+):
+    from pipeline_helpers import run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"image": blobs[:3]}), data / "a.parquet")
+    body = levels(1, True) + plain([b"\0" * (4 << 20)])
+    crafted(data / "b.parquet", 1, page(1, body, pa.compress(body, codec="zstd", asbytes=True)), codec=6, claimed=100)
+    monkeypatch.setattr(parquet, "GROUP_BYTES_FLOOR", 1 << 20)
+    out = tmp_path / "o.csv"
+    assert run(tiny_checkpoint, "--parquet", str(data / "*.parquet"), "--out", str(out), "--batch-size", "2") == 0
+    got = output.read_results(out)
+    assert [r.id for r in got] == ["a.parquet:0", "a.parquet:1", "a.parquet:2", "b.parquet:0"]
+    assert [r.quality is None for r in got] == [False, False, False, True]
+    assert got[3].error.startswith("b.parquet row group 0 cannot be decoded (its columns decode to more than")
+    n = 10_000_000
+    crafted(data / "c.parquet", n, page(n, levels(n, False)))
+    capsys.readouterr()
+    assert run(tiny_checkpoint, "--parquet", str(data / "c.parquet"), "--out", str(tmp_path / "c.csv")) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "c.parquet row group 0 holds 10000000 rows (its footer says)" in err[0], err
+    assert not (tmp_path / "c.csv").exists()
