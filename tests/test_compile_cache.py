@@ -205,3 +205,47 @@ def test_a_second_process_loads_the_programs_from_the_cache(tmp_path, tiny_check
     assert second["hits"] >= 1 and second["misses"] == 0
     assert _entries(second["folder"]) == written  # nothing compiled afresh
     np.testing.assert_array_max_ulp(np.float32(second["quality"]), np.float32(first["quality"]), maxulp=2)
+
+
+def _cli(args, env, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "vitnt_jax.score", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_a_cli_run_keeps_its_programs_in_the_cache_folder_by_default(tmp_path, tiny_checkpoint):
+    from helpers import png_bytes, smooth_faces
+
+    (tmp_path / "faces").mkdir()
+    for k, face in enumerate(smooth_faces(3)):
+        (tmp_path / "faces" / f"{k}.png").write_bytes(png_bytes(face))
+    env = {**os.environ, cache.CACHE_ENV: str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env[cache.MIN_COMPILE_TIME_ENV] = "0"  # every program, however fast this machine compiles it
+    args = ["--images", str(tmp_path / "faces"), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "q.csv")]
+    done = _cli(args, env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _entries(tmp_path / "home" / "xla" / cache.cpu_tag())  # on by default, under $VITNT_JAX_CACHE
+
+
+def test_a_cli_run_with_an_unusable_cache_folder_stops_with_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = _cli(
+        [
+            "--images",
+            str(tmp_path),
+            "--model",
+            "testing",
+            "--out",
+            str(tmp_path / "q.csv"),
+            "--compile-cache",
+            str(tmp_path / "file" / "xla"),
+        ],
+        env,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        f"error: --compile-cache {tmp_path / 'file' / 'xla' / cache.cpu_tag()} cannot be created (Not a directory); "
+        "give a folder only you can write, or off to compile without a cache."
+    ]
