@@ -358,6 +358,27 @@ def test_column_names_with_dots_are_fetched_by_their_own_chunks(tmp_path, blobs)
     np.testing.assert_array_equal(rows[1][1], read_image(blobs[1]))
 
 
+def test_id_and_label_columns_of_types_that_are_no_text_say_how_to_do_without(tmp_path, blobs):
+    import datetime
+
+    when = pa.array([datetime.datetime(2020, 1, 1)])
+    pq.write_table(pa.table({"image": blobs[:1], "id": pa.nulls(1), "label": when}), tmp_path / "t.parquet")
+    with pytest.raises(SourceError) as error:
+        parquet.open_parquet(str(tmp_path / "t.parquet"), piece_rows=8)
+    assert str(error.value) == (
+        "column 'id' of t.parquet holds null; pass id_column naming a column of text or integers, or '' for FILE:ROW "
+        "ids."
+    )
+    with pytest.raises(SourceError, match=r"holds timestamp\[us\]; pass label_column naming .* or '' for no label\.$"):
+        parquet.open_parquet(str(tmp_path / "t.parquet"), piece_rows=8, id_column="")
+    rows = rows_of(parquet.open_parquet(str(tmp_path / "t.parquet"), piece_rows=8, id_column="", label_column=""))
+    assert rows[0][0] == "t.parquet:0"
+    ids = [1.5, float("nan"), float("inf"), -0.0, 2.0]
+    pq.write_table(pa.table({"image": blobs[:5], "id": ids}), tmp_path / "f.parquet")
+    src = parquet.open_parquet(str(tmp_path / "f.parquet"), piece_rows=8).pieces[0].read()
+    assert src.ids == ["1.5", "nan", "inf", "0", "2"]
+
+
 def test_ids_that_are_written_alike_are_one_id(tmp_path, blobs):
     # b'\xff' is written as the four characters \xff: the literal text \xff repeats it in the result.
     ids = pa.array([b"\xff", b"\\xff", b"ok"], pa.binary())

@@ -348,7 +348,8 @@ def _columns_of(first: _File, pa, image_column: str, id_column: str | None, labe
                 f"column {column!r} of {first.name} holds {first.schema.field(column).type}; pass "
                 + "{"
                 + option
-                + "} naming a column of text or integers.",
+                + "} naming a column of text or integers, or '' for "
+                + ("FILE:ROW ids." if option == "id_column" else "no label."),
                 field=option,
             )
     return kind, id_column, label_column
@@ -862,7 +863,7 @@ def merge(
                         )
                     for g in range(table.num_row_groups):
                         try:
-                            part = table.read_row_group(g)
+                            part = table.read_row_group(g, use_threads=False)
                         except Exception as error:
                             raise _output_error(
                                 f"{where} is not a readable Parquet chunk ({str(error)[:200]})."
