@@ -278,8 +278,9 @@ def test_a_glob_lists_through_storage_and_skips_folders_fifos_and_broken_links(t
     pieces = parquet.open_parquet(str(tmp_path / "*.parquet"), piece_rows=8)
     assert asked == [str(tmp_path / "*.parquet")]
     assert [p.name for p in pieces.pieces] == ["a.parquet row group 0 (rows 0..1)", "e.parquet row group 0 (rows 0..1)"]
-    with pytest.raises(SourceError, match=r"^no file matches parquet .*c.parquet; check the path or the glob"):
-        parquet.open_parquet(str(tmp_path / "c.parquet"), piece_rows=8)
+    for name in ("c.parquet", "d.parquet"):
+        with pytest.raises(SourceError, match=rf"{name} is not a regular file \(a FIFO, a device or a link to nothing"):
+            parquet.open_parquet(str(tmp_path / name), piece_rows=8)
 
 
 def test_on_s3_a_file_costs_one_head_and_one_ranged_get_to_open_and_a_same_size_rewrite_is_refused(
@@ -377,6 +378,23 @@ def test_id_and_label_columns_of_types_that_are_no_text_say_how_to_do_without(tm
     pq.write_table(pa.table({"image": blobs[:5], "id": ids}), tmp_path / "f.parquet")
     src = parquet.open_parquet(str(tmp_path / "f.parquet"), piece_rows=8).pieces[0].read()
     assert src.ids == ["1.5", "nan", "inf", "0", "2"]
+
+
+def test_columns_of_one_name_and_an_empty_image_column_are_refused(tmp_path, blobs):
+    twice = pa.Table.from_arrays([pa.array(blobs[:1]), pa.array(blobs[1:2])], names=["image", "image"])
+    pq.write_table(twice, tmp_path / "a.parquet")
+    with pytest.raises(SourceError) as error:
+        parquet.open_parquet(str(tmp_path / "a.parquet"), piece_rows=8)
+    assert str(error.value) == (
+        "parquet file a.parquet has 2 columns named 'image'; pass files whose columns have distinct names."
+    )
+    pq.write_table(pa.table({"image": blobs[:1], "id": ["x"]}), tmp_path / "a.parquet")
+    two = pa.Table.from_arrays([pa.array(blobs[:1]), pa.array(["y"]), pa.array(["z"])], names=["image", "id", "id"])
+    pq.write_table(two, tmp_path / "b.parquet")
+    with pytest.raises(SourceError, match=r"^parquet file b.parquet has 2 columns named 'id'; pass files whose"):
+        parquet.open_parquet(str(tmp_path / "*.parquet"), piece_rows=8)
+    with pytest.raises(SourceError, match=r"^parquet file a.parquet has no column ''; pass image_column one of its"):
+        parquet.open_parquet(str(tmp_path / "a.parquet"), piece_rows=8, image_column="")
 
 
 def test_ids_that_are_written_alike_are_one_id(tmp_path, blobs):

@@ -121,6 +121,12 @@ def _matches(pattern: str) -> list[tuple[str, str]]:
         base = pattern[: pattern.rfind("/") + 1]
     pairs = [(p, p[len(base) :] if base and p.startswith(base) else p.rsplit("/", 1)[-1]) for p in found]
     if not pairs:
+        local = storage.local_path(pattern)
+        if not _has_magic(pattern) and local is not None and os.path.lexists(local):
+            raise _refuse(
+                "{parquet} " + f"{pattern} is not a regular file (a FIFO, a device or a link to nothing); pass a "
+                "Parquet file."
+            )
         raise _refuse("no file matches {parquet} " + f"{pattern}; check the path or the glob.")
     pairs.sort(key=lambda pair: (pair[1], pair[0]))
     return pairs
@@ -320,17 +326,27 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _single(f: _File, column: str | None) -> None:
+    """Refuses a file with two columns of the name `column` (which of them the source reads would be a guess)."""
+    if column is not None and f.schema.names.count(column) > 1:
+        raise _refuse(
+            "{parquet} " + f"file {f.name} has {f.schema.names.count(column)} columns named {column!r}; pass files "
+            "whose columns have distinct names."
+        )
+
+
 def _columns_of(first: _File, pa, image_column: str, id_column: str | None, label_column: str | None):
     """Returns (image kind, id column or None, label column or None) decided from the first file's schema."""
     names = first.schema.names
     listed = ", ".join(repr(n) for n in names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
     for column, option in ((image_column, "image_column"), (id_column, "id_column"), (label_column, "label_column")):
-        if column and column not in names:
+        if (column or option == "image_column") and column not in names:
             raise _refuse(
                 "{parquet} " + f"file {first.name} has no column {column!r}; pass " + "{" + option + "}"
                 f" one of its columns: {listed}.",
                 field=option,
             )
+    _single(first, image_column)
     kind = _image_kind(pa, first.schema.field(image_column).type)
     if kind is None:
         raise _refuse(
@@ -342,6 +358,8 @@ def _columns_of(first: _File, pa, image_column: str, id_column: str | None, labe
     id_column = id_column if id_column is not None else ("id" if "id" in names and image_column != "id" else "")
     label_column = label_column if label_column is not None else ("label" if "label" in names else "")
     id_column, label_column = id_column or None, label_column or None
+    for column in (image_column, id_column, label_column):
+        _single(first, column)
     for column, option in ((id_column, "id_column"), (label_column, "label_column")):
         if column is not None and not _is_scalar(pa, first.schema.field(column).type):
             raise _refuse(
@@ -359,6 +377,7 @@ def _check_alike(first: _File, f: _File, used: list[str]) -> None:
     """Refuses a file whose used columns differ from the first file's (missing, or of another type)."""
     for column in used:
         arrow_type = first.schema.field(column).type
+        _single(f, column)
         if column not in f.schema.names:
             raise _refuse(
                 "{parquet} " + f"file {f.name} has no column {column!r} but {first.name} has; pass files of one "
