@@ -147,6 +147,7 @@ def test_the_crafted_writer_writes_what_pyarrow_reads(tmp_path):
         (b"PAR1" + b"x" * 20 + struct.pack("<I", 10**9) + b"PAR1", "its footer claims 1000000000 bytes, more than"),
         (b"PAR1" + b"x" * 20 + struct.pack("<I", 2**32 - 1) + b"PAR1", "its footer claims 4294967295 bytes, more"),
         (b"PAR1" + b"x" * 20 + struct.pack("<I", 8) + b"PAR0", "Parquet magic bytes not found at its end"),
+        (b"PARE" + b"x" * 20 + struct.pack("<I", 8) + b"PARE", "it is an encrypted Parquet file (its footer is"),
     ],
 )
 def test_ends_that_are_no_parquet_footer_are_refused_before_pyarrow_reads(tmp_path, content, why):

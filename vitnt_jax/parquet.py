@@ -182,6 +182,8 @@ def _footer_bytes(read: Callable[[int, int], bytes], size: int) -> tuple[int, in
         raise _NotParquet(f"it holds {size} bytes, too few for a Parquet file")
     start = max(0, size - _TAIL)
     tail = read(start, size - start)
+    if tail[-4:] == b"PARE":
+        raise _NotParquet("it is an encrypted Parquet file (its footer is encrypted), which this source does not read")
     if tail[-4:] != b"PAR1":
         raise _NotParquet("Parquet magic bytes not found at its end")
     length = int.from_bytes(tail[-8:-4], "little")
