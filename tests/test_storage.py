@@ -44,7 +44,7 @@ def test_write_read_list_remove(place):
     storage.remove(a)
     storage.remove(a)  # gone already: no error
     assert not storage.exists(a) and storage.listdir(storage.join(place, "x")) == ["b.bin"]
-    assert storage.find(place) == [("x/b.bin", 5)]
+    assert storage.find(place) == [("x/b.bin", 5)] and storage.find_names(place) == ["x/b.bin"]
 
 
 def test_open_write_leaves_nothing_when_the_block_raises(place):

@@ -230,10 +230,11 @@ def _object_folder(root: str) -> Source:
     One listing (fsspec's find), no object read; an object is read when its row is scored.
     """
     try:
-        found = storage.find(root)
+        found = storage.find_names(root)
     except storage.StorageError as error:
         raise SourceError("cannot list {images} " + f"{root}: {error}", field="images") from error
-    ids = [name for name, _ in found if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
+    ids = [name for name in found if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
+    del found
     if not ids:
         raise SourceError(
             f"no PNG, JPEG or WEBP objects under {root}; point " + "{images} at a prefix of face images.",

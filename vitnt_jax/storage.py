@@ -6,9 +6,10 @@ results (`--out`, `--save-embeddings`, `--save-patch-quality`) and a chunked run
 
 API: `is_url`, `join`, `open_read`, `read_bytes`, `exists`, `size`, `open_write`, `write_bytes`, `listdir`,
 `remove`, `makedirs`, `glob` (sorted matches of a pattern), `find` (every file under a folder or prefix, with
-its size), `is_folder`, `protocol`, `local_path`, and the errors `StorageError` (an OSError; `kind` says which
-failure) and its two subclasses `MissingError` (also a FileNotFoundError) and `FolderError` (also an
-IsADirectoryError), so a caller that catches those OS errors keeps working for URLs.
+its size), `find_names` (the same without sizes), `is_folder`, `protocol`, `local_path`, and the errors
+`StorageError` (an OSError; `kind` says which failure) and its two subclasses `MissingError` (also a
+FileNotFoundError) and `FolderError` (also an IsADirectoryError), so a caller that catches those OS errors
+keeps working for URLs.
 
 A local path (or a `file://` URL, read as the path it names) is read and written as the rest of the project
 does: regular files only (a FIFO or a device is refused without waiting on it), and a written file never
@@ -501,6 +502,28 @@ def find(folder: str | os.PathLike) -> list[tuple[str, int]]:
             f"no such bucket {protocol(folder)}://{inner.split('/', 1)[0]}; check its name.", kind="bucket"
         )
     return sorted(out)
+
+
+def find_names(folder: str | os.PathLike) -> list[str]:
+    """Returns the paths relative to `folder` of every file under it, sorted: `find` without the sizes.
+
+    For a URL, fsspec is asked for names only, so memory holds one short string per object (a prefix of
+    millions of objects), not one metadata record each.
+    """
+    local = local_path(folder)
+    if local is not None:
+        return [name for name, _ in find(folder)]
+    fs, inner = _fs(folder)
+    prefix = inner.rstrip("/") + "/"
+    with _errors(folder, "list", fs, inner):
+        listed = fs.find(prefix.rstrip("/"), detail=False)
+    out = [name[len(prefix) :] for name in listed if name.startswith(prefix) and not name.endswith("/")]
+    del listed
+    if not out and not _bucket_exists(fs, inner):
+        bucket = f"{protocol(folder)}://{inner.split('/', 1)[0]}"
+        raise StorageError(f"no such bucket {bucket} (for {folder}); check the bucket's name.", kind="bucket")
+    out.sort()
+    return out
 
 
 def glob(pattern: str | os.PathLike) -> list[str]:
