@@ -13,6 +13,8 @@ address other than the loopback ones.
 
 What a subprocess needs to reach the servers is only environment variables (see `StorageEnv.variables`): fsspec
 reads `FSSPEC_<PROTOCOL>_<OPTION>` into its configuration when it is imported, gcsfs reads STORAGE_EMULATOR_HOST.
+`storage_env.env` also puts a sitecustomize module on the subprocess's PYTHONPATH that refuses non-loopback
+connections there and records them for `no_remote_network`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,64 @@ from dataclasses import dataclass, field
 
 import pytest
 
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+# Names looked up without the network (the hosts file); this machine's own name too (libraries ask for it).
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", socket.gethostname().lower()}
+
+
+# Put on a subprocess's PYTHONPATH by storage_env: the same guard in every Python child (a multi-host run's
+# processes). A refused connection or lookup is appended to the file VITNT_TEST_NETWORK_LOG names, which
+# no_remote_network reads when its test ends.
+_SITECUSTOMIZE = """
+import ipaddress, os, socket
+
+_log = os.environ.get("VITNT_TEST_NETWORK_LOG")
+_names = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", socket.gethostname().lower()}
+
+
+def _loopback(host):
+    if isinstance(host, bytes):
+        host = host.decode(errors="replace")
+    if not isinstance(host, str):
+        return False
+    host = host.strip("[]").split("%", 1)[0]
+    if host.lower() in _names:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse(what):
+    if _log:
+        with open(_log, "a") as f:
+            f.write(f"pid {os.getpid()}: {what}\\n")
+    raise OSError(f"test subprocess reached for a non-loopback address: {what}")
+
+
+_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+
+def connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address[0]):
+        _refuse(f"connect {address!r}")
+    return _connect(self, address)
+
+
+def connect_ex(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address[0]):
+        _refuse(f"connect {address!r}")
+    return _connect_ex(self, address)
+
+
+def getaddrinfo(host, *args, **kwargs):
+    if host is not None and not _loopback(host):
+        _refuse(f"getaddrinfo {host!r}")
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+"""
 
 
 @dataclass
@@ -38,6 +97,17 @@ class StorageEnv:
     s3_endpoint: str  # http://127.0.0.1:PORT
     gcs_endpoint: str  # http://127.0.0.1:PORT
     variables: dict[str, str] = field(default_factory=dict)  # what this fixture set (and a subprocess needs)
+    network_log: str = ""  # where guarded subprocesses record a refused connection
+
+    def subprocess_attempts(self) -> list[str]:
+        """Returns what guarded subprocesses tried beyond the loopback interface, and forgets it."""
+        try:
+            with open(self.network_log) as f:
+                lines = f.read().splitlines()
+            os.unlink(self.network_log)
+        except FileNotFoundError:
+            return []
+        return lines
 
     @property
     def env(self) -> dict[str, str]:
@@ -144,8 +214,17 @@ def storage_env():
             gcs_port = gcs._api._httpd.server_address[1]
             env = StorageEnv(f"http://{host}:{port}", f"http://127.0.0.1:{gcs_port}")
             env.variables = storage_variables(env.s3_endpoint, env.gcs_endpoint, folder)
+            site = os.path.join(folder, "site")
+            os.mkdir(site)
+            with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+                f.write(_SITECUSTOMIZE)
+            env.network_log = os.path.join(folder, "network.log")
+            env.variables["VITNT_TEST_NETWORK_LOG"] = env.network_log
+            # Only for subprocesses (env.env): this process has the fixture's own guard.
+            subprocess_path = os.pathsep.join(x for x in (site, os.environ.get("PYTHONPATH", "")) if x)
             for key, value in env.variables.items():
                 patch.setenv(key, value)
+            env.variables["PYTHONPATH"] = subprocess_path
             import fsspec.config
 
             patch.setattr(fsspec.config, "conf", {k: dict(v) for k, v in fsspec.config.conf.items()})
@@ -226,10 +305,19 @@ def network_guard():
 
 
 @pytest.fixture
-def no_remote_network():
-    """Fails the test when anything in it connects to (or looks up) a non-loopback address; see network_guard."""
+def no_remote_network(request):
+    """Fails the test when anything in it connects to (or looks up) a non-loopback address; see network_guard.
+
+    With storage_env, subprocesses started with `storage_env.env` are guarded too (a sitecustomize module on
+    their PYTHONPATH), and what they tried fails the test as well.
+    """
+    env = request.getfixturevalue("storage_env") if "storage_env" in request.fixturenames else None
+    if env is not None:
+        env.subprocess_attempts()  # an earlier test's, already reported
     with network_guard() as attempts:
         yield attempts
+    if env is not None:
+        attempts.extend(env.subprocess_attempts())
     if attempts:
         pytest.fail(f"the test reached for the network beyond 127.0.0.1: {attempts[:5]}")
 

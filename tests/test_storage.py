@@ -369,3 +369,23 @@ def test_webp_decodes_and_keeps_the_limits(tmp_path, monkeypatch):
     with pytest.raises(data.ImageError, match=r"^not a PNG, JPEG or WEBP image \(it holds GIF data\)$"):
         data.read_image(_image(1, "GIF"))
     assert ".webp" in data.IMAGE_SUFFIXES and "WEBP" in data.IMAGE_FORMATS
+
+
+def test_subprocesses_are_guarded_too(storage_env):
+    code = "\n".join(
+        [
+            "import socket",
+            "for reach in (lambda: socket.create_connection(('192.0.2.1', 80), 1),",
+            "              lambda: socket.getaddrinfo('storage.googleapis.com', 443)):",
+            "    try:",
+            "        reach()",
+            "    except OSError as e:",
+            "        print('refused', e)",
+        ]
+    )
+    storage_env.subprocess_attempts()
+    done = subprocess.run([sys.executable, "-c", code], env=storage_env.env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.count("refused test subprocess reached for a non-loopback address") == 2, done.stderr
+    attempts = storage_env.subprocess_attempts()
+    assert len(attempts) == 2 and "192.0.2.1" in attempts[0] and "storage.googleapis.com" in attempts[1]
+    assert storage_env.subprocess_attempts() == []  # read once
