@@ -258,6 +258,28 @@ def test_a_file_replaced_by_another_of_the_same_size_is_refused_when_read(tmp_pa
     assert parquet.open_parquet(str(path), piece_rows=3).identity != pieces.identity
 
 
+def test_a_file_cut_short_while_its_piece_is_read_is_refused_not_made_error_rows(tmp_path, blobs, monkeypatch):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": blobs}), path)
+    pieces = parquet.open_parquet(str(path), piece_rows=8)
+    content = path.read_bytes()
+
+    class Shrinking(io.BytesIO):
+        """The whole file for the first read (the footer's check), then cut to 100 bytes (another writer)."""
+
+        reads = 0
+
+        def read(self, n=-1):
+            self.reads += 1
+            if self.reads == 2:
+                self.truncate(100)
+            return super().read(n)
+
+    monkeypatch.setattr(parquet.storage, "open_read", lambda location: Shrinking(content))
+    with pytest.raises(SourceError, match=r"^parquet file t.parquet holds 100 bytes, not the \d+ it held when the run"):
+        pieces.pieces[0].read()
+
+
 def test_a_file_deleted_after_the_plan_stops_its_piece_in_one_sentence(tmp_path, blobs):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"image": blobs}), path)

@@ -646,6 +646,9 @@ def _read_piece(f: _File, a: int, b: int, first_row: int, rows: int, columns: _C
                 if stream.fault is not None:
                     raise
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                # A file cut short (or rewritten) while it was read reads as damaged data: it is refused instead,
+                # so that no error row is committed for rows a resumed run can read.
+                _check_unchanged(stream, f)
     except sources.SourceError:
         raise
     except Exception as error:
@@ -676,6 +679,24 @@ def _held(pa, array) -> int:
     return sum(buffer.size for buffer in array.buffers() if buffer is not None)
 
 
+def _check_unchanged(stream, f: _File) -> None:
+    """Refuses a file whose size or footer is not the plan's (rewritten, replaced, truncated, grown)."""
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    if size == f.size:
+        if not f.digest:
+            return
+        footer = _read_at(stream, f.footer, size - 8 - f.footer)
+        stream.seek(0)
+        if hashlib.sha256(footer).hexdigest() == f.digest:
+            return
+    held = f"holds {size} bytes, not the {f.size}" if size != f.size else "has another footer than the one"
+    raise _refuse(
+        "{parquet} " + f"file {f.name} {held} it held when the run was planned; a run reads files that do not "
+        "change (rerun on the new files with a new output)."
+    )
+
+
 def _decode_piece(stream, f: _File, a: int, b: int, first_row: int, rows: int, columns: _Columns) -> sources.Source:
     pa, pq = _pyarrow("{parquet}", sources.SourceError, "parquet")
     wanted = [c for c in dict.fromkeys([columns.image, columns.id, columns.label]) if c is not None]
@@ -684,17 +705,7 @@ def _decode_piece(stream, f: _File, a: int, b: int, first_row: int, rows: int, c
     labels: list[str] | None = [] if columns.label is not None else None
     bad: dict[int, str] = {}  # row in piece -> why it has no image (null, a path only)
     starts: list[int] = []
-    size = stream.seek(0, os.SEEK_END)
-    stream.seek(0)
-    if size != f.size or (
-        f.digest and hashlib.sha256(_read_at(stream, f.footer, size - 8 - f.footer)).hexdigest() != f.digest
-    ):
-        held = f"holds {size} bytes, not the {f.size}" if size != f.size else "has another footer than the one"
-        raise _refuse(
-            "{parquet} " + f"file {f.name} {held} it held when the run was planned; a run reads files that do not "
-            "change (rerun on the new files with a new output)."
-        )
-    stream.seek(0)
+    _check_unchanged(stream, f)
     claimed = sum(f.used[a:b]) if f.used else 0
     # What the used columns may decode to: a page inflating past what the footer claims (a compressed bomb, or a
     # footer that lies) makes the row groups damaged, checked batch by batch; batches are small for large rows.
