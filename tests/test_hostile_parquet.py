@@ -280,6 +280,23 @@ def test_a_file_cut_short_while_its_piece_is_read_is_refused_not_made_error_rows
         pieces.pieces[0].read()
 
 
+def test_running_out_of_memory_stops_the_piece_instead_of_making_error_rows(tmp_path, blobs, monkeypatch):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": blobs}), path)
+    pieces = parquet.open_parquet(str(path), piece_rows=8)
+
+    def exhausted(self, *args, **kwargs):
+        raise pa.ArrowMemoryError("malloc of size 4294967296 failed")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", exhausted)
+    with pytest.raises(SourceError) as error:
+        pieces.pieces[0].read()
+    assert str(error.value).startswith("not enough memory to read parquet file t.parquet row group 0 (")
+    assert str(error.value).endswith(
+        "rewrite the table with smaller row groups or run on a host with more memory, then resume."
+    )
+
+
 def test_a_file_deleted_after_the_plan_stops_its_piece_in_one_sentence(tmp_path, blobs):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"image": blobs}), path)

@@ -645,6 +645,12 @@ def _read_piece(f: _File, a: int, b: int, first_row: int, rows: int, columns: _C
             except Exception as error:
                 if stream.fault is not None:
                     raise
+                if isinstance(error, MemoryError):  # pyarrow's ArrowMemoryError too: the host's limit, not the data's
+                    raise _refuse(
+                        "not enough memory to read {parquet} "
+                        + f"file {f.name} {_groups(a, b)} ({sum(f.used[a:b])} bytes uncompressed as its footer says); "
+                        "rewrite the table with smaller row groups or run on a host with more memory, then resume."
+                    ) from error
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                 # A file cut short (or rewritten) while it was read reads as damaged data: it is refused instead,
                 # so that no error row is committed for rows a resumed run can read.
