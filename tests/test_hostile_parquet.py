@@ -228,6 +228,19 @@ def test_a_page_inflating_past_what_its_footer_claims_is_a_damaged_row_group(tmp
     ]
 
 
+def test_a_codec_pyarrow_cannot_decompress_is_refused_at_open_not_made_error_rows(tmp_path):
+    body = levels(1, True) + plain([b"abc"])
+    path = crafted(tmp_path / "lzo.parquet", 1, page(1, body), codec=3)  # LZO: no pyarrow reads it
+    with pytest.raises(OSError):
+        pq.read_table(path)
+    with pytest.raises(SourceError) as error:
+        parquet.open_parquet(path, piece_rows=8)
+    assert str(error.value) == (
+        "parquet file lzo.parquet compresses column 'image' with LZO, which this pyarrow cannot decompress; rewrite "
+        "the table with zstd or snappy (pyarrow.parquet.write_table(..., compression='zstd'))."
+    )
+
+
 def test_a_footer_placing_a_column_outside_the_file_is_refused(tmp_path):
     body = levels(1, True) + plain([b"abc"])
     for offset, compressed in ((10**6, None), (0, None), (4, 10**9), (4, -5)):

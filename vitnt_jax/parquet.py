@@ -19,6 +19,7 @@ import bisect
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
@@ -259,11 +260,30 @@ def _spans(f: _File, used: list[str]) -> tuple[tuple[tuple[tuple[int, int], ...]
                         f"{g} column {column.path_in_schema!r} at bytes {start}..{end}, outside the file's "
                         f"{f.footer} bytes of data); pass Parquet files only."
                     )
+                if not _decodable(column.compression):
+                    raise _refuse(
+                        "{parquet} " + f"file {f.name} compresses column {column.path_in_schema!r} with "
+                        f"{column.compression}, which this pyarrow cannot decompress; rewrite the table with zstd or "
+                        "snappy (pyarrow.parquet.write_table(..., compression='zstd'))."
+                    )
                 spans.append((start, end))
                 size += column.total_uncompressed_size
         out.append(tuple(spans))
         sizes.append(size)
     return tuple(out), tuple(sizes)
+
+
+@functools.cache
+def _decodable(codec: str) -> bool:
+    """Whether pyarrow here can decompress column chunks of this codec ('SNAPPY', 'ZSTD', 'LZO', ...)."""
+    if codec == "UNCOMPRESSED":
+        return True
+    import pyarrow
+
+    try:
+        return bool(pyarrow.Codec.is_available(codec.lower()))
+    except ValueError:  # a codec pyarrow does not know (LZO)
+        return False
 
 
 def _check_groups(f: _File, piece_rows: int) -> None:
