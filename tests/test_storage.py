@@ -389,3 +389,38 @@ def test_subprocesses_are_guarded_too(storage_env):
     attempts = storage_env.subprocess_attempts()
     assert len(attempts) == 2 and "192.0.2.1" in attempts[0] and "storage.googleapis.com" in attempts[1]
     assert storage_env.subprocess_attempts() == []  # read once
+
+
+def test_the_scorer_reads_a_prefix_and_writes_its_result_to_object_storage(tiny_checkpoint, s3_bucket, tmp_path):
+    import csv
+
+    from vitnt_jax import score
+
+    (tmp_path / "faces").mkdir()
+    for i in range(5):
+        blob = _image(40 * i, "WEBP" if i == 3 else "PNG", size=(16, 16))
+        name = f"{i}.webp" if i == 3 else f"{i}.png"
+        storage.write_bytes(f"{s3_bucket}/faces/{name}", blob)
+        (tmp_path / "faces" / name).write_bytes(blob)
+    storage.write_bytes(f"{s3_bucket}/faces/4.png", b"damaged")
+    (tmp_path / "faces" / "4.png").write_bytes(b"damaged")
+    common = ["--model", os.fspath(tiny_checkpoint), "--batch-size", "2"]
+    assert score.main(["--images", f"{s3_bucket}/faces/", "--out", f"{s3_bucket}/scores.csv", *common]) == 0
+    assert score.main(["--images", os.fspath(tmp_path / "faces"), "--out", os.fspath(tmp_path / "s.csv"), *common]) == 0
+    remote = list(csv.reader(io.StringIO(storage.read_bytes(f"{s3_bucket}/scores.csv").decode())))
+    local = list(csv.reader(open(tmp_path / "s.csv", newline="")))
+    assert [r[0] for r in remote] == [r[0] for r in local] and len(remote) == 6  # header + 5 rows
+    assert [r[-1] for r in remote] == [r[-1] for r in local]  # error column exact
+    assert remote[5][0] == "4.png" and "no PNG, JPEG or WEBP data" in remote[5][-1] and remote[4][0] == "3.webp"
+    for a, b in zip(remote[1:], local[1:], strict=True):
+        if a[1]:
+            np.testing.assert_allclose(float(a[1]), float(b[1]), rtol=1e-6)
+
+
+def test_the_scorer_stops_with_one_line_when_storage_cannot_be_reached(tiny_checkpoint, unreachable_s3, capsys):
+    from vitnt_jax import score
+
+    argv = ["--images", "s3://b-x/faces/", "--model", os.fspath(tiny_checkpoint), "--out", "s3://b-x/s.csv"]
+    assert score.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the storage service" in err[0], err
