@@ -556,3 +556,32 @@ def test_a_run_scores_the_good_files_and_marks_a_bomb_damaged_and_refuses_a_row_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "c.parquet row group 0 holds 10000000 rows (its footer says)" in err[0], err
     assert not (tmp_path / "c.csv").exists()
+
+
+@pytest.mark.parametrize("compression", ["none", "snappy", "gzip", "brotli", "zstd", "lz4"])
+def test_the_footer_checks_refuse_no_table_pyarrow_writes(tmp_path, blobs, compression):
+    # The checks at open (footer, column ranges, codecs, sizes) against page v1/v2, page indexes, dictionaries and
+    # both image layouts: every row reads back as written.
+    images = [*blobs, blobs[0]]
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    layouts = {
+        "binary": {"image": images, "id": [f"x{i}" for i in range(7)], "label": [i % 3 for i in range(7)]},
+        "hf": {"image": pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(images)], kind)},
+    }
+    for columns in layouts.values():
+        for version, index, dictionary in [(v, i, d) for v in ("1.0", "2.0") for i in (0, 1) for d in (0, 1)]:
+            path = tmp_path / "t.parquet"
+            pq.write_table(
+                pa.table(columns),
+                path,
+                compression=compression,
+                data_page_version=version,
+                write_page_index=bool(index),
+                use_dictionary=bool(dictionary),
+                row_group_size=3,
+                data_page_size=1024,
+            )
+            rows = rows_of(parquet.open_parquet(str(path), piece_rows=3))
+            assert len(rows) == 7
+            for (_, image), blob in zip(rows, images, strict=True):
+                np.testing.assert_array_equal(image, read_image(blob))
