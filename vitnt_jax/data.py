@@ -169,7 +169,7 @@ def _content_format(stream: BinaryIO) -> str | None:
 
 
 def _open(stream: BinaryIO) -> Image.Image:
-    """Opens a PNG or JPEG (header only) without PIL's warnings; read_image checks the size.
+    """Opens a PNG, JPEG or WEBP (header only) without PIL's warnings; read_image checks the size.
 
     PIL warns about a large image (read_image refuses it itself) and about damaged metadata (an MPO index, an
     APNG header); a crafted file can vary those messages without end, each one line on stderr.
