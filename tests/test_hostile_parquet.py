@@ -479,14 +479,14 @@ def test_an_overlong_id_and_an_oversized_image_are_error_rows(tmp_path, blobs, m
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "reference"])
 def test_ids_with_separators_line_breaks_formulas_and_bad_bytes_read_back_as_written(tmp_path, blobs, fmt):
-    ids = [b"a,b", b'say "hi"', b"=1+1", b"line\nbreak", b"tab\there", b"\xff\xfe", "café".encode(), b"-3", b"x=y"]
+    ids = [b"a,b", b'say "hi"', b"=1+1", b"line\nbreak", b"tab\there", b"\xff\xfe", "café".encode(), b"-3", b"x y"]
     pq.write_table(pa.table({"image": [blobs[0]] * len(ids), "id": pa.array(ids, pa.binary())}), tmp_path / "i.parquet")
     src = parquet.open_parquet(str(tmp_path / "i.parquet"), piece_rows=64).pieces[0].read()
     rows = [Row(i, 0.5, None, "") for i in src.ids]
     if fmt == "reference":  # a line break cannot be held there: one sentence, before anything is written
         with pytest.raises(OutputError, match="holds a line break, which the reference format cannot hold"):
             chunked.table_bytes(rows, fmt, False)
-        rows = [r for r in rows if "\n" not in r.id and " " not in r.id and "\t" not in r.id]
+        rows = [r for r in rows if "\n" not in r.id]  # spaces and tabs it holds
     (tmp_path / f"out.{fmt}").write_bytes(chunked.table_bytes(rows, fmt, False))
     back = output.read_results(tmp_path / f"out.{fmt}", fmt)
     assert [r.id for r in back] == [output.render_id(r.id) for r in rows]
