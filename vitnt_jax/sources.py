@@ -154,11 +154,12 @@ MAX_PROBLEMS = 100
 def image_folder(root: str | Path) -> Source:
     """Returns every PNG/JPEG/WEBP under `root` (recursive, never following folder links); id = the relative path.
 
-    Ids are sorted; `root` may be a URL prefix (gs://bucket/faces/): see _object_folder. A folder link inside `root` is not entered and a sub-folder that cannot be listed
-    is reported in `problems`, not skipped silently. A file link keeps its row: its file is read when
-    the link resolves inside `root`, and is that row's error when it leads outside. Only regular
-    files are read (a FIFO or a device named like an image is an error row at once). The walk keeps its
-    own stack, so no nesting depth is too deep, and holds only the ids (tens of bytes a file).
+    Ids are sorted; `root` may be a URL prefix (gs://bucket/faces/): see _object_folder. A folder link
+    inside `root` is not entered and a sub-folder that cannot be listed is reported in `problems`, not
+    skipped silently. A file link keeps its row: its file is read when the link resolves inside `root`,
+    and is that row's error when it leads outside. Only regular files are read (a FIFO or a device named
+    like an image is an error row at once). The walk keeps its own stack, so no nesting depth is too
+    deep, and holds only the ids (tens of bytes a file).
     """
     if _remote(root):
         return _object_folder(root)
