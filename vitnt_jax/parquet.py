@@ -268,7 +268,13 @@ def _spans(f: _File, used: list[str]) -> tuple[tuple[tuple[tuple[int, int], ...]
                     )
                 spans.append((start, end))
                 size += column.total_uncompressed_size
-        out.append(tuple(spans))
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted(spans):  # adjacent chunks (a struct's fields, columns side by side) as one range
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        out.append(tuple(merged))
         sizes.append(size)
     return tuple(out), tuple(sizes)
 
