@@ -94,7 +94,7 @@ def test_score_iter_takes_arrays_paths_bytes_and_pairs(scorer, folder):
     results = list(pipeline.score_iter(scorer, items, batch_size=2, window=1))  # windows of one batch of 8
     assert [r.id for r in results] == ["0", str(folder / "01.png"), "mine", "broken", str(folder / "03.png")]
     assert results[3].quality is None and results[3].embedding is None
-    assert results[3].error == "not a readable image (no PNG or JPEG data)"
+    assert results[3].error == "not a readable image (no PNG, JPEG or WEBP data)"
     want = pipeline.score_array(scorer, np.stack(images))
     assert_same_floats([r.quality for r in results if r.error == ""], want["quality"])
     assert results[0].embedding.shape == (8,)
@@ -114,7 +114,7 @@ def test_score_source_with_any_batch_scorer_double_buffers_and_writes(folder, tm
     assert (summary.scored, summary.failed, summary.skipped) == (12, 1, 0)
     rows = read_csv(tmp_path / "s.csv")
     assert [r[0] for r in rows[1:]] == [f"{i:02d}.png" for i in range(13)]
-    assert rows[6] == ["05.png", "", "not a readable image (no PNG or JPEG data)"]
+    assert rows[6] == ["05.png", "", "not a readable image (no PNG, JPEG or WEBP data)"]
     faces = smooth_faces(13, seed=21)
     assert float(rows[1][1]) == pytest.approx(faces[0].mean() / 255, rel=1e-12)
     # Batch k+1 is dispatched before batch k is fetched: d0 d1 f0 d2 f1 d3 f2 f3.
@@ -164,7 +164,7 @@ def test_on_error_fail_keeps_the_rows_before_the_bad_input(folder, tmp_path):
     out = tmp_path / "s.csv"
     with pytest.raises(InputError) as got:
         pipeline.score_source(MeanPixel(), sources.image_folder(folder), out, batch_size=4, size=32, on_error="fail")
-    assert got.value.id == "06.png" and got.value.reason == "not a readable image (no PNG or JPEG data)"
+    assert got.value.id == "06.png" and got.value.reason == "not a readable image (no PNG, JPEG or WEBP data)"
     assert [r[0] for r in read_csv(out)[1:]] == [f"{i:02d}.png" for i in range(6)]
 
 

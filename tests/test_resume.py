@@ -71,7 +71,7 @@ def test_on_error_fail_then_resume(tiny_checkpoint, folder, tmp_path, capsys):
     argv = ["--images", str(folder), "--out", str(out), "--batch-size", "8", "--save-embeddings", str(emb)]
     assert run(tiny_checkpoint, *argv, "--on-error", "fail") == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: 10.png: not a readable image (no PNG or JPEG data) (--on-error fail)")
+    assert err.startswith("error: 10.png: not a readable image (no PNG, JPEG or WEBP data) (--on-error fail)")
     assert "--resume" in err
     assert read_csv(out) == read_csv(reference)[:11]  # header + every row before the bad input, same batches
     assert not emb.exists() and (tmp_path / "e.npy.partial").exists()

@@ -190,7 +190,7 @@ def test_missing_model_empty_folder_and_existing_output(model_dir, folder, tmp_p
     assert "does not exist; convert one" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert score.main(["--images", str(tmp_path / "empty"), "--model", str(model_dir), "--out", str(out)]) == 1
-    assert "no PNG or JPEG files" in capsys.readouterr().err
+    assert "no PNG, JPEG or WEBP files" in capsys.readouterr().err
     out.write_text("keep me")
     assert score.main(["--images", str(folder), "--model", str(model_dir), "--out", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err and out.read_text() == "keep me"

@@ -792,7 +792,7 @@ def score_iter(
 
 
 def score_folder(scorer: BatchScorer, folder: str | os.PathLike, out: str | os.PathLike | None, **options) -> Summary:
-    """Scores every PNG/JPEG under `folder` into `out` (see `score_source` for the options)."""
+    """Scores every PNG/JPEG/WEBP under `folder` into `out` (see `score_source` for the options)."""
     from vitnt_jax.sources import image_folder
 
     return score_source(scorer, image_folder(folder), out, **options)
@@ -845,7 +845,7 @@ def crop_name(index: int, image_id: str) -> str:
     """
     import re
 
-    stem = image_id[: image_id.rfind(".")] if image_id.lower().endswith((".png", ".jpg", ".jpeg")) else image_id
+    stem = image_id[: image_id.rfind(".")] if image_id.lower().endswith(IMAGE_SUFFIXES) else image_id
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "image"
     return f"{index:08d}_{safe}.png"
 

@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--compile-cache",
         metavar="DIR|off",
-        help="JAX's persistent compilation cache: reruns and every host of a pod skip recompiling "
-        "(default: the xla folder under $VITNT_JAX_CACHE or ~/.cache/vitnt_jax; off: no cache)",
+        help="JAX's persistent compilation cache folder: reruns load the compiled scorer from it; in a multi-process "
+        "run only process 0 writes it, so give every host one shared folder (a gs:// folder needs etils[epath]) "
+        "(default: xla/ under $VITNT_JAX_CACHE or ~/.cache/vitnt_jax; off: none)",
     )
     r.add_argument(
         "--process-timeout",

@@ -672,7 +672,10 @@ SOURCES: dict[str, SourceKind] = {
     kind.name: kind
     for kind in (
         SourceKind(
-            "images", "DIR", "folder of PNG/JPEG faces, searched recursively; id = the relative path", image_folder
+            "images",
+            "DIR",
+            "folder (or URL prefix) of PNG/JPEG/WEBP faces, searched recursively; id = the relative path",
+            image_folder,
         ),
         SourceKind(
             "list",
