@@ -168,7 +168,8 @@ def _reading(raw, location: str, watched: _Watched) -> Callable[[int, int], byte
         except BaseException as error:
             watched.fault = watched.fault or error
             raise
-        if len(blob) != n:
+        if len(blob) != n:  # the object changed, or a server that ignores ranges: the storage, not the table
+            watched.fault = watched.fault or OSError(f"read {len(blob)} bytes at {start}, not {n}")
             raise OSError(f"read {len(blob)} bytes at {start}, not {n}: the file changed")
         return blob
 
