@@ -341,6 +341,7 @@ def test_on_s3_a_file_costs_one_head_and_one_ranged_get_to_open_and_a_same_size_
 ):
     import aiobotocore.client
     import fsspec
+
     from storage_fixtures import clear_instance_caches  # after pytest loaded it as a plugin
 
     fs = fsspec.filesystem("s3", use_listings_cache=False)
@@ -382,6 +383,16 @@ def test_on_s3_a_file_costs_one_head_and_one_ranged_get_to_open_and_a_same_size_
     assert str(error.value) == (
         "cannot read parquet file p-0.parquet (connection reset by peer); check that it exists and is readable."
     )
+
+    async def whole(self, path, start=None, end=None, **kwargs):  # a server that ignores the range asked for
+        return b"PAR1" * 1000
+
+    monkeypatch.setattr(type(fs), "_cat_file", whole)
+    clear_instance_caches()
+    with pytest.raises(
+        SourceError, match=r"^cannot read parquet file p-0.parquet \(read 4000 bytes at 0, not \d+: the"
+    ):
+        parquet.open_parquet(f"{s3_bucket}/t/p-0.parquet", piece_rows=8)
 
 
 # ------------------------------------------------------------------------------------------------------------
