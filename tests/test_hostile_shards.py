@@ -6,9 +6,13 @@ grows with what a small file claims, ids that collide once written). Every file 
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 import sys
+import tarfile
 import tracemalloc
 
 import numpy as np
@@ -19,8 +23,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from recordio_writer import frame_part, payload, with_magic, write_rec  # noqa: E402
 
-from vitnt_jax import recordio  # noqa: E402
+from vitnt_jax import recordio, wds  # noqa: E402
 from vitnt_jax.data import ImageError  # noqa: E402
+from vitnt_jax.output import render_id  # noqa: E402
 from vitnt_jax.sources import SourceError  # noqa: E402
 
 
@@ -116,3 +121,140 @@ def test_keys_pointing_at_one_record_are_read_once_and_logged(tmp_path):
     assert peak < 1 << 20  # 10.8 MB traced before: 2000 joined copies of the record
     assert source.ids == [str(k) for k in range(2000)] and set(source.labels) == {"7"}
     np.testing.assert_array_equal(source.load(0), source.load(1999))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WebDataset shards
+
+
+def header(name: str, size: int, type: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, type
+    return info.tobuf(tarfile.GNU_FORMAT)  # GNU: base-256 sizes past ustar's 8 GiB
+
+
+def member(name: str, data: bytes) -> bytes:
+    return header(name, len(data)) + data + b"\0" * (-len(data) % 512)
+
+
+END = b"\0" * 1024
+
+
+def counting_reads(monkeypatch) -> list[int]:
+    """Counts the reads of every shard opened from now on (what tarfile asks of the storage)."""
+    calls: list[int] = []
+    real = wds.storage.open_read
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            calls.append(n)
+            return self.f.read(n)
+
+        def close(self):
+            self.f.close()
+
+    monkeypatch.setattr(wds.storage, "open_read", lambda path: Counted(real(path)))
+    return calls
+
+
+@pytest.mark.parametrize("field", ["jpg", "txt"])
+def test_a_member_claiming_2_to_the_40_bytes_past_the_end_breaks_the_shard_at_once(tmp_path, monkeypatch, field):
+    # tarfile skipped the claimed bytes 64 KiB at a time past the end of the file: 16 million empty reads
+    # (83 s); a base-256 size of 2^80 would never end.
+    (tmp_path / "s.tar").write_bytes(member("a.jpg", jpeg(0)) + header(f"b.{field}", 1 << 40) + b"x" * 5000)
+    calls = counting_reads(monkeypatch)
+    got = rows(wds.read_shard(str(tmp_path / "s.tar")))
+    assert len(calls) < 100
+    assert got[0] == ("a", "", (16, 16, 3))
+    assert got[1] == ("b", "", f"the shard breaks inside this sample, at byte 1536 (member 'b.{field}')")
+    assert got[2][0] == str(tmp_path / "s.tar") + ".broken" and "(it is cut short inside a member)" in got[2][2]
+
+
+def zeros_bz2(prefix: bytes, n_mib: int, suffix: bytes) -> bytes:
+    compressor = bz2.BZ2Compressor(9)
+    out = [compressor.compress(prefix)]
+    out += [compressor.compress(b"\0" * (1 << 20)) for _ in range(n_mib)]
+    return b"".join(out) + compressor.compress(suffix) + compressor.flush()
+
+
+def test_a_bzip2_bomb_is_read_in_bounded_memory_and_breaks_the_shard(tmp_path, monkeypatch):
+    # tarfile decompresses each 64 KiB read whole: 2 KB of bzip2 holding 256 MiB of zeros took 805 MB and 440 s.
+    monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", 1 << 20)  # the expansion guard starts past this (64 MiB)
+    data = zeros_bz2(member("a.jpg", jpeg(0)) + header("b.txt", 16 << 20), 16, member("c.jpg", jpeg(1)) + END)
+    assert len(data) < 2000
+    (tmp_path / "s.tar.bz2").write_bytes(data)
+    tracemalloc.start()
+    got = rows(wds.read_shard(str(tmp_path / "s.tar.bz2")))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 << 20  # 16 MiB of zeros decompressed at once before
+    assert [r[0] for r in got] == ["a", "b", str(tmp_path / "s.tar.bz2") + ".broken"]
+    assert "its bzip2 data expands more than 100 times" in got[2][2] and "a compression bomb" in got[2][2]
+
+
+def test_compressed_zeros_after_the_end_marker_end_the_shard_without_losing_its_samples(tmp_path, monkeypatch):
+    monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", 1 << 20)
+    (tmp_path / "s.tar.bz2").write_bytes(zeros_bz2(member("a.jpg", jpeg(0)) + END, 16, b""))
+    piece = wds.read_shard(str(tmp_path / "s.tar.bz2"))
+    assert rows(piece) == [("a", "", (16, 16, 3))]
+    assert any("the zeros after its end marker are not read to their end" in p for p in piece.problems)
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress], ids=["gzip", "bzip2", "xz"])
+def test_a_shard_of_several_concatenated_compressed_streams_is_read_whole(tmp_path, compress):
+    # bgzip (gzip) and pbzip2 write several streams; tarfile reads the first only, so the shard was broken
+    # after the first stream's samples.
+    plain = b"".join(member(f"{k}.jpg", jpeg(k)) for k in range(40)) + END
+    cut = len(plain) // 2
+    (tmp_path / "s.tar.x").write_bytes(compress(plain[:cut]) + compress(plain[cut:]))
+    (tmp_path / "s.tar").write_bytes(plain)
+    got = rows(wds.read_shard(str(tmp_path / "s.tar.x")))
+    assert got == rows(wds.read_shard(str(tmp_path / "s.tar"))) and len(got) == 40
+
+
+def test_a_damaged_compressed_stream_is_a_broken_row_naming_it(tmp_path):
+    data = bytearray(gzip.compress(b"".join(member(f"{k}.jpg", jpeg(k)) for k in range(40)) + END))
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "s.tar.gz").write_bytes(bytes(data))
+    got = rows(wds.read_shard(str(tmp_path / "s.tar.gz")))
+    assert got[-1][0].endswith("s.tar.gz.broken") and len(got) < 41
+    assert all(r[2] == (16, 16, 3) for r in got[:-2])
+    (tmp_path / "cut.tar.bz2").write_bytes(bz2.compress(bytes(data))[:100])  # not one whole bzip2 block
+    (only,) = rows(wds.read_shard(str(tmp_path / "cut.tar.bz2")))
+    assert "its bzip2 data is cut short before anything in it can be decompressed" in only[2]
+
+
+def test_a_gnu_sparse_member_breaks_the_shard_instead_of_filling_memory(tmp_path):
+    # Each 512-byte extension block became ~2.6 KB of tuples: 20 MB of them (40 KB as .tar.gz) took 150 MB.
+    head = bytearray(header("s.jpg", 0, tarfile.GNUTYPE_SPARSE))
+    head[482] = 1  # isextended
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head[:512])
+    block = bytearray(512)
+    for i in range(21):
+        block[24 * i : 24 * i + 24] = b"%011o\0%011o\0" % (i + 1, 1)
+    block[504] = 1
+    (tmp_path / "s.tar.gz").write_bytes(
+        gzip.compress(member("a.jpg", jpeg(0)) + bytes(head[:512]) + bytes(block) * 4000)
+    )
+    tracemalloc.start()
+    got = rows(wds.read_shard(str(tmp_path / "s.tar.gz")))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20
+    assert got[-1][0].endswith(".broken") and "member 's.jpg' is a sparse file" in got[-1][2]
+
+
+def test_keys_written_alike_in_a_result_file_are_repeats(tmp_path):
+    # A name byte that is not UTF-8 is written `\xff`: the key 'x_\udcff' and the literal key 'x_\\xff' gave two
+    # rows with one id in the result file.
+    jpg = jpeg(0)
+    (tmp_path / "s.tar").write_bytes(member("x_\udcff.jpg", jpg) + member("x_\\xff.jpg", jpg) + END)
+    piece = wds.read_shard(str(tmp_path / "s.tar"))
+    got = rows(piece)
+    assert [render_id(i) for i in piece.ids] == ["x_\\xff", "x_\\xff.repeat-2"]
+    assert got[0][2] == (16, 16, 3)
+    assert got[1][2] == "key 'x_\\\\xff' is written 'x_\\\\xff' in a result file, as the key of its sample 1 is"

@@ -17,11 +17,14 @@ skipped here too, never followed; the ones that look like data are named in the 
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import gc
 import hashlib
+import lzma
 import os
 import tarfile
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +32,7 @@ import numpy as np
 from vitnt_jax import storage
 from vitnt_jax.data import ImageError, read_image
 from vitnt_jax.errors import UserError
+from vitnt_jax.output import render_id
 from vitnt_jax.sources import Piece, Pieces, Source, SourceError, shown
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # compared with the lower-cased field name
@@ -44,6 +48,14 @@ MAX_SHARD_HELD = 4 << 30  # image bytes one shard holds in memory while it is sc
 MAX_PROBLEMS = 20  # skipped members named per shard; the rest are counted
 # tarfile's stream buffer copies its remainder on every header read: a larger block is slower, not faster.
 _READ_BLOCK = 64 << 10
+# A compressed shard expanding more than this many times its compressed size, once past MAX_MEMBER_BYTES, is a
+# compression bomb: it breaks there (1.5 KB of bzip2 holds 2 GiB of zeros; shards of images expand ~1-2 times).
+MAX_EXPANSION = 100
+MAX_XZ_MEMORY = 256 << 20  # what an xz stream's header may ask the decoder to allocate (xz -9 asks 65 MiB)
+# Reads that found the stream's end before tarfile gives up: a member claiming 2^40 bytes past it would make
+# tarfile skip them 64 KiB at a time (83 s for 2^40; a GNU base-256 size of 2^80 is forever).
+_END_READS = 16
+_COMPRESSED = {"gzip": b"\x1f\x8b", "bzip2": b"BZh", "xz": b"\xfd7zXZ\x00"}
 
 
 def _broken_id(shard: str) -> str:
@@ -287,6 +299,91 @@ class _Tracked:
         return data
 
 
+class _Refused(Exception):
+    """A shard read no further for a reason of its own (the message says it in plain words)."""
+
+
+class _Inflated:
+    """A shard's tar stream for tarfile ('r|'): its bytes, or their gzip/bzip2/xz decompression in bounded steps.
+
+    tarfile's own stream decompresses every 64 KiB read whole (1.5 KB of bzip2 became 2 GiB in memory at once);
+    here no read returns, or holds, more than asked. Several concatenated streams (pigz, pbzip2, xz -T) are read
+    on. _Refused for damaged compressed data or a compression bomb; tarfile's ReadError('unexpected end of data')
+    when tarfile keeps reading past the end (a member claiming more bytes than the shard holds).
+    """
+
+    def __init__(self, raw: _Tracked):
+        self.raw, self.out, self.ends = raw, 0, 0
+        self.pending = raw.read(_READ_BLOCK)
+        self.kind = next((k for k, magic in _COMPRESSED.items() if self.pending.startswith(magic)), None)
+        self.unzip = self._decompressor() if self.kind else None
+
+    def _decompressor(self):
+        if self.kind == "gzip":
+            return zlib.decompressobj(wbits=31)
+        if self.kind == "bzip2":
+            return bz2.BZ2Decompressor()
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=MAX_XZ_MEMORY)
+
+    def _more(self) -> bool:
+        data = self.raw.read(_READ_BLOCK)
+        self.pending += data
+        return bool(data)
+
+    def _step(self, n: int) -> bytes | None:
+        """Returns up to n decompressed bytes (maybe none yet), None at the end of the compressed data."""
+        d = self.unzip
+        if d is None:
+            return None
+        if d.eof:  # a stream ended: another one may follow; anything else after it is ignored (as tarfile does)
+            magic = _COMPRESSED[self.kind]
+            while len(self.pending) < len(magic) and self._more():
+                pass
+            if not self.pending.startswith(magic):
+                self.unzip = None
+                return None
+            d = self.unzip = self._decompressor()
+        needs = d.needs_input if hasattr(d, "needs_input") else not d.unconsumed_tail
+        last = needs and not self.pending and not self._more()  # no input left: what the decompressor still holds
+        data = self.pending if needs or self.kind == "gzip" else b""
+        try:
+            out = d.decompress(data, n)
+        except (zlib.error, OSError, EOFError, lzma.LZMAError) as error:
+            raise _Refused(f"its {self.kind} data is damaged ({error})") from None
+        if last and not out:
+            if not self.out:  # not even a first block: tarfile would call the file empty
+                raise _Refused(f"its {self.kind} data is cut short before anything in it can be decompressed")
+            return None  # cut short inside a compressed stream: tarfile says where
+        if self.kind == "gzip":
+            self.pending = d.unconsumed_tail or d.unused_data
+        elif data:
+            self.pending = d.unused_data if d.eof else b""
+        elif d.eof:
+            self.pending = d.unused_data + self.pending
+        return out
+
+    def read(self, n: int = -1) -> bytes:
+        n = _READ_BLOCK if n is None or n < 0 else n
+        if self.kind is None:
+            data, self.pending = (self.pending[:n], self.pending[n:]) if self.pending else (self.raw.read(n), b"")
+        else:
+            while (data := self._step(n)) is not None and not data:
+                pass
+            data = data or b""
+        if not data:
+            self.ends += 1
+            if self.ends > _END_READS:
+                raise tarfile.ReadError("unexpected end of data")
+            return data
+        self.out += len(data)
+        if self.kind and self.out > MAX_MEMBER_BYTES and self.out > MAX_EXPANSION * max(self.raw.position, 1):
+            raise _Refused(
+                f"its {self.kind} data expands more than {MAX_EXPANSION} times ({self.out} bytes from "
+                f"{self.raw.position}): a compression bomb, or a shard to store uncompressed"
+            )
+        return data
+
+
 def _fields(sample: _Sample) -> str:
     text = ", ".join("." + f for f in sample.fields[:10]) + (", ..." if len(sample.fields) > 10 else "")
     return text if len(text) <= 200 else text[:200] + "..."
@@ -295,13 +392,15 @@ def _fields(sample: _Sample) -> str:
 def read_shard(shard: str) -> Source:
     """Returns one shard's samples as a small Source (ids = keys, labels, load(j) decodes its image).
 
-    The tar is read once, front to back (tarfile stream mode; gzip/bz2/xz compressed shards too); only image
-    and cls members are held. SourceError when the shard cannot be opened or the storage read fails (rerun).
+    The tar is read once, front to back (tarfile stream mode; gzip/bz2/xz compressed shards too, several
+    concatenated streams included, decompressed 64 KiB at a time); only image and cls members are held. A
+    compression bomb, a sparse member or a member claiming more bytes than the shard holds breaks the shard
+    there. SourceError when the shard cannot be opened or the storage read fails (rerun).
     """
     ids: list[str] = []
     labels: list[str] = []
     payload: list[bytes | str] = []  # encoded image, or the reason the row is an error
-    first_at: dict[str, int] = {}  # key -> sample number of its first appearance
+    first_at: dict[str, tuple[int, str]] = {}  # key as written -> (sample number of its first appearance, key)
     repeats: dict[str, int] = {}
     problems: list[str] = []
     untold = [0]
@@ -316,13 +415,21 @@ def read_shard(shard: str) -> Source:
     def finish(sample: _Sample, reason: str | None = None) -> None:
         reason = reason or sample.reason
         image_id = sample.key
-        if sample.key in first_at:
-            repeats[sample.key] = repeats.get(sample.key, 1) + 1
-            image_id = _repeat_id(sample.key, repeats[sample.key])
-            first = first_at[sample.key] + 1
-            reason = f"key {shown(sample.key, 80)} is repeated in this shard (first at its sample {first})"
+        # Keys are compared as a result file writes them: a name byte that is not UTF-8 (0xff) is written `\xff`,
+        # like the four characters `\xff` of another name.
+        written = render_id(sample.key)
+        if written in first_at:
+            repeats[written] = repeats.get(written, 1) + 1
+            image_id = _repeat_id(sample.key, repeats[written])
+            first, key = first_at[written][0] + 1, shown(sample.key, 80)
+            if first_at[written][1] == sample.key:
+                reason = f"key {key} is repeated in this shard (first at its sample {first})"
+            else:
+                reason = (
+                    f"key {key} is written {shown(written, 80)} in a result file, as the key of its sample {first} is"
+                )
         else:
-            first_at[sample.key] = len(ids)
+            first_at[written] = (len(ids), sample.key)
         if reason is None and sample.image is None:
             reason = f"no {'/'.join(IMAGE_FIELDS)} member; it holds: {_fields(sample)}"
         ids.append(image_id)
@@ -348,6 +455,15 @@ def read_shard(shard: str) -> Source:
             ):
                 raise tarfile.HeaderError(f"an extended header of {info.size} bytes (at most {MAX_HEADER_BYTES})")
             return info
+
+        # A sparse member's map is read whole: old GNU extension blocks, 512 bytes each, became ~2.6 KB of
+        # tuples each, and a pax 1.0 map a run of digits read whole (a small .tar.gz could fill memory).
+        # No WebDataset writer makes sparse members: the shard breaks there.
+        def _proc_sparse(self, tar):
+            raise _Refused(f"member {shown(self.name, 80)} is a sparse file, which no WebDataset shard holds")
+
+        def _proc_gnusparse_10(self, next, pax_headers, tar):
+            raise _Refused(f"member {shown(next.name, 80)} is a sparse file, which no WebDataset shard holds")
 
         @classmethod
         def fromtarfile(cls, tar):
@@ -375,9 +491,16 @@ def read_shard(shard: str) -> Source:
     last: tarfile.TarInfo | None = None
     where = ""
     members = 0
+    stream: _Inflated | None = None
     try:
+        stream = _Inflated(tracked)
         tar = tarfile.open(
-            fileobj=tracked, mode="r|*", bufsize=_READ_BLOCK, tarinfo=Header, encoding="utf-8", errors="surrogateescape"
+            fileobj=stream,
+            mode="r|",
+            bufsize=_READ_BLOCK,
+            tarinfo=Header,
+            encoding="utf-8",
+            errors="surrogateescape",
         )
         for info in tar:
             tar.members = []  # stream mode would keep every header
@@ -428,13 +551,15 @@ def read_shard(shard: str) -> Source:
         else:
             if stop and not isinstance(stop[0], tarfile.EOFHeaderError):
                 broke = _why(stop[0], True)
-            elif stop and _data_after_end(tar):
+            elif stop and _data_after_end(tar, note):
                 broke = "a zero block where a member header should be, with more data after it (a damaged header?)"
     except MemoryError:
         raise
     except Exception as error:
         if tracked.failure is None:
             broke = _why(error, False)
+        if isinstance(error, _Refused) and stream is not None:
+            where = f"byte {stream.out}"  # of the decompressed tar: tarfile's offset may already be past it
         if str(error) == "unexpected end of data" and last is not None:
             where = f"byte {last.offset} (member {shown(last.name, 80)})"
     finally:
@@ -481,22 +606,28 @@ _PLAIN = {
 }
 
 
-def _data_after_end(tar: tarfile.TarFile) -> bool:
+def _data_after_end(tar: tarfile.TarFile, note: Callable[[str], None]) -> bool:
     """Returns whether anything but zeros follows the end block tarfile stopped at (it stops at any zero block).
 
     A tar ends with zero blocks padded with zeros; a zeroed header inside it would end the archive quietly and
-    lose every sample after it. Reads the padding (kilobytes) or, for such a shard, up to the first data after it.
+    lose every sample after it. Reads the padding (kilobytes) or, for such a shard, up to the first data after it;
+    compressed zeros that expand like a bomb are not read to their end (the shard ends there, noted).
     """
-    while chunk := tar.fileobj.read(_READ_BLOCK):
-        if chunk.strip(b"\0"):
-            return True
+    try:
+        while chunk := tar.fileobj.read(_READ_BLOCK):
+            if chunk.strip(b"\0"):
+                return True
+    except _Refused as error:
+        note(f"the zeros after its end marker are not read to their end ({error})")
     return False
 
 
 def _why(error: BaseException, quiet: bool) -> str:
     """Returns why a shard broke, in plain words. quiet: tarfile ended the archive on this header error itself."""
     text = str(error) or type(error).__name__
-    if quiet and isinstance(error, tarfile.EmptyHeaderError):
+    if isinstance(error, _Refused):
+        pass
+    elif quiet and isinstance(error, tarfile.EmptyHeaderError):
         text = "it ends without the tar end marker (cut short?)"
     elif text in _PLAIN:
         text = _PLAIN[text]
