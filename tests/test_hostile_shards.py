@@ -258,3 +258,20 @@ def test_keys_written_alike_in_a_result_file_are_repeats(tmp_path):
     assert [render_id(i) for i in piece.ids] == ["x_\\xff", "x_\\xff.repeat-2"]
     assert got[0][2] == (16, 16, 3)
     assert got[1][2] == "key 'x_\\\\xff' is written 'x_\\\\xff' in a result file, as the key of its sample 1 is"
+
+
+def test_a_member_name_past_path_max_is_skipped_and_named_not_held(tmp_path):
+    # Keys are held while a shard is scored: 1 MiB pax names (1 KB each once gzipped) grew memory without bound.
+    jpg, data = jpeg(0), b""
+    for name in ("k" * (wds.MAX_NAME + 1) + ".jpg", "ok.jpg"):
+        info = tarfile.TarInfo(name)
+        info.size = len(jpg)
+        data += info.tobuf(tarfile.PAX_FORMAT) + jpg + b"\0" * (-len(jpg) % 512)
+    (tmp_path / "s.tar").write_bytes(data + END)
+    piece = wds.read_shard(str(tmp_path / "s.tar"))
+    assert rows(piece) == [("ok", "", (16, 16, 3))]
+    (problem,) = piece.problems
+    assert (
+        problem.startswith("member 'kkk")
+        and f"has a name of {wds.MAX_NAME + 5} characters, above 4096; skipped" in problem
+    )

@@ -46,6 +46,9 @@ MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers (tarfile would read th
 MAX_SHARD_MEMBERS = 1_000_000  # a shard past this is cut there (a broken row says so)
 MAX_SHARD_HELD = 4 << 30  # image bytes one shard holds in memory while it is scored
 MAX_PROBLEMS = 20  # skipped members named per shard; the rest are counted
+# A member name longer than this (Linux's PATH_MAX: no file system holds it) is skipped: every key of a shard is
+# held while it is scored, and a 1 MiB pax name a member (1 KB of gzip) would make a million-member shard 1 TB.
+MAX_NAME = 4096
 # tarfile's stream buffer copies its remainder on every header read: a larger block is slower, not faster.
 _READ_BLOCK = 64 << 10
 # A compressed shard expanding more than this many times its compressed size, once past MAX_MEMBER_BYTES, is a
@@ -510,6 +513,9 @@ def read_shard(shard: str) -> Source:
                 broke = f"it holds more than {MAX_SHARD_MEMBERS} members; split it into smaller shards"
                 break
             name = info.name
+            if len(name) > MAX_NAME:
+                note(f"member {shown(name, 80)} has a name of {len(name)} characters, above {MAX_NAME}; skipped")
+                continue
             if _is_meta(name):
                 continue
             split = split_key(name)
