@@ -123,6 +123,17 @@ def test_keys_pointing_at_one_record_are_read_once_and_logged(tmp_path):
     np.testing.assert_array_equal(source.load(0), source.load(1999))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_an_index_that_is_a_fifo_is_refused_in_one_sentence_without_waiting(tmp_path):
+    write_rec(tmp_path / "a.rec", [(0, jpeg(0))])
+    os.remove(tmp_path / "a.idx")
+    os.mkfifo(tmp_path / "a.idx")
+    with pytest.raises(SourceError) as refused:
+        recordio.open_rec(str(tmp_path / "a.rec"), piece_rows=2)
+    # storage's own sentence, not wrapped in another one ("cannot be read (...; pass a file.); check the path")
+    assert str(refused.value) == f"rec {tmp_path / 'a.idx'} is a named pipe (FIFO), not a regular file; pass a file."
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # WebDataset shards
 

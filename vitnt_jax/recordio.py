@@ -248,6 +248,11 @@ class _Bytes:
         return data
 
 
+def _reason(error: BaseException) -> str:
+    """Returns an error's text to put inside a sentence (no full stop of its own)."""
+    return (str(error) or type(error).__name__).rstrip(".")
+
+
 def _changed(location: str) -> SourceError:
     return _fail(
         f"{location} changed while it was read (it is shorter than when it was opened); rerun on a file nothing "
@@ -376,8 +381,12 @@ class RecordFile:
                 )
             self.size = storage.size(self.location)
             self.index = read_index(self.index_location)
-        except (OSError, ValueError, ImportError, storage.StorageError) as error:
-            raise _fail(f"{self.location} cannot be read ({error}); check the path and its permissions.") from error
+        except storage.StorageError as error:  # one sentence already, naming the file and the fix
+            raise _fail(str(error)) from error
+        except (OSError, ValueError, ImportError) as error:
+            raise _fail(
+                f"{self.location} cannot be read ({_reason(error)}); check the path and its permissions."
+            ) from error
         first = int(self.index.in_file_order()[0])
         if first >= self.size:  # nothing it lists is in the file: not a cut-short file, another file's index
             raise _fail(
@@ -432,7 +441,8 @@ class RecordFile:
                     self._parse(keys, present, offsets, ends, source, results)
             except OSError as error:  # the storage failed (a network error): no row is made up, the run stops
                 raise _fail(
-                    f"{self.location} could not be read ({error}); check the storage and rerun with " + "{resume}.",
+                    f"{self.location} could not be read ({_reason(error)}); check the storage and rerun with "
+                    + "{resume}.",
                     also=("resume",),
                 ) from error
         else:
