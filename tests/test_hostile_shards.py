@@ -134,6 +134,34 @@ def test_an_index_that_is_a_fifo_is_refused_in_one_sentence_without_waiting(tmp_
     assert str(refused.value) == f"rec {tmp_path / 'a.idx'} is a named pipe (FIFO), not a regular file; pass a file."
 
 
+def test_a_storage_ignoring_the_range_asked_for_is_a_failing_read_not_error_rows(tmp_path, monkeypatch):
+    # A server that ignores Range answers with the whole object: parsed as if it began at the piece's first
+    # record, every row would have been "bad RecordIO magic" (rows made up from a storage fault).
+    write_rec(tmp_path / "a.rec", [(k, jpeg(k)) for k in range(4)])
+    pieces = recordio.open_rec(str(tmp_path / "a.rec"), piece_rows=2)
+    whole = (tmp_path / "a.rec").read_bytes()
+
+    class Ignoring:  # a remote file as storage.open_read gives one: its file system's cat_file is what is asked
+        fs, path = None, "a.rec"
+
+        def cat_file(self, path, start=None, end=None):
+            return whole
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    remote = Ignoring()
+    remote.fs = remote
+    monkeypatch.setattr(recordio.storage, "open_read", lambda location: remote)
+    with pytest.raises(
+        SourceError, match=r"could not be read \(the storage answered a request for \d+ bytes from byte"
+    ):
+        pieces.pieces[1].read()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # WebDataset shards
 
