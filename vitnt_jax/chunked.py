@@ -71,14 +71,46 @@ def chunk_name(index: int, rows: int, suffix: str) -> str:
     return f"{index:08d}-r{rows}{suffix}"
 
 
+def _entries(folder: str) -> list[tuple[str, bool]]:
+    """Returns (name, is a regular file) of every entry in `folder`, one listing; a URL's entries count as files."""
+    local = storage.local_path(folder)
+    if local is None:
+        return [(name, True) for name in storage.listdir(folder)]
+    try:
+        with os.scandir(local) as listed:
+            return sorted((e.name, e.is_file(follow_symlinks=False)) for e in listed)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def committed(folder: str, fmt: str) -> dict[int, int]:
-    """Returns {piece index: rows} of every piece whose table chunk of format `fmt` is in `folder`."""
+    """Returns {piece index: rows} of every piece whose table chunk of format `fmt` is in `folder`.
+
+    One listing of the folder. ChunkError for a chunk name that is not a regular file (a folder, a symbolic
+    link: never read or written through) or for two table chunks of one piece (another run's, planted).
+    """
     suffix = TABLE_SUFFIX[fmt]
     found: dict[int, int] = {}
-    for name in storage.listdir(folder):
+    for name, regular in _entries(folder):
         match = _CHUNK.match(name)
-        if match and match.group(3) == suffix:
-            found[int(match.group(1))] = int(match.group(2))
+        if not match:
+            continue
+        if not regular:
+            raise ChunkError(
+                f"{storage.join(folder, name)} is not a regular file (a folder or a symbolic link), so it is no "
+                "chunk of this run; remove it, or replace the result with {overwrite}.",
+                field="overwrite",
+            )
+        if match.group(3) != suffix:
+            continue
+        index = int(match.group(1))
+        if index in found:
+            raise ChunkError(
+                f"{folder} holds two table chunks of piece {index} ({chunk_name(index, found[index], suffix)} and "
+                f"{name}), so one is not of this run; replace the result with " + "{overwrite}.",
+                field="overwrite",
+            )
+        found[index] = int(match.group(2))
     return found
 
 
@@ -215,16 +247,65 @@ def commit(folder: str, index: int, collector: Collector, fmt: str, with_label: 
 # ----------------------------------------------------------------------------------------------- merging
 
 
-def _npy_data(blob: bytes, what: str) -> tuple[tuple[int, ...], memoryview]:
+def _npy_data(blob: bytes, what: str, shape: tuple[int, ...]) -> memoryview:
+    """Returns the data of the float32 .npy chunk `blob` of `shape`; ChunkError naming `what` for any other."""
     stream = io.BytesIO(blob)
-    version = np.lib.format.read_magic(stream)
     read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in read_header:
-        raise ChunkError(f"{what} is not a .npy chunk of this tool; rerun with " + "{overwrite}.")
-    shape, fortran, dtype = read_header[version](stream)
+    try:
+        version = np.lib.format.read_magic(stream)
+        found, fortran, dtype = read_header[version](stream)
+    except Exception:  # numpy raises ValueError, SyntaxError or TokenError for a damaged header; KeyError: a version
+        raise ChunkError(
+            f"{what} is not a .npy chunk of this tool (a damaged header); replace the result with " + "{overwrite}.",
+            field="overwrite",
+        ) from None
     if fortran or dtype != np.dtype(np.float32):
-        raise ChunkError(f"{what} is not a float32 array chunk of this tool; rerun with " + "{overwrite}.")
-    return shape, memoryview(blob)[stream.tell() :]
+        raise ChunkError(
+            f"{what} is not a float32 array chunk of this tool; replace the result with " + "{overwrite}.",
+            field="overwrite",
+        )
+    if tuple(found) != shape:
+        raise ChunkError(
+            f"{what} holds an array of shape {tuple(found)}, not {shape}; replace the result with " + "{overwrite}.",
+            field="overwrite",
+        )
+    data = memoryview(blob)[stream.tell() :]
+    if len(data) != int(np.prod(shape)) * 4:
+        raise ChunkError(
+            f"{what} holds {len(data)} bytes of data, not the {int(np.prod(shape)) * 4} of its shape {shape} (cut "
+            "short or padded); replace the result with {overwrite}.",
+            field="overwrite",
+        )
+    return data
+
+
+def _chunk_bytes(name: str, what: str) -> bytes:
+    """Returns the whole chunk `name`; ChunkError naming it when it cannot be read (missing, a folder, a failure)."""
+    try:
+        return storage.read_bytes(name)
+    except FileNotFoundError:
+        raise ChunkError(
+            f"{name} is missing ({what}); rerun with " + "{resume} to score that piece again, or with {overwrite}.",
+            field="resume",
+            also=("overwrite",),
+        ) from None
+    except OSError as error:
+        raise ChunkError(
+            f"cannot read the chunk {name} ({getattr(error, 'strerror', None) or error}); fix the storage and rerun "
+            "with {resume}, or replace the result with {overwrite}.",
+            field="resume",
+            also=("overwrite",),
+        ) from error
+
+
+def _table_rows(blob: bytes, start: int, fmt: str) -> int:
+    """Returns the number of rows in a csv or reference table chunk `blob` whose header ends at `start`."""
+    if fmt == "csv" and blob.find(b'"', start) >= 0:  # a quoted cell may hold a line break: count records, not lines
+        import csv
+
+        text = blob[start:].decode("utf-8", "surrogatepass")
+        return sum(1 for _ in csv.reader(io.StringIO(text, newline="")))
+    return blob.count(b"\n", start)
 
 
 def merge(
@@ -235,11 +316,14 @@ def merge(
     arrays: dict[str, tuple[str, tuple[int, ...]]],
     *,
     on_piece: Callable[[int], None] | None = None,
+    sizes: list[int | None] | None = None,
 ) -> int:
     """Streams the committed chunks of `out` into `out` and each array file; returns the rows merged.
 
-    Refuses (ChunkError, writing nothing) when a piece has no table chunk, or an array chunk is missing or
-    of another shape. Memory holds one chunk at a time. `out` is written last: its presence means whole.
+    Refuses (ChunkError, writing no file whole) when a piece has no table chunk, an array chunk is missing,
+    damaged or of another shape, or a table chunk holds other than the rows its name claims (or than
+    `sizes[i]`, the piece's inputs where known). Memory holds one chunk at a time. `out` is written last:
+    its presence means whole.
     """
     folder = chunks_dir(out)
     done = committed(folder, fmt)
@@ -251,6 +335,15 @@ def merge(
             f"{'are' if len(missing) > 1 else 'is'} not committed in {folder}; rerun with " + "{resume}.",
             field="resume",
         )
+    if sizes is not None:
+        wrong = next((i for i in range(pieces) if sizes[i] is not None and done[i] != sizes[i]), None)
+        if wrong is not None:
+            raise ChunkError(
+                f"{storage.join(folder, chunk_name(wrong, done[wrong], TABLE_SUFFIX[fmt]))} claims {done[wrong]} "
+                f"rows but piece {wrong} has {sizes[wrong]} inputs, so it is not a chunk of this run; replace the "
+                "result with {overwrite}.",
+                field="overwrite",
+            )
     total = sum(done[i] for i in range(pieces))
     for key, (path, shape) in arrays.items():
         with storage.open_write(path) as f:
@@ -258,36 +351,42 @@ def merge(
             np.lib.format.write_array_header_1_0(f, {**header, "shape": (total, *shape)})
             for i in range(pieces):
                 name = storage.join(folder, chunk_name(i, done[i], f".{key}.npy"))
-                try:
-                    blob = storage.read_bytes(name)
-                except FileNotFoundError:
-                    raise ChunkError(
-                        f"{name} is missing (piece {i} was committed without its {key} rows); rerun with "
-                        + "{overwrite}.",
-                        field="overwrite",
-                    ) from None
-                found, data = _npy_data(blob, name)
-                if found != (done[i], *shape):
-                    raise ChunkError(
-                        f"{name} holds an array of shape {found}, not {(done[i], *shape)}; rerun with "
-                        + "{overwrite}.",
-                        field="overwrite",
-                    )
-                f.write(data)
+                blob = _chunk_bytes(name, f"piece {i} was committed without its {key} rows")
+                f.write(_npy_data(blob, name, (done[i], *shape)))
+                del blob
     tables = (storage.join(folder, chunk_name(i, done[i], TABLE_SUFFIX[fmt])) for i in range(pieces))
     with storage.open_write(out) as f:
         if fmt == "parquet":
             from vitnt_jax import parquet
 
-            parquet.merge(_reported(tables, on_piece), f, with_label)
+            written = parquet.merge(_reported(tables, on_piece), f, with_label)
+            if written != total:  # raised inside the block: `out` is not written
+                raise ChunkError(
+                    f"the chunks in {folder} hold {written} rows, not the {total} their names claim, so one is not a "
+                    "chunk of this run; replace the result with {overwrite}.",
+                    field="overwrite",
+                )
         else:
             header = FORMATS[fmt].header(with_label).encode("utf-8")
             f.write(header)
-            for name in _reported(tables, on_piece):
-                blob = storage.read_bytes(name)
-                if not blob.startswith(header):
-                    raise ChunkError(f"{name} is not a table chunk of this run; rerun with " + "{overwrite}.")
-                f.write(memoryview(blob)[len(header) :])
+            for i, name in enumerate(_reported(tables, on_piece)):
+                blob = _chunk_bytes(name, f"piece {i}'s table")
+                body = memoryview(blob)[len(header) :]
+                if not blob.startswith(header) or (body and body[-1:] != b"\n"):
+                    raise ChunkError(
+                        f"{name} is not a whole table chunk of this run (another header, or cut short); replace the "
+                        "result with {overwrite}.",
+                        field="overwrite",
+                    )
+                rows = _table_rows(blob, len(header), fmt)
+                if rows != done[i]:
+                    raise ChunkError(
+                        f"{name} holds {rows} rows, not the {done[i]} its name claims, so it is not a chunk of this "
+                        "run; replace the result with {overwrite}.",
+                        field="overwrite",
+                    )
+                f.write(body)
+                del blob, body
     return total
 
 
@@ -298,10 +397,16 @@ def _reported(names: Iterable[str], on_piece) -> Iterable[str]:
             on_piece(k)
 
 
+# What a local write killed before its rename leaves beside the name (storage.open_write's temporary file).
+_LEFT_OVER = re.compile(
+    r"^\.(\d{8,}-r\d+\.[a-z_.]+|process-\d+-of-\d+\.json|plan\.json|merged\.json)\.tmp\d+-[0-9a-f]+$"
+)
+
+
 def remove_chunks(folder: str) -> None:
-    """Removes every chunk and process record in `folder` (after a merge, or before an overwrite)."""
-    for name in storage.listdir(folder):
-        if _CHUNK.match(name) or name.startswith("process-"):
+    """Removes every chunk, process record and left-over temporary file in `folder` (after a merge)."""
+    for name, regular in _entries(folder):
+        if regular and (_CHUNK.match(name) or _LEFT_OVER.match(name) or name.startswith("process-")):
             storage.remove(storage.join(folder, name))
 
 
@@ -365,7 +470,13 @@ def process_record(folder: str, process: int, processes: int) -> str:
 
 def remove_pieces(folder: str, lo: int, hi: int) -> None:
     """Removes every chunk of pieces lo..hi-1 (an overwrite clears its own share before scoring it)."""
-    for name in storage.listdir(folder):
+    for name, regular in _entries(folder):
         match = _CHUNK.match(name)
         if match and lo <= int(match.group(1)) < hi:
+            if not regular:
+                raise ChunkError(
+                    f"{storage.join(folder, name)} is not a regular file (a folder or a symbolic link); remove it "
+                    "yourself, then rerun with {overwrite}.",
+                    field="overwrite",
+                )
             storage.remove(storage.join(folder, name))

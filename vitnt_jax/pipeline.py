@@ -1428,6 +1428,7 @@ class _Plan:
     pieces: int
     with_label: bool
     arrays: dict[str, tuple[Any, tuple[int, ...]]]
+    sizes: list[int | None]
 
 
 def _chunk_outputs(job: Job) -> list[tuple[str, Any]]:
@@ -1437,6 +1438,22 @@ def _chunk_outputs(job: Job) -> list[tuple[str, Any]]:
 def _prepare_chunks(job: Job, process: int, folder: str) -> dict[str, Any] | None:
     """Checks and clears what an earlier run left (as resume/overwrite ask); returns the recorded plan settings."""
     plan_path, merged_path = storage.join(folder, chunked.PLAN), storage.join(folder, chunked.MERGED)
+    for name, path in _chunk_outputs(job):  # refused before any work, not when the merge comes to write them
+        local = storage.local_path(path)
+        if local is not None and os.path.islink(local):
+            raise JobError(
+                f"{path} is a symbolic link; refusing to write through it: pass the file itself as {{{name}}}.",
+                field=name,
+            )
+        if storage.is_folder(path):
+            raise JobError(f"{path} is a folder; pass a file name as {{{name}}}.", field=name)
+    local = storage.local_path(folder)
+    if local is not None and os.path.islink(local):
+        raise JobError(
+            f"{folder} (where the chunks of {job.out} go) is a symbolic link; refusing to write through it: remove "
+            "it or choose another {out}.",
+            field="out",
+        )
     try:
         storage.makedirs(folder)
     except OSError as error:
@@ -1506,9 +1523,17 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
         return Summary(0, 0, 0, 0.0, out), None
     n = len(pieces)
     lo, hi = n * process // processes, n * (process + 1) // processes
+    if job.overwrite:  # this process's share is cleared before the listing: another run's chunks there are not counted
+        try:
+            chunked.remove_pieces(folder, lo, hi)
+        except OSError as error:
+            raise JobError(
+                f"cannot remove the old chunks in {folder} ({getattr(error, 'strerror', None) or error}); fix the "
+                "storage and rerun with {overwrite}.",
+                field="overwrite",
+            ) from error
     done = chunked.committed(folder, job.format)
     if job.overwrite:
-        chunked.remove_pieces(folder, lo, hi)
         done = {i: r for i, r in done.items() if not lo <= i < hi}
     elif not job.resume and any(lo <= i < hi for i in done):
         raise JobError(
@@ -1531,7 +1556,9 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
     todo = [pieces.pieces[i] for i in range(lo, hi) if i not in done]
     skipped = sum(r for i, r in done.items() if lo <= i < hi)
     arrays = {"embedding": job.save_embeddings, "patch_quality": job.save_patch_quality}
-    plan = _Plan(settings, n, pieces.with_label, {k: (arrays[k], s) for k, s in shapes.items()})
+    plan = _Plan(
+        settings, n, pieces.with_label, {k: (arrays[k], s) for k, s in shapes.items()}, [p.size for p in pieces.pieces]
+    )
 
     detector = _detector(job, align)
     scorer = load_scorer(
@@ -1574,6 +1601,12 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
             ) from error
         for problem in source.problems:  # inputs of the piece that could not even be listed (a link in a shard)
             logger.warning("%s: %s", piece.name, problem)
+        if piece.size is not None and len(source.ids) != piece.size:  # a row lost or added: the plan is no more
+            raise JobError(
+                f"{piece.name} of {pieces.name} holds {len(source.ids)} inputs, not the {piece.size} planned: the "
+                "source changed under the run; restore it, or score it again with {overwrite}.",
+                field="overwrite",
+            )
         _rendered_ids(source)  # two ids written alike are refused, as for any source
         if job.format != "parquet":
             check_ids(source.ids, job.format)
@@ -1664,8 +1697,18 @@ def _wait_for_chunks(job: Job, processes: int, plan: _Plan | None) -> None:
 def _merge_chunks(job: Job, plan: _Plan) -> None:
     folder = chunked.chunks_dir(job.out)
     start = time.perf_counter()
+    # Another run started on the same output meanwhile (object storage has no locks) rewrote the plan: its chunks
+    # may be among these, so nothing is merged.
+    recorded = chunked.read_record(storage.join(folder, chunked.PLAN))
+    if recorded is None:
+        raise JobError(
+            f"{storage.join(folder, chunked.PLAN)} vanished while {job.out} was scored (another run replaced it?); "
+            "nothing was merged: rerun with {overwrite}.",
+            field="overwrite",
+        )
+    chunked.refuse_other_settings(str(job.out), recorded, plan.settings)
     try:
-        rows = chunked.merge(str(job.out), job.format, plan.with_label, plan.pieces, plan.arrays)
+        rows = chunked.merge(str(job.out), job.format, plan.with_label, plan.pieces, plan.arrays, sizes=plan.sizes)
         storage.write_bytes(storage.join(folder, chunked.MERGED), json.dumps({"rows": rows}).encode() + b"\n")
     except OSError as error:
         raise JobError(
@@ -1673,5 +1716,13 @@ def _merge_chunks(job: Job, plan: _Plan) -> None:
             "fix the storage and rerun with {resume}.",
             field="resume",
         ) from error
-    chunked.remove_chunks(folder)
+    try:
+        chunked.remove_chunks(folder)
+    except OSError as error:  # the result is whole: what is left is only clutter
+        logger.warning(
+            "%s is complete, but its chunks in %s could not all be removed (%s); remove them yourself",
+            job.out,
+            folder,
+            getattr(error, "strerror", None) or error,
+        )
     logger.info("merged %d pieces (%d rows) into %s in %.1f s", plan.pieces, rows, job.out, time.perf_counter() - start)

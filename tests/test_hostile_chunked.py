@@ -1,0 +1,297 @@
+"""Chunked runs attacked: planted, foreign, damaged or linked chunks, storage failing mid-commit or mid-merge."""
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+from pipeline_helpers import faces_folder, read_csv, run
+
+from vitnt_jax import chunked, output, storage
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return faces_folder(tmp_path / "faces")
+
+
+def _argv(folder, out, *more):
+    return ["--images", str(folder), "--out", str(out), "--chunk-rows", "8", "--batch-size", "8", *more]
+
+
+def _names(out):
+    return sorted(os.listdir(chunked.chunks_dir(out)))
+
+
+def _one_line(capsys, *words):
+    text = capsys.readouterr().err
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in text, text  # (the other lines are the run's log)
+    err = errors[0]
+    for word in words:
+        assert word in err, err
+    return err
+
+
+@pytest.fixture()
+def half(tiny_checkpoint, folder, tmp_path, capsys):
+    """A run of 13 faces in pieces of 8 stopped after piece 0 (a broken input in piece 1): (argv, out, good)."""
+    good = (folder / "10.png").read_bytes()
+    (folder / "10.png").write_bytes(b"broken")
+    out = tmp_path / "c.csv"
+    assert run(tiny_checkpoint, *_argv(folder, out, "--on-error", "fail")) == 1
+    (folder / "10.png").write_bytes(good)
+    assert _names(out) == ["00000000-r8.csv", "plan.json"]
+    capsys.readouterr()
+    return _argv(folder, out), out
+
+
+# ----------------------------------------------------------------------------------------------- planted chunks
+
+
+def test_a_planted_chunk_whose_name_lies_about_its_rows_is_refused_and_out_is_not_written(
+    tiny_checkpoint, half, capsys
+):
+    argv, out = half
+    folder = chunked.chunks_dir(out)
+    piece0 = os.path.join(folder, "00000000-r8.csv")
+    # Piece 1 has 5 inputs; a chunk claiming 5 rows but holding piece 0's 8 used to be merged: 16 rows, not 13.
+    with open(piece0, "rb") as f:
+        data = f.read()
+    with open(os.path.join(folder, "00000001-r5.csv"), "wb") as f:
+        f.write(data)
+    assert run(tiny_checkpoint, *argv, "--resume") == 1
+    _one_line(capsys, "00000001-r5.csv holds 8 rows, not the 5 its name claims", "--overwrite")
+    assert not out.exists()
+    # One claiming the 8 it holds does not fit piece 1 (5 inputs) either.
+    os.rename(os.path.join(folder, "00000001-r5.csv"), os.path.join(folder, "00000001-r8.csv"))
+    assert run(tiny_checkpoint, *argv, "--resume") == 1
+    _one_line(capsys, "claims 8 rows but piece 1 has 5 inputs")
+    assert not out.exists()
+    assert run(tiny_checkpoint, *argv, "--overwrite") == 0
+    assert len(read_csv(out)) == 14
+
+
+def test_two_table_chunks_of_one_piece_are_refused_and_overwrite_clears_them(tiny_checkpoint, half, capsys):
+    argv, out = half
+    folder = chunked.chunks_dir(out)
+    with open(os.path.join(folder, "00000000-r8.csv"), "rb") as f:
+        data = f.read()
+    with open(os.path.join(folder, "000000000-r7.csv"), "wb") as f:  # nine digits: the same piece 0
+        f.write(data)
+    assert run(tiny_checkpoint, *argv, "--resume") == 1
+    _one_line(capsys, "two table chunks of piece 0")
+    assert run(tiny_checkpoint, *argv, "--overwrite") == 0  # its own share is cleared before it is listed
+    assert len(read_csv(out)) == 14 and _names(out) == ["merged.json", "plan.json"]
+
+
+def test_a_truncated_table_chunk_is_refused(tiny_checkpoint, half, capsys):
+    argv, out = half
+    piece0 = os.path.join(chunked.chunks_dir(out), "00000000-r8.csv")
+    with open(piece0, "rb") as f:
+        data = f.read()
+    with open(piece0, "wb") as f:
+        f.write(data[:-7])
+    assert run(tiny_checkpoint, *argv, "--resume") == 1
+    _one_line(capsys, "00000000-r8.csv is not a whole table chunk")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "link"])
+def test_a_chunk_name_that_is_a_folder_or_a_link_is_refused_in_one_line(tiny_checkpoint, half, capsys, tmp_path, kind):
+    argv, out = half
+    planted = os.path.join(chunked.chunks_dir(out), "00000001-r5.csv")
+    if kind == "folder":
+        os.mkdir(planted)
+    else:
+        elsewhere = tmp_path / "elsewhere.csv"
+        elsewhere.write_text("id,quality,error\n")
+        os.symlink(elsewhere, planted)
+    assert run(tiny_checkpoint, *argv, "--resume") == 1
+    _one_line(capsys, "00000001-r5.csv is not a regular file")
+    assert run(tiny_checkpoint, *argv, "--overwrite") == 1  # never removed through, nor replaced silently
+    _one_line(capsys, "is not a regular file", "remove it yourself")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------- links and folders
+
+
+def test_chunks_folder_as_a_link_is_refused_and_nothing_is_written_through_it(
+    tiny_checkpoint, folder, tmp_path, capsys
+):
+    target = tmp_path / "target"
+    target.mkdir()
+    out = tmp_path / "c.csv"
+    os.symlink(target, chunked.chunks_dir(out))
+    assert run(tiny_checkpoint, *_argv(folder, out)) == 1
+    _one_line(capsys, "c.csv.chunks", "symbolic link", "--out")
+    assert os.listdir(target) == [] and not out.exists()
+
+
+@pytest.mark.parametrize("what", ["out", "embeddings"])
+def test_an_output_that_is_a_folder_or_a_link_is_refused_before_scoring(
+    tiny_checkpoint, folder, tmp_path, capsys, what
+):
+    out, emb = tmp_path / "c.csv", tmp_path / "e.npy"
+    (out if what == "out" else emb).mkdir()
+    argv = _argv(folder, out, "--save-embeddings", str(emb))
+    assert run(tiny_checkpoint, *argv, "--resume") == 1
+    _one_line(capsys, "is a folder", "--out" if what == "out" else "--save-embeddings")
+    assert not os.path.exists(chunked.chunks_dir(out)) or _names(out) == []
+    (out if what == "out" else emb).rmdir()
+    (tmp_path / "real").write_text("mine")
+    os.symlink(tmp_path / "real", out if what == "out" else emb)
+    assert run(tiny_checkpoint, *argv, "--overwrite") == 1
+    _one_line(capsys, "symbolic link")
+    assert (tmp_path / "real").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------------- storage failures
+
+
+def test_a_full_disk_mid_commit_stops_in_one_line_and_resume_continues(
+    tiny_checkpoint, folder, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "c.csv"
+    real = storage.write_bytes
+    calls = []
+
+    def full(path, data):
+        calls.append(path)
+        if str(path).endswith("00000001-r5.csv"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(storage, "write_bytes", full)
+    assert run(tiny_checkpoint, *_argv(folder, out)) == 1
+    _one_line(capsys, "cannot write piece 1", "No space left on device", "--resume")
+    assert _names(out) == ["00000000-r8.csv", "plan.json"] and not out.exists()
+    monkeypatch.setattr(storage, "write_bytes", real)
+    assert run(tiny_checkpoint, *_argv(folder, out, "--resume")) == 0
+    assert len(read_csv(out)) == 14
+
+
+def test_a_merge_failing_half_way_leaves_no_half_written_result(tiny_checkpoint, folder, tmp_path, capsys, monkeypatch):
+    out, emb = tmp_path / "c.csv", tmp_path / "e.npy"
+    argv = _argv(folder, out, "--save-embeddings", str(emb))
+    real = storage.read_bytes
+
+    def failing(path, limit=None):
+        if str(path).endswith("00000001-r5.csv"):  # the second table chunk, once the first is streamed into OUT
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, limit)
+
+    monkeypatch.setattr(storage, "read_bytes", failing)
+    assert run(tiny_checkpoint, *argv) == 1
+    _one_line(capsys, "cannot read the chunk", "00000001-r5.csv", "--resume")
+    assert not out.exists()  # written whole or not at all
+    assert [n for n in _names(out) if n.endswith(".csv")] == ["00000000-r8.csv", "00000001-r5.csv"]
+    monkeypatch.setattr(storage, "read_bytes", real)
+    assert run(tiny_checkpoint, *argv, "--resume") == 0
+    assert len(read_csv(out)) == 14 and np.load(emb).shape[0] == 13
+
+
+def test_a_plan_replaced_by_another_run_before_the_merge_stops_it(
+    tiny_checkpoint, folder, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "c.csv"
+    real = chunked.commit
+
+    def commit_then_race(folder_, index, collector, fmt, with_label):
+        real(folder_, index, collector, fmt, with_label)
+        if index == 1:  # another run (object storage has no locks) started on OUT with --alpha 4
+            plan = os.path.join(folder_, chunked.PLAN)
+            with open(plan) as f:
+                record = json.load(f)
+            record["settings"]["alpha"] = 4.0
+            with open(plan, "w") as f:
+                json.dump(record, f)
+
+    monkeypatch.setattr(chunked, "commit", commit_then_race)
+    assert run(tiny_checkpoint, *_argv(folder, out)) == 1
+    _one_line(capsys, "other settings", "--alpha 4.0 -> 8.0")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------- the chunk module
+
+
+def _collector(n, dim=3):
+    c = chunked.Collector({"embedding": (dim,)})
+    rows = [output.Row(f"id{i}", 0.5, None, "") for i in range(n)]
+    c.write(rows, {"embedding": np.arange(n * dim, dtype=np.float32).reshape(n, dim)})
+    return c
+
+
+@pytest.mark.parametrize("fmt", ["csv", "reference", "parquet"])
+def test_a_piece_of_no_rows_commits_and_merges(tmp_path, fmt):
+    out = str(tmp_path / f"r.{fmt}")
+    folder = chunked.chunks_dir(out)
+    os.makedirs(folder)
+    for index, n in enumerate([2, 0, 3]):  # a WebDataset shard with no samples is a chunk of 0 rows
+        chunked.commit(folder, index, _collector(n), fmt, False)
+    assert chunked.committed(folder, fmt) == {0: 2, 1: 0, 2: 3}
+    emb = str(tmp_path / "e.npy")
+    assert chunked.merge(out, fmt, False, 3, {"embedding": (emb, (3,))}, sizes=[2, 0, None]) == 5
+    assert np.load(emb).shape == (5, 3)
+    assert len(output.read_results(out, fmt)) == 5
+
+
+def _damage(path, how):
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[:-4] if how == "short" else b"\x93NUMPY\x01\x00\x10\x00{'descr': <f4'  \n" + blob[64:])
+
+
+@pytest.mark.parametrize("how", ["short", "header"])
+def test_a_damaged_array_chunk_is_refused_and_no_array_file_appears(tmp_path, how):
+    out = str(tmp_path / "r.csv")
+    folder = chunked.chunks_dir(out)
+    os.makedirs(folder)
+    chunked.commit(folder, 0, _collector(2), "csv", False)
+    _damage(os.path.join(folder, "00000000-r2.embedding.npy"), how)
+    emb = tmp_path / "e.npy"
+    want = "cut short or padded" if how == "short" else "a damaged header"
+    with pytest.raises(chunked.ChunkError, match=want):  # a short chunk was copied into a short, unloadable array
+        chunked.merge(out, "csv", False, 1, {"embedding": (str(emb), (3,))})
+    assert not emb.exists() and not os.path.exists(out)
+
+
+def test_csv_chunk_rows_are_counted_as_records_when_ids_hold_line_breaks(tmp_path):
+    out = str(tmp_path / "r.csv")
+    folder = chunked.chunks_dir(out)
+    os.makedirs(folder)
+    c = chunked.Collector({})
+    c.write([output.Row("a\nb", 0.5, None, ""), output.Row('c"\r\nd', None, None, "bad")], {})
+    chunked.commit(folder, 0, c, "csv", False)
+    assert chunked.merge(out, "csv", False, 1, {}) == 2
+    assert [r[0] for r in read_csv(out)[1:]] == ["a\nb", 'c"\r\nd']
+
+
+def test_remove_chunks_removes_what_a_killed_write_left(tmp_path):
+    folder = tmp_path / "r.csv.chunks"
+    folder.mkdir()
+    for name in ["00000000-r2.csv", ".00000001-r2.csv.tmp123-0a1b2c3d", "plan.json", "keep.txt", ".hidden"]:
+        (folder / name).write_text("x")
+    chunked.remove_chunks(str(folder))
+    assert sorted(os.listdir(folder)) == [".hidden", "keep.txt", "plan.json"]
+
+
+def test_ten_thousand_pieces_merge_from_one_listing(tmp_path, monkeypatch):
+    out = str(tmp_path / "r.csv")
+    folder = chunked.chunks_dir(out)
+    os.makedirs(folder)
+    n = 10_000
+    for i in range(n):  # written directly: 10,000 fsyncs would make the test slow, not the merge
+        with open(os.path.join(folder, chunked.chunk_name(i, 1, ".csv")), "w") as f:
+            f.write(f"id,quality,error\nid{i},0.5,\n")
+    listings = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: listings.append(p) or real(p))
+    assert chunked.merge(out, "csv", False, n, {}) == n
+    assert len(listings) == 1
+    rows = read_csv(out)
+    assert len(rows) == n + 1 and rows[-1][0] == f"id{n - 1}"
