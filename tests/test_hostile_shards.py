@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from recordio_writer import frame_part, payload, with_magic, write_rec  # noqa: E402
 
 from vitnt_jax import recordio, wds  # noqa: E402
-from vitnt_jax.data import ImageError  # noqa: E402
+from vitnt_jax.data import ImageError, read_image  # noqa: E402
 from vitnt_jax.output import render_id  # noqa: E402
 from vitnt_jax.sources import SourceError  # noqa: E402
 
@@ -160,6 +160,27 @@ def test_a_storage_ignoring_the_range_asked_for_is_a_failing_read_not_error_rows
         SourceError, match=r"could not be read \(the storage answered a request for \d+ bytes from byte"
     ):
         pieces.pieces[1].read()
+
+
+def test_a_file_of_shuffled_keys_is_read_one_request_a_run_of_records(tmp_path, monkeypatch):
+    # im2rec on a shuffled list writes records in list order, keys out of order: a piece's records lie apart.
+    # They were read frame by frame (a request for each 8-byte frame header, another for its bytes: 2 a record,
+    # more for multi-part ones); now one request for each run of records next to each other.
+    keys = [0, 1, 4, 5, 2, 3, 6, 7]  # in file order: piece 0 (keys 0-3) is slots 0-1 and 4-5
+    images = {k: with_magic(jpeg(k), 1 + k % 3) for k in keys}
+    write_rec(tmp_path / "s.rec", [(k, images[k]) for k in keys], keys=keys)
+    slot = recordio.RecordFile(str(tmp_path / "s.rec")).index.in_file_order().tolist()
+    asked = []
+    real = recordio._read_range
+    monkeypatch.setattr(recordio, "_read_range", lambda f, start, n: asked.append(start) or real(f, start, n))
+    pieces = recordio.open_rec(str(tmp_path / "s.rec"), piece_rows=4)
+    sources = [piece.read() for piece in pieces.pieces]
+    # record 0 at open (is it a header?), then two runs a piece
+    assert asked == [slot[0], slot[0], slot[4], slot[2], slot[6]]
+    assert [i for source in sources for i in source.ids] == [str(k) for k in range(8)]
+    for k in range(8):
+        np.testing.assert_array_equal(sources[k // 4].load(k % 4), read_image(images[k]))
+    assert [label for source in sources for label in source.labels] == [str(k) for k in range(8)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ reads their bytes with one ranged read where their records lie together in the f
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import os
@@ -230,18 +231,23 @@ def read_index(path: str) -> Index:
 
 
 class _Bytes:
-    """Reads file bytes for a record parser: from one buffer holding [base, base + len) or from the open file."""
+    """Reads file bytes for a record parser: from the runs read whole ([start, stop) each) or from the open file."""
 
-    def __init__(self, location: str, buffer: bytes | None = None, base: int = 0, file=None):
-        self.location, self.buffer, self.base, self.file = location, buffer, base, file
-        self.view = None if buffer is None else memoryview(buffer)
+    def __init__(self, location: str, runs: list[tuple[int, int, bytes]] = (), file=None):
+        self.location, self.file = location, file
+        self.starts = [start for start, _, _ in runs]
+        self.stops = [stop for _, stop, _ in runs]
+        self.views = [memoryview(data) for _, _, data in runs]
 
     def get(self, pos: int, n: int):
-        if self.view is not None:
-            start = pos - self.base
-            if start < 0 or start + n > len(self.view):
+        i = bisect.bisect_right(self.starts, pos) - 1
+        if i >= 0 and pos < self.stops[i]:
+            start = pos - self.starts[i]
+            if start + n > len(self.views[i]):  # the run came back shorter than the file was
                 raise _changed(self.location)
-            return self.view[start : start + n]
+            return self.views[i][start : start + n]
+        if self.file is None:
+            raise _changed(self.location)
         data = _read_range(self.file, pos, n)
         if len(data) != n:
             raise _changed(self.location)
@@ -419,8 +425,9 @@ class RecordFile:
     def read_keys(self, keys: np.ndarray) -> list[tuple[IRHeader, memoryview] | ImageError]:
         """Returns each key's (header, image bytes), or the ImageError saying why it cannot be read.
 
-        The records are read with one ranged read when they lie together in the file (no other indexed
-        record between them), else one record at a time; never more bytes than the file holds.
+        The records are read with one ranged read a run of records next to each other in the file (no other
+        indexed record between them: one read for a piece of a file MXNet writes), up to MAX_RANGE bytes a
+        piece, the rest frame by frame; never more bytes than the file holds.
         """
         keys = np.asarray(keys, np.int64)
         where, present = self.index.positions(keys)
@@ -433,14 +440,19 @@ class RecordFile:
         if inside.any():
             order = self.index.in_file_order()
             slots = np.unique(np.searchsorted(order, offsets[inside]))
-            start, stop = int(order[slots[0]]), int(ends[inside].max())
-            together = int(slots[-1] - slots[0]) + 1 == len(slots) and stop - start <= MAX_RANGE
+            # Runs of records next to each other in the file (one run: every file MXNet writes; shuffled keys:
+            # one run a record), each read with one ranged read while the piece's total stays within MAX_RANGE.
+            bounds = [(int(run[0]), int(run[-1])) for run in np.split(slots, np.flatnonzero(np.diff(slots) != 1) + 1)]
             try:
                 with storage.open_read(self.location) as f:
-                    if together:
-                        source = _Bytes(self.location, _read_range(f, start, stop - start), start)
-                    else:
-                        source = _Bytes(self.location, file=f)
+                    runs, budget = [], MAX_RANGE
+                    for first, last in bounds:
+                        start = int(order[first])
+                        stop = int(self.extents(order[last : last + 1])[0])
+                        if stop - start <= budget:
+                            runs.append((start, stop, _read_range(f, start, stop - start)))
+                            budget -= stop - start
+                    source = _Bytes(self.location, runs, file=f)
                     self._parse(keys, present, offsets, ends, source, results)
             except OSError as error:  # the storage failed (a network error): no row is made up, the run stops
                 raise _fail(
