@@ -335,3 +335,8 @@ def test_a_member_name_past_path_max_is_skipped_and_named_not_held(tmp_path):
         problem.startswith("member 'kkk")
         and f"has a name of {wds.MAX_NAME + 5} characters, above 4096; skipped" in problem
     )
+
+
+def test_a_plain_tar_whose_first_name_starts_like_a_bzip2_stream_is_read_as_a_tar(tmp_path):
+    (tmp_path / "s.tar").write_bytes(member("BZh9.jpg", jpeg(0)) + member("x.jpg", jpeg(1)) + END)
+    assert rows(wds.read_shard(str(tmp_path / "s.tar"))) == [("BZh9", "", (16, 16, 3)), ("x", "", (16, 16, 3))]

@@ -23,6 +23,7 @@ import gc
 import hashlib
 import lzma
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -58,7 +59,14 @@ MAX_XZ_MEMORY = 256 << 20  # what an xz stream's header may ask the decoder to a
 # Reads that found the stream's end before tarfile gives up: a member claiming 2^40 bytes past it would make
 # tarfile skip them 64 KiB at a time (83 s for 2^40; a GNU base-256 size of 2^80 is forever).
 _END_READS = 16
-_COMPRESSED = {"gzip": b"\x1f\x8b", "bzip2": b"BZh", "xz": b"\xfd7zXZ\x00"}
+# How each compressed stream starts (gzip: magic and deflate; bzip2: magic, level, first block's magic): a tar
+# starts with its first member's name, which may well begin with "BZh".
+_COMPRESSED = {
+    "gzip": re.compile(b"\x1f\x8b\x08"),
+    "bzip2": re.compile(b"BZh[1-9]1AY&SY"),
+    "xz": re.compile(b"\xfd7zXZ\x00"),
+}
+_MAGIC_BYTES = 10
 
 
 def _broken_id(shard: str) -> str:
@@ -318,7 +326,7 @@ class _Inflated:
     def __init__(self, raw: _Tracked):
         self.raw, self.out, self.ends = raw, 0, 0
         self.pending = raw.read(_READ_BLOCK)
-        self.kind = next((k for k, magic in _COMPRESSED.items() if self.pending.startswith(magic)), None)
+        self.kind = next((k for k, magic in _COMPRESSED.items() if magic.match(self.pending)), None)
         self.unzip = self._decompressor() if self.kind else None
 
     def _decompressor(self):
@@ -339,10 +347,9 @@ class _Inflated:
         if d is None:
             return None
         if d.eof:  # a stream ended: another one may follow; anything else after it is ignored (as tarfile does)
-            magic = _COMPRESSED[self.kind]
-            while len(self.pending) < len(magic) and self._more():
+            while len(self.pending) < _MAGIC_BYTES and self._more():
                 pass
-            if not self.pending.startswith(magic):
+            if not _COMPRESSED[self.kind].match(self.pending):
                 self.unzip = None
                 return None
             d = self.unzip = self._decompressor()
