@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pipeline_helpers import faces_folder, read_csv, run
 
-from vitnt_jax import chunked, output, storage
+from vitnt_jax import chunked, output, pipeline, score, storage
+from vitnt_jax.pipeline import JobError
 
 
 @pytest.fixture()
@@ -295,3 +296,24 @@ def test_ten_thousand_pieces_merge_from_one_listing(tmp_path, monkeypatch):
     assert len(listings) == 1
     rows = read_csv(out)
     assert len(rows) == n + 1 and rows[-1][0] == f"id{n - 1}"
+
+
+def test_a_reference_id_with_a_line_break_in_a_later_piece_names_the_overwrite(
+    tiny_checkpoint, folder, tmp_path, capsys
+):
+    os.rename(folder / "10.png", folder / "1\n0.png")  # in piece 1: known once that piece is read
+    out = tmp_path / "r.txt"
+    assert run(tiny_checkpoint, *_argv(folder, out, "--format", "reference")) == 1
+    _one_line(capsys, "holds a line break", "--format csv", "--overwrite", "in inputs 8..12 of folder")
+    assert run(tiny_checkpoint, *_argv(folder, out, "--format", "csv", "--overwrite")) == 0
+    assert [r[0] for r in read_csv(out)].count("1\n0.png") == 1
+
+
+def test_a_late_process_of_a_fresh_run_over_a_finished_result_scores_nothing(tiny_checkpoint, folder, tmp_path):
+    out = tmp_path / "c.csv"
+    assert run(tiny_checkpoint, *_argv(folder, out)) == 0
+    # Process 1 of 2 started again without --resume (its own share only: no cluster needed to reach the check).
+    args = score.build_parser().parse_args([*_argv(folder, out), "--model", str(tiny_checkpoint)])
+    with pytest.raises(JobError, match="already exists"):  # it used to score its share into a finished result
+        pipeline._chunked_part(score.job_from_args(args), 1, 2, False)
+    assert _names(out) == ["merged.json", "plan.json"]

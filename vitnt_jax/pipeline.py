@@ -1469,7 +1469,7 @@ def _prepare_chunks(job: Job, process: int, folder: str) -> dict[str, Any] | Non
     recorded = chunked.read_record(plan_path)
     if not job.resume:
         for name, path in _chunk_outputs(job) + [("out", merged_path)]:
-            if process == 0 and storage.exists(path):
+            if storage.exists(path):  # every process: a late one must not score pieces of a finished result
                 raise JobError(
                     f"{path} already exists; pass " + "{resume} to continue it, {overwrite} to replace it, or choose "
                     "another {out}.",
@@ -1482,6 +1482,7 @@ def _prepare_chunks(job: Job, process: int, folder: str) -> dict[str, Any] | Non
 def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | None) -> tuple[Summary, _Plan | None]:
     """Scores this process's uncommitted pieces; returns its Summary and the plan (None: the run was complete)."""
     from vitnt_jax import checkpoint
+    from vitnt_jax.output import OutputError
 
     if job.align is not None and job.align != "mtcnn":
         _detector(job, job.align)  # MTCNN-only flags without MTCNN: flags first
@@ -1609,7 +1610,16 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
             )
         _rendered_ids(source)  # two ids written alike are refused, as for any source
         if job.format != "parquet":
-            check_ids(source.ids, job.format)
+            try:
+                check_ids(source.ids, job.format)
+            except OutputError as error:  # known only once the piece is read: the pieces before it are committed
+                raise JobError(
+                    error.template.rstrip(".")
+                    + f" (in {piece.name} of {pieces.name}, after the pieces before it were committed in "
+                    "this format: rerun with {overwrite}).",
+                    field=error.field,
+                    also=(*error.fields[1:], "overwrite"),
+                ) from error
         return source
 
     progress = Progress(counted, progress_bar)
