@@ -177,19 +177,19 @@ def test_a_full_disk_mid_commit_stops_in_one_line_and_resume_continues(
 def test_a_merge_failing_half_way_leaves_no_half_written_result(tiny_checkpoint, folder, tmp_path, capsys, monkeypatch):
     out, emb = tmp_path / "c.csv", tmp_path / "e.npy"
     argv = _argv(folder, out, "--save-embeddings", str(emb))
-    real = storage.read_bytes
+    real = storage.open_read
 
-    def failing(path, limit=None):
+    def failing(path, **options):
         if str(path).endswith("00000001-r5.csv"):  # the second table chunk, once the first is streamed into OUT
             raise OSError(errno.EIO, "Input/output error")
-        return real(path, limit)
+        return real(path, **options)
 
-    monkeypatch.setattr(storage, "read_bytes", failing)
+    monkeypatch.setattr(storage, "open_read", failing)
     assert run(tiny_checkpoint, *argv) == 1
     _one_line(capsys, "cannot read the chunk", "00000001-r5.csv", "--resume")
     assert not out.exists()  # written whole or not at all
     assert [n for n in _names(out) if n.endswith(".csv")] == ["00000000-r8.csv", "00000001-r5.csv"]
-    monkeypatch.setattr(storage, "read_bytes", real)
+    monkeypatch.setattr(storage, "open_read", real)
     assert run(tiny_checkpoint, *argv, "--resume") == 0
     assert len(read_csv(out)) == 14 and np.load(emb).shape[0] == 13
 
@@ -317,3 +317,19 @@ def test_a_late_process_of_a_fresh_run_over_a_finished_result_scores_nothing(tin
     with pytest.raises(JobError, match="already exists"):  # it used to score its share into a finished result
         pipeline._chunked_part(score.job_from_args(args), 1, 2, False)
     assert _names(out) == ["merged.json", "plan.json"]
+
+
+def test_a_huge_file_named_like_a_chunk_is_not_read_whole(tmp_path):
+    out = str(tmp_path / "r.csv")
+    folder = chunked.chunks_dir(out)
+    os.makedirs(folder)
+    chunked.commit(folder, 0, _collector(2), "csv", False)
+    with open(os.path.join(folder, "00000001-r1.csv"), "wb") as f:
+        f.write(b"id,quality,error\n")
+        f.truncate(1 << 30)  # 1 GiB claimed (sparse): reading it whole would hold it all in memory
+    emb = str(tmp_path / "e.npy")
+    with open(os.path.join(folder, "00000001-r1.embedding.npy"), "wb") as f:
+        f.write(chunked._npy_bytes(np.zeros((1, 3), np.float32)))
+    with pytest.raises(chunked.ChunkError, match="holds more than the 65553 bytes its rows can take"):
+        chunked.merge(out, "csv", False, 2, {"embedding": (emb, (3,))})
+    assert not os.path.exists(out)

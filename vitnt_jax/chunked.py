@@ -279,15 +279,20 @@ def _npy_data(blob: bytes, what: str, shape: tuple[int, ...]) -> memoryview:
     return data
 
 
-def _chunk_bytes(name: str, what: str) -> bytes:
-    """Returns the whole chunk `name`; ChunkError naming it when it cannot be read (missing, a folder, a failure)."""
+# The most a table chunk's row may take (an id, a label, an error): a larger chunk is not read (memory stays bounded).
+MAX_ROW_BYTES = 64 << 10
+
+
+def _chunk_bytes(name: str, what: str, limit: int) -> bytes:
+    """Returns the whole chunk `name`; ChunkError naming it when it cannot be read (missing, a folder, a failure)
+    or holds more than `limit` bytes (read no further)."""
     try:
-        return storage.read_bytes(name)
+        with storage.open_read(name) as f:
+            blob = f.read(limit + 1)
     except FileNotFoundError:
         raise ChunkError(
-            f"{name} is missing ({what}); rerun with " + "{resume} to score that piece again, or with {overwrite}.",
-            field="resume",
-            also=("overwrite",),
+            f"{name} is missing ({what}); replace the result with " + "{overwrite}.",
+            field="overwrite",
         ) from None
     except OSError as error:
         raise ChunkError(
@@ -296,6 +301,13 @@ def _chunk_bytes(name: str, what: str) -> bytes:
             field="resume",
             also=("overwrite",),
         ) from error
+    if len(blob) > limit:
+        raise ChunkError(
+            f"{name} holds more than the {limit} bytes its rows can take, so it is no chunk of this run; replace the "
+            "result with {overwrite}.",
+            field="overwrite",
+        )
+    return blob
 
 
 def _table_rows(blob: bytes, start: int, fmt: str) -> int:
@@ -351,7 +363,8 @@ def merge(
             np.lib.format.write_array_header_1_0(f, {**header, "shape": (total, *shape)})
             for i in range(pieces):
                 name = storage.join(folder, chunk_name(i, done[i], f".{key}.npy"))
-                blob = _chunk_bytes(name, f"piece {i} was committed without its {key} rows")
+                limit = 4096 + done[i] * 4 * int(np.prod(shape))  # the header and the data, exactly known
+                blob = _chunk_bytes(name, f"piece {i} was committed without its {key} rows", limit)
                 f.write(_npy_data(blob, name, (done[i], *shape)))
                 del blob
     tables = (storage.join(folder, chunk_name(i, done[i], TABLE_SUFFIX[fmt])) for i in range(pieces))
@@ -370,7 +383,7 @@ def merge(
             header = FORMATS[fmt].header(with_label).encode("utf-8")
             f.write(header)
             for i, name in enumerate(_reported(tables, on_piece)):
-                blob = _chunk_bytes(name, f"piece {i}'s table")
+                blob = _chunk_bytes(name, f"piece {i}'s table", len(header) + done[i] * MAX_ROW_BYTES)
                 body = memoryview(blob)[len(header) :]
                 if not blob.startswith(header) or (body and body[-1:] != b"\n"):
                     raise ChunkError(
