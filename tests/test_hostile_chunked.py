@@ -1,6 +1,7 @@
 """Chunked runs attacked: planted, foreign, damaged or linked chunks, storage failing mid-commit or mid-merge."""
 
 import errno
+import io
 import json
 import os
 
@@ -10,6 +11,8 @@ from pipeline_helpers import faces_folder, read_csv, run
 
 from vitnt_jax import chunked, output, pipeline, score, storage
 from vitnt_jax.pipeline import JobError
+
+pytest_plugins = ["storage_fixtures"]  # S3 and GCS servers on 127.0.0.1
 
 
 @pytest.fixture()
@@ -187,7 +190,7 @@ def test_a_merge_failing_half_way_leaves_no_half_written_result(tiny_checkpoint,
     monkeypatch.setattr(storage, "open_read", failing)
     assert run(tiny_checkpoint, *argv) == 1
     _one_line(capsys, "cannot read the chunk", "00000001-r5.csv", "--resume")
-    assert not out.exists()  # written whole or not at all
+    assert not out.exists() and not emb.exists()  # written whole or not at all (the arrays went first, and went)
     assert [n for n in _names(out) if n.endswith(".csv")] == ["00000000-r8.csv", "00000001-r5.csv"]
     monkeypatch.setattr(storage, "open_read", real)
     assert run(tiny_checkpoint, *argv, "--resume") == 0
@@ -333,3 +336,44 @@ def test_a_huge_file_named_like_a_chunk_is_not_read_whole(tmp_path):
     with pytest.raises(chunked.ChunkError, match="holds more than the 65553 bytes its rows can take"):
         chunked.merge(out, "csv", False, 2, {"embedding": (emb, (3,))})
     assert not os.path.exists(out)
+
+
+# ----------------------------------------------------------------------------------------------- object storage
+
+
+def _s3_names(url):
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False)) if fs.exists(inner) else []
+
+
+def test_on_s3_a_failing_merge_writes_no_result_and_a_prefix_named_like_a_chunk_is_refused(
+    tiny_checkpoint, folder, tmp_path, s3_bucket, capsys, monkeypatch
+):
+    import fsspec
+
+    url, emb = f"{s3_bucket}/run/c.csv", f"{s3_bucket}/run/e.npy"
+    argv = _argv(folder, url, "--save-embeddings", emb)
+    real = storage.open_read
+
+    def failing(path, **options):
+        if str(path).endswith("00000001-r5.csv"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, **options)
+
+    monkeypatch.setattr(storage, "open_read", failing)
+    assert run(tiny_checkpoint, *argv) == 1
+    _one_line(capsys, "cannot read the chunk", "--resume")
+    assert _s3_names(f"{s3_bucket}/run") == ["c.csv.chunks"]  # neither the result nor its array file appeared
+    monkeypatch.setattr(storage, "open_read", real)
+    fs, inner = fsspec.core.url_to_fs(url)
+    fs.rm_file(inner + ".chunks/00000001-r5.csv")
+    fs.pipe_file(inner + ".chunks/00000001-r5.csv/planted", b"x")  # a "folder" of that name
+    assert run(tiny_checkpoint, *argv, "--resume") == 1
+    _one_line(capsys, "00000001-r5.csv", "--overwrite")
+    assert "c.csv" not in _s3_names(f"{s3_bucket}/run")
+    fs.rm(inner + ".chunks/00000001-r5.csv", recursive=True)
+    assert run(tiny_checkpoint, *argv, "--resume") == 0
+    assert np.load(io.BytesIO(fs.cat_file(emb.split("://", 1)[1]))).shape[0] == 13

@@ -367,6 +367,17 @@ def merge(
                 blob = _chunk_bytes(name, f"piece {i} was committed without its {key} rows", limit)
                 f.write(_npy_data(blob, name, (done[i], *shape)))
                 del blob
+    try:
+        _merge_tables(out, folder, fmt, with_label, pieces, done, total, on_piece)
+    except BaseException:  # the array files just written go too: the result appears whole, or none of it
+        for path, _ in arrays.values():
+            with contextlib.suppress(Exception):
+                storage.remove(path)
+        raise
+    return total
+
+
+def _merge_tables(out, folder, fmt, with_label, pieces, done, total, on_piece) -> None:
     tables = (storage.join(folder, chunk_name(i, done[i], TABLE_SUFFIX[fmt])) for i in range(pieces))
     with storage.open_write(out) as f:
         if fmt == "parquet":
@@ -400,7 +411,6 @@ def merge(
                     )
                 f.write(body)
                 del blob, body
-    return total
 
 
 def _reported(names: Iterable[str], on_piece) -> Iterable[str]:
