@@ -20,12 +20,16 @@ connections there and records them for `no_remote_network`.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import ipaddress
 import logging
 import os
 import socket
 import tempfile
+import threading
+import urllib.parse
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -111,8 +115,39 @@ class StorageEnv:
 
     @property
     def env(self) -> dict[str, str]:
-        """The whole environment for a subprocess (`subprocess.run(..., env=storage_env.env)`)."""
-        return {**os.environ, **self.variables}
+        """The whole environment for a subprocess (`subprocess.run(..., env=storage_env.env)`).
+
+        Less the variables that would send a credential lookup or a request elsewhere (UNSET).
+        """
+        return {**{k: v for k, v in os.environ.items() if k not in UNSET}, **self.variables}
+
+
+# Variables of the outer environment that would make boto or the Google libraries look elsewhere: a profile,
+# a container's or a web identity's credential endpoint (an STS call), a proxy, boto's own configuration. Removed
+# from this process while storage_env lasts and from every environment `storage_env.env` gives a subprocess.
+UNSET = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_CA_BUNDLE",
+    "AWS_STS_REGIONAL_ENDPOINTS",
+    "BOTO_CONFIG",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "GOOGLE_OAUTH_ACCESS_TOKEN",
+    "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE",
+    "FSSPEC_CONFIG_DIR",
+)
 
 
 def _closed_port() -> int:
@@ -222,6 +257,8 @@ def storage_env():
             env.variables["VITNT_TEST_NETWORK_LOG"] = env.network_log
             # Only for subprocesses (env.env): this process has the fixture's own guard.
             subprocess_path = os.pathsep.join(x for x in (site, os.environ.get("PYTHONPATH", "")) if x)
+            for key in UNSET:
+                patch.delenv(key, raising=False)
             for key, value in env.variables.items():
                 patch.setenv(key, value)
             env.variables["PYTHONPATH"] = subprocess_path
@@ -376,3 +413,127 @@ def no_s3_credentials(storage_env, no_remote_network, monkeypatch):
     clear_instance_caches()
     yield
     clear_instance_caches()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """Yields an http://127.0.0.1 URL whose server accepts every connection and never answers (a hung endpoint)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        done.set()
+        server.close()
+        for connection in held:
+            connection.close()
+
+
+@dataclass
+class ScriptedS3:
+    """A tiny S3 endpoint on 127.0.0.1 serving `objects` ({'bucket/key': bytes}) by HEAD and ranged GET.
+
+    `fail(method, key, count)` may return None (answer normally), (status, code) for an S3 error answer (HEAD
+    answers carry no body, as S3's do) or 'hang' (accept and never answer). `count` is the request's number,
+    1 first. `requests` lists (method, key) of every request.
+    """
+
+    endpoint: str = ""
+    objects: dict[str, bytes] = field(default_factory=dict)
+    fail: Callable[[str, str, int], object] = lambda method, key, count: None
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    released: threading.Event = field(default_factory=threading.Event)
+
+
+def _scripted_handler(state: ScriptedS3):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _answer(self, body: bool) -> None:
+            key = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path.lstrip("/"))
+            state.requests.append((self.command, key))
+            failure = state.fail(self.command, key, len(state.requests))
+            if failure == "hang":
+                state.released.wait(120)
+                return
+            if failure is not None:
+                status, code = failure
+                text = (
+                    f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                    f"<Message>scripted {code}</Message></Error>"
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(text) if body else 0))
+                self.end_headers()
+                if body:
+                    self.wfile.write(text)
+                return
+            data = state.objects.get(key)
+            if data is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            first, last = 0, len(data) - 1
+            wanted = self.headers.get("Range", "")
+            if wanted.startswith("bytes="):
+                a, _, b = wanted[6:].partition("-")
+                first, last = int(a), min(int(b) if b else last, last)
+            part = data[first : last + 1]
+            self.send_response(206 if wanted else 200)
+            self.send_header("Content-Length", str(len(part) if body else len(data)))
+            self.send_header("ETag", '"e"')
+            self.send_header("Last-Modified", "Wed, 02 Dec 2026 00:00:00 GMT")
+            if wanted:
+                self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+            self.end_headers()
+            if body:
+                self.wfile.write(part)
+
+        def do_HEAD(self) -> None:
+            self._answer(body=False)
+
+        def do_GET(self) -> None:
+            self._answer(body=True)
+
+    return Handler
+
+
+@pytest.fixture
+def scripted_s3(storage_env, no_remote_network, monkeypatch):
+    """Points s3:// at a ScriptedS3 endpoint on 127.0.0.1 for this test; yields it."""
+    import fsspec.config
+
+    state = ScriptedS3()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _scripted_handler(state))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": state.endpoint})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", state.endpoint)
+    clear_instance_caches()
+    try:
+        yield state
+    finally:
+        state.released.set()
+        server.shutdown()
+        server.server_close()
+        clear_instance_caches()

@@ -294,8 +294,10 @@ def read_image(source: str | Path | bytes) -> np.ndarray:
     Only IMAGE_FORMATS are decoded, whatever the name says; only regular files are opened (a FIFO or a
     device is an ImageError at once); every failure to decode, of any kind, is an ImageError. A URL
     (gs://, s3://, ...) is read through vitnt_jax.storage: a missing object is "file not found" as a
-    missing file is, an object above MAX_OBJECT_BYTES is refused unread; no credentials, an unreachable
-    endpoint or a missing fsspec package raise StorageError (every row would fail: the run stops).
+    missing file is, an object above MAX_OBJECT_BYTES is refused unread, a URL of a scheme storage does not
+    read (http://, memory://, a chained URL) is that row's error; no credentials (or credentials refused, as
+    an expired token), an unreachable endpoint, a service still throttling after its retries or a missing
+    fsspec package raise StorageError (every row would fail: the run stops, and --resume continues).
     """
     return read_file(source)
 
@@ -312,6 +314,8 @@ def _row_or_stop(error: storage.StorageError) -> Exception:
         return ImageError(f"file not found ({error})")
     if error.kind == "other":
         return ImageError(f"unreadable image ({error})")
+    if error.kind == "scheme":  # a list line naming http://, memory://, a chained URL, file://host/...: that row's
+        return ImageError(f"not read: {error}")
     return error
 
 

@@ -28,6 +28,7 @@ the package of a scheme (`pip install s3fs`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import logging
 import os
@@ -57,8 +58,18 @@ _PACKAGES = {
     "ssh": "paramiko",
     "oci": "ocifs",
 }
-# Bounded waits for S3 (botocore's settings): an endpoint that does not answer fails in seconds, not minutes.
-S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+# The schemes read and written: local files and object stores. The others fsspec knows are refused: http(s) and
+# ftp reach any host a list line names (an instance's metadata server), memory:// is another program's state, and
+# the archive and caching wrappers (zip://, simplecache::, filecache::) read or write local files under a remote name.
+SCHEMES = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oci", "hf")
+# Bounded waits for S3 (botocore's settings): an endpoint that does not answer fails in minutes at most. botocore
+# tries each request 3 times (its standard mode backs off on throttling too); s3fs wraps each call in a retry loop
+# of its own (5 tries by default, which made a silent endpoint cost half an hour): S3_RETRIES tries here.
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 20, "retries": {"max_attempts": 3, "mode": "standard"}}
+S3_RETRIES = 2
+# gcsfs sends its requests with no timeout at all unless given one (an endpoint that accepts and never answers
+# hangs forever); it tries each request 6 times with about 30 s of back-off, which a caller cannot change.
+GCS_TIMEOUT = {"sock_connect": 10, "sock_read": 20}
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -67,8 +78,10 @@ class StorageError(UserError, OSError):
 
     Also an OSError, so code that caught the OS errors of local files (a result reader, a merge) catches these.
 
-    kind: 'missing', 'folder', 'bucket', 'denied', 'credentials', 'unreachable', 'package', 'scheme', 'link',
-    'special', 'large' (above a reader's limit; `size` holds the size) or 'other'.
+    kind: 'missing', 'folder', 'bucket', 'denied', 'credentials' (none, or refused: expired, invalid),
+    'unreachable', 'busy' (throttled or failing still after the retries), 'package', 'scheme' (a URL of a scheme
+    not read here, a chained URL, a file:// URL naming another host), 'link', 'special', 'large' (above a
+    reader's limit; `size` holds the size) or 'other'.
     """
 
     def __init__(self, message: str, *, kind: str = "other", field: str | None = None, also: tuple[str, ...] = ()):
@@ -95,12 +108,43 @@ def protocol(path: str | os.PathLike) -> str:
 
 
 def local_path(path: str | os.PathLike) -> str | None:
-    """Returns the local path `path` names (a file:// URL's path), None for a remote URL."""
+    """Returns the local path `path` names (a file:// URL's path), None for a remote URL.
+
+    A file:// URL names an absolute path (`file:///data/x`, or `file://localhost/data/x`); one naming another
+    host (`file://host/x`, or a relative `file://x/y`) is refused (StorageError). Its path is not %-decoded.
+    """
     if not is_url(path):
         return os.fspath(path)
     if protocol(path) == "file":
-        return path.split("://", 1)[1] or "."
+        rest = path.split("://", 1)[1]
+        if rest.lower().startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        if rest and not rest.startswith("/"):
+            host = rest.split("/", 1)[0]
+            raise StorageError(
+                f"{path} names the host {host!r}, and only local files are read as file:// URLs; write "
+                "file:///absolute/path (three slashes) or the plain path.",
+                kind="scheme",
+            )
+        return rest or "."
     return None
+
+
+def _check_scheme(url: str) -> None:
+    """Raises StorageError (kind 'scheme') for a URL this module does not read or write (see SCHEMES)."""
+    scheme = protocol(url)
+    if "::" in url:
+        raise StorageError(
+            f"{url} chains locations with '::', which is not read here (a key holding '::' cannot be named "
+            "either); pass one location: gs://, s3://, az://, hf:// or a local path.",
+            kind="scheme",
+        )
+    if scheme not in SCHEMES:
+        raise StorageError(
+            f"{url} uses {scheme}://, which is not read or written here; use gs://, s3://, az://, hf:// or a local "
+            "path (copy the file there first).",
+            kind="scheme",
+        )
 
 
 def _options(scheme: str) -> dict:
@@ -111,18 +155,29 @@ def _options(scheme: str) -> dict:
         configured = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs") or {})
         return {"config_kwargs": {**S3_CONFIG, **configured}, "use_listings_cache": False}
     if scheme in ("gs", "gcs"):
+        import aiohttp
+        import fsspec.config
+
         logging.getLogger("gcsfs").setLevel(max(logging.getLogger("gcsfs").level, logging.CRITICAL))
-        return {"use_listings_cache": False}
+        options = {"use_listings_cache": False}
+        if not any("requests_timeout" in fsspec.config.conf.get(name, {}) for name in ("gs", "gcs")):
+            options["requests_timeout"] = aiohttp.ClientTimeout(total=None, **GCS_TIMEOUT)
+        return options
     return {}
 
 
 def _fs(url: str):
     """Returns (file system, path inside it) of a URL; StorageError when its scheme cannot be served."""
     import fsspec
+    import fsspec.config
 
     scheme = protocol(url)
+    _check_scheme(url)
     try:
-        return fsspec.core.url_to_fs(url, **_options(scheme))
+        fs, inner = fsspec.core.url_to_fs(url, **_options(scheme))
+        if scheme in ("s3", "s3a") and "retries" not in fsspec.config.conf.get("s3", {}):
+            fs.retries = S3_RETRIES  # an attribute of s3fs, not an option: set on the (cached) instance
+        return fs, inner
     except ImportError as error:
         package = _PACKAGES.get(scheme, f"the fsspec package for {scheme}://")
         raise StorageError(
@@ -157,6 +212,56 @@ _UNREACHABLE = {
 }
 
 
+# Error codes (S3's, or an HTTP status) that say the credentials themselves were refused: every later request
+# would fail alike, so the run stops (an expired session token mid-run) rather than making error rows of the rest.
+_REFUSED_CREDENTIALS = {
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "RequestTimeTooSkewed",
+    "InvalidSecurity",
+    "AccountProblem",
+    "AllAccessDisabled",
+    "NotSignedUp",
+    "AuthorizationHeaderMalformed",
+    "401",
+}
+# The service refusing for load (throttling) or failing itself, still after the retries: the run stops and a rerun
+# with --resume reads the rest, instead of those rows becoming error rows that no resume reads again.
+_BUSY = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+
+
+def _codes(error: BaseException) -> list[str]:
+    """Returns the service's error codes and HTTP statuses found on `error` and the errors it was raised from."""
+    codes, seen = [], set()
+    while error is not None and id(error) not in seen and len(seen) < 16:
+        seen.add(id(error))
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            codes.append(str((response.get("Error") or {}).get("Code") or ""))
+            codes.append(str((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or ""))
+        code = getattr(error, "code", None)  # gcsfs's HttpError
+        if isinstance(code, int):
+            codes.append(str(code))
+        error = error.__cause__ or error.__context__
+    return [c for c in codes if c]
+
+
 def _bucket_exists(fs, inner: str) -> bool:
     """Returns whether the bucket of `inner` exists (True when that cannot be told)."""
     bucket = inner.split("/", 1)[0]
@@ -181,6 +286,23 @@ def _translate(error: BaseException, url: str, action: str, fs=None, inner: str 
         return MissingError(f"{url} does not exist; check the path.", kind="missing")
     if isinstance(error, IsADirectoryError):
         return FolderError(f"{url} is a folder; pass a file.", kind="folder")
+    codes = _codes(error)
+    refused = next((c for c in codes if c in _REFUSED_CREDENTIALS), None)
+    if refused is None and codes and set(codes) <= {"400"}:
+        refused = "400 Bad Request"  # a HEAD request's answer has no body: an expired token or a wrong region
+    if refused is not None:
+        return StorageError(
+            f"the storage service refused the credentials to {action} {url} ({refused}); renew them (an expired "
+            "session token), or fix the key, the region or the clock, and run again (--resume continues).",
+            kind="credentials",
+        )
+    busy = next((c for c in codes if c in _BUSY), None)
+    if busy is not None or (isinstance(error, OSError) and error.errno == errno.EBUSY and "409" not in codes):
+        return StorageError(
+            f"the storage service kept failing to {action} {url} ({busy or _short(error)}) after its retries "
+            "(throttling or an outage); run again later (--resume continues), or with fewer --workers.",
+            kind="busy",
+        )
     if names & _CREDENTIALS:
         return StorageError(
             f"no credentials to {action} {url}; set them up (AWS: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a "
@@ -311,13 +433,33 @@ def open_read(path: str | os.PathLike, *, max_bytes: int | None = None) -> Binar
                 ) from None
     fs, inner = _fs(path)
     with _errors(path, "read", fs, inner):
-        info = fs.info(inner)
+        info = _info(fs, inner)
         if info.get("type") == "directory":
             raise FolderError(f"{path} is a folder (a prefix of objects); pass a file.", kind="folder")
         size = int(info.get("size") or 0)
         if max_bytes is not None and size > max_bytes:
             raise _large(path, size, max_bytes)
         return _Reader(fs.open(inner, "rb", size=size), path)
+
+
+def _info(fs, inner: str) -> dict:
+    """Returns fsspec's info of `inner`; a bare 403 is asked again as a 1-byte read, whose answer says why.
+
+    An S3 HEAD request's refusal has no body: an object one may not read and credentials that expired mid-run
+    look alike. The read's answer names its code (AccessDenied: that object's error row; ExpiredToken: the run
+    stops).
+    """
+    try:
+        return fs.info(inner)
+    except PermissionError as error:
+        if set(_codes(error)) - {"403"}:  # the answer named its reason
+            raise
+        try:
+            fs.cat_file(inner, start=0, end=1)
+        except Exception as detail:
+            if any(c in _REFUSED_CREDENTIALS for c in _codes(detail)):
+                raise detail  # its cause, the service's answer, names the code
+        raise
 
 
 def _large(path, size: int, limit: int) -> StorageError:
@@ -376,7 +518,7 @@ def size(path: str | os.PathLike) -> int:
         return info.st_size
     fs, inner = _fs(path)
     with _errors(path, "read", fs, inner):
-        info = fs.info(inner)
+        info = _info(fs, inner)
     if info.get("type") == "directory":
         raise FolderError(f"{path} is a folder (a prefix of objects); pass a file.", kind="folder")
     return int(info.get("size") or 0)
@@ -415,12 +557,24 @@ def open_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     if found is not None:
         raise StorageError(f"{path} is {found}; refusing to write there (pass a file name).", kind="special")
     folder, name = os.path.split(os.path.abspath(local))
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}-{os.urandom(4).hex()}")
+    tmp = f".{name}.tmp{os.getpid()}-{os.urandom(4).hex()}"
+    # The temporary is made, renamed and removed through a descriptor of the folder: the file lands in the folder
+    # opened here even when a link is put in its place meanwhile (which is then refused, not written through).
     try:
-        if not os.path.isdir(folder):
-            raise MissingError(f"cannot write {path}: its folder does not exist; create it first.", kind="missing")
+        dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        missing = f"cannot write {path}: its folder does not exist; create it first."
+        raise MissingError(missing, kind="missing") from None
+    except NotADirectoryError:
+        missing = f"cannot write {path}: its folder is a file; pass a path inside a folder."
+        raise MissingError(missing, kind="missing") from None
+    except OSError as error:
+        raise _translate(error, os.fspath(path), "write") from error
+    made = False
+    try:
         with _errors(os.fspath(path), "write"):
-            fd = files.open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dfd)
+        made = True
         with open(fd, "wb") as f:
             yield f
             f.flush()
@@ -429,18 +583,30 @@ def open_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             raise StorageError(
                 f"{path} is a symbolic link; refusing to write through it (pass the file itself).", kind="link"
             )
+        opened, now = os.fstat(dfd), _stat_or_none(folder)
+        if now is None or (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            raise StorageError(
+                f"cannot write {path}: its folder was replaced while it was written (by a link or another folder); "
+                "nothing was written, check the folder and run again.",
+                kind="link",
+            )
         with _errors(os.fspath(path), "write"):
-            os.replace(tmp, local)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself made durable
-        dfd = os.open(folder or ".", os.O_RDONLY)
-        try:
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        made = False
+        with contextlib.suppress(OSError):  # the rename itself made durable
             os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+        os.close(dfd)
+
+
+def _stat_or_none(path: str):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -507,23 +673,72 @@ def find(folder: str | os.PathLike) -> list[tuple[str, int]]:
 def find_names(folder: str | os.PathLike) -> list[str]:
     """Returns the paths relative to `folder` of every file under it, sorted: `find` without the sizes.
 
-    For a URL, fsspec is asked for names only, so memory holds one short string per object (a prefix of
-    millions of objects), not one metadata record each.
+    For an s3:// or gs:// URL the listing is read a page at a time (see _pages), so memory holds one short
+    string per object (a prefix of millions of objects), never one metadata record each; a folder marker (a key
+    ending in '/', which s3fs lists without its slash) is no file. Other schemes use fsspec's find().
     """
     local = local_path(folder)
     if local is not None:
         return [name for name, _ in find(folder)]
     fs, inner = _fs(folder)
     prefix = inner.rstrip("/") + "/"
+    bucket, _, key_prefix = prefix.partition("/")
     with _errors(folder, "list", fs, inner):
-        listed = fs.find(prefix.rstrip("/"), detail=False)
-    out = [name[len(prefix) :] for name in listed if name.startswith(prefix) and not name.endswith("/")]
-    del listed
+        pages = _pages(fs, bucket, key_prefix)
+        if pages is not None:
+            out = [key[len(key_prefix) :] for page in pages for key in page if not key.endswith("/")]
+        else:
+            listed = fs.find(prefix.rstrip("/"), detail=False)
+            out = [name[len(prefix) :] for name in listed if name.startswith(prefix) and not name.endswith("/")]
+            del listed
     if not out and not _bucket_exists(fs, inner):
         bucket = f"{protocol(folder)}://{inner.split('/', 1)[0]}"
         raise StorageError(f"no such bucket {bucket} (for {folder}); check the bucket's name.", kind="bucket")
     out.sort()
     return out
+
+
+# Keys asked for a listing page: S3's and GCS's most.
+_PAGE = 1000
+
+
+def _pages(fs, bucket: str, prefix: str) -> Iterator[list[str]] | None:
+    """Yields the keys under `prefix` of an S3 or GCS bucket a page (1000 keys) at a time, in the store's order.
+
+    s3fs's and gcsfs's find() build a metadata record of about a kilobyte for every object before returning
+    anything (a gigabyte for a prefix of a million objects), names only or not: here only the keys of one page
+    are held at a time besides those kept. A folder marker (a key ending in '/') is yielded as it is. None for a
+    file system of another kind (its own find() is used).
+    """
+    kind = type(fs).__name__
+    if kind == "S3FileSystem":
+
+        def s3() -> Iterator[list[str]]:
+            token: dict = {}
+            while True:
+                page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=_PAGE, **token)
+                yield [item["Key"] for item in page.get("Contents") or ()]
+                if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
+                    return
+                token = {"ContinuationToken": page["NextContinuationToken"]}
+
+        return s3()
+    if kind == "GCSFileSystem":
+
+        def gcs() -> Iterator[list[str]]:
+            token: dict = {}
+            while True:
+                page = fs.call(
+                    "GET", "b/{}/o", bucket, json_out=True, prefix=prefix, maxResults=_PAGE,
+                    fields="items(name),nextPageToken", **token,
+                )  # fmt: skip
+                yield [item["name"] for item in page.get("items") or ()]
+                if not page.get("nextPageToken"):
+                    return
+                token = {"pageToken": page["nextPageToken"]}
+
+        return gcs()
+    return None
 
 
 def glob(pattern: str | os.PathLike) -> list[str]:
