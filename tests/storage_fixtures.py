@@ -11,6 +11,16 @@ URLs reach the local servers, in this process and in every subprocess started wi
 the network guard on. `no_remote_network` fails the test when anything connects to, or looks up, a name or
 address other than the loopback ones.
 
+`scripted_s3` points s3:// at a tiny endpoint whose answers a test scripts (an S3 error code, a bare HEAD
+status, or accepting and never answering); `silent_server()` is a 127.0.0.1 endpoint that never answers (for
+gs:// through STORAGE_EMULATOR_HOST).
+
+What the guard cannot see: connections made by C libraries (gRPC: gcsfs's storage-control calls, which the
+environment here turns off with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false), name lookups by a C resolver (aiodns,
+not installed here), and subprocesses started without `storage_env.env` or with `python -I`/`-S` (no
+sitecustomize). Variables that would send a lookup elsewhere (a profile, a container's or web identity's
+credential endpoint, a proxy: UNSET) are removed from this process and from `storage_env.env`.
+
 What a subprocess needs to reach the servers is only environment variables (see `StorageEnv.variables`): fsspec
 reads `FSSPEC_<PROTOCOL>_<OPTION>` into its configuration when it is imported, gcsfs reads STORAGE_EMULATOR_HOST.
 `storage_env.env` also puts a sitecustomize module on the subprocess's PYTHONPATH that refuses non-loopback

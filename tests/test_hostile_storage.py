@@ -271,3 +271,29 @@ def test_webp_animations_and_claimed_canvases_cost_no_more_than_one_frame(monkey
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a user who turned PIL's own guard off
     with pytest.raises(data.ImageError, match=r"^image is 16384x16384 pixels, above the 64000000 pixel limit$"):
         data.read_image(bytes(animated))
+
+
+# --- the fixtures' own guard -----------------------------------------------------------------------------------
+
+
+def test_a_subprocess_gets_every_probe_switch_and_no_credential_lookup_elsewhere(storage_env, monkeypatch):
+    import json
+
+    fixtures = sys.modules["storage_fixtures"]
+    # An operator's shell: a profile, a container's credential endpoint (botocore would ask 169.254.170.2 once the
+    # dummy keys are gone), a web identity (an STS call), a proxy.
+    monkeypatch.setenv("AWS_PROFILE", "production")
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://169.254.170.2/v2/credentials")
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/token")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    code = (
+        "import json, os, socket; print(json.dumps({'env': dict(os.environ), "
+        "'guarded': socket.socket.connect.__module__ == 'sitecustomize'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=storage_env.env, capture_output=True, timeout=60, text=True)
+    child = json.loads(done.stdout)
+    assert child["guarded"], done.stderr
+    assert not set(fixtures.UNSET) & set(child["env"])
+    probes = ("AWS_EC2_METADATA_DISABLED", "GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT", "NO_GCE_CHECK")
+    for key in (*probes, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        assert child["env"][key] == storage_env.variables[key], key
