@@ -377,3 +377,26 @@ def test_on_s3_a_failing_merge_writes_no_result_and_a_prefix_named_like_a_chunk_
     fs.rm(inner + ".chunks/00000001-r5.csv", recursive=True)
     assert run(tiny_checkpoint, *argv, "--resume") == 0
     assert np.load(io.BytesIO(fs.cat_file(emb.split("://", 1)[1]))).shape[0] == 13
+
+
+def test_a_result_written_without_its_merge_record_is_merged_again_on_resume(
+    tiny_checkpoint, folder, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "c.csv"
+    real = storage.write_bytes
+
+    def full(path, data):
+        if str(path).endswith(chunked.MERGED):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(storage, "write_bytes", full)
+    assert run(tiny_checkpoint, *_argv(folder, out)) == 1
+    _one_line(capsys, "c.csv is written but", "merged.json could not be", "--resume")
+    first = out.read_bytes()
+    assert "00000001-r5.csv" in _names(out)  # the chunks are kept until the record is written
+    monkeypatch.setattr(storage, "write_bytes", real)
+    assert run(tiny_checkpoint, *_argv(folder, out)) == 1  # not replaced without a flag
+    _one_line(capsys, "already exists")
+    assert run(tiny_checkpoint, *_argv(folder, out, "--resume")) == 0
+    assert out.read_bytes() == first and _names(out) == ["merged.json", "plan.json"]

@@ -1719,11 +1719,19 @@ def _merge_chunks(job: Job, plan: _Plan) -> None:
     chunked.refuse_other_settings(str(job.out), recorded, plan.settings)
     try:
         rows = chunked.merge(str(job.out), job.format, plan.with_label, plan.pieces, plan.arrays, sizes=plan.sizes)
-        storage.write_bytes(storage.join(folder, chunked.MERGED), json.dumps({"rows": rows}).encode() + b"\n")
     except OSError as error:
         raise JobError(
             f"cannot write {job.out} ({getattr(error, 'strerror', None) or error}); every committed piece is kept: "
             "fix the storage and rerun with {resume}.",
+            field="resume",
+        ) from error
+    merged = storage.join(folder, chunked.MERGED)
+    try:
+        storage.write_bytes(merged, json.dumps({"rows": rows}).encode() + b"\n")
+    except OSError as error:  # the result is whole, but only this record says so: a resume merges it again
+        raise JobError(
+            f"{job.out} is written but {merged} could not be ({getattr(error, 'strerror', None) or error}); every "
+            "committed piece is kept: fix the storage and rerun with {resume} to merge them again.",
             field="resume",
         ) from error
     try:
