@@ -400,3 +400,23 @@ def test_a_result_written_without_its_merge_record_is_merged_again_on_resume(
     _one_line(capsys, "already exists")
     assert run(tiny_checkpoint, *_argv(folder, out, "--resume")) == 0
     assert out.read_bytes() == first and _names(out) == ["merged.json", "plan.json"]
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        b"{" + b'"a": "' + b"x" * (10 << 20) + b'"}',  # 10 MiB: not read whole
+        b"[" * 10_000 + b"]" * 10_000,  # nested 10,000 deep
+        json.dumps({"format": chunked.RECORD_FORMAT, "version": 99, "pieces": 2, "settings": {}}).encode(),
+        b"\xff\xfe not text",
+    ],
+    ids=["10MiB", "deep", "version", "binary"],
+)
+def test_a_foreign_plan_is_refused_in_one_line(tiny_checkpoint, half, capsys, plan):
+    argv, out = half
+    with open(os.path.join(chunked.chunks_dir(out), chunked.PLAN), "wb") as f:
+        f.write(plan)
+    assert run(tiny_checkpoint, *argv, "--resume") == 1
+    _one_line(capsys, "plan.json is not a chunk record of this version", "--overwrite")
+    assert run(tiny_checkpoint, *argv, "--overwrite") == 0
+    assert len(read_csv(out)) == 14
