@@ -420,3 +420,16 @@ def test_a_foreign_plan_is_refused_in_one_line(tiny_checkpoint, half, capsys, pl
     _one_line(capsys, "plan.json is not a chunk record of this version", "--overwrite")
     assert run(tiny_checkpoint, *argv, "--overwrite") == 0
     assert len(read_csv(out)) == 14
+
+
+def test_arrays_added_or_dropped_on_resume_are_refused(tiny_checkpoint, half, tmp_path, capsys):
+    argv, out = half
+    assert run(tiny_checkpoint, *argv, "--resume", "--save-embeddings", str(tmp_path / "e.npy")) == 1
+    _one_line(capsys, "(arrays none -> embedding (8))", "--overwrite")
+    assert _names(out) == ["00000000-r8.csv", "plan.json"]
+    argv, out = _argv(argv[1], tmp_path / "d.csv", "--save-embeddings", str(tmp_path / "d.npy")), tmp_path / "d.csv"
+    assert run(tiny_checkpoint, *argv) == 0
+    os.remove(out)
+    os.remove(os.path.join(chunked.chunks_dir(out), chunked.MERGED))
+    assert run(tiny_checkpoint, *argv[:-2], "--resume") == 1  # dropped
+    _one_line(capsys, "(arrays embedding (8) -> none)")

@@ -154,6 +154,9 @@ def read_record(path: str) -> dict[str, Any] | None:
 
 def _shown(key: str, value: Any) -> str:
     text = value.get("weights", value) if key == "model" and isinstance(value, dict) else value
+    if key == "arrays" and isinstance(value, dict):  # {'embedding': [512]}: 'embedding (512)', or 'none'
+        text = ", ".join(f"{k} ({'x'.join(map(str, v)) if isinstance(v, list) else v})" for k, v in value.items())
+        text = text or "none"
     return str(text)[:120].replace("{", "(").replace("}", ")")
 
 
