@@ -54,7 +54,7 @@ def test_job_validates_and_names_the_field():
     for changes, field, text in (
         ({"batch_size": 0}, "batch_size", "batch_size must be at least 1 (got 0)."),
         ({"alpha": float("nan")}, "alpha", "alpha must be a positive number (got nan)."),
-        ({"format": "xml"}, "format", "format must be one of csv, reference (got 'xml')."),
+        ({"format": "xml"}, "format", "format must be one of csv, reference, parquet (got 'xml')."),
         ({"resume": True, "overwrite": True}, "resume", "resume and overwrite exclude each other; choose one."),
         ({"micro_batch": -2}, "micro_batch", "micro_batch must be a number of images (0 = off), 'auto' or None"),
         ({"metric": "hamming"}, "metric", "metric must be one of"),
