@@ -433,3 +433,26 @@ def test_arrays_added_or_dropped_on_resume_are_refused(tiny_checkpoint, half, tm
     os.remove(os.path.join(chunked.chunks_dir(out), chunked.MERGED))
     assert run(tiny_checkpoint, *argv[:-2], "--resume") == 1  # dropped
     _one_line(capsys, "(arrays embedding (8) -> none)")
+
+
+def test_a_process_that_scored_with_other_flags_cannot_be_resumed_into_the_run(tiny_checkpoint, folder, tmp_path):
+    out = tmp_path / "c.csv"
+
+    def job(*more):
+        args = score.build_parser().parse_args([*_argv(folder, out, *more), "--model", str(tiny_checkpoint)])
+        return score.job_from_args(args)
+
+    # Both processes of a first try found no plan (a race): process 1 scored its share with --alpha 4, and
+    # process 0, started with the default 8, finds that plan gone (replaced by its own in the race) ...
+    pipeline._chunked_part(job("--alpha", "4"), 1, 2, False)
+    os.remove(os.path.join(chunked.chunks_dir(out), chunked.PLAN))
+    alpha = r"process-00001-of-00002.json .* \(alpha 4.0 -> 8.0\)"
+    with pytest.raises(chunked.ChunkError, match=alpha):  # ... but not process 1's record: refused before scoring
+        pipeline._chunked_part(job(), 0, 2, False)
+    # Rerun with --resume and the right flags, process 1 must not keep the pieces it scored with --alpha 4.
+    with pytest.raises(chunked.ChunkError, match=alpha):
+        pipeline._chunked_part(job("--resume"), 1, 2, False)
+    pipeline._chunked_part(job("--overwrite"), 1, 2, False)  # what the message says: its share is scored again
+    pipeline._chunked_part(job("--resume"), 0, 2, False)
+    summary, plan = pipeline._chunked_part(job("--resume"), 1, 2, False)
+    assert summary.scored == 0 and summary.skipped == 5 and plan.settings["alpha"] == 8.0

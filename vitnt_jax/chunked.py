@@ -494,6 +494,28 @@ def process_record(folder: str, process: int, processes: int) -> str:
     return storage.join(folder, f"process-{process:05d}-of-{processes:05d}.json")
 
 
+_PROCESS = re.compile(r"^process-(\d{5,})-of-(\d{5,})\.json$")
+
+
+def process_records(folder: str) -> list[tuple[str, int]]:
+    """Returns (path, number of processes) of every process record in `folder` (this run's and earlier runs')."""
+    found = []
+    for name, _ in _entries(folder):
+        match = _PROCESS.match(name)
+        if match:
+            found.append((storage.join(folder, name), int(match.group(2))))
+    return found
+
+
+def refuse_other_processes(folder: str, settings: dict[str, Any]) -> None:
+    """Raises ChunkError when a process record in `folder` holds other settings than `settings`: the pieces that
+    process committed were scored otherwise, and a resume would merge them with these."""
+    for path, _ in process_records(folder):
+        recorded = read_record(path)
+        if recorded is not None and fingerprint.differences(recorded, settings, (*fingerprint.KEYS, *PLAN_KEYS)):
+            refuse_other_settings(f"{path} (the record of a process whose pieces are committed)", recorded, settings)
+
+
 def remove_pieces(folder: str, lo: int, hi: int) -> None:
     """Removes every chunk of pieces lo..hi-1 (an overwrite clears its own share before scoring it)."""
     for name, regular in _entries(folder):

@@ -1526,6 +1526,10 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
     lo, hi = n * process // processes, n * (process + 1) // processes
     if job.overwrite:  # this process's share is cleared before the listing: another run's chunks there are not counted
         try:
+            if process == 0:  # the records of an earlier run's processes (another count): this run writes its own
+                for path, count in chunked.process_records(folder):
+                    if count != processes:
+                        storage.remove(path)
             chunked.remove_pieces(folder, lo, hi)
         except OSError as error:
             raise JobError(
@@ -1543,6 +1547,8 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
             field="out",
             also=("resume", "overwrite"),
         )
+    if not job.overwrite:  # a process of an earlier try scored with other flags: its pieces must not join these
+        chunked.refuse_other_processes(folder, settings)
     try:
         if recorded is None:
             chunked.write_record(storage.join(folder, chunked.PLAN), settings, n)
