@@ -197,8 +197,9 @@ def test_a_merge_failing_half_way_leaves_no_half_written_result(tiny_checkpoint,
     assert len(read_csv(out)) == 14 and np.load(emb).shape[0] == 13
 
 
-def test_a_plan_replaced_by_another_run_before_the_merge_stops_it(
-    tiny_checkpoint, folder, tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize("record", [chunked.PLAN, "process-00001-of-00002.json"])
+def test_a_record_of_another_run_written_before_the_merge_stops_it(
+    tiny_checkpoint, folder, tmp_path, capsys, monkeypatch, record
 ):
     out = tmp_path / "c.csv"
     real = chunked.commit
@@ -206,12 +207,11 @@ def test_a_plan_replaced_by_another_run_before_the_merge_stops_it(
     def commit_then_race(folder_, index, collector, fmt, with_label):
         real(folder_, index, collector, fmt, with_label)
         if index == 1:  # another run (object storage has no locks) started on OUT with --alpha 4
-            plan = os.path.join(folder_, chunked.PLAN)
-            with open(plan) as f:
-                record = json.load(f)
-            record["settings"]["alpha"] = 4.0
-            with open(plan, "w") as f:
-                json.dump(record, f)
+            with open(os.path.join(folder_, chunked.PLAN)) as f:
+                plan = json.load(f)
+            plan["settings"]["alpha"] = 4.0
+            with open(os.path.join(folder_, record), "w") as f:
+                json.dump(plan, f)
 
     monkeypatch.setattr(chunked, "commit", commit_then_race)
     assert run(tiny_checkpoint, *_argv(folder, out)) == 1

@@ -1723,6 +1723,7 @@ def _merge_chunks(job: Job, plan: _Plan) -> None:
             field="overwrite",
         )
     chunked.refuse_other_settings(str(job.out), recorded, plan.settings)
+    chunked.refuse_other_processes(folder, plan.settings)
     try:
         rows = chunked.merge(str(job.out), job.format, plan.with_label, plan.pieces, plan.arrays, sizes=plan.sizes)
     except OSError as error:
