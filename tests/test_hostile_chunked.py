@@ -456,3 +456,31 @@ def test_a_process_that_scored_with_other_flags_cannot_be_resumed_into_the_run(t
     pipeline._chunked_part(job("--resume"), 0, 2, False)
     summary, plan = pipeline._chunked_part(job("--resume"), 1, 2, False)
     assert summary.scored == 0 and summary.skipped == 5 and plan.settings["alpha"] == 8.0
+
+
+def test_parquet_chunks_whose_names_swap_their_row_counts_are_refused(tmp_path):
+    out = str(tmp_path / "r.parquet")
+    folder = chunked.chunks_dir(out)
+    os.makedirs(folder)
+    chunked.commit(folder, 0, _collector(3), "parquet", False)
+    chunked.commit(folder, 1, _collector(2), "parquet", False)
+    os.rename(os.path.join(folder, "00000000-r3.parquet"), os.path.join(folder, "x"))
+    os.rename(os.path.join(folder, "00000001-r2.parquet"), os.path.join(folder, "00000000-r3.parquet"))
+    os.rename(os.path.join(folder, "x"), os.path.join(folder, "00000001-r2.parquet"))  # the total still agrees
+    with pytest.raises(chunked.ChunkError, match="00000000-r3.parquet holds 2 rows, not the 3 its name claims"):
+        chunked.merge(out, "parquet", False, 2, {})
+    assert not os.path.exists(out)
+
+
+def test_an_array_merge_failing_on_the_second_array_leaves_neither(tmp_path):
+    out = str(tmp_path / "r.csv")
+    folder = chunked.chunks_dir(out)
+    os.makedirs(folder)
+    c = chunked.Collector({"embedding": (3,), "patch_quality": (2, 2)})
+    c.write([output.Row("a", 0.5)], {"embedding": np.ones((1, 3)), "patch_quality": np.ones((1, 2, 2))})
+    chunked.commit(folder, 0, c, "csv", False)
+    os.remove(os.path.join(folder, "00000000-r1.patch_quality.npy"))
+    emb, patch = tmp_path / "e.npy", tmp_path / "p.npy"
+    with pytest.raises(chunked.ChunkError, match="committed without its patch_quality rows"):
+        chunked.merge(out, "csv", False, 1, {"embedding": (str(emb), (3,)), "patch_quality": (str(patch), (2, 2))})
+    assert not emb.exists() and not patch.exists() and not os.path.exists(out)

@@ -360,19 +360,19 @@ def merge(
                 field="overwrite",
             )
     total = sum(done[i] for i in range(pieces))
-    for key, (path, shape) in arrays.items():
-        with storage.open_write(path) as f:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
-            np.lib.format.write_array_header_1_0(f, {**header, "shape": (total, *shape)})
-            for i in range(pieces):
-                name = storage.join(folder, chunk_name(i, done[i], f".{key}.npy"))
-                limit = 4096 + done[i] * 4 * int(np.prod(shape))  # the header and the data, exactly known
-                blob = _chunk_bytes(name, f"piece {i} was committed without its {key} rows", limit)
-                f.write(_npy_data(blob, name, (done[i], *shape)))
-                del blob
     try:
+        for key, (path, shape) in arrays.items():
+            with storage.open_write(path) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+                np.lib.format.write_array_header_1_0(f, {**header, "shape": (total, *shape)})
+                for i in range(pieces):
+                    name = storage.join(folder, chunk_name(i, done[i], f".{key}.npy"))
+                    limit = 4096 + done[i] * 4 * int(np.prod(shape))  # the header and the data, exactly known
+                    blob = _chunk_bytes(name, f"piece {i} was committed without its {key} rows", limit)
+                    f.write(_npy_data(blob, name, (done[i], *shape)))
+                    del blob
         _merge_tables(out, folder, fmt, with_label, pieces, done, total, on_piece)
-    except BaseException:  # the array files just written go too: the result appears whole, or none of it
+    except BaseException:  # the array files written go too: the result appears whole, or none of it
         for path, _ in arrays.values():
             with contextlib.suppress(Exception):
                 storage.remove(path)
@@ -386,7 +386,7 @@ def _merge_tables(out, folder, fmt, with_label, pieces, done, total, on_piece) -
         if fmt == "parquet":
             from vitnt_jax import parquet
 
-            written = parquet.merge(_reported(tables, on_piece), f, with_label)
+            written = parquet.merge(_reported(_counted_parquet(tables, done), on_piece), f, with_label)
             if written != total:  # raised inside the block: `out` is not written
                 raise ChunkError(
                     f"the chunks in {folder} hold {written} rows, not the {total} their names claim, so one is not a "
@@ -414,6 +414,35 @@ def _merge_tables(out, folder, fmt, with_label, pieces, done, total, on_piece) -
                     )
                 f.write(body)
                 del blob, body
+
+
+def _counted_parquet(names: Iterable[str], done: dict[int, int]) -> Iterable[str]:
+    """Yields the Parquet table chunks `names` (of pieces 0, 1, ...) once each footer says the rows its name claims."""
+    import pyarrow.parquet as pq
+
+    for i, name in enumerate(names):
+        try:
+            with storage.open_read(name) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+        except OSError as error:
+            raise ChunkError(
+                f"cannot read the chunk {name} ({getattr(error, 'strerror', None) or error}); fix the storage and "
+                "rerun with {resume}, or replace the result with {overwrite}.",
+                field="resume",
+                also=("overwrite",),
+            ) from error
+        except Exception:  # pyarrow's ArrowInvalid and kin: not a Parquet file
+            raise ChunkError(
+                f"{name} is not a Parquet table chunk of this run; replace the result with " + "{overwrite}.",
+                field="overwrite",
+            ) from None
+        if rows != done[i]:
+            raise ChunkError(
+                f"{name} holds {rows} rows, not the {done[i]} its name claims, so it is not a chunk of this run; "
+                "replace the result with {overwrite}.",
+                field="overwrite",
+            )
+        yield name
 
 
 def _reported(names: Iterable[str], on_piece) -> Iterable[str]:
