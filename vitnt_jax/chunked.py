@@ -19,6 +19,12 @@ number of rows or ids). Process 0 merges once every process has reported: it str
 piece order into `OUT` (one object, byte for byte what a single-file run writes) and each array file,
 then writes merged.json and removes the chunks. Nothing is shared between the processes but the
 output location (and the coordinator's address for the end-of-run report).
+
+What is in the folder is not trusted: a chunk name that is not a regular file (a folder, a link), two table
+chunks of one piece, a table chunk holding other than the rows its name claims (or cut short), an array
+chunk damaged or of another size, a record that is not ours, and a process record of other settings are
+refused (ChunkError) before anything is merged into them; no chunk is read past what its rows can take.
+A merge that fails writes neither `OUT` nor any array file.
 """
 
 from __future__ import annotations
