@@ -484,3 +484,23 @@ def test_an_array_merge_failing_on_the_second_array_leaves_neither(tmp_path):
     with pytest.raises(chunked.ChunkError, match="committed without its patch_quality rows"):
         chunked.merge(out, "csv", False, 1, {"embedding": (str(emb), (3,)), "patch_quality": (str(patch), (2, 2))})
     assert not emb.exists() and not patch.exists() and not os.path.exists(out)
+
+
+def test_storage_refusing_to_remove_the_old_result_stops_an_overwrite_in_one_line(
+    tiny_checkpoint, folder, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "c.csv"
+    assert run(tiny_checkpoint, *_argv(folder, out)) == 0
+
+    def refused(path):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(storage, "remove", refused)
+    assert run(tiny_checkpoint, *_argv(folder, out, "--overwrite")) == 1
+    _one_line(capsys, "cannot remove", "Permission denied", "--out")
+    monkeypatch.undo()
+    os.remove(os.path.join(chunked.chunks_dir(out), chunked.MERGED))
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: refused(path) if str(path).endswith(".chunks") else real(path))
+    assert run(tiny_checkpoint, *_argv(folder, out, "--resume")) == 1
+    _one_line(capsys, "cannot list", "Permission denied", "--out")

@@ -87,6 +87,11 @@ def _entries(folder: str) -> list[tuple[str, bool]]:
             return sorted((e.name, e.is_file(follow_symlinks=False)) for e in listed)
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as error:
+        raise ChunkError(
+            f"cannot list {folder} ({error.strerror or error}); make it readable, or choose another " + "{out}.",
+            field="out",
+        ) from error
 
 
 def committed(folder: str, fmt: str) -> dict[int, int]:

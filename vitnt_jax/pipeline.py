@@ -1462,9 +1462,15 @@ def _prepare_chunks(job: Job, process: int, folder: str) -> dict[str, Any] | Non
         ) from error
     if job.overwrite:
         if process == 0:  # the finished result being replaced goes first: a resume must never count its rows
-            for _, path in _chunk_outputs(job):
-                storage.remove(path)
-            storage.remove(merged_path)
+            for name, path in _chunk_outputs(job) + [("out", merged_path)]:
+                try:
+                    storage.remove(path)
+                except OSError as error:
+                    raise JobError(
+                        f"cannot remove {path} to replace it ({getattr(error, 'strerror', None) or error}); make it "
+                        "writable or choose another " + "{" + name + "}.",
+                        field=name,
+                    ) from error
         return None
     recorded = chunked.read_record(plan_path)
     if not job.resume:
