@@ -504,3 +504,18 @@ def test_storage_refusing_to_remove_the_old_result_stops_an_overwrite_in_one_lin
     monkeypatch.setattr(os, "scandir", lambda path: refused(path) if str(path).endswith(".chunks") else real(path))
     assert run(tiny_checkpoint, *_argv(folder, out, "--resume")) == 1
     _one_line(capsys, "cannot list", "Permission denied", "--out")
+
+
+def test_a_two_process_run_is_resumed_and_merged_by_one_process(tiny_checkpoint, folder, tmp_path, capsys):
+    single = tmp_path / "s.csv"
+    assert run(tiny_checkpoint, *_argv(folder, single)) == 0
+    out = tmp_path / "c.csv"
+    args = score.build_parser().parse_args([*_argv(folder, out), "--model", str(tiny_checkpoint)])
+    for process in (0, 1):  # both shares committed, the merge never came (process 0 died waiting)
+        pipeline._chunked_part(score.job_from_args(args), process, 2, False)
+    capsys.readouterr()
+    assert run(tiny_checkpoint, *_argv(folder, out, "--resume")) == 0  # one process, --num-processes not given
+    assert "scoring 0 of 2 pieces" in capsys.readouterr().err
+    assert out.read_bytes() == single.read_bytes() and _names(out) == ["merged.json", "plan.json"]
+    assert run(tiny_checkpoint, *_argv(folder, out, "--resume")) == 0
+    assert "complete already" in capsys.readouterr().err and out.read_bytes() == single.read_bytes()
