@@ -297,3 +297,19 @@ def test_a_subprocess_gets_every_probe_switch_and_no_credential_lookup_elsewhere
     probes = ("AWS_EC2_METADATA_DISABLED", "GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT", "NO_GCE_CHECK")
     for key in (*probes, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         assert child["env"][key] == storage_env.variables[key], key
+
+
+def test_only_answers_that_say_so_stop_the_run():
+    import errno
+
+    from gcsfs.retry import HttpError
+
+    expired = storage._translate(HttpError({"code": 401, "message": "Invalid Credentials"}), "gs://b/x", "read")
+    assert expired.kind == "credentials" and "(401)" in str(expired)
+    busy = storage._translate(HttpError({"code": 503, "message": "Backend Error"}), "gs://b/x", "read")
+    assert busy.kind == "busy"
+    # A GCS 400 names a bad request (an odd object name), not credentials: that row's error.
+    assert storage._translate(HttpError({"code": 400, "message": "Bad"}), "gs://b/x", "read").kind == "other"
+    # A local file system's EBUSY is no storage service's throttling.
+    local = storage._translate(OSError(errno.EBUSY, "Device or resource busy"), "/mnt/x.csv", "write")
+    assert local.kind == "other" and "throttling" not in str(local)

@@ -28,7 +28,6 @@ the package of a scheme (`pip install s3fs`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
 import logging
 import os
@@ -262,6 +261,17 @@ def _codes(error: BaseException) -> list[str]:
     return [c for c in codes if c]
 
 
+def _from_s3(error: BaseException) -> bool:
+    """Returns whether `error` (or one it was raised from) holds an answer of an S3 service (botocore's)."""
+    seen = set()
+    while error is not None and id(error) not in seen and len(seen) < 16:
+        seen.add(id(error))
+        if isinstance(getattr(error, "response", None), dict):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _bucket_exists(fs, inner: str) -> bool:
     """Returns whether the bucket of `inner` exists (True when that cannot be told)."""
     bucket = inner.split("/", 1)[0]
@@ -288,8 +298,8 @@ def _translate(error: BaseException, url: str, action: str, fs=None, inner: str 
         return FolderError(f"{url} is a folder; pass a file.", kind="folder")
     codes = _codes(error)
     refused = next((c for c in codes if c in _REFUSED_CREDENTIALS), None)
-    if refused is None and codes and set(codes) <= {"400"}:
-        refused = "400 Bad Request"  # a HEAD request's answer has no body: an expired token or a wrong region
+    if refused is None and codes and set(codes) <= {"400"} and _from_s3(error):
+        refused = "400 Bad Request"  # an S3 HEAD answer has no body: an expired token, a wrong region
     if refused is not None:
         return StorageError(
             f"the storage service refused the credentials to {action} {url} ({refused}); renew them (an expired "
@@ -297,9 +307,9 @@ def _translate(error: BaseException, url: str, action: str, fs=None, inner: str 
             kind="credentials",
         )
     busy = next((c for c in codes if c in _BUSY), None)
-    if busy is not None or (isinstance(error, OSError) and error.errno == errno.EBUSY and "409" not in codes):
+    if busy is not None:
         return StorageError(
-            f"the storage service kept failing to {action} {url} ({busy or _short(error)}) after its retries "
+            f"the storage service kept failing to {action} {url} ({busy}) after its retries "
             "(throttling or an outage); run again later (--resume continues), or with fewer --workers.",
             kind="busy",
         )
