@@ -59,6 +59,12 @@ def test_urls_of_other_schemes_and_chains_are_refused_without_a_request(url, no_
         data.read_image(url)  # as a list line: that row's error, not a stopped run
 
 
+def test_a_scheme_in_capitals_is_the_same_scheme(s3_bucket):
+    storage.write_bytes(s3_bucket + "/a.png", _png(5))
+    upper = "S3" + s3_bucket[2:] + "/a.png"
+    assert storage.read_bytes(upper) == _png(5) and data.read_image(upper)[0, 0, 0] == 5  # fsspec: "not known"
+
+
 def test_a_local_name_holding_a_double_colon_stays_a_local_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "simplecache::x.png").write_bytes(_png())

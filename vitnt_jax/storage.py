@@ -173,7 +173,7 @@ def _fs(url: str):
     scheme = protocol(url)
     _check_scheme(url)
     try:
-        fs, inner = fsspec.core.url_to_fs(url, **_options(scheme))
+        fs, inner = fsspec.core.url_to_fs(scheme + url[len(scheme) :], **_options(scheme))  # S3:// as s3://
         if scheme in ("s3", "s3a") and "retries" not in fsspec.config.conf.get("s3", {}):
             fs.retries = S3_RETRIES  # an attribute of s3fs, not an option: set on the (cached) instance
         return fs, inner
