@@ -319,3 +319,12 @@ def test_only_answers_that_say_so_stop_the_run():
     # A local file system's EBUSY is no storage service's throttling.
     local = storage._translate(OSError(errno.EBUSY, "Device or resource busy"), "/mnt/x.csv", "write")
     assert local.kind == "other" and "throttling" not in str(local)
+
+
+def test_a_remote_pack_claiming_a_huge_item_is_refused_unallocated(s3_bucket):
+    import pickle
+
+    claim = pickle.PROTO + b"\x04" + pickle.BINBYTES8 + (1 << 40).to_bytes(8, "little") + b"x" * 64
+    storage.write_bytes(f"{s3_bucket}/claim.bin", claim)
+    with pytest.raises(sources.SourceError, match=r"claim\.bin is unreadable \(UnpicklingError\); it is truncated"):
+        sources.insightface_bin(f"{s3_bucket}/claim.bin")  # bounded by the object's size: no 1 TB allocation

@@ -175,8 +175,8 @@ def _empty_bytes(*args):
 
 def _read_remote(url: str) -> tuple[object, int]:
     """Returns (unpickled content, size) of a pack on object storage, under the restricted unpickler's limits."""
-    size = storage.size(url)
-    with storage.open_read(url) as f:
+    with storage.open_read(url) as f:  # one metadata request: the size the unpickler is bounded by is the one read
+        size = int(f.size)
         return _PackUnpickler(f, size).load(), size
 
 
