@@ -134,6 +134,16 @@ def test_odd_keys_are_listed_and_read_back_as_written(bucket):
         assert storage.size(f"{bucket}/faces/{key}") == len(_png(i))
 
 
+def test_keys_that_look_like_relative_paths_read_their_own_object(s3_bucket):
+    fs, inner = storage._fs(s3_bucket)
+    keys = ["faces//a.png", "faces/./b.png", "faces/../c.png", "faces/d.png", "faces/c.png"]
+    for i, key in enumerate(keys):
+        fs.call_s3("put_object", Bucket=inner, Key=key, Body=_png(i))  # S3 keeps keys as written: no normalizing
+    source = sources.image_folder(f"{s3_bucket}/faces/")
+    assert source.ids == ["../c.png", "./b.png", "/a.png", "c.png", "d.png"]
+    assert [int(source.load(j)[0, 0, 0]) for j in range(5)] == [2, 1, 0, 4, 3]  # never another key's object
+
+
 # --- failing endpoints -----------------------------------------------------------------------------------------
 
 
