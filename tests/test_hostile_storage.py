@@ -134,6 +134,16 @@ def test_odd_keys_are_listed_and_read_back_as_written(bucket):
         assert storage.size(f"{bucket}/faces/{key}") == len(_png(i))
 
 
+def test_a_prefix_is_listed_page_by_page_into_one_sorted_list(bucket, monkeypatch):
+    monkeypatch.setattr(storage, "_PAGE", 2)  # five keys: three pages, each asked with the last one's token
+    keys = ["b/2.png", "a.png", "b/1.png", "c.png", "b/10.png"]
+    for key in keys:
+        storage.write_bytes(f"{bucket}/p/{key}", b"x")
+    storage.write_bytes(f"{bucket}/pq.png", b"x")  # a sibling whose name starts like the prefix: not under it
+    assert storage.find_names(f"{bucket}/p") == sorted(keys)
+    assert storage.find_names(bucket) == sorted([f"p/{k}" for k in keys] + ["pq.png"])
+
+
 def test_keys_that_look_like_relative_paths_read_their_own_object(s3_bucket):
     fs, inner = storage._fs(s3_bucket)
     keys = ["faces//a.png", "faces/./b.png", "faces/../c.png", "faces/d.png", "faces/c.png"]
