@@ -13,16 +13,19 @@ keeps working for URLs.
 
 A local path (or a `file://` URL, read as the path it names) is read and written as the rest of the project
 does: regular files only (a FIFO or a device is refused without waiting on it), and a written file never
-follows or replaces a symbolic link. A URL goes through fsspec with bounded waits (S3: 10 s to connect, 60 s
-a read, 3 tries; gcsfs retries 6 times over about 30 s, which it does not let a caller change) and without
-fsspec's listing cache (another host's objects are seen as soon as they exist). Object storage has no append
+follows or replaces a symbolic link. Only the schemes of SCHEMES are served (object stores and file://); any
+other (http://, memory://, zip://, ...) and a chained URL (`a::b`) are refused. A URL goes through fsspec with
+bounded waits (S3_CONFIG and S3_RETRIES; GCS_TIMEOUT, gcsfs trying 6 times over about 30 s, which it does not
+let a caller change) and without fsspec's listing cache (another host's objects are seen as soon as they
+exist); an S3 or GCS prefix is listed a page at a time (find_names). Object storage has no append
 and no rename you can rely on: `write_bytes`/`open_write` make an object appear whole when it is complete and
 never half (a remote upload is discarded on error; a local file is written beside it, flushed to disk, and
 renamed in place).
 
 Every failure is a StorageError of one sentence naming the location and the fix: no such file, a folder where
-a file is expected, no such bucket, access denied, no credentials, an unreachable endpoint, or fsspec lacking
-the package of a scheme (`pip install s3fs`).
+a file is expected, no such bucket, access denied, no credentials or credentials refused (expired), an
+unreachable endpoint, a service still throttling after its retries, a scheme not served, or fsspec lacking the
+package of a scheme (`pip install s3fs`).
 """
 
 from __future__ import annotations
