@@ -249,3 +249,11 @@ def test_a_cli_run_with_an_unusable_cache_folder_stops_with_one_line(tmp_path):
         f"error: --compile-cache {tmp_path / 'file' / 'xla' / cache.cpu_tag()} cannot be created (Not a directory); "
         "give a folder only you can write, or off to compile without a cache."
     ]
+
+
+def test_file_urls_follow_the_storage_rules(tmp_path):
+    from vitnt_jax import cache
+
+    assert cache.compile_cache_dir(f"file://{tmp_path}/xla") == str(tmp_path / "xla" / cache.cpu_tag())
+    with pytest.raises(cache.CompileCacheError, match="names the host 'host'"):
+        cache.compile_cache_dir("file://host/xla")

@@ -60,7 +60,17 @@ def cpu_tag() -> str:
 
 
 def _is_url(text: str) -> bool:
-    return "://" in text and not text.startswith("file://")
+    """Whether a cache folder is remote (gs://...); a file:// URL names a local folder (vitnt_jax.storage's rules)."""
+    return _local(text) is None
+
+
+def _local(text: str) -> str | None:
+    from vitnt_jax.storage import StorageError, local_path
+
+    try:
+        return local_path(text)
+    except StorageError as error:  # file://host/x: only local files are file:// URLs
+        raise CompileCacheError("{compile_cache} " + str(error), field="compile_cache") from error
 
 
 def compile_cache_dir(setting: str | os.PathLike | None = None) -> str | None:
@@ -78,8 +88,7 @@ def compile_cache_dir(setting: str | os.PathLike | None = None) -> str | None:
         )
     if _is_url(base):
         return base.rstrip("/") + "/" + cpu_tag()
-    if base.startswith("file://"):
-        base = base[len("file://") :]
+    base = _local(base)
     return str(Path(base).expanduser() / cpu_tag())
 
 
