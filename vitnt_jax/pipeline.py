@@ -1029,21 +1029,30 @@ def _refuse_mixed_settings(job: Job, processes: int, settings: dict[str, Any]) -
         )
 
 
-def _wait_and_merge(job: Job, processes: int, settings: dict[str, Any]) -> None:
+def _wait_for_processes(job: Job, processes: int, work: str, kept: str) -> None:
+    """Process 0: waits (bounded) for every process's end-of-run status; JobError naming the first that failed.
+
+    work: what each process finishes ('its part'); kept: what stays for a resume ('every part').
+    """
     from vitnt_jax import distributed
-    from vitnt_jax.output import merge_parts
 
     def waiting(process: int, seconds: float) -> None:
-        logger.info("waiting for process %d to finish its part (%.0f s)", process, seconds)
+        logger.info("waiting for process %d to finish %s (%.0f s)", process, work, seconds)
 
     statuses = distributed.wait_for_all(processes, job.process_timeout, waiting)
     failed = next((i for i in sorted(statuses) if statuses[i] != "ok"), None)
     if failed is not None:
         raise JobError(
-            f"process {failed} {statuses[failed]}; nothing was merged and every part is kept: fix it and rerun all "
+            f"process {failed} {statuses[failed]}; nothing was merged and {kept} is kept: fix it and rerun all "
             "processes with {resume}.",
             field="resume",
         )
+
+
+def _wait_and_merge(job: Job, processes: int, settings: dict[str, Any]) -> None:
+    from vitnt_jax.output import merge_parts
+
+    _wait_for_processes(job, processes, "its part", "every part")
     _refuse_mixed_settings(job, processes, settings)
     arrays = [p for p in (job.save_embeddings, job.save_patch_quality) if p is not None]
     rows = merge_parts(job.out, processes, job.format, arrays, append=job.resume and job.out.exists())
@@ -1681,19 +1690,7 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
 
 def _wait_for_chunks(job: Job, processes: int, plan: _Plan | None) -> None:
     """Process 0: waits for every process's report, then refuses parts scored with other settings."""
-    from vitnt_jax import distributed
-
-    def waiting(process: int, seconds: float) -> None:
-        logger.info("waiting for process %d to finish its pieces (%.0f s)", process, seconds)
-
-    statuses = distributed.wait_for_all(processes, job.process_timeout, waiting)
-    failed = next((i for i in sorted(statuses) if statuses[i] != "ok"), None)
-    if failed is not None:
-        raise JobError(
-            f"process {failed} {statuses[failed]}; nothing was merged and every committed piece is kept: fix it and "
-            "rerun all processes with {resume}.",
-            field="resume",
-        )
+    _wait_for_processes(job, processes, "its pieces", "every committed piece")
     if plan is None:
         return
     folder = chunked.chunks_dir(job.out)
