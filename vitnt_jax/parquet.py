@@ -140,14 +140,7 @@ class _NotParquet(Exception):
 def _read_at(stream, start: int, n: int) -> bytes:
     """Returns n bytes of `stream` from `start` (several reads when a read returns fewer)."""
     stream.seek(start)
-    parts, left = [], n
-    while left > 0:
-        part = stream.read(left)
-        if not part:
-            break
-        parts.append(part)
-        left -= len(part)
-    blob = b"".join(parts)
+    blob = storage.read_exactly(stream, n)
     if len(blob) != n:
         raise OSError(f"read {len(blob)} bytes at {start}, not {n}: the file changed")
     return blob

@@ -283,18 +283,7 @@ def _read_range(f, start: int, n: int) -> bytes:
             raise OSError(f"the storage answered a request for {n} bytes from byte {start} with {len(data)} bytes")
         return data
     f.seek(start)
-    return _read_exactly(f, n)
-
-
-def _read_exactly(f, n: int) -> bytes:
-    chunks, left = [], n
-    while left > 0:
-        data = f.read(left)
-        if not data:
-            break
-        chunks.append(data)
-        left -= len(data)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return storage.read_exactly(f, n)
 
 
 def _payload(source: _Bytes, offset: int, end: int, size: int):

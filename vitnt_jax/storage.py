@@ -481,6 +481,18 @@ def _large(path, size: int, limit: int) -> StorageError:
     return error
 
 
+def read_exactly(file, n: int) -> bytes:
+    """Returns the next `n` bytes of an open binary file, fewer only where it ends (a read may return fewer)."""
+    parts, left = [], n
+    while left > 0:
+        part = file.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
     """Returns the whole content of `path`; with `limit`, StorageError for a file above that many bytes."""
     with open_read(path) as f:
