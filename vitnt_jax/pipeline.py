@@ -1149,6 +1149,25 @@ def _resolve_model(job: Job):
     return model_dir, config, meta, blocks
 
 
+def _job_scorer(job: Job, model_dir) -> Any:
+    """Returns the scorer of the job's model and method (what both kinds of run compile)."""
+    return load_scorer(
+        model_dir,
+        blocks=job.blocks,
+        alpha=job.alpha,
+        metric=job.metric,
+        aggregation=job.aggregation,
+        attention=job.attention,
+        embeddings=job.save_embeddings is not None,
+        patch_quality=job.save_patch_quality is not None,
+        precision=job.precision,
+        dtype=job.dtype,
+        parallel=job.parallel,
+        micro_batch=job.micro_batch,
+        attention_kernel=job.attention_kernel,
+    )
+
+
 def _method_settings(job: Job, model: dict, blocks: tuple[int, ...]) -> dict[str, Any]:
     """Returns the settings that decide a score and are known before the source opens (`vitnt_jax.fingerprint`)."""
     return {
@@ -1301,21 +1320,7 @@ def _run_part(
             )
     detector = _detector(job, align)
     embed = job.save_embeddings is not None
-    scorer = load_scorer(
-        model_dir,
-        blocks=job.blocks,
-        alpha=job.alpha,
-        metric=job.metric,
-        aggregation=job.aggregation,
-        attention=job.attention,
-        embeddings=embed,
-        patch_quality=job.save_patch_quality is not None,
-        precision=job.precision,
-        dtype=job.dtype,
-        parallel=job.parallel,
-        micro_batch=job.micro_batch,
-        attention_kernel=job.attention_kernel,
-    )
+    scorer = _job_scorer(job, model_dir)
     config = scorer.config
     batch_size = scorer.padded_size(job.batch_size)
 
@@ -1583,21 +1588,7 @@ def _chunked_part(job: Job, process: int, processes: int, progress_bar: bool | N
     )
 
     detector = _detector(job, align)
-    scorer = load_scorer(
-        model_dir,
-        blocks=job.blocks,
-        alpha=job.alpha,
-        metric=job.metric,
-        aggregation=job.aggregation,
-        attention=job.attention,
-        embeddings=job.save_embeddings is not None,
-        patch_quality=job.save_patch_quality is not None,
-        precision=job.precision,
-        dtype=job.dtype,
-        parallel=job.parallel,
-        micro_batch=job.micro_batch,
-        attention_kernel=job.attention_kernel,
-    )
+    scorer = _job_scorer(job, model_dir)
     batch_size = scorer.padded_size(job.batch_size)
     dev = f"{scorer.num_devices} {scorer.devices[0].platform} device{'s' * (scorer.num_devices > 1)}"
     where = f" (process {process + 1}/{processes}: pieces {lo}..{hi - 1})" if processes > 1 else ""
